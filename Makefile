@@ -1,0 +1,50 @@
+# shardrec: every command a developer needs. `make help` lists them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.shardrec-installed
+
+# The CPU stack (DESIGN.md): FBGEMM 1.8 supports exactly torch 2.13. torchrec
+# declares a dependency on the CUDA fbgemm-gpu (a 465 MB wheel that cannot load
+# on a CPU torch), so it goes in with --no-deps; its real dependencies come from
+# pyproject.toml.
+TORCH    := torch==2.13.0
+FBGEMM   := fbgemm-gpu-cpu==1.8.0
+TORCHREC := torchrec==1.8.0
+
+.PHONY: help install train test test-slow lint format clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the CPU stack (once)
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet $(FBGEMM)
+	$(BIN)/pip install --quiet --no-deps $(TORCHREC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python scripts/check_stack.py
+	touch $(STAMP)
+
+train: $(STAMP)  ## train the built-in default (synthetic data, planted model) and print a summary
+	$(BIN)/python -m trainer $(ARGS)
+
+test: $(STAMP)  ## unit + multi-process (gloo) tests; SLURM/GPU tiers where available
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)  ## the slow tier (longer end-to-end runs)
+	$(BIN)/python -m pytest -m slow $(ARGS)
+
+lint: $(STAMP)  ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## ruff fix + format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

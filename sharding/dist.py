@@ -1,0 +1,105 @@
+"""The process group and device, from what torchrun or SLURM put in the environment.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE and MASTER_ADDR /
+MASTER_PORT; ``srun python -m trainer`` sets SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID instead (the batch script exports MASTER_ADDR / MASTER_PORT). A
+plain ``python -m trainer`` is a world of one, still with a real process group,
+because DistributedModelParallel needs one.
+
+Example::
+
+    env = init_distributed()            # gloo on CPU, nccl on CUDA
+    ...
+    destroy_distributed()
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    pg: dist.ProcessGroup
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def pick_device(device: str, local_rank: int) -> torch.device:
+    """``auto`` is CUDA when available; ``cuda`` without a GPU is a clear error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "sharding.device=cuda but no CUDA device is visible; "
+                "use sharding.device=cpu (or auto)"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(
+    *, backend: str | None = None, device: str = "auto", timeout_s: float = 600.0
+) -> DistEnv:
+    """Initialises (or reuses) the default process group and picks this rank's device."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    local_world_size = _env_int(
+        "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world_size
+    )
+    dev = pick_device(device, local_rank)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            # A world of one needs no rendezvous: an in-memory store will do.
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+        else:
+            dist.init_process_group(
+                backend, rank=rank, world_size=world_size, timeout=timeout
+            )
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        device=dev,
+        backend=backend,
+        pg=dist.group.WORLD,  # type: ignore[arg-type]
+    )
+
+
+def destroy_distributed() -> None:
+    """Tears the default process group down; safe to call when none exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size_from_env() -> int:
+    """The world size the launcher announced, before any process group exists."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)

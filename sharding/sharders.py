@@ -1,0 +1,44 @@
+"""Embedding sharders, with every strategy available on CPU too.
+
+torchrec's EmbeddingBagCollectionSharder offers row_wise, table_row_wise and
+grid_shard only when the compute device is CUDA, so on CPU the planner never
+proposes them and a constraint asking for them fails with "No available sharding
+type and compute kernel combination". The CPU kernels (FBGEMM's CPU TBE) run
+them fine over gloo; whether they are *right* is decided by the equivalence
+tests in tests/, which compare each against an unsharded model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.types import ModuleSharder, ShardingType
+
+_CPU_EXTRA = (
+    ShardingType.ROW_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
+    ShardingType.GRID_SHARD.value,
+)
+
+
+class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
+    """torchrec's sharder, with row-wise, table-row-wise and grid on CPU as well."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = list(super().sharding_types(compute_device_type))
+        if compute_device_type == "cpu":
+            types += [t for t in _CPU_EXTRA if t not in types]
+        return types
+
+
+def embedding_sharders(
+    *, fused_params: dict[str, Any] | None = None, qcomm_codecs_registry: Any = None
+) -> list[ModuleSharder[nn.Module]]:
+    """The sharders DistributedModelParallel and the planner use."""
+    return [
+        EmbeddingBagCollectionSharderAnyDevice(
+            fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
+        )
+    ]

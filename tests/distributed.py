@@ -1,0 +1,50 @@
+"""Starting real ranks for tests: N spawned processes on gloo over 127.0.0.1.
+
+Each worker gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set before it runs, so the code
+under test initialises its process group exactly as under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(
+    rank: int, fn: Callable[..., None], world_size: int, local_world_size: int, port: int,
+    args: tuple[Any, ...],
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank % local_world_size),
+        LOCAL_WORLD_SIZE=str(local_world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    fn(rank, *args)
+
+
+def run_ranks(
+    fn: Callable[..., None], *args: Any, world_size: int = 2, local_world_size: int | None = None
+) -> None:
+    """Runs ``fn(rank, *args)`` in ``world_size`` processes; raises if any rank fails."""
+    mp.start_processes(
+        _entry,
+        args=(fn, world_size, local_world_size or world_size, free_port(), args),
+        nprocs=world_size,
+        start_method="spawn",
+        join=True,
+    )

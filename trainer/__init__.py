@@ -1,0 +1,1 @@
+"""shardrec's trainer: ``python -m trainer`` composes conf/, shards, trains, reports."""

@@ -1,0 +1,60 @@
+"""``python -m trainer [overrides]`` (or ``torchrun ... -m trainer``).
+
+Composes conf/, converts it to typed dataclasses, trains, prints the summary.
+A configuration mistake ends in one line naming the key and the fix, not a
+traceback from deep inside torchrec.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from trainer.config import ConfigError, register_configs, to_config
+from trainer.run_dir import register_resolvers
+
+# torch and torchrec deprecation chatter that a user can do nothing about.
+for _module in ("torchrec", "torch.distributed", "fbgemm_gpu", "torch.fx"):
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_module)
+warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
+warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation.*")
+
+
+def format_summary(summary: dict) -> str:
+    keys = ["auc", "oracle_auc", "logloss", "ne", "calibration", "samples_per_sec",
+            "steps", "world_size", "strategy"]
+    width = max(len(k) for k in keys)
+    lines = []
+    for key in keys:
+        if key in summary:
+            value = summary[key]
+            shown = f"{value:,.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"  {key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(dict_cfg: DictConfig) -> None:
+    from trainer.train import train  # heavy imports after Hydra has parsed the CLI
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = train(to_config(dict_cfg), run_dir=run_dir)
+    except ConfigError as err:
+        print(f"shardrec: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"\nsummary ({run_dir / 'summary.json'})")
+        print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    register_configs()
+    register_resolvers()
+    main()

@@ -1,0 +1,83 @@
+"""Building the sharded model: steps 4-7 of ``train`` (see trainer/train.py).
+
+Example::
+
+    built = build(cfg, env)       # built.model is a DistributedModelParallel
+    print(format_plan(built.plan))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.keyed import CombinedOptimizer
+
+from sharding import DistEnv, embedding_sharders, make_topology, plan_sharding, shard_model
+from sharding.dmp import combined_optimizer, fuse_embedding_optimizer
+from trainer.config import Config, TableConfig, resolved_tables
+from trainer.models import build_model
+
+
+@dataclass
+class Built:
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    plan: ShardingPlan
+    tables: list[TableConfig]
+
+
+def build_unsharded(cfg: Config, *, device: torch.device) -> torch.nn.Module:
+    """The model as configured, on ``device`` (``meta`` before sharding)."""
+    m = cfg.model
+    return build_model(
+        arch=m.arch,
+        tables=resolved_tables(cfg),
+        num_dense=cfg.data.num_dense,
+        dense_arch_layer_sizes=m.dense_arch_layer_sizes,
+        over_arch_layer_sizes=m.over_arch_layer_sizes,
+        dcn_num_layers=m.dcn_num_layers,
+        dcn_low_rank_dim=m.dcn_low_rank_dim,
+        device=device,
+    )
+
+
+def build(cfg: Config, env: DistEnv) -> Built:
+    """Meta model -> fused table optimizer -> plan -> DMP -> combined optimizer."""
+    tables = resolved_tables(cfg)
+    model = build_unsharded(cfg, device=torch.device("meta"))
+    fuse_embedding_optimizer(
+        model.model.sparse_arch.parameters(),
+        lr=cfg.optim.embedding_lr,
+        eps=cfg.optim.embedding_eps,
+    )
+    sharders = embedding_sharders()
+    topo = cfg.sharding.topology
+    topology = make_topology(
+        world_size=env.world_size,
+        local_world_size=topo.local_world_size or env.local_world_size,
+        compute_device=env.device.type,
+        hbm_gb=topo.hbm_gb,
+        ddr_gb=topo.ddr_gb,
+    )
+    plan = plan_sharding(
+        model,
+        strategy=cfg.sharding.strategy,
+        compute_kernel=cfg.sharding.compute_kernel,
+        topology=topology,
+        sharders=sharders,
+        pg=env.pg,
+        batch_size=cfg.trainer.batch_size,
+        table_names=[t.name for t in tables],
+        storage_reservation_percentage=topo.storage_reservation_percentage,
+    )
+    dmp = shard_model(model, plan=plan, env=env, sharders=sharders)
+    optimizer = combined_optimizer(
+        dmp,
+        dense_optimizer=cfg.optim.dense_optimizer,
+        dense_lr=cfg.optim.dense_lr,
+        dense_weight_decay=cfg.optim.dense_weight_decay,
+    )
+    return Built(model=dmp, optimizer=optimizer, plan=plan, tables=tables)

@@ -1,0 +1,276 @@
+"""Typed configuration: the Hydra schema, and the one place that validates it.
+
+Hydra composes ``conf/`` against these dataclasses (registered in the
+ConfigStore as ``shardrec_schema``), so a mistyped key or a wrong type fails at
+compose time. :func:`to_config` turns the composed ``DictConfig`` into plain
+dataclasses once, at the entry point; :func:`validate` then checks what a
+schema cannot (cross-field constraints) and raises :class:`ConfigError` naming
+the key and the fix.
+
+Example::
+
+    cfg = to_config(hydra_cfg)
+    validate(cfg, world_size=2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from trainer.data import SyntheticDataConfig
+from trainer.logger import LoggerConfig
+
+ARCHS = ("dlrm", "dlrm_dcnv2")
+POOLINGS = ("sum", "mean")
+STRATEGIES = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
+COMPUTE_KERNELS = ("fused", "dense")
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+PIPELINES = ("sparse_dist", "base")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the key and the fix."""
+
+
+@dataclass
+class TableConfig:
+    name: str = MISSING
+    num_embeddings: int = MISSING
+    # 0 means "use model.embedding_dim".
+    embedding_dim: int = 0
+    feature_names: list[str] = field(default_factory=list)
+    pooling: str = "sum"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dlrm"
+    embedding_dim: int = 16
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
+    # DLRM-DCNv2 only: low-rank cross layers (MLPerf reference: 3 layers, rank 512).
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 64
+    pooling: str = "sum"
+    # Empty: one table per categorical feature, sized from data.cardinalities.
+    tables: list[TableConfig] = field(default_factory=list)
+
+
+@dataclass
+class TopologyConfig:
+    # None: taken from the launcher (LOCAL_WORLD_SIZE) at run time.
+    local_world_size: Optional[int] = None
+    hbm_gb: float = 80.0
+    ddr_gb: float = 64.0
+    # Share of device memory the planner keeps free for dense parts and activations.
+    storage_reservation_percentage: float = 0.15
+
+
+@dataclass
+class ShardingConfig:
+    strategy: str = "auto"
+    compute_kernel: str = "fused"
+    # None: gloo on CPU, nccl on CUDA.
+    backend: Optional[str] = None
+    # auto: CUDA when available, else CPU.
+    device: str = "auto"
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+
+
+@dataclass
+class OptimConfig:
+    # Tables: FBGEMM's fused exact row-wise Adagrad, applied inside backward.
+    embedding_lr: float = 0.05
+    embedding_eps: float = 1e-8
+    dense_optimizer: str = "adam"
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    num_steps: int = 2000
+    # Per rank: the global batch is batch_size * world_size.
+    batch_size: int = 1024
+    eval_every_steps: int = 500
+    eval_batch_size: int = 4096
+    seed: int = 0
+    pipeline: str = "sparse_dist"
+    progress_bar: bool = True
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Registers the schema that ``conf/config.yaml`` lists first in its defaults."""
+    ConfigStore.instance().store(name="shardrec_schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Converts a composed Hydra config into plain dataclasses (Hydra stops here)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def resolved_tables(cfg: Config) -> list[TableConfig]:
+    """The tables the model builds: the explicit list, or one per categorical feature."""
+    if cfg.model.tables:
+        return [
+            TableConfig(
+                name=t.name,
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.embedding_dim or cfg.model.embedding_dim,
+                feature_names=list(t.feature_names),
+                pooling=t.pooling,
+            )
+            for t in cfg.model.tables
+        ]
+    return [
+        TableConfig(
+            name=f"t_{feature}",
+            num_embeddings=rows,
+            embedding_dim=cfg.model.embedding_dim,
+            feature_names=[feature],
+            pooling=cfg.model.pooling,
+        )
+        for feature, rows in zip(_feature_names(cfg.data), cfg.data.cardinalities)
+    ]
+
+
+def _feature_names(data: SyntheticDataConfig) -> list[str]:
+    return [f"cat_{i}" for i in range(len(data.cardinalities))]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(
+        value in allowed,
+        f"{key}={value!r} is not known; use one of {', '.join(allowed)}",
+    )
+
+
+def _positive(key: str, value: float) -> None:
+    _check(value > 0, f"{key}={value} must be positive")
+
+
+def validate(cfg: Config, *, world_size: int = 1) -> None:
+    """Checks cross-field constraints; raises ConfigError naming the key and the fix."""
+    m, d, s, o, t = cfg.model, cfg.data, cfg.sharding, cfg.optim, cfg.trainer
+    _one_of("model.arch", m.arch, ARCHS)
+    _one_of("model.pooling", m.pooling, POOLINGS)
+    _one_of("sharding.strategy", s.strategy, STRATEGIES)
+    _one_of("sharding.compute_kernel", s.compute_kernel, COMPUTE_KERNELS)
+    _one_of("sharding.device", s.device, ("auto", "cpu", "cuda"))
+    _one_of("optim.dense_optimizer", o.dense_optimizer, DENSE_OPTIMIZERS)
+    _one_of("trainer.pipeline", t.pipeline, PIPELINES)
+    for key, value in [
+        ("model.embedding_dim", m.embedding_dim),
+        ("data.num_dense", d.num_dense),
+        ("trainer.num_steps", t.num_steps),
+        ("trainer.batch_size", t.batch_size),
+        ("trainer.eval_every_steps", t.eval_every_steps),
+        ("trainer.eval_batch_size", t.eval_batch_size),
+        ("optim.embedding_lr", o.embedding_lr),
+        ("optim.dense_lr", o.dense_lr),
+    ]:
+        _positive(key, value)
+    for key, sizes in [
+        ("model.dense_arch_layer_sizes", m.dense_arch_layer_sizes),
+        ("model.over_arch_layer_sizes", m.over_arch_layer_sizes),
+    ]:
+        _check(len(sizes) > 0, f"{key} is empty; give at least one layer size")
+        for i, size in enumerate(sizes):
+            _positive(f"{key}[{i}]", size)
+    _check(
+        m.over_arch_layer_sizes[-1] == 1,
+        f"model.over_arch_layer_sizes must end in 1 (one click logit), got "
+        f"{list(m.over_arch_layer_sizes)}; e.g. model.over_arch_layer_sizes=[64,32,1]",
+    )
+    _check(len(d.cardinalities) > 0, "data.cardinalities is empty; give one per feature")
+    for i, rows in enumerate(d.cardinalities):
+        _positive(f"data.cardinalities[{i}]", rows)
+    _validate_tables(cfg)
+    if m.arch == "dlrm_dcnv2":
+        _positive("model.dcn_num_layers", m.dcn_num_layers)
+        _positive("model.dcn_low_rank_dim", m.dcn_low_rank_dim)
+    if s.strategy in ("row_wise", "column_wise") and world_size < 2:
+        raise ConfigError(
+            f"sharding.strategy={s.strategy} splits tables across ranks and needs "
+            f"world_size > 1 (got {world_size}); launch with "
+            f"`torchrun --nproc_per_node=2 -m trainer sharding={s.strategy}`"
+        )
+    if s.strategy == "column_wise":
+        for table in resolved_tables(cfg):
+            _check(
+                table.embedding_dim % world_size == 0,
+                f"sharding.strategy=column_wise splits table {table.name!r} "
+                f"(dim {table.embedding_dim}) into {world_size} column blocks, which "
+                f"needs the dim divisible by world_size; change model.embedding_dim",
+            )
+    if s.topology.local_world_size is not None:
+        _positive("sharding.topology.local_world_size", s.topology.local_world_size)
+
+
+def _validate_tables(cfg: Config) -> None:
+    tables = resolved_tables(cfg)
+    names = [t.name for t in tables]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    _check(not dupes, f"model.tables: table names must be unique, repeated: {dupes}")
+    features = [f for t in tables for f in t.feature_names]
+    dupes = sorted({f for f in features if features.count(f) > 1})
+    _check(
+        not dupes,
+        f"model.tables: each feature feeds one table, but {dupes} appear in several",
+    )
+    data_features = _feature_names(cfg.data)
+    missing = [f for f in data_features if f not in features]
+    unknown = [f for f in features if f not in data_features]
+    _check(
+        not unknown,
+        f"model.tables names features the data does not have: {unknown}; "
+        f"the data has {data_features[0]}..{data_features[-1]}",
+    )
+    _check(
+        not missing,
+        f"model.tables leaves data features without a table: {missing}; "
+        f"add them to a table's feature_names",
+    )
+    rows_needed = dict(zip(data_features, cfg.data.cardinalities))
+    for i, t in enumerate(tables):
+        key = f"model.tables[{i}]" if cfg.model.tables else f"table {t.name}"
+        _check(bool(t.feature_names), f"{key}.feature_names is empty")
+        _positive(f"{key}.num_embeddings", t.num_embeddings)
+        _positive(f"{key}.embedding_dim", t.embedding_dim)
+        _one_of(f"{key}.pooling", t.pooling, POOLINGS)
+        needed = max(rows_needed[f] for f in t.feature_names)
+        _check(
+            t.num_embeddings >= needed,
+            f"{key}.num_embeddings={t.num_embeddings} is smaller than the "
+            f"cardinality {needed} of its features; ids would index past the table",
+        )
+    # DLRM's dot interaction (and DLRM-DCN's cross layers, as torchrec builds them)
+    # stack the dense projection with every pooled embedding, so dims must agree.
+    bottom = cfg.model.dense_arch_layer_sizes[-1]
+    for t in tables:
+        _check(
+            t.embedding_dim == bottom,
+            f"table {t.name!r} has embedding_dim={t.embedding_dim} but the "
+            f"interaction needs it equal to the last bottom-MLP size "
+            f"model.dense_arch_layer_sizes[-1]={bottom}; set them equal",
+        )

@@ -1,0 +1,201 @@
+"""A synthetic, Criteo-shaped click data set with a known best AUC.
+
+Each sample has ``num_dense`` standard-normal dense features and one bag of ids
+per categorical feature ``cat_0 ... cat_{n-1}``; ids follow a Zipf law per
+table and the click label is drawn from the planted model in
+``trainer.data.planted`` (dense effects, per-id effects and pairwise
+interactions of latent vectors). Because the true click probability of every
+sample is known, ``oracle_auc()`` says how well any model could possibly do.
+
+Every sample is a pure function of ``(seed, split, global index)`` computed with
+counter-based hashing (``trainer.data.rng``), so data are deterministic, do not
+depend on the world size, and rank ``r`` at step ``s`` simply reads
+``start = (s * world_size + r) * batch_size`` (see ``trainer.data.loader``).
+
+The sparse features come as a ``KeyedJaggedTensor`` in torchrec's layout:
+feature-major, then sample. Two samples with ``hotness=[2]`` and
+``variable_hotness=True`` over features ``cat_0, cat_1`` might be::
+
+    keys    = ["cat_0",        "cat_1"]
+    lengths = [1,      2,      2,          1]       # int32, [num_features * size]
+    values  = [17,     4, 9,   301, 301,   5]       # int64 ids < cardinality
+               sample0 sample1 sample0     sample1
+
+Example::
+
+    data = SyntheticCriteo(SyntheticDataConfig())
+    batch = data.batch("train", start=0, size=1024)
+    batch.dense_features.shape      # [1024, 13]
+    batch.sparse_features.keys()    # ["cat_0", ..., "cat_25"]
+    data.oracle_auc()               # ~0.8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from sklearn.metrics import roc_auc_score
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from trainer.data.planted import PlantedModel
+from trainer.data.rng import normal, stream_key, uniform
+from trainer.data.zipf import ZipfTables
+
+# Criteo Kaggle's 26 cardinalities, the large ones capped at 20k rows so that a
+# DLRM learns the planted model in a few CPU minutes.
+DEFAULT_CARDINALITIES = [
+    1460, 583, 20000, 20000, 305, 24, 12517, 633, 10, 20000, 5683, 20000, 3194,
+    27, 14992, 20000, 10, 5652, 2173, 10, 20000, 18, 15, 20000, 105, 20000,
+]  # fmt: skip
+
+SPLITS = ("train", "eval")
+_EVAL_CHUNK = 1 << 16
+_MAX_CARDINALITY = 1 << 31
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Schema of ``conf/data/synthetic.yaml``; the planted-model knobs are the
+    standard deviations each term adds to the logit (see ``trainer.data.planted``)."""
+
+    name: str = "synthetic"
+    num_dense: int = 13
+    cardinalities: list[int] = field(default_factory=lambda: list(DEFAULT_CARDINALITIES))
+    # One value for every feature, or one per feature; > 1 is multi-hot.
+    hotness: list[int] = field(default_factory=lambda: [1])
+    # Bag lengths uniform in [1, hotness] instead of exactly hotness.
+    variable_hotness: bool = False
+    zipf_exponent: float = 1.05
+    seed: int = 0
+    num_eval_samples: int = 65536
+    # Planted model.
+    base_logit: float = -2.5
+    dense_scale: float = 0.6
+    dense_nonlinear_scale: float = 0.4
+    first_order_scale: float = 0.8
+    interaction_scale: float = 1.0
+    num_interactions: int = 12
+    latent_dim: int = 4
+    interaction_max_cardinality: int = 20000
+    effect_decay_rank: float = 1000.0
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f"cat_{f}" for f in range(len(self.cardinalities))]
+
+    def hotness_per_feature(self) -> list[int]:
+        if len(self.hotness) == 1:
+            return list(self.hotness) * len(self.cardinalities)
+        return list(self.hotness)
+
+
+def validate(cfg: SyntheticDataConfig) -> None:
+    """Raises ``ValueError`` naming the key and the fix for an unusable config."""
+    if cfg.num_dense < 0:
+        raise ValueError(f"data.num_dense={cfg.num_dense} must be >= 0")
+    if not cfg.cardinalities:
+        raise ValueError("data.cardinalities is empty; give one row count per categorical feature")
+    bad = [c for c in cfg.cardinalities if not 1 <= c < _MAX_CARDINALITY]
+    if bad:
+        raise ValueError(f"data.cardinalities has {bad}; every table needs 1 <= rows < 2**31")
+    if len(cfg.hotness) not in (1, len(cfg.cardinalities)):
+        raise ValueError(
+            f"data.hotness has {len(cfg.hotness)} values for {len(cfg.cardinalities)} features; "
+            "give one value for all features or one per feature"
+        )
+    if min(cfg.hotness) < 1:
+        raise ValueError(f"data.hotness={list(cfg.hotness)} must be >= 1 everywhere")
+    if cfg.zipf_exponent < 0:
+        raise ValueError(f"data.zipf_exponent={cfg.zipf_exponent} must be >= 0 (0 is uniform)")
+    if cfg.num_eval_samples < 1:
+        raise ValueError(f"data.num_eval_samples={cfg.num_eval_samples} must be >= 1")
+    if cfg.latent_dim < 1:
+        raise ValueError(f"data.latent_dim={cfg.latent_dim} must be >= 1")
+
+
+class SyntheticCriteo:
+    """Deterministic, index-addressable synthetic click data (train and eval streams)."""
+
+    def __init__(self, cfg: SyntheticDataConfig) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.feature_names = cfg.feature_names
+        self.num_dense = cfg.num_dense
+        self.cardinalities = list(cfg.cardinalities)
+        self.hotness = cfg.hotness_per_feature()
+        self.num_eval_samples = cfg.num_eval_samples
+        self._tables = ZipfTables(self.cardinalities, exponent=cfg.zipf_exponent, seed=cfg.seed)
+        self._planted = PlantedModel(cfg, self._tables)
+        max_hotness = max(self.hotness)
+        self._slots = torch.arange(max_hotness)
+        # Slots past a feature's hotness are padding in the [size, F, H] layout.
+        self._slot_limits = torch.tensor(self.hotness, dtype=torch.int64).view(1, -1, 1)
+        self._oracle_auc: float | None = None
+
+    @property
+    def interaction_pairs(self) -> list[tuple[int, int]]:
+        """Feature index pairs whose latent vectors interact in the planted model."""
+        return list(self._planted.pairs)
+
+    def batch(self, split: str, start: int, size: int) -> Batch:
+        """Samples ``[start, start + size)`` of ``split`` ("train" or "eval")."""
+        dense, ranks, mask = self._draw(split, start, size)
+        probs = torch.sigmoid(self._planted.logits(dense, ranks, mask))
+        labels = uniform(stream_key(self.cfg.seed, split, "label"), self._indices(start, size)) < probs
+        # torchrec's jagged layout is feature-major: all of cat_0's bags, then cat_1's, ...
+        ids = self._tables.ids(ranks).transpose(0, 1)
+        mask = mask.transpose(0, 1)
+        sparse = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.feature_names,
+            values=ids[mask],
+            lengths=mask.sum(2, dtype=torch.int32).reshape(-1),
+        )
+        return Batch(
+            dense_features=dense.to(torch.float32),
+            sparse_features=sparse,
+            labels=labels.to(torch.float32),
+        )
+
+    def click_probability(self, split: str, start: int, size: int) -> torch.Tensor:
+        """True click probabilities (float64 ``[size]``) of the samples ``batch`` returns."""
+        return torch.sigmoid(self._planted.logits(*self._draw(split, start, size)))
+
+    def oracle_auc(self) -> float:
+        """AUC of the true probabilities against the drawn labels on the whole eval set."""
+        if self._oracle_auc is None:
+            probs, labels = [], []
+            for start in range(0, self.num_eval_samples, _EVAL_CHUNK):
+                size = min(_EVAL_CHUNK, self.num_eval_samples - start)
+                probs.append(self.click_probability("eval", start, size))
+                labels.append(self.batch("eval", start, size).labels)
+            self._oracle_auc = float(roc_auc_score(torch.cat(labels).numpy(), torch.cat(probs).numpy()))
+        return self._oracle_auc
+
+    def _indices(self, start: int, size: int) -> torch.Tensor:
+        return torch.arange(start, start + size, dtype=torch.int64)
+
+    def _draw(self, split: str, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense features ``[size, D]`` (float64), ranks and slot mask ``[size, F, H]``."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; use one of {SPLITS}")
+        if start < 0 or size < 0:
+            raise ValueError(f"start={start} and size={size} must be >= 0")
+        if split == "eval" and start + size > self.num_eval_samples:
+            raise ValueError(
+                f"eval samples [{start}, {start + size}) exceed data.num_eval_samples={self.num_eval_samples}"
+            )
+        seed = self.cfg.seed
+        idx = self._indices(start, size)
+        dense = normal(stream_key(seed, split, "dense"), idx.view(-1, 1), torch.arange(self.num_dense))
+        features = torch.arange(len(self.cardinalities)).view(1, -1, 1)
+        # A slot's id depends on (sample, feature, slot) only, never on the hotness
+        # of other features or on the bag length.
+        u = uniform(stream_key(seed, split, "ids"), idx.view(-1, 1, 1), features, self._slots)
+        ranks = self._tables.ranks(u)
+        limits = self._slot_limits
+        if self.cfg.variable_hotness:
+            u_length = uniform(stream_key(seed, split, "bag_length"), idx.view(-1, 1, 1), features)
+            limits = 1 + torch.floor(u_length * limits).to(torch.int64)
+        return dense, ranks, (self._slots < limits).expand_as(ranks)

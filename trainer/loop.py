@@ -1,0 +1,186 @@
+"""The training loop: train N steps, evaluate, log, repeat; then summarise.
+
+One torchrec train pipeline drives both phases. ``TrainPipelineSparseDist``
+starts batch i+1's input distribution (the KJT all-to-all) while batch i runs
+forward and backward; on CUDA it also copies batch i+2 on a side stream. On CPU
+the same pipeline runs without streams. Each training interval is its own
+finite iterator, so the pipeline drains before evaluation and the eval batches
+go through it in eval mode (forward only: the pipeline skips backward and the
+optimizer step when ``model.training`` is False).
+
+Example::
+
+    trainer = Trainer(model=dmp, optimizer=opt, env=env, source=source,
+                      settings=cfg.trainer, logger=logger, run_dir=run_dir)
+    summary = trainer.fit()
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from sharding import DistEnv
+from trainer.config import TrainConfig
+from trainer.data import SyntheticCriteo, eval_batches, eval_slices, rank_batches
+from trainer.logger import MetricsLogger
+from trainer.metrics import EvalMetrics
+from trainer.pipeline import drain, make_pipeline
+from trainer.plots import plot_curves
+
+LOG_EVERY_STEPS = 25
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        env: DistEnv,
+        source: SyntheticCriteo,
+        settings: TrainConfig,
+        logger: MetricsLogger,
+        run_dir: Path,
+    ) -> None:
+        self.model = model
+        self.env = env
+        self.source = source
+        self.settings = settings
+        self.logger = logger
+        self.run_dir = run_dir
+        self.pipeline = make_pipeline(settings.pipeline, model, optimizer, env.device)
+        self.records: list[dict[str, Any]] = []
+        self.step = 0
+        self.train_time_s = 0.0
+
+    def fit(self) -> dict[str, Any]:
+        """Trains ``num_steps``, evaluating every ``eval_every_steps`` and at the end."""
+        s = self.settings
+        bar = tqdm(
+            total=s.num_steps,
+            disable=not (self.env.is_main and s.progress_bar),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        last_eval: dict[str, float] = {}
+        while self.step < s.num_steps:
+            num_steps = min(s.eval_every_steps, s.num_steps - self.step)
+            self.train_steps(num_steps, bar, last_eval)
+            last_eval = self.evaluate()
+            self.log({"step": self.step, **last_eval})
+            bar.set_postfix(self._postfix(last_eval), refresh=True)
+        bar.close()
+        return self.summarise(last_eval)
+
+    def train_steps(self, num_steps: int, bar: tqdm, last_eval: dict[str, float]) -> None:
+        self.model.train()
+        batches = rank_batches(
+            self.source,
+            "train",
+            batch_size=self.settings.batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            num_batches=num_steps,
+            first_batch=self.step,
+        )
+        # Summed on device and read once per log line: .item() is a host sync point.
+        loss_sum = torch.zeros((), device=self.env.device)
+        loss_count = 0
+        start = time.perf_counter()
+        for loss, _logits, _labels in drain(self.pipeline, batches):
+            loss_sum += loss
+            loss_count += 1
+            self.step += 1
+            bar.update(1)
+            if loss_count == LOG_EVERY_STEPS or self.step % self.settings.eval_every_steps == 0:
+                train_loss = self._global_mean(loss_sum / loss_count)
+                elapsed = self.train_time_s + time.perf_counter() - start
+                self.log({"step": self.step, "train_loss": train_loss})
+                bar.set_postfix(
+                    {"loss": f"{train_loss:.4f}", **self._postfix(last_eval),
+                     "samples/s": f"{self._samples(self.step) / elapsed:,.0f}"},
+                    refresh=False,
+                )
+                loss_sum.zero_()
+                loss_count = 0
+        self.train_time_s += time.perf_counter() - start
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """AUC, log loss, NE and calibration over the whole eval set, all ranks."""
+        self.model.eval()
+        s = self.settings
+        slices = eval_slices(
+            self.source.num_eval_samples,
+            batch_size=s.eval_batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        metrics = EvalMetrics(
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            batch_size=s.eval_batch_size,
+            num_samples=self.env.world_size * sum(size for _, size in slices),
+            device=self.env.device,
+        )
+        batches = eval_batches(
+            self.source,
+            batch_size=s.eval_batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        for _loss, logits, labels in drain(self.pipeline, batches):
+            metrics.update(logits=logits, labels=labels)
+        self.model.train()
+        return metrics.compute()
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.logger.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def summarise(self, last_eval: dict[str, float]) -> dict[str, Any]:
+        summary = {
+            **last_eval,
+            "oracle_auc": self.source.oracle_auc(),
+            "steps": self.step,
+            "world_size": self.env.world_size,
+            "global_batch_size": self.settings.batch_size * self.env.world_size,
+            "samples_per_sec": self._samples(self.step) / max(self.train_time_s, 1e-9),
+            "train_time_s": self.train_time_s,
+            "device": str(self.env.device),
+        }
+        train_losses = [r["train_loss"] for r in self.records if "train_loss" in r]
+        if train_losses:
+            summary["final_train_loss"] = train_losses[-1]
+        if self.env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if self.settings.plot:
+                plot_curves(
+                    self.records, self.run_dir / "curves.png", oracle_auc=summary["oracle_auc"]
+                )
+        self.logger.summary(summary)
+        return summary
+
+    def _samples(self, steps: int) -> int:
+        return steps * self.settings.batch_size * self.env.world_size
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().clone()
+        if self.env.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.env.world_size
+        return float(value)
+
+    @staticmethod
+    def _postfix(last_eval: dict[str, float]) -> dict[str, str]:
+        return {"auc": f"{last_eval['auc']:.4f}"} if "auc" in last_eval else {}
+

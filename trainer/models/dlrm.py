@@ -1,0 +1,78 @@
+"""DLRM and DLRM-DCNv2, built from table specs on any device (``meta`` for sharding).
+
+Both are torchrec's own modules (``torchrec.models.dlrm``): a bottom MLP over the
+dense features, an EmbeddingBagCollection pooling each sparse feature's bag of
+ids, an interaction (pairwise dots for DLRM; low-rank cross layers, as in the
+MLPerf DLRM-DCNv2 reference, for DCNv2), and a top MLP to one logit.
+``DLRMTrain`` wraps it with the BCE loss and returns ``(loss, (loss, logits,
+labels))``, the shape torchrec's train pipelines expect.
+
+The sparse input is a KeyedJaggedTensor; for two features and a batch of two::
+
+    cat_0: [[3], [7]]        values = [3, 7, 1, 4, 5]
+    cat_1: [[1, 4], [5]]     lengths = [1, 1, 2, 1]   (feature-major)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+class TableSpec(Protocol):
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: list[str]
+    pooling: str
+
+
+def embedding_bag_configs(tables: Sequence[TableSpec]) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(
+            name=t.name,
+            num_embeddings=t.num_embeddings,
+            embedding_dim=t.embedding_dim,
+            feature_names=list(t.feature_names),
+            pooling=_POOLING[t.pooling],
+        )
+        for t in tables
+    ]
+
+
+def build_model(
+    *,
+    arch: str,
+    tables: Sequence[TableSpec],
+    num_dense: int,
+    dense_arch_layer_sizes: list[int],
+    over_arch_layer_sizes: list[int],
+    device: torch.device,
+    dcn_num_layers: int = 3,
+    dcn_low_rank_dim: int = 64,
+) -> DLRMTrain:
+    """A DLRM (``arch="dlrm"``) or DLRM-DCNv2 (``"dlrm_dcnv2"``) wrapped with its loss."""
+    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(tables), device=device)
+    common = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=num_dense,
+        dense_arch_layer_sizes=list(dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(over_arch_layer_sizes),
+        dense_device=device,
+    )
+    if arch == "dlrm":
+        dlrm = DLRM(**common)
+    elif arch == "dlrm_dcnv2":
+        dlrm = DLRM_DCN(
+            **common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim
+        )
+    else:
+        raise ValueError(f"model.arch={arch!r} is not known; use dlrm or dlrm_dcnv2")
+    return DLRMTrain(dlrm)

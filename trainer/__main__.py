@@ -7,6 +7,7 @@ traceback from deep inside torchrec.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -26,6 +27,13 @@ warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
 warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation.*")
 
 
+def quiet_libraries() -> None:
+    """torchrec logs every pipeline refill at INFO; keep the console for our progress."""
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def format_summary(summary: dict) -> str:
     keys = ["auc", "oracle_auc", "logloss", "ne", "calibration", "samples_per_sec",
             "steps", "world_size", "strategy"]
@@ -43,6 +51,7 @@ def format_summary(summary: dict) -> str:
 def main(dict_cfg: DictConfig) -> None:
     from trainer.train import train  # heavy imports after Hydra has parsed the CLI
 
+    quiet_libraries()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(to_config(dict_cfg), run_dir=run_dir)

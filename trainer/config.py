@@ -198,6 +198,11 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         for i, size in enumerate(sizes):
             _positive(f"{key}[{i}]", size)
     _check(
+        len(m.over_arch_layer_sizes) >= 2,
+        f"model.over_arch_layer_sizes={list(m.over_arch_layer_sizes)} needs at least two "
+        f"layers (torchrec's OverArch); e.g. model.over_arch_layer_sizes=[64,1]",
+    )
+    _check(
         m.over_arch_layer_sizes[-1] == 1,
         f"model.over_arch_layer_sizes must end in 1 (one click logit), got "
         f"{list(m.over_arch_layer_sizes)}; e.g. model.over_arch_layer_sizes=[64,32,1]",

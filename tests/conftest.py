@@ -1,0 +1,31 @@
+"""Shared test fixtures: composing the real conf/ with Hydra's compose API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from trainer.config import register_configs
+from trainer.run_dir import register_resolvers
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO = CONF_DIR.parent
+
+
+@pytest.fixture
+def compose_cfg():
+    """``compose_cfg(["model=dlrm_dcnv2"]) -> DictConfig`` from the repo's conf/."""
+    register_configs()
+    register_resolvers()
+
+    def _compose(overrides: list[str] | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides or [])
+
+    yield _compose
+    GlobalHydra.instance().clear()

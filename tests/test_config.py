@@ -1,0 +1,116 @@
+"""The config surface: every group composes, typos fail at compose time, and
+cross-field mistakes raise one ConfigError that names the key and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from tests.conftest import CONF_DIR, REPO
+from trainer.config import Config, ConfigError, TableConfig, to_config, validate
+
+GROUPS = ["model", "data", "sharding", "optim", "trainer", "logger"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)]
+)
+def test_every_group_option_composes_and_validates(compose_cfg, override: str) -> None:
+    cfg = to_config(compose_cfg([override]))
+    assert isinstance(cfg, Config)
+    world_size = 2 if override.split("=")[1] in ("row_wise", "column_wise") else 1
+    validate(cfg, world_size=world_size)
+
+
+def test_every_group_has_an_option() -> None:
+    for group in GROUPS:
+        assert _options(group), f"conf/{group}/ has no yaml"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.num_stepz=5", "model.embeding_dim=8", "sharding.topology.hbm=3"],
+)
+def test_mistyped_key_fails_at_compose(compose_cfg, override: str) -> None:
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_cfg([override])
+
+
+def test_wrong_type_fails_at_compose(compose_cfg) -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_cfg(["trainer.batch_size=lots"])
+
+
+def _cfg(compose_cfg, *overrides: str) -> Config:
+    return to_config(compose_cfg(list(overrides)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "names"),
+    [
+        (["sharding.strategy=diagonal"], 1, ["sharding.strategy", "table_wise"]),
+        (["sharding=row_wise"], 1, ["world_size > 1", "torchrun"]),
+        (["model.embedding_dim=32"], 1, ["dense_arch_layer_sizes[-1]=16", "embedding_dim=32"]),
+        (["trainer.batch_size=0"], 1, ["trainer.batch_size"]),
+        (["model.over_arch_layer_sizes=[64,2]"], 1, ["over_arch_layer_sizes", "end in 1"]),
+        (["model.over_arch_layer_sizes=[1]"], 1, ["over_arch_layer_sizes", "two"]),
+        (["model.arch=transformer"], 1, ["model.arch", "dlrm_dcnv2"]),
+        (["data.cardinalities=[10,0]"], 1, ["data.cardinalities[1]"]),
+    ],
+)
+def test_cross_field_errors_name_the_key(
+    compose_cfg, overrides: list[str], world_size: int, names: list[str]
+) -> None:
+    cfg = _cfg(compose_cfg, *overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world_size)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_explicit_tables_are_checked(compose_cfg) -> None:
+    cfg = _cfg(compose_cfg, "data.cardinalities=[10,20]", "data.hotness=[1]")
+    validate(cfg)  # the implicit one-table-per-feature default is fine
+    cfg.model.tables = [
+        TableConfig(name="t", num_embeddings=10, feature_names=["cat_0"]),
+        TableConfig(name="t", num_embeddings=20, feature_names=["cat_1"]),
+    ]
+    with pytest.raises(ConfigError, match="unique"):
+        validate(cfg)
+    cfg.model.tables[1].name = "u"
+    cfg.model.tables[1].num_embeddings = 5
+    with pytest.raises(ConfigError, match=r"num_embeddings=5 is smaller than the cardinality 20"):
+        validate(cfg)
+    cfg.model.tables = cfg.model.tables[:1]
+    with pytest.raises(ConfigError, match="cat_1"):
+        validate(cfg)
+
+
+def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "model.embedding_dim=32",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "config error" in proc.stderr
+    assert "model.dense_arch_layer_sizes[-1]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_mistyped_key_on_the_command_line_names_it(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "trainer.num_stepz=5", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "num_stepz" in proc.stderr
+    assert "Traceback" not in proc.stderr

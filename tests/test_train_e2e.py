@@ -1,0 +1,67 @@
+"""The commands a user runs: ``python -m trainer`` and ``torchrun ... -m trainer``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.distributed import free_port
+
+TINY = [
+    "trainer=smoke",
+    "trainer.num_steps=8",
+    "trainer.eval_every_steps=4",
+    "data.num_eval_samples=2048",
+    "trainer.eval_batch_size=512",
+]
+SUMMARY_KEYS = {"auc", "oracle_auc", "logloss", "ne", "calibration", "samples_per_sec",
+                "steps", "world_size"}
+
+
+def _check_outputs(run_dir: Path, *, world_size: int, strategy: str) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["steps"] == 8 and summary["world_size"] == world_size
+    assert 0.0 <= summary["auc"] <= 1.0 and 0.5 < summary["oracle_auc"] < 1.0
+    assert summary["samples_per_sec"] > 0
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["world_size"] == world_size and plan["strategy"] == strategy
+    tables = plan["plan"]["model.sparse_arch.embedding_bag_collection"]
+    assert len(tables) == 26
+    if strategy != "auto":
+        assert {t["sharding_type"] for t in tables.values()} == {strategy}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "auc" in r] == [4, 8]
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    return plan
+
+
+@pytest.mark.dist
+def test_python_m_trainer_single_process(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *TINY, f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "oracle_auc" in proc.stdout
+    _check_outputs(tmp_path, world_size=1, strategy="auto")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["row_wise"])
+def test_torchrun_two_ranks_shards_the_tables(tmp_path: Path, strategy: str) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "trainer", f"sharding={strategy}", *TINY, f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = _check_outputs(tmp_path, world_size=2, strategy=strategy)
+    shards = plan["plan"]["model.sparse_arch.embedding_bag_collection"]["t_cat_0"]["shards"]
+    assert sorted(s["rank"] for s in shards) == [0, 1]

@@ -13,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from tests.conftest import CONF_DIR, REPO
 from trainer.config import Config, ConfigError, TableConfig, to_config, validate
 
-GROUPS = ["model", "data", "sharding", "optim", "trainer", "logger"]
+GROUPS = ["model", "data", "sharding", "topology", "optim", "trainer", "logger"]
 
 
 def _options(group: str) -> list[str]:
@@ -37,7 +37,7 @@ def test_every_group_has_an_option() -> None:
 
 @pytest.mark.parametrize(
     "override",
-    ["trainer.num_stepz=5", "model.embeding_dim=8", "sharding.topology.hbm=3"],
+    ["trainer.num_stepz=5", "model.embeding_dim=8", "topology.hbm=3"],
 )
 def test_mistyped_key_fails_at_compose(compose_cfg, override: str) -> None:
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):

@@ -54,11 +54,11 @@ def build(cfg: Config, env: DistEnv) -> Built:
         eps=cfg.optim.embedding_eps,
     )
     sharders = embedding_sharders()
-    topo = cfg.sharding.topology
+    topo = cfg.topology
     topology = make_topology(
         world_size=env.world_size,
         local_world_size=topo.local_world_size or env.local_world_size,
-        compute_device=env.device.type,
+        compute_device=topo.compute_device or env.device.type,
         hbm_gb=topo.hbm_gb,
         ddr_gb=topo.ddr_gb,
     )

@@ -62,10 +62,15 @@ class ModelConfig:
 
 @dataclass
 class TopologyConfig:
-    # None: taken from the launcher (LOCAL_WORLD_SIZE) at run time.
+    """What the planner plans for. None: the running job's own value."""
+
+    world_size: Optional[int] = None
     local_world_size: Optional[int] = None
+    # Per device: HBM on CUDA; host memory (DDR) per rank on CPU.
     hbm_gb: float = 80.0
     ddr_gb: float = 64.0
+    # cuda | cpu; None: the device this job runs on.
+    compute_device: Optional[str] = None
     # Share of device memory the planner keeps free for dense parts and activations.
     storage_reservation_percentage: float = 0.15
 
@@ -78,7 +83,6 @@ class ShardingConfig:
     backend: Optional[str] = None
     # auto: CUDA when available, else CPU.
     device: str = "auto"
-    topology: TopologyConfig = field(default_factory=TopologyConfig)
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -228,8 +233,21 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
                 f"(dim {table.embedding_dim}) into {world_size} column blocks, which "
                 f"needs the dim divisible by world_size; change model.embedding_dim",
             )
-    if s.topology.local_world_size is not None:
-        _positive("sharding.topology.local_world_size", s.topology.local_world_size)
+    topo = cfg.topology
+    for key, value in [("topology.world_size", topo.world_size),
+                       ("topology.local_world_size", topo.local_world_size)]:
+        if value is not None:
+            _positive(key, value)
+    _positive("topology.hbm_gb", topo.hbm_gb)
+    _positive("topology.ddr_gb", topo.ddr_gb)
+    if topo.compute_device is not None:
+        _one_of("topology.compute_device", topo.compute_device, ("cuda", "cpu"))
+    if topo.world_size is not None and topo.world_size != world_size:
+        raise ConfigError(
+            f"topology.world_size={topo.world_size} but this job has {world_size} "
+            f"process(es); the trainer plans for the job it runs (drop the override), "
+            f"`python -m sharding.plan` plans for clusters you do not have"
+        )
 
 
 def _validate_tables(cfg: Config) -> None:

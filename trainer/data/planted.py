@@ -70,7 +70,7 @@ class PlantedModel:
     def _shrink(self, ranks: torch.Tensor) -> torch.Tensor:
         if self._decay_rank <= 0:
             return torch.ones_like(ranks, dtype=torch.float64)
-        return torch.rsqrt(1.0 + ranks.to(torch.float64) / self._decay_rank)
+        return 1.0 / (1.0 + ranks.to(torch.float64) / self._decay_rank)
 
     def first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """Scalar effects ``w_f[r]``, the broadcast shape of ``features`` and ``ranks``."""

@@ -5,6 +5,9 @@ topology's memory and bandwidth model; any other strategy is passed to the same
 planner as a per-table constraint, so every plan, chosen or forced, comes out of
 one code path and is checked against the memory caps.
 
+Pooling factors (the mean ids per sample of each feature) feed the planner's
+cost and buffer estimates; without them torchrec assumes one id per sample.
+
 Example::
 
     topology = make_topology(world_size=2, compute_device="cpu")
@@ -22,7 +25,9 @@ from torchrec.distributed.planner.storage_reservations import (
     FixedPercentageStorageReservation,
 )
 from torchrec.distributed.planner.types import (
+    HardwareConfig,
     KernelConfig,
+    Stats,
     Topology,
     TopologyFactory,
     TrainerConfig,
@@ -33,6 +38,11 @@ STRATEGIES = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
 _GB = 1024**3
 
 
+def _bytes_per_ms(gb_per_s: float | None) -> float | None:
+    # torchrec's bandwidth unit; its own defaults are written as GB/s * 1024**3 / 1000.
+    return None if gb_per_s is None else gb_per_s * _GB / 1000
+
+
 def make_topology(
     *,
     world_size: int,
@@ -40,31 +50,60 @@ def make_topology(
     local_world_size: int | None = None,
     hbm_gb: float | None = None,
     ddr_gb: float | None = None,
+    intra_host_bw_gbps: float | None = None,
+    inter_host_bw_gbps: float | None = None,
 ) -> Topology:
-    """A planner topology, built through torchrec's TopologyFactory."""
+    """A planner topology, built through torchrec's TopologyFactory.
+
+    Bandwidths are in GB/s (gigabytes, 1024**3 bytes) per device; None keeps
+    torchrec's defaults (600 within a host, 12.5 across hosts).
+    """
     trainer_config = TrainerConfig(
         world_size=world_size,
         local_world_size=local_world_size or world_size,
         hbm_cap_bytes=int(hbm_gb * _GB) if hbm_gb and compute_device != "cpu" else None,
         ddr_cap_bytes=int(ddr_gb * _GB) if ddr_gb else None,
     )
+    # torchrec reads HardwareConfig bandwidths only when the kernel config asks
+    # for them; an unset one falls back to torchrec's default.
+    custom_bw = intra_host_bw_gbps is not None or inter_host_bw_gbps is not None
     return TopologyFactory.create_topology(
         trainer_config=trainer_config,
-        kernel_config=KernelConfig(compute_device=compute_device),
+        hardware_config=HardwareConfig(
+            intra_host_bw=_bytes_per_ms(intra_host_bw_gbps),
+            inter_host_bw=_bytes_per_ms(inter_host_bw_gbps),
+        ),
+        kernel_config=KernelConfig(
+            compute_device=compute_device, use_hardware_based_bandwidth=custom_bw
+        ),
     )
 
 
 def _constraints(
-    strategy: str, compute_kernel: str, table_names: list[str]
-) -> dict[str, ParameterConstraints] | None:
+    strategy: str,
+    compute_kernel: str,
+    table_names: list[str],
+    pooling_factors: dict[str, list[float]],
+) -> dict[str, ParameterConstraints]:
+    # auto: the planner picks the strategy, but the kernel is still the configured
+    # one (plus dense, the only kernel of data-parallel tables): on CUDA torchrec
+    # would otherwise also try UVM, SSD and key-value kernels that move tables
+    # off the device, which no config here asks for.
+    # A single strategy: data-parallel tables are plain replicated tensors, so
+    # only the dense kernel applies.
     if strategy == "auto":
-        return None
-    # Data-parallel tables are plain replicated tensors: only the dense kernel applies.
-    kernel = "dense" if strategy == "data_parallel" else compute_kernel
-    return {
-        name: ParameterConstraints(sharding_types=[strategy], compute_kernels=[kernel])
-        for name in table_names
-    }
+        sharding_types, kernels = None, sorted({compute_kernel, "dense"})
+    elif strategy == "data_parallel":
+        sharding_types, kernels = [strategy], ["dense"]
+    else:
+        sharding_types, kernels = [strategy], [compute_kernel]
+    constraints = {}
+    for name in table_names:
+        extra = {"pooling_factors": pooling_factors[name]} if name in pooling_factors else {}
+        constraints[name] = ParameterConstraints(
+            sharding_types=sharding_types, compute_kernels=kernels, **extra
+        )
+    return constraints
 
 
 def plan_sharding(
@@ -78,8 +117,17 @@ def plan_sharding(
     table_names: list[str],
     compute_kernel: str = "fused",
     storage_reservation_percentage: float = 0.15,
+    pooling_factors: dict[str, list[float]] | None = None,
+    stats: list[Stats] | None = None,
 ) -> ShardingPlan:
-    """Plans on rank 0 and broadcasts, so every rank applies the same plan."""
+    """Plans on rank 0 and broadcasts, so every rank applies the same plan.
+
+    With ``pg=None`` it plans in this process alone, for a topology that need
+    not exist (``python -m sharding.plan``). ``pooling_factors`` maps a table to
+    the mean ids per sample of each of its features; ``stats`` replaces
+    torchrec's logged report (e.g. to keep the chosen options, see
+    ``sharding.estimate.PlanCapture``).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(
             f"sharding strategy {strategy!r} is not known; use one of {STRATEGIES}"
@@ -87,10 +135,13 @@ def plan_sharding(
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=_constraints(strategy, compute_kernel, table_names),
+        constraints=_constraints(
+            strategy, compute_kernel, table_names, pooling_factors or {}
+        ),
         storage_reservation=FixedPercentageStorageReservation(
             storage_reservation_percentage
         ),
+        stats=stats,
     )
     if pg is None:
         return planner.plan(model, sharders)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainer.config import TableConfig
 from trainer.data import SyntheticCriteo, SyntheticDataConfig
 from trainer.models import build_model
-from trainer.config import TableConfig
 
 
 @pytest.mark.parametrize("arch", ["dlrm", "dlrm_dcnv2"])

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -64,15 +63,18 @@ class ModelConfig:
 class TopologyConfig:
     """What the planner plans for. None: the running job's own value."""
 
-    world_size: Optional[int] = None
-    local_world_size: Optional[int] = None
+    world_size: int | None = None
+    local_world_size: int | None = None
     # Per device: HBM on CUDA; host memory (DDR) per rank on CPU.
     hbm_gb: float = 80.0
     ddr_gb: float = 64.0
     # cuda | cpu; None: the device this job runs on.
-    compute_device: Optional[str] = None
+    compute_device: str | None = None
     # Share of device memory the planner keeps free for dense parts and activations.
     storage_reservation_percentage: float = 0.15
+    # Per device, in GB/s (1024**3 bytes); None: torchrec's defaults (600 / 12.5).
+    intra_host_bw_gbps: float | None = None
+    inter_host_bw_gbps: float | None = None
 
 
 @dataclass
@@ -80,7 +82,7 @@ class ShardingConfig:
     strategy: str = "auto"
     compute_kernel: str = "fused"
     # None: gloo on CPU, nccl on CUDA.
-    backend: Optional[str] = None
+    backend: str | None = None
     # auto: CUDA when available, else CPU.
     device: str = "auto"
 
@@ -104,6 +106,9 @@ class TrainConfig:
     eval_batch_size: int = 4096
     seed: int = 0
     pipeline: str = "sparse_dist"
+    # CPU threads per process; None: OMP_NUM_THREADS if set, else half the cores per
+    # local rank (OpenMP spinning on oversubscribed cores stalls kernels for ms).
+    num_threads: int | None = None
     progress_bar: bool = True
     plot: bool = True
 
@@ -191,6 +196,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
         ("trainer.batch_size", t.batch_size),
         ("trainer.eval_every_steps", t.eval_every_steps),
         ("trainer.eval_batch_size", t.eval_batch_size),
+        ("trainer.num_threads", t.num_threads if t.num_threads is not None else 1),
         ("optim.embedding_lr", o.embedding_lr),
         ("optim.dense_lr", o.dense_lr),
     ]:

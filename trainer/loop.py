@@ -60,6 +60,7 @@ class Trainer:
         self.records: list[dict[str, Any]] = []
         self.step = 0
         self.train_time_s = 0.0
+        self.status: dict[str, str] = {}  # what the progress bar shows
 
     def fit(self) -> dict[str, Any]:
         """Trains ``num_steps``, evaluating every ``eval_every_steps`` and at the end."""
@@ -74,14 +75,15 @@ class Trainer:
         last_eval: dict[str, float] = {}
         while self.step < s.num_steps:
             num_steps = min(s.eval_every_steps, s.num_steps - self.step)
-            self.train_steps(num_steps, bar, last_eval)
+            self.train_steps(num_steps, bar)
             last_eval = self.evaluate()
             self.log({"step": self.step, **last_eval})
-            bar.set_postfix(self._postfix(last_eval), refresh=True)
+            self.status["auc"] = f"{last_eval['auc']:.4f}"
+            bar.set_postfix(self.status, refresh=True)
         bar.close()
         return self.summarise(last_eval)
 
-    def train_steps(self, num_steps: int, bar: tqdm, last_eval: dict[str, float]) -> None:
+    def train_steps(self, num_steps: int, bar: tqdm) -> None:
         self.model.train()
         batches = rank_batches(
             self.source,
@@ -105,11 +107,9 @@ class Trainer:
                 train_loss = self._global_mean(loss_sum / loss_count)
                 elapsed = self.train_time_s + time.perf_counter() - start
                 self.log({"step": self.step, "train_loss": train_loss})
-                bar.set_postfix(
-                    {"loss": f"{train_loss:.4f}", **self._postfix(last_eval),
-                     "samples/s": f"{self._samples(self.step) / elapsed:,.0f}"},
-                    refresh=False,
-                )
+                self.status["loss"] = f"{train_loss:.4f}"
+                self.status["samples/s"] = f"{self._samples(self.step) / elapsed:,.0f}"
+                bar.set_postfix(self.status, refresh=False)
                 loss_sum.zero_()
                 loss_count = 0
         self.train_time_s += time.perf_counter() - start
@@ -179,8 +179,3 @@ class Trainer:
             dist.all_reduce(value)
             value /= self.env.world_size
         return float(value)
-
-    @staticmethod
-    def _postfix(last_eval: dict[str, float]) -> dict[str, str]:
-        return {"auc": f"{last_eval['auc']:.4f}"} if "auc" in last_eval else {}
-

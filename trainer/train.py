@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ from trainer.run_dir import agree_on_run_dir
 log = logging.getLogger(__name__)
 
 
+def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
+    """Intra-op threads for this process; a small count avoids OpenMP oversubscription."""
+    if num_threads is None:
+        if "OMP_NUM_THREADS" in os.environ:
+            return torch.get_num_threads()
+        num_threads = max(1, (os.cpu_count() or 1) // (2 * local_world_size))
+    torch.set_num_threads(num_threads)
+    return num_threads
+
+
 def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
     """Runs one training job; returns the summary (also written to ``summary.json``)."""
     validate(cfg, world_size=world_size_from_env())
@@ -45,6 +56,7 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
     try:
         run_dir = agree_on_run_dir(run_dir)
         torch.manual_seed(cfg.trainer.seed)
+        set_cpu_threads(cfg.trainer.num_threads, local_world_size=env.local_world_size)
         source = SyntheticCriteo(cfg.data)
         built = build(cfg, env)
         if env.is_main:

@@ -56,6 +56,14 @@ class PlantedModel:
             cfg.dense_nonlinear_scale * per_term
         )
         self._first_order_scale = cfg.first_order_scale / math.sqrt(num_features)
+        # Rescale the decay per table so that each term keeps its configured
+        # variance under the table's Zipf law: the signal moves to the head rows.
+        decay_norms = []
+        for f in range(num_features):
+            probs = tables.head_probabilities(f)
+            decay = self._rank_decay(torch.arange(probs.numel()))
+            decay_norms.append(torch.sqrt((probs * decay.square()).sum() / probs.sum()))
+        self._decay_norms = torch.stack(decay_norms)
         self.pairs = select_pairs(cfg, num_features)
         self._pair_scale = cfg.interaction_scale / math.sqrt(max(len(self.pairs), 1))
         latent_features = sorted({f for pair in self.pairs for f in pair})
@@ -67,15 +75,18 @@ class PlantedModel:
             [self._latent_mean(f, tables.head_probabilities(f)) for f in latent_features]
         ) if latent_features else torch.zeros(0, cfg.latent_dim, dtype=torch.float64)
 
-    def _shrink(self, ranks: torch.Tensor) -> torch.Tensor:
+    def _rank_decay(self, ranks: torch.Tensor) -> torch.Tensor:
         if self._decay_rank <= 0:
             return torch.ones_like(ranks, dtype=torch.float64)
         return 1.0 / (1.0 + ranks.to(torch.float64) / self._decay_rank)
 
+    def _shrink(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        return self._rank_decay(ranks) / self._decay_norms[features]
+
     def first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """Scalar effects ``w_f[r]``, the broadcast shape of ``features`` and ``ranks``."""
         key = stream_key(self._seed, "first_order")
-        return normal(key, features, ranks) * self._shrink(ranks) * self._first_order_scale
+        return normal(key, features, ranks) * self._shrink(features, ranks) * self._first_order_scale
 
     def latent(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """Latent vectors ``v_f[r]``, that broadcast shape plus ``(latent_dim,)``."""
@@ -83,7 +94,7 @@ class PlantedModel:
         dims = torch.arange(self._latent_dim)
         # Components of variance 1/sqrt(d) give <v_i, v_j> unit variance.
         vectors = normal(key, features.unsqueeze(-1), ranks.unsqueeze(-1), dims) * self._latent_dim**-0.25
-        return vectors * self._shrink(ranks).unsqueeze(-1)
+        return vectors * self._shrink(features, ranks).unsqueeze(-1)
 
     def _latent_mean(self, feature: int, probs: torch.Tensor) -> torch.Tensor:
         # Ranks past the exact head of huge tables are left out: tiny mass each.

@@ -1,0 +1,231 @@
+"""``python -m sharding.plan [overrides]``: a sharding plan for a cluster you do not have.
+
+This is an entry point, like ``trainer/__main__.py``, so unlike the library
+modules of ``sharding`` it imports ``trainer`` (the config schema and the model
+builder). It composes the same ``conf/`` as the trainer, builds the model on the
+``meta`` device (no memory, no process group), runs torchrec's planner for the
+``topology.*`` keys and writes into the Hydra run directory:
+
+- ``plan.json``: the plan, plus per-table and per-rank memory and cost estimates;
+- ``plan.txt``: the table it also prints;
+- ``memory.png``: per-rank HBM and DDR used against the caps.
+
+Example::
+
+    python -m sharding.plan experiment=mlperf_dcnv2 topology.world_size=64 \\
+        topology.local_world_size=8 topology.hbm_gb=80
+
+``topology.world_size`` is required; ``topology.compute_device`` defaults to
+cuda (a plan for 64 GPUs is a CUDA plan even when made on a laptop). Exit codes:
+0 planned, 2 config error, 3 the model does not fit (one message on stderr
+naming the tables, the bytes needed and the bytes available).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from torchrec.distributed.planner.types import PlannerError
+
+from sharding import embedding_sharders, make_topology, plan_sharding, save_plan
+from sharding.dmp import fuse_embedding_optimizer
+from sharding.estimate import PlanCapture, rank_estimates, table_estimates
+from sharding.fit import explain_no_fit, table_bytes
+from sharding.memory_plot import plot_rank_memory
+from sharding.report import estimates_to_dict, format_estimates
+from trainer.build import build_unsharded
+from trainer.config import Config, ConfigError, register_configs, resolved_tables, to_config
+from trainer.config import validate as validate_config
+from trainer.run_dir import register_resolvers
+
+EXIT_CONFIG_ERROR = 2
+EXIT_DOES_NOT_FIT = 3
+
+
+class DoesNotFit(RuntimeError):
+    """No placement of the tables fits the topology; the message says why."""
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    report: str
+    run_dir: Path
+    peak_hbm_bytes: int
+    peak_ddr_bytes: int
+    plan_time_s: float
+
+
+def _check_topology(cfg: Config) -> int:
+    topo = cfg.topology
+    if topo.world_size is None:
+        raise ConfigError(
+            "topology.world_size is required: the number of devices to plan for, e.g. "
+            "topology.world_size=64 topology.local_world_size=8 topology.hbm_gb=80"
+        )
+    for key in ("intra_host_bw_gbps", "inter_host_bw_gbps"):
+        value = getattr(topo, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"topology.{key}={value} must be positive (GB/s) or null")
+    validate_config(cfg, world_size=topo.world_size)
+    return topo.world_size
+
+
+def pooling_factors(cfg: Config) -> dict[str, list[float]]:
+    """Per table, the mean ids per sample of each of its features (data.hotness)."""
+    hotness = cfg.data.hotness_per_feature()
+    mean = [(1 + h) / 2 if cfg.data.variable_hotness else float(h) for h in hotness]
+    by_feature = {f"cat_{i}": m for i, m in enumerate(mean)}
+    return {t.name: [by_feature[f] for f in t.feature_names] for t in resolved_tables(cfg)}
+
+
+def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
+    """Plans ``cfg`` for its topology; writes plan.json, plan.txt, memory.png."""
+    world_size = _check_topology(cfg)
+    topo, shard = cfg.topology, cfg.sharding
+    compute_device = topo.compute_device or "cuda"
+    local_world_size = min(topo.local_world_size or world_size, world_size)
+    tables = resolved_tables(cfg)
+
+    model = build_unsharded(cfg, device=torch.device("meta"))
+    # The optimizer's state is part of each table's storage in the planner's estimate.
+    fuse_embedding_optimizer(
+        model.model.sparse_arch.parameters(),
+        lr=cfg.optim.embedding_lr,
+        eps=cfg.optim.embedding_eps,
+    )
+    topology = make_topology(
+        world_size=world_size,
+        local_world_size=local_world_size,
+        compute_device=compute_device,
+        hbm_gb=topo.hbm_gb,
+        ddr_gb=topo.ddr_gb,
+        intra_host_bw_gbps=topo.intra_host_bw_gbps,
+        inter_host_bw_gbps=topo.inter_host_bw_gbps,
+    )
+    capture = PlanCapture()
+    try:
+        plan = plan_sharding(
+            model,
+            strategy=shard.strategy,
+            compute_kernel=shard.compute_kernel,
+            topology=topology,
+            sharders=embedding_sharders(),
+            pg=None,
+            batch_size=cfg.trainer.batch_size,
+            table_names=[t.name for t in tables],
+            storage_reservation_percentage=topo.storage_reservation_percentage,
+            pooling_factors=pooling_factors(cfg),
+            stats=[capture],
+        )
+    except PlannerError as err:
+        raise DoesNotFit(
+            explain_no_fit(
+                [
+                    table_bytes(
+                        t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim
+                    )
+                    for t in tables
+                ],
+                strategy=shard.strategy,
+                world_size=world_size,
+                compute_device=compute_device,
+                hbm_gb=topo.hbm_gb,
+                ddr_gb=topo.ddr_gb,
+                storage_reservation_percentage=topo.storage_reservation_percentage,
+                planner_message=str(err),
+            )
+        ) from None
+
+    table_est = table_estimates(capture.best_plan)
+    rank_est = rank_estimates(
+        capture.best_plan,
+        topology,
+        storage_reservation_percentage=topo.storage_reservation_percentage,
+    )
+    num_hosts = -(-world_size // local_world_size)
+    batch = cfg.trainer.batch_size
+    header = (
+        f"sharding plan for {world_size} {compute_device} device(s), {num_hosts} host(s) of "
+        f"{local_world_size}; per device HBM {topo.hbm_gb:g} GB, DDR {topo.ddr_gb:g} GB\n"
+        f"strategy {shard.strategy}, kernel {shard.compute_kernel}; batch {batch} per rank "
+        f"({batch * world_size:,} global); planned in {capture.run_time_s:.1f} s "
+        f"({capture.num_proposals} proposals)\n"
+    )
+    report = header + "\n" + format_estimates(table_est, rank_est)
+    save_plan(
+        plan,
+        run_dir / "plan.json",
+        world_size=world_size,
+        local_world_size=local_world_size,
+        compute_device=compute_device,
+        strategy=shard.strategy,
+        batch_size_per_rank=batch,
+        hbm_gb=topo.hbm_gb,
+        ddr_gb=topo.ddr_gb,
+        intra_host_bw_gbps=topo.intra_host_bw_gbps,
+        inter_host_bw_gbps=topo.inter_host_bw_gbps,
+        storage_reservation_percentage=topo.storage_reservation_percentage,
+        **estimates_to_dict(table_est, rank_est),
+    )
+    (run_dir / "plan.txt").write_text(report + "\n")
+    plot_rank_memory(
+        rank_est,
+        run_dir / "memory.png",
+        title=f"{cfg.model.arch}: estimated memory per rank, {world_size} x {compute_device}",
+    )
+    return ClusterPlan(
+        report=report,
+        run_dir=run_dir,
+        peak_hbm_bytes=max(r.hbm_used_bytes for r in rank_est),
+        peak_ddr_bytes=max(r.ddr_used_bytes for r in rank_est),
+        plan_time_s=capture.run_time_s,
+    )
+
+
+def _quiet() -> None:
+    # torch/torchrec chatter a user can do nothing about.
+    for module in ("torchrec", "torch.distributed", "fbgemm_gpu", "torch.fx"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # The planner warns on the root logger for every data-parallel table, which
+    # has no sharding spec by design.
+    logging.getLogger().addFilter(
+        lambda record: not record.getMessage().startswith("Sharding spec not found")
+    )
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _run(dict_cfg: DictConfig) -> None:
+    _quiet()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = plan_cluster(to_config(dict_cfg), run_dir=run_dir)
+    except ConfigError as err:
+        print(f"shardrec: config error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    except DoesNotFit as err:
+        print(f"shardrec: does not fit: {err}", file=sys.stderr)
+        sys.exit(EXIT_DOES_NOT_FIT)
+    print(result.report)
+    print(f"\nwrote {run_dir / 'plan.json'}, plan.txt, memory.png")
+
+
+def main() -> None:
+    """Registers the config schema and resolvers, then runs the Hydra app."""
+    register_configs()
+    register_resolvers()
+    _run()
+
+
+if __name__ == "__main__":
+    main()

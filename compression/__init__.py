@@ -1,6 +1,18 @@
 """Making the model cheaper: precision, QAT, distillation, quantized export.
 
-Converters here take a model built on the meta device and return it converted,
-before sharding (see DESIGN.md). None ship yet; the trainer composes whatever
-this package provides in one documented order.
+Each step is a converter with keyword-only arguments that the trainer composes
+in one documented order. Quantization-aware training of the tables runs on the
+sharded model (after DistributedModelParallel), because it hooks the FBGEMM
+kernels that hold each rank's table shards::
+
+    built = build(cfg, env)
+    qat = enable_embedding_qat(built.model, bits=4)   # or {"t_cat_0": 4, "t_cat_1": 8}
+    served_rows = fake_quantize_rows(rows, bits=4)    # what the int4 serving model sees
+
+This package never imports ``trainer``.
 """
+
+from compression.fake_quant import BITS, fake_quantize_rows
+from compression.qat import QATHandle, enable_embedding_qat
+
+__all__ = ["BITS", "QATHandle", "enable_embedding_qat", "fake_quantize_rows"]

@@ -61,9 +61,18 @@ def pick_device(device: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(
-    *, backend: str | None = None, device: str = "auto", timeout_s: float = 600.0
+    *,
+    backend: str | None = None,
+    device: str = "auto",
+    timeout_s: float = 600.0,
+    emulate_local_world_size: int | None = None,
 ) -> DistEnv:
-    """Initialises (or reuses) the default process group and picks this rank's device."""
+    """Initialises (or reuses) the default process group and picks this rank's device.
+
+    ``emulate_local_world_size`` pretends hosts hold that many processes (CPU only):
+    torchrec groups ranks into hosts by LOCAL_WORLD_SIZE, so this is how the
+    hierarchical strategies run as 2 hosts x 2 processes on one machine.
+    """
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -71,6 +80,15 @@ def init_distributed(
         "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world_size
     )
     dev = pick_device(device, local_rank)
+    if emulate_local_world_size and emulate_local_world_size != local_world_size:
+        if dev.type != "cpu":
+            raise ValueError(
+                f"topology.local_world_size={emulate_local_world_size} differs from the "
+                f"{local_world_size} processes per host launched; emulating hosts is for "
+                f"CPU runs only (drop the override on GPUs)"
+            )
+        local_world_size = emulate_local_world_size
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
@@ -103,3 +121,8 @@ def destroy_distributed() -> None:
 def world_size_from_env() -> int:
     """The world size the launcher announced, before any process group exists."""
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def local_world_size_from_env() -> int:
+    """Processes per host the launcher announced (the world size if it said nothing)."""
+    return _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world_size_from_env())

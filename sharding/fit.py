@@ -11,13 +11,16 @@ Example::
     tables = [table_bytes("t_big", num_embeddings=40_000_000, embedding_dim=128)]
     print(explain_no_fit(tables, strategy="auto", world_size=1, compute_device="cuda",
                          hbm_gb=16, ddr_gb=64, storage_reservation_percentage=0.15))
-    # the 1 table needs 19.22 GiB (20,640,000,000 bytes) of HBM but 1 cuda device offers ...
+    # the 1 table(s) need 19.22 GiB (20,640,000,000 bytes) of HBM for weights and optimizer
+    # state in all, but 1 cuda device offers 13.60 GiB ... Largest tables: ... Fix: ...
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from sharding.report import format_bytes
 
 _GIB = 1024**3
 
@@ -54,8 +57,8 @@ def table_bytes(
     )
 
 
-def _gib(num_bytes: float) -> str:
-    return f"{num_bytes / _GIB:.2f} GiB ({int(num_bytes):,} bytes)"
+def _size(num_bytes: float) -> str:
+    return f"{format_bytes(num_bytes)} ({int(num_bytes):,} bytes)"
 
 
 def explain_no_fit(
@@ -74,40 +77,42 @@ def explain_no_fit(
     tier, key = ("HBM", "topology.hbm_gb") if on_device else ("host memory", "topology.ddr_gb")
     cap_gb = hbm_gb if on_device else ddr_gb
     # torchrec's storage reservation shrinks HBM only.
-    per_rank = cap_gb * _GIB * ((1 - storage_reservation_percentage) if on_device else 1)
-    where = f"{key}={cap_gb:g}" + (
+    per_rank = int(cap_gb * _GIB * ((1 - storage_reservation_percentage) if on_device else 1))
+    each = f"{format_bytes(per_rank)} each: {key}={cap_gb:g}" + (
         f" less storage_reservation_percentage={storage_reservation_percentage:g}"
         if on_device
         else ""
     )
     largest = sorted(tables, key=lambda t: t.total_bytes, reverse=True)
     total = sum(t.total_bytes for t in tables)
-    devices = f"{world_size} {compute_device} device{'s' if world_size > 1 else ''}"
-    top = ", ".join(f"{t.name} {t.total_bytes / _GIB:.2f} GiB" for t in largest[:5])
+    top = ", ".join(f"{t.name} {format_bytes(t.total_bytes)}" for t in largest[:5])
 
     if strategy == "table_wise":
         too_big = [t for t in largest if t.total_bytes > per_rank]
         if too_big:
-            names = ", ".join(f"{t.name} {_gib(t.total_bytes)}" for t in too_big[:5])
+            names = ", ".join(f"{t.name} {_size(t.total_bytes)}" for t in too_big[:5])
             return (
                 f"sharding=table_wise keeps each table whole on one rank, but "
-                f"{len(too_big)} table(s) exceed the {_gib(per_rank)} of {tier} one device "
-                f"offers ({where}): {names}. Fix: use sharding=auto or row_wise, or raise {key}."
+                f"{len(too_big)} table(s) need more {tier} than one {compute_device} device "
+                f"offers ({each}): {names}. Fix: use sharding=auto or row_wise, or raise {key}."
             )
     if strategy == "data_parallel":
         needed, available = total, per_rank
-        scope, offer = "on every rank (data_parallel replicates each table)", "one device offers"
+        scope = "on every rank (data_parallel replicates each table)"
+        offer = f"one {compute_device} device offers"
         fix = f"use sharding=auto or row_wise, or raise {key}"
     else:
         needed, available = total, per_rank * world_size
-        scope, offer = "in all", f"{devices} offer{'' if world_size > 1 else 's'}"
+        scope = "in all"
+        plural = "s offer" if world_size > 1 else " offers"
+        offer = f"{world_size} {compute_device} device{plural}"
         fix = (
             f"raise topology.world_size (the bytes alone need at least "
             f"{math.ceil(total / per_rank)} such devices) or {key}"
         )
     head = (
-        f"the {len(tables)} table(s) need {_gib(needed)} of {tier} for weights and optimizer "
-        f"state {scope}, but {offer} {_gib(available)} ({where}, per device)"
+        f"the {len(tables)} table(s) need {_size(needed)} of {tier} for weights and "
+        f"optimizer state {scope}, but {offer} {_size(available)} ({each})"
     )
     if needed > available:
         return f"{head}. Largest tables: {top}. Fix: {fix}."
@@ -115,6 +120,6 @@ def explain_no_fit(
     return (
         f"{head}, yet the planner found no placement: its estimates add per-shard "
         f"input/output buffers (they grow with trainer.batch_size) and tables split only "
-        f"in whole rows or column blocks. Largest tables: {top}. Fix: {fix}, or lower "
-        f"trainer.batch_size. torchrec: {first_line}"
+        f"in whole rows or column blocks. Largest tables: {top}. Fix: raise "
+        f"topology.world_size or {key}, or lower trainer.batch_size. torchrec: {first_line}"
     )

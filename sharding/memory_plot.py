@@ -32,8 +32,9 @@ def plot_rank_memory(ranks: list[RankEstimate], out_path: Path, *, title: str = 
             budget = getattr(ranks[0], f"{key}_budget_bytes") / _GIB
             tiers.append((label, used, cap_bytes / _GIB, budget, color))
     # Bare Figure on the Agg canvas (as trainer/plots.py): no display, no pyplot state.
-    fig = Figure(figsize=(max(6.0, min(16.0, 0.12 * len(ranks) + 4)), 3.2 * len(tiers)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(7.0, min(16.0, 0.12 * len(ranks) + 6)), 3.2 * len(tiers)), layout="constrained"
+    )
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(tiers), 1, squeeze=False)[:, 0]
     fig.suptitle(title or f"estimated memory per rank ({len(ranks)} ranks)")
@@ -42,10 +43,17 @@ def plot_rank_memory(ranks: list[RankEstimate], out_path: Path, *, title: str = 
         ax.bar(xs, used, width=0.8, color=color, label=f"{label} used")
         ax.axhline(cap, color="black", linewidth=1.2, label=f"cap {cap:.1f} GiB")
         if budget < cap:
-            ax.axhline(budget, color="gray", linestyle="--",
-                       label=f"planner budget {budget:.1f} GiB")
-        ax.set(ylabel=f"{label} GiB", xlim=(-0.6, len(ranks) - 0.4), ylim=(0, cap * 1.08))
-        ax.legend(loc="upper right", fontsize=8)
+            ax.axhline(
+                budget, color="gray", linestyle="--", label=f"planner budget {budget:.1f} GiB"
+            )
+        peak = max(range(len(used)), key=used.__getitem__)
+        ax.set(
+            title=f"{label}: peak {used[peak]:.2f} GiB on rank {xs[peak]}",
+            ylabel=f"{label} GiB",
+            xlim=(-0.6, len(ranks) - 0.4),
+            ylim=(0, cap * 1.08),
+        )
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xlabel("rank")
     out_path = Path(out_path)

@@ -42,7 +42,14 @@ from sharding.fit import explain_no_fit, table_bytes
 from sharding.memory_plot import plot_rank_memory
 from sharding.report import estimates_to_dict, format_estimates
 from trainer.build import build_unsharded
-from trainer.config import Config, ConfigError, register_configs, resolved_tables, to_config
+from trainer.config import (
+    Config,
+    ConfigError,
+    pooling_factors,
+    register_configs,
+    resolved_tables,
+    to_config,
+)
 from trainer.config import validate as validate_config
 from trainer.run_dir import register_resolvers
 
@@ -76,14 +83,6 @@ def _check_topology(cfg: Config) -> int:
             raise ConfigError(f"topology.{key}={value} must be positive (GB/s) or null")
     validate_config(cfg, world_size=topo.world_size)
     return topo.world_size
-
-
-def pooling_factors(cfg: Config) -> dict[str, list[float]]:
-    """Per table, the mean ids per sample of each of its features (data.hotness)."""
-    hotness = cfg.data.hotness_per_feature()
-    mean = [(1 + h) / 2 if cfg.data.variable_hotness else float(h) for h in hotness]
-    by_feature = {f"cat_{i}": m for i, m in enumerate(mean)}
-    return {t.name: [by_feature[f] for f in t.feature_names] for t in resolved_tables(cfg)}
 
 
 def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
@@ -152,9 +151,10 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
     )
     num_hosts = -(-world_size // local_world_size)
     batch = cfg.trainer.batch_size
+    memory = f"HBM {topo.hbm_gb:g} GiB, " if compute_device != "cpu" else ""
     header = (
         f"sharding plan for {world_size} {compute_device} device(s), {num_hosts} host(s) of "
-        f"{local_world_size}; per device HBM {topo.hbm_gb:g} GB, DDR {topo.ddr_gb:g} GB\n"
+        f"{local_world_size}; per device {memory}DDR {topo.ddr_gb:g} GiB\n"
         f"strategy {shard.strategy}, kernel {shard.compute_kernel}; batch {batch} per rank "
         f"({batch * world_size:,} global); planned in {capture.run_time_s:.1f} s "
         f"({capture.num_proposals} proposals)\n"

@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -32,9 +34,42 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
+from torchrec.distributed.sharding_plan import (
+    ParameterShardingGenerator,
+    column_wise,
+    construct_module_sharding_plan,
+    table_wise,
+)
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
-STRATEGIES = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
+STRATEGIES = (
+    "auto",
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "table_row_wise",
+    "table_column_wise",
+    "grid",
+    "data_parallel",
+)
+# Strategies that split a table inside a host and need several hosts to mean anything.
+HIERARCHICAL = ("table_row_wise", "table_column_wise", "grid")
+# Config names that differ from torchrec's ShardingType values.
+_SHARDING_TYPES = {"grid": "grid_shard"}
+
+
+def sharding_type(strategy: str) -> str:
+    """torchrec's ShardingType value for a config strategy name."""
+    return _SHARDING_TYPES.get(strategy, strategy)
+
+
+@dataclass(frozen=True)
+class TableOverride:
+    """One table pinned by hand: its strategy, kernel and (optionally) ranks."""
+
+    strategy: str | None = None
+    compute_kernel: str | None = None
+    ranks: tuple[int, ...] | None = None
 _GB = 1024**3
 
 
@@ -79,12 +114,7 @@ def make_topology(
     )
 
 
-def _constraints(
-    strategy: str,
-    compute_kernel: str,
-    table_names: list[str],
-    pooling_factors: dict[str, list[float]],
-) -> dict[str, ParameterConstraints]:
+def _kernels_for(strategy: str, compute_kernel: str) -> tuple[list[str] | None, list[str]]:
     # auto: the planner picks the strategy, but the kernel is still the configured
     # one (plus dense, the only kernel of data-parallel tables): on CUDA torchrec
     # would otherwise also try UVM, SSD and key-value kernels that move tables
@@ -92,18 +122,89 @@ def _constraints(
     # A single strategy: data-parallel tables are plain replicated tensors, so
     # only the dense kernel applies.
     if strategy == "auto":
-        sharding_types, kernels = None, sorted({compute_kernel, "dense"})
-    elif strategy == "data_parallel":
-        sharding_types, kernels = [strategy], ["dense"]
-    else:
-        sharding_types, kernels = [strategy], [compute_kernel]
+        return None, sorted({compute_kernel, "dense"})
+    if strategy == "data_parallel":
+        return [strategy], ["dense"]
+    return [sharding_type(strategy)], [compute_kernel]
+
+
+def _constraints(
+    strategy: str,
+    compute_kernel: str,
+    table_names: list[str],
+    pooling_factors: dict[str, list[float]],
+    overrides: dict[str, TableOverride],
+) -> dict[str, ParameterConstraints]:
     constraints = {}
     for name in table_names:
+        pin = overrides.get(name, TableOverride())
+        sharding_types, kernels = _kernels_for(
+            pin.strategy or strategy, pin.compute_kernel or compute_kernel
+        )
         extra = {"pooling_factors": pooling_factors[name]} if name in pooling_factors else {}
         constraints[name] = ParameterConstraints(
             sharding_types=sharding_types, compute_kernels=kernels, **extra
         )
     return constraints
+
+
+def _pinned(
+    pin: TableOverride, strategy: str, compute_kernel: str
+) -> ParameterShardingGenerator:
+    """torchrec's explicit per-table plan for a table whose ranks are given."""
+    strategy = pin.strategy or strategy
+    kernel = pin.compute_kernel or compute_kernel
+    ranks = list(pin.ranks or ())
+    if strategy == "table_wise":
+        if len(ranks) != 1:
+            raise ValueError(f"a table_wise table lives on one rank; got ranks={ranks}")
+        return table_wise(rank=ranks[0], compute_kernel=kernel)
+    if strategy == "column_wise":
+        return column_wise(ranks=ranks, compute_kernel=kernel)
+    raise ValueError(
+        f"ranks can be pinned for table_wise and column_wise tables, not {strategy!r}; "
+        f"drop ranks or set the table's strategy"
+    )
+
+
+def pin_ranks(
+    plan: ShardingPlan,
+    model: nn.Module,
+    *,
+    overrides: dict[str, TableOverride],
+    strategy: str,
+    compute_kernel: str,
+    sharder: ModuleSharder[nn.Module],
+    world_size: int,
+    local_world_size: int,
+    device_type: str,
+) -> ShardingPlan:
+    """Replaces the planner's choice for tables with pinned ranks by an explicit plan."""
+    pinned = {name: pin for name, pin in overrides.items() if pin.ranks}
+    if not pinned:
+        return plan
+    for path, module in model.named_modules():
+        if path not in plan.plan:
+            continue
+        own = {n: p for n, p in pinned.items() if n in plan.plan[path]}
+        if not own:
+            continue
+        # torchrec wants a generator for every table: keep the planner's for the rest.
+        per_param: dict[str, ParameterShardingGenerator] = {
+            name: (lambda *_, chosen=chosen: chosen)
+            for name, chosen in plan.plan[path].items()  # type: ignore[union-attr]
+        }
+        per_param.update({n: _pinned(p, strategy, compute_kernel) for n, p in own.items()})
+        explicit = construct_module_sharding_plan(
+            module,
+            per_param_sharding=per_param,
+            sharder=sharder,
+            local_size=local_world_size,
+            world_size=world_size,
+            device_type=device_type,
+        )
+        plan.plan[path].update(explicit)  # type: ignore[union-attr]
+    return plan
 
 
 def plan_sharding(
@@ -118,29 +219,27 @@ def plan_sharding(
     compute_kernel: str = "fused",
     storage_reservation_percentage: float = 0.15,
     pooling_factors: dict[str, list[float]] | None = None,
+    overrides: dict[str, TableOverride] | None = None,
     stats: list[Stats] | None = None,
 ) -> ShardingPlan:
     """Plans on rank 0 and broadcasts, so every rank applies the same plan.
 
     With ``pg=None`` it plans in this process alone, for a topology that need
-    not exist (``python -m sharding.plan``). ``pooling_factors`` maps a table to
+    not exist (``python -m sharding.plan``). ``overrides`` pins a table's strategy
+    or kernel (as planner constraints); pinned ranks are applied by :func:`pin_ranks`. ``pooling_factors`` maps a table to
     the mean ids per sample of each of its features; ``stats`` replaces
     torchrec's logged report (e.g. to keep the chosen options, see
     ``sharding.estimate.PlanCapture``).
     """
     if strategy not in STRATEGIES:
-        raise ValueError(
-            f"sharding strategy {strategy!r} is not known; use one of {STRATEGIES}"
-        )
+        raise ValueError(f"sharding strategy {strategy!r} is not known; use one of {STRATEGIES}")
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
         constraints=_constraints(
-            strategy, compute_kernel, table_names, pooling_factors or {}
+            strategy, compute_kernel, table_names, pooling_factors or {}, overrides or {}
         ),
-        storage_reservation=FixedPercentageStorageReservation(
-            storage_reservation_percentage
-        ),
+        storage_reservation=FixedPercentageStorageReservation(storage_reservation_percentage),
         stats=stats,
     )
     if pg is None:

@@ -54,12 +54,12 @@ def format_plan(plan: ShardingPlan) -> str:
     lines = [f"{'table':<24} {'strategy':<14} {'kernel':<8} ranks / shards (rows x cols)"]
     for tables in plan_to_dict(plan).values():
         for name, entry in tables.items():
-            shards = ", ".join(
-                f"r{s['rank']}:{s['sizes'][0]}x{s['sizes'][1]}" for s in entry["shards"]
-            ) or f"replicated on {entry['ranks']}"
+            shards = (
+                ", ".join(f"r{s['rank']}:{s['sizes'][0]}x{s['sizes'][1]}" for s in entry["shards"])
+                or f"replicated on {entry['ranks']}"
+            )
             lines.append(
-                f"{name:<24} {entry['sharding_type']:<14} "
-                f"{entry['compute_kernel']:<8} {shards}"
+                f"{name:<24} {entry['sharding_type']:<14} {entry['compute_kernel']:<8} {shards}"
             )
     return "\n".join(lines)
 

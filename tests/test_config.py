@@ -26,8 +26,11 @@ def _options(group: str) -> list[str]:
 def test_every_group_option_composes_and_validates(compose_cfg, override: str) -> None:
     cfg = to_config(compose_cfg([override]))
     assert isinstance(cfg, Config)
-    world_size = 2 if override.split("=")[1] in ("row_wise", "column_wise") else 1
-    validate(cfg, world_size=world_size)
+    option = override.split("=")[1]
+    if option in ("table_row_wise", "table_column_wise", "grid"):
+        validate(cfg, world_size=4, local_world_size=2)
+    else:
+        validate(cfg, world_size=2 if option in ("row_wise", "column_wise") else 1)
 
 
 def test_every_group_has_an_option() -> None:
@@ -64,6 +67,10 @@ def _cfg(compose_cfg, *overrides: str) -> Config:
         (["model.over_arch_layer_sizes=[1]"], 1, ["over_arch_layer_sizes", "two"]),
         (["model.arch=transformer"], 1, ["model.arch", "dlrm_dcnv2"]),
         (["data.cardinalities=[10,0]"], 1, ["data.cardinalities[1]"]),
+        (["sharding=table_row_wise"], 4, ["local world size 4", "topology.local_world_size=2"]),
+        (["+sharding.tables={t_nope:{strategy:row_wise}}"], 2, ["sharding.tables.t_nope", "no such"]),
+        (["+sharding.tables={t_cat_0:{strategy:diagonal}}"], 2, ["t_cat_0.strategy", "grid"]),
+        (["+sharding.tables={t_cat_0:{ranks:[5]}}"], 2, ["outside 0..1"]),
     ],
 )
 def test_cross_field_errors_name_the_key(

@@ -1,7 +1,8 @@
 """Sharded training equals unsharded training.
 
-Two gloo ranks train a tiny DLRM for 5 steps with the tables sharded
-(table_wise, row_wise, ...) through the trainer's own build path and pipeline;
+Two gloo ranks (four, as 2 hosts x 2 processes, for the hierarchical
+strategies) train a tiny DLRM for 5 steps with the tables sharded through the
+trainer's own build path and pipeline;
 one process trains the same model, from the same weights, on the same global
 batches without sharding. Losses and every embedding row must agree.
 
@@ -9,7 +10,8 @@ Why the reference scales table gradients by the world size: DDP averages the
 dense gradients over ranks, but torchrec *sums* the embedding gradients that
 the backward all-to-all returns to each shard's owner. With each rank's loss a
 mean over its local batch, the sharded table gradient is W times the gradient
-of the global-mean loss.
+of the global-mean loss. Data-parallel tables are replicated dense parameters:
+averaged like the dense layers and updated by the dense optimizer.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ from sharding import destroy_distributed, init_distributed
 from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
 from trainer.build import build, build_unsharded
-from trainer.config import Config, ModelConfig, OptimConfig, ShardingConfig, TrainConfig
+from sharding.planner import sharding_type
+from trainer.config import (
+    Config,
+    ModelConfig,
+    OptimConfig,
+    ShardingConfig,
+    TableShardingConfig,
+    TrainConfig,
+)
 from trainer.data import SyntheticCriteo, SyntheticDataConfig, rank_batches
 from trainer.pipeline import drain
 
-WORLD_SIZE = 2
 BATCH_SIZE = 16  # per rank
 NUM_STEPS = 5
 # float32 with a different reduction order (all-to-all sums, DDP all-reduce):
@@ -40,8 +49,16 @@ LOSS_ATOL = 1e-5
 ROW_ATOL = 5e-5
 
 
-def tiny_config(strategy: str) -> Config:
-    return Config(
+# Mixed plan: pinned ranks, a per-table strategy and kernel, the rest column-wise.
+OVERRIDES = {
+    "t_cat_0": TableShardingConfig(strategy="table_wise", ranks=[1]),
+    "t_cat_1": TableShardingConfig(strategy="row_wise"),
+    "t_cat_2": TableShardingConfig(strategy="data_parallel"),
+}
+
+
+def tiny_config(strategy: str, *, overrides: bool = False) -> Config:
+    cfg = Config(
         model=ModelConfig(
             embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]
         ),
@@ -53,10 +70,15 @@ def tiny_config(strategy: str) -> Config:
         optim=OptimConfig(embedding_lr=0.1, dense_lr=0.01),
         trainer=TrainConfig(batch_size=BATCH_SIZE, num_steps=NUM_STEPS),
     )
+    if overrides:
+        cfg.sharding.tables = dict(OVERRIDES)
+    return cfg
 
 
-def _sharded_worker(rank: int, strategy: str, init_path: str, out_dir: str) -> None:
-    cfg = tiny_config(strategy)
+def _sharded_worker(
+    rank: int, strategy: str, overrides: bool, init_path: str, out_dir: str
+) -> None:
+    cfg = tiny_config(strategy, overrides=overrides)
     env = init_distributed(device="cpu")
     try:
         built = build(cfg, env)
@@ -72,55 +94,79 @@ def _sharded_worker(rank: int, strategy: str, init_path: str, out_dir: str) -> N
             dist.all_reduce(loss)
             losses.append(float(loss) / env.world_size)
         plan_types = {
-            t: ps.sharding_type for mp in built.plan.plan.values() for t, ps in mp.items()
+            t: (ps.sharding_type, list(ps.ranks or []))
+            for mp in built.plan.plan.values()
+            for t, ps in mp.items()
+        }
+        replicated = {
+            k: [((0, 0), v.detach().clone())]
+            for k, v in built.model.state_dict().items()
+            if "embedding_bags" in k and isinstance(v, torch.Tensor) and type(v) is torch.Tensor
         }
         torch.save(
-            {"losses": losses, "shards": local_shards(built.model), "plan": plan_types},
+            {
+                "losses": losses,
+                "shards": {**replicated, **local_shards(built.model)},
+                "plan": plan_types,
+            },
             Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
         destroy_distributed()
 
 
-def _reference(cfg: Config, init: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _reference(
+    cfg: Config, init: dict, world_size: int, plan: dict[str, tuple[str, list[int]]]
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = build_unsharded(cfg, device=torch.device("cpu"))
     model.load_state_dict(init)
-    tables = list(model.model.sparse_arch.parameters())
+    named_tables = dict(model.model.sparse_arch.embedding_bag_collection.embedding_bags.items())
+    # Data-parallel tables are replicated dense parameters in torchrec: DDP averages
+    # their gradients and the dense optimizer (not the fused one) updates them.
+    tables = [t.weight for n, t in named_tables.items() if plan[n][0] != "data_parallel"]
+    grad_scale = float(world_size)
     table_ids = {id(p) for p in tables}
     dense = [p for p in model.parameters() if id(p) not in table_ids]
-    table_opt = RowWiseAdagrad(tables, lr=cfg.optim.embedding_lr, eps=cfg.optim.embedding_eps)
-    dense_opt = torch.optim.Adam(dense, lr=cfg.optim.dense_lr)
+    optimizers = [torch.optim.Adam(dense, lr=cfg.optim.dense_lr)]
+    if tables:
+        optimizers.append(
+            RowWiseAdagrad(tables, lr=cfg.optim.embedding_lr, eps=cfg.optim.embedding_eps)
+        )
     source = SyntheticCriteo(cfg.data)
-    global_batch = BATCH_SIZE * WORLD_SIZE
+    global_batch = BATCH_SIZE * world_size
     losses = []
     for step in range(NUM_STEPS):
         batch = source.batch("train", step * global_batch, global_batch)
         loss, _ = model(batch)
-        table_opt.zero_grad()
-        dense_opt.zero_grad()
+        for opt in optimizers:
+            opt.zero_grad()
         loss.backward()
         for p in tables:
-            p.grad *= WORLD_SIZE
-        table_opt.step()
-        dense_opt.step()
+            p.grad *= grad_scale
+        for opt in optimizers:
+            opt.step()
         losses.append(float(loss.detach()))
     return losses, {k: v for k, v in model.state_dict().items() if "embedding_bags" in k}
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("strategy", ["table_wise", "row_wise", "column_wise"])
-def test_sharded_matches_unsharded(strategy: str, tmp_path: Path) -> None:
-    cfg = tiny_config(strategy)
+def _check_equivalence(
+    tmp_path: Path, strategy: str, *, world_size: int, local_world_size: int,
+    overrides: bool = False,
+) -> dict[str, tuple[str, list[int]]]:
+    cfg = tiny_config(strategy, overrides=overrides)
     torch.manual_seed(0)
     init = build_unsharded(cfg, device=torch.device("cpu")).state_dict()
     init_path = tmp_path / "init.pt"
     torch.save(init, init_path)
 
-    run_ranks(_sharded_worker, strategy, str(init_path), str(tmp_path), world_size=WORLD_SIZE)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
-    ref_losses, ref_tables = _reference(cfg, init)
+    run_ranks(
+        _sharded_worker, strategy, overrides, str(init_path), str(tmp_path),
+        world_size=world_size, local_world_size=local_world_size,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    plan = ranks[0]["plan"]
+    ref_losses, ref_tables = _reference(cfg, init, world_size, plan)
 
-    assert set(ranks[0]["plan"].values()) == {strategy}
     # The test means something only if training moved: losses change step to step.
     assert max(ref_losses) - min(ref_losses) > 1e-3
     torch.testing.assert_close(
@@ -131,3 +177,32 @@ def test_sharded_matches_unsharded(strategy: str, tmp_path: Path) -> None:
         assert not torch.isnan(full).any(), f"{key}: shards do not cover the table"
         assert not torch.equal(ref, init[key]), f"{key}: reference rows never moved"
         torch.testing.assert_close(full, ref, atol=ROW_ATOL, rtol=0, msg=key)
+    return plan
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "strategy", ["table_wise", "row_wise", "column_wise", "data_parallel"]
+)
+def test_sharded_matches_unsharded(strategy: str, tmp_path: Path) -> None:
+    plan = _check_equivalence(tmp_path, strategy, world_size=2, local_world_size=2)
+    assert {t for t, _ in plan.values()} == {strategy}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["table_row_wise", "table_column_wise", "grid"])
+def test_hierarchical_on_two_hosts_matches_unsharded(strategy: str, tmp_path: Path) -> None:
+    """4 ranks as 2 hosts x 2 processes (LOCAL_WORLD_SIZE=2)."""
+    plan = _check_equivalence(tmp_path, strategy, world_size=4, local_world_size=2)
+    assert {t for t, _ in plan.values()} == {sharding_type(strategy)}
+
+
+@pytest.mark.dist
+def test_per_table_overrides_match_unsharded(tmp_path: Path) -> None:
+    plan = _check_equivalence(
+        tmp_path, "column_wise", world_size=2, local_world_size=2, overrides=True
+    )
+    assert plan["t_cat_0"] == ("table_wise", [1])
+    assert plan["t_cat_1"][0] == "row_wise"
+    assert plan["t_cat_2"][0] == "data_parallel"
+    assert plan["t_cat_3"][0] == "column_wise"

@@ -17,7 +17,8 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from sharding import DistEnv, embedding_sharders, make_topology, plan_sharding, shard_model
 from sharding.dmp import combined_optimizer, fuse_embedding_optimizer
-from trainer.config import Config, TableConfig, resolved_tables
+from sharding.planner import TableOverride, pin_ranks
+from trainer.config import Config, TableConfig, pooling_factors, resolved_tables
 from trainer.models import build_model
 
 
@@ -44,6 +45,17 @@ def build_unsharded(cfg: Config, *, device: torch.device) -> torch.nn.Module:
     )
 
 
+def table_overrides(cfg: Config) -> dict[str, TableOverride]:
+    return {
+        name: TableOverride(
+            strategy=pin.strategy,
+            compute_kernel=pin.compute_kernel,
+            ranks=tuple(pin.ranks) if pin.ranks else None,
+        )
+        for name, pin in cfg.sharding.tables.items()
+    }
+
+
 def build(cfg: Config, env: DistEnv) -> Built:
     """Meta model -> fused table optimizer -> plan -> DMP -> combined optimizer."""
     tables = resolved_tables(cfg)
@@ -54,6 +66,7 @@ def build(cfg: Config, env: DistEnv) -> Built:
         eps=cfg.optim.embedding_eps,
     )
     sharders = embedding_sharders()
+    overrides = table_overrides(cfg)
     topo = cfg.topology
     topology = make_topology(
         world_size=env.world_size,
@@ -61,6 +74,8 @@ def build(cfg: Config, env: DistEnv) -> Built:
         compute_device=topo.compute_device or env.device.type,
         hbm_gb=topo.hbm_gb,
         ddr_gb=topo.ddr_gb,
+        intra_host_bw_gbps=topo.intra_host_bw_gbps,
+        inter_host_bw_gbps=topo.inter_host_bw_gbps,
     )
     plan = plan_sharding(
         model,
@@ -72,6 +87,19 @@ def build(cfg: Config, env: DistEnv) -> Built:
         batch_size=cfg.trainer.batch_size,
         table_names=[t.name for t in tables],
         storage_reservation_percentage=topo.storage_reservation_percentage,
+        pooling_factors=pooling_factors(cfg),
+        overrides=overrides,
+    )
+    plan = pin_ranks(
+        plan,
+        model,
+        overrides=overrides,
+        strategy=cfg.sharding.strategy,
+        compute_kernel=cfg.sharding.compute_kernel,
+        sharder=sharders[0],
+        world_size=env.world_size,
+        local_world_size=env.local_world_size,
+        device_type=env.device.type,
     )
     dmp = shard_model(model, plan=plan, env=env, sharders=sharders)
     optimizer = combined_optimizer(

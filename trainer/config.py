@@ -25,7 +25,17 @@ from trainer.logger import LoggerConfig
 
 ARCHS = ("dlrm", "dlrm_dcnv2")
 POOLINGS = ("sum", "mean")
-STRATEGIES = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
+STRATEGIES = (
+    "auto",
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "table_row_wise",
+    "table_column_wise",
+    "grid",
+    "data_parallel",
+)
+HIERARCHICAL = ("table_row_wise", "table_column_wise", "grid")
 COMPUTE_KERNELS = ("fused", "dense")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 PIPELINES = ("sparse_dist", "base")
@@ -78,6 +88,16 @@ class TopologyConfig:
 
 
 @dataclass
+class TableShardingConfig:
+    """One table pinned by hand; unset fields follow the run-wide settings."""
+
+    strategy: str | None = None
+    compute_kernel: str | None = None
+    # table_wise: one rank; column_wise: one rank per column block.
+    ranks: list[int] | None = None
+
+
+@dataclass
 class ShardingConfig:
     strategy: str = "auto"
     compute_kernel: str = "fused"
@@ -85,6 +105,8 @@ class ShardingConfig:
     backend: str | None = None
     # auto: CUDA when available, else CPU.
     device: str = "auto"
+    # Per-table overrides, by table name: {t_cat_3: {strategy: row_wise}}.
+    tables: dict[str, TableShardingConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,6 +181,14 @@ def resolved_tables(cfg: Config) -> list[TableConfig]:
     ]
 
 
+def pooling_factors(cfg: Config) -> dict[str, list[float]]:
+    """Per table, the mean ids per sample of each of its features (data.hotness)."""
+    hotness = cfg.data.hotness_per_feature()
+    mean = [(1 + h) / 2 if cfg.data.variable_hotness else float(h) for h in hotness]
+    by_feature = dict(zip(_feature_names(cfg.data), mean))
+    return {t.name: [by_feature[f] for f in t.feature_names] for t in resolved_tables(cfg)}
+
+
 def _feature_names(data: SyntheticDataConfig) -> list[str]:
     return [f"cat_{i}" for i in range(len(data.cardinalities))]
 
@@ -179,7 +209,7 @@ def _positive(key: str, value: float) -> None:
     _check(value > 0, f"{key}={value} must be positive")
 
 
-def validate(cfg: Config, *, world_size: int = 1) -> None:
+def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None = None) -> None:
     """Checks cross-field constraints; raises ConfigError naming the key and the fix."""
     m, d, s, o, t = cfg.model, cfg.data, cfg.sharding, cfg.optim, cfg.trainer
     _one_of("model.arch", m.arch, ARCHS)
@@ -225,6 +255,7 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
     if m.arch == "dlrm_dcnv2":
         _positive("model.dcn_num_layers", m.dcn_num_layers)
         _positive("model.dcn_low_rank_dim", m.dcn_low_rank_dim)
+    _validate_sharding(cfg, world_size, local_world_size or world_size)
     if s.strategy in ("row_wise", "column_wise") and world_size < 2:
         raise ConfigError(
             f"sharding.strategy={s.strategy} splits tables across ranks and needs "
@@ -253,6 +284,31 @@ def validate(cfg: Config, *, world_size: int = 1) -> None:
             f"topology.world_size={topo.world_size} but this job has {world_size} "
             f"process(es); the trainer plans for the job it runs (drop the override), "
             f"`python -m sharding.plan` plans for clusters you do not have"
+        )
+
+
+def _validate_sharding(cfg: Config, world_size: int, env_local_world_size: int) -> None:
+    s = cfg.sharding
+    names = [t.name for t in resolved_tables(cfg)]
+    for name, pin in s.tables.items():
+        key = f"sharding.tables.{name}"
+        _check(name in names, f"{key}: no such table; tables are {names[0]}..{names[-1]}")
+        if pin.strategy is not None:
+            _one_of(f"{key}.strategy", pin.strategy, STRATEGIES[1:])
+        if pin.compute_kernel is not None:
+            _one_of(f"{key}.compute_kernel", pin.compute_kernel, COMPUTE_KERNELS)
+        for r in pin.ranks or []:
+            _check(0 <= r < world_size, f"{key}.ranks has {r}, outside 0..{world_size - 1}")
+    local = cfg.topology.local_world_size or env_local_world_size
+    used = {s.strategy} | {p.strategy for p in s.tables.values() if p.strategy}
+    for strategy in sorted(used & set(HIERARCHICAL)):
+        _check(
+            local < world_size and world_size % local == 0,
+            f"sharding {strategy} splits tables within a host and across hosts, so it needs "
+            f"several hosts: local world size {local} must divide world size {world_size} "
+            f"and be smaller; on one machine, emulate hosts with e.g. "
+            f"`torchrun --nproc_per_node=4 -m trainer sharding={strategy} "
+            f"topology.local_world_size=2`",
         )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from sharding import destroy_distributed, format_plan, init_distributed, save_plan
-from sharding.dist import world_size_from_env
+from sharding.dist import local_world_size_from_env, world_size_from_env
 from trainer.build import build
 from trainer.config import Config, validate
 from trainer.data import SyntheticCriteo
@@ -50,8 +50,14 @@ def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
 
 def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
     """Runs one training job; returns the summary (also written to ``summary.json``)."""
-    validate(cfg, world_size=world_size_from_env())
-    env = init_distributed(backend=cfg.sharding.backend, device=cfg.sharding.device)
+    validate(
+        cfg, world_size=world_size_from_env(), local_world_size=local_world_size_from_env()
+    )
+    env = init_distributed(
+        backend=cfg.sharding.backend,
+        device=cfg.sharding.device,
+        emulate_local_world_size=cfg.topology.local_world_size,
+    )
     logger = None
     try:
         run_dir = agree_on_run_dir(run_dir)

@@ -1,28 +1,36 @@
 """The hidden click model behind the synthetic data set.
 
 For a sample with dense features ``x`` and, per categorical feature ``f``, a bag
-of frequency ranks ``B_f``::
+of frequency ranks ``B_f`` (one rank when single-hot)::
 
     logit = base_logit
-          + sum_k a_k x_k + sum_k c_k (x_k**2 - 1) / sqrt(2)      # dense effects
-          + sum_f mean_{r in B_f} w_f[r]                           # first order
-          + sum_{(i, j) in pairs} <u_i(B_i), u_j(B_j)>             # interactions
-    u_f(B) = mean_{r in B} v_f[r] - E_r[v_f[r]]
+          + sum_k a_k x_k + sum_k c_k (x_k**2 - 1) / sqrt(2)     # dense effects
+          + sum_f mean_{r in B_f} w_f[r]                          # first order
+          + sum_{(i, j) in pairs} <u_i(B_i), u_j(B_j)>            # interactions
+    u_f(B) = W_f (mean_{r in B} v_f[r] - m_f)
 
-``w_f[r]`` is a scalar and ``v_f[r]`` a ``latent_dim`` vector, both standard
-normals hashed from ``(seed, f, r)`` and shrunk by ``1 / sqrt(1 + r /
-effect_decay_rank)`` so that rare rows, which a trained model sees too seldom to
-learn, carry less signal. Latent vectors are centred on their Zipf-weighted
-mean, which makes every interaction invisible to a model that is linear in
-one-hot ids. Each ``*_scale`` is the standard deviation its term adds to the
-logit (for head rows).
+``w_f[r]`` (a scalar) and ``v_f[r]`` (a ``latent_dim`` vector) are standard
+normals hashed from ``(seed, f, r)`` times ``1 / (1 + r / effect_decay_rank)``:
+the signal sits in the frequent rows, which a model sees often enough to learn,
+and fades in the long tail, as in real click logs.
 
-Parameters are recomputed from hashes on every call: no table is stored, so any
-cardinality works.
+Every term is then standardised under its table's Zipf law, with the draws this
+seed happened to make: ``w_f`` is centred and scaled, ``m_f`` is the
+Zipf-weighted mean of ``v_f`` and ``W_f`` whitens its covariance. So each term
+has mean 0 and, for single-hot features, exactly the configured standard
+deviation (``dense_scale``, ``dense_nonlinear_scale``, ``first_order_scale``,
+``interaction_scale``, each the total over its term's features), whatever the
+seed; the click rate and the oracle AUC stay put when the seed changes.
+Centring also makes the interactions invisible to a model that is linear in
+one-hot ids: no id shifts the mean of an interaction on its own.
+
+Per-row parameters are recomputed from hashes on every call; only a few
+numbers per table are stored, so any cardinality works (the standardising
+statistics of huge tables use their first ``zipf.EXACT_RANKS`` ranks).
 
 Example::
 
-    model = PlantedModel(cfg, ZipfTables(cfg.cardinalities, exponent=1.05, seed=0))
+    model = PlantedModel(cfg, ZipfTables(cfg.cardinalities, exponent=1.2, seed=0))
     logits = model.logits(dense, ranks, mask)   # [size, D], [size, F, H] x2
 """
 
@@ -45,60 +53,75 @@ class PlantedModel:
 
     def __init__(self, cfg: SyntheticDataConfig, tables: ZipfTables) -> None:
         num_features = len(cfg.cardinalities)
-        self._seed = cfg.seed
         self._base_logit = cfg.base_logit
         self._decay_rank = cfg.effect_decay_rank
         self._latent_dim = cfg.latent_dim
+        self._first_order_key = stream_key(cfg.seed, "first_order")
+        self._latent_key = stream_key(cfg.seed, "latent")
         dense_idx = torch.arange(cfg.num_dense)
-        per_term = 1.0 / math.sqrt(max(cfg.num_dense, 1))
-        self._dense_linear = normal(stream_key(cfg.seed, "dense_linear"), dense_idx) * (cfg.dense_scale * per_term)
-        self._dense_square = normal(stream_key(cfg.seed, "dense_square"), dense_idx) * (
-            cfg.dense_nonlinear_scale * per_term
+        self._dense_linear = _unit(normal(stream_key(cfg.seed, "dense_linear"), dense_idx)) * cfg.dense_scale
+        self._dense_square = _unit(normal(stream_key(cfg.seed, "dense_square"), dense_idx)) * (
+            cfg.dense_nonlinear_scale
         )
-        self._first_order_scale = cfg.first_order_scale / math.sqrt(num_features)
-        # Rescale the decay per table so that each term keeps its configured
-        # variance under the table's Zipf law: the signal moves to the head rows.
-        decay_norms = []
-        for f in range(num_features):
-            probs = tables.head_probabilities(f)
-            decay = self._rank_decay(torch.arange(probs.numel()))
-            decay_norms.append(torch.sqrt((probs * decay.square()).sum() / probs.sum()))
-        self._decay_norms = torch.stack(decay_norms)
+
+        first_order_stats = [self._first_order_stats(f, tables.head_probabilities(f)) for f in range(num_features)]
+        self._first_order_means = torch.tensor([mean for mean, _ in first_order_stats])
+        stds = torch.tensor([std for _, std in first_order_stats])
+        # A table whose head row has all the mass has no spread to scale.
+        self._first_order_gains = torch.where(stds > 0, cfg.first_order_scale / math.sqrt(num_features) / stds, 0.0)
+
         self.pairs = select_pairs(cfg, num_features)
-        self._pair_scale = cfg.interaction_scale / math.sqrt(max(len(self.pairs), 1))
         latent_features = sorted({f for pair in self.pairs for f in pair})
         self._latent_features = torch.tensor(latent_features, dtype=torch.int64)
         slot = {f: s for s, f in enumerate(latent_features)}
         self._pair_left = torch.tensor([slot[i] for i, _ in self.pairs], dtype=torch.int64)
         self._pair_right = torch.tensor([slot[j] for _, j in self.pairs], dtype=torch.int64)
-        self._latent_means = torch.stack(
-            [self._latent_mean(f, tables.head_probabilities(f)) for f in latent_features]
-        ) if latent_features else torch.zeros(0, cfg.latent_dim, dtype=torch.float64)
+        means, whiteners = [], []
+        for f in latent_features:
+            mean, whitener = self._latent_stats(f, tables.head_probabilities(f))
+            means.append(mean)
+            whiteners.append(whitener)
+        d = cfg.latent_dim
+        self._latent_means = torch.stack(means) if means else torch.zeros(0, d, dtype=torch.float64)
+        self._whiteners = torch.stack(whiteners) if whiteners else torch.zeros(0, d, d, dtype=torch.float64)
+        # Components of variance 1/sqrt(d) give each <u_i, u_j> unit variance.
+        self._pair_scale = cfg.interaction_scale / math.sqrt(max(len(self.pairs), 1)) / math.sqrt(d)
 
     def _rank_decay(self, ranks: torch.Tensor) -> torch.Tensor:
         if self._decay_rank <= 0:
             return torch.ones_like(ranks, dtype=torch.float64)
         return 1.0 / (1.0 + ranks.to(torch.float64) / self._decay_rank)
 
-    def _shrink(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-        return self._rank_decay(ranks) / self._decay_norms[features]
+    def _raw_first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        return normal(self._first_order_key, features, ranks) * self._rank_decay(ranks)
+
+    def _raw_latent(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        dims = torch.arange(self._latent_dim)
+        vectors = normal(self._latent_key, features.unsqueeze(-1), ranks.unsqueeze(-1), dims)
+        return vectors * self._rank_decay(ranks).unsqueeze(-1)
+
+    def _first_order_stats(self, feature: int, probs: torch.Tensor) -> tuple[float, float]:
+        probs = probs / probs.sum()
+        w = self._raw_first_order(torch.tensor(feature), torch.arange(probs.numel()))
+        mean = float(probs @ w)
+        return mean, float(torch.sqrt(probs @ (w - mean).square()))
+
+    def _latent_stats(self, feature: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = probs / probs.sum()
+        v = self._raw_latent(torch.tensor(feature), torch.arange(probs.numel()))
+        mean = probs @ v
+        centred = v - mean
+        cov = centred.T @ (centred * probs.unsqueeze(1))
+        # Symmetric inverse square root; directions without spread (tables with
+        # fewer rows than latent_dim) are dropped rather than blown up.
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        inv_sqrt = torch.where(eigvals > 1e-9 * eigvals.max().clamp(min=1e-300), eigvals.clamp(min=1e-300).rsqrt(), 0.0)
+        return mean, eigvecs @ torch.diag(inv_sqrt) @ eigvecs.T
 
     def first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """Scalar effects ``w_f[r]``, the broadcast shape of ``features`` and ``ranks``."""
-        key = stream_key(self._seed, "first_order")
-        return normal(key, features, ranks) * self._shrink(features, ranks) * self._first_order_scale
-
-    def latent(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-        """Latent vectors ``v_f[r]``, that broadcast shape plus ``(latent_dim,)``."""
-        key = stream_key(self._seed, "latent")
-        dims = torch.arange(self._latent_dim)
-        # Components of variance 1/sqrt(d) give <v_i, v_j> unit variance.
-        vectors = normal(key, features.unsqueeze(-1), ranks.unsqueeze(-1), dims) * self._latent_dim**-0.25
-        return vectors * self._shrink(features, ranks).unsqueeze(-1)
-
-    def _latent_mean(self, feature: int, probs: torch.Tensor) -> torch.Tensor:
-        # Ranks past the exact head of huge tables are left out: tiny mass each.
-        return probs @ self.latent(torch.tensor(feature), torch.arange(probs.numel()))
+        centred = self._raw_first_order(features, ranks) - self._first_order_means[features]
+        return centred * self._first_order_gains[features]
 
     def logits(self, dense: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """True logits, float64 ``[size]``.
@@ -116,11 +139,18 @@ class PlantedModel:
         logit = logit + (self.first_order(features, ranks) * bag_weights).sum((1, 2))
         if self.pairs:
             lat = self._latent_features
-            vectors = self.latent(lat.view(1, -1, 1), ranks[:, lat])
+            vectors = self._raw_latent(lat.view(1, -1, 1), ranks[:, lat])
             pooled = (vectors * bag_weights[:, lat].unsqueeze(-1)).sum(2) - self._latent_means
-            products = pooled[:, self._pair_left] * pooled[:, self._pair_right]
+            whitened = torch.einsum("lij,blj->bli", self._whiteners, pooled)
+            products = whitened[:, self._pair_left] * whitened[:, self._pair_right]
             logit = logit + products.sum((1, 2)) * self._pair_scale
         return logit
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Scales ``x`` to unit norm, so a term's variance does not depend on the seed."""
+    norm = torch.linalg.vector_norm(x)
+    return x / norm if norm > 0 else x
 
 
 def select_pairs(cfg: SyntheticDataConfig, num_features: int) -> list[tuple[int, int]]:

@@ -67,19 +67,19 @@ class SyntheticDataConfig:
     hotness: list[int] = field(default_factory=lambda: [1])
     # Bag lengths uniform in [1, hotness] instead of exactly hotness.
     variable_hotness: bool = False
-    zipf_exponent: float = 1.05
+    zipf_exponent: float = 1.2
     seed: int = 0
     num_eval_samples: int = 65536
     # Planted model.
     base_logit: float = -2.5
     dense_scale: float = 0.6
     dense_nonlinear_scale: float = 0.4
-    first_order_scale: float = 0.8
+    first_order_scale: float = 0.6
     interaction_scale: float = 1.0
-    num_interactions: int = 12
+    num_interactions: int = 4
     latent_dim: int = 4
-    interaction_max_cardinality: int = 20000
-    effect_decay_rank: float = 1000.0
+    interaction_max_cardinality: int = 5000
+    effect_decay_rank: float = 10.0
 
     @property
     def feature_names(self) -> list[str]:

@@ -1,0 +1,72 @@
+"""Row-wise fake quantization: the values a served int8/int4 table gives back.
+
+torchrec's serving conversion (``quantize_embeddings`` /
+``QuantEmbeddingBagCollection.from_float``) quantizes each fp32 row with
+FBGEMM's ``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`` (for int8 too): one
+fp16 scale and one fp16 bias (the row minimum) per row, codes in
+``[0, 2**bits - 1]``. The serving kernel (``IntNBitTableBatchedEmbeddingBagsCodegen``)
+reads a row back as ``scale * code + bias`` in fp32, which is exactly what
+``FusedNBitRowwiseQuantizedSBHalfToFloat`` returns (the product of an fp16
+scale and a code of at most 8 bits is exact in fp32, so there is one rounding
+either way). Calling FBGEMM's own pair therefore *defines* the forward value:
+no reimplementation to drift from it.
+
+Note: ``FloatToFused8BitRowwiseQuantized`` (fp32 scale and bias) is a different
+format that torchrec's serving path does not use; its rows differ.
+
+Example::
+
+    rows = table[ids]                          # (num_ids, dim) fp32
+    served = fake_quantize_rows(rows, bits=4)  # what the int4 model will look up
+    ste = fake_quantize_ste(weight, bits=4)    # same forward, gradient passes straight
+"""
+
+from __future__ import annotations
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
+from torch import Tensor
+
+# The row-wise formats torchrec serves (DataType.INT8 / INT4 / INT2).
+BITS = (8, 4, 2)
+
+
+def check_bits(bits: int, *, what: str = "bits") -> None:
+    if bits not in BITS:
+        raise ValueError(f"{what}={bits} is not a served row-wise format; use one of {BITS}")
+
+
+def quantize_rows(rows: Tensor, bits: int) -> Tensor:
+    """FBGEMM's fused row-wise format: ``(n, dim * bits / 8 + 4)`` uint8, fp16 scale+bias last."""
+    check_bits(bits)
+    return torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(rows.contiguous(), bits)
+
+
+def dequantize_rows(quantized: Tensor, bits: int) -> Tensor:
+    """The fp32 rows a serving TBE reads back from :func:`quantize_rows`' output."""
+    return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(quantized, bits)
+
+
+@torch.no_grad()
+def fake_quantize_rows(rows: Tensor, bits: int) -> Tensor:
+    """``dequantize(quantize(rows))`` per row, bit for bit as the served model sees it.
+
+    No autograd: callers apply it to the rows of a lookup and keep the gradient
+    straight-through (the fused optimizer updates the fp32 master rows).
+    """
+    if rows.dim() != 2:
+        raise ValueError(f"fake_quantize_rows takes (num_rows, dim), got shape {tuple(rows.shape)}")
+    if rows.shape[0] == 0:
+        return rows.clone()
+    # FBGEMM's CPU and CUDA ops both exist; the round trip stays on rows.device.
+    return dequantize_rows(quantize_rows(rows, bits), bits).to(rows.dtype)
+
+
+def fake_quantize_ste(weight: Tensor, bits: int) -> Tensor:
+    """Forward: exactly ``fake_quantize_rows(weight)``; backward: the identity.
+
+    For a whole (small, unsharded) table, e.g. an unsharded reference of QAT.
+    ``weight - weight.detach()`` is exactly zero, so the forward value is not
+    perturbed by a rounding of ``w + (fq - w)``.
+    """
+    return fake_quantize_rows(weight.detach(), bits) + (weight - weight.detach())

@@ -1,0 +1,234 @@
+"""Quantization-aware training of sharded embedding tables, straight-through.
+
+Applied after DistributedModelParallel has sharded the model. Each sharded
+embedding kernel (torchrec's ``BaseBatchedEmbeddingBag``, wrapping one FBGEMM
+table-batched module that holds several local table shards) gets two hooks:
+
+* before its forward, the rows this batch looks up in a QAT table are saved
+  and overwritten in the TBE weights by :func:`fake_quantize_rows` of
+  themselves, so the lookup returns what the served int8/int4 model returns;
+* right after its forward (before backward), the saved fp32 master rows are
+  written back.
+
+The TBE's weight gradient depends only on the output gradient and the indices,
+not on the weight values, so the fused optimizer (FBGEMM's row-wise Adagrad,
+run inside backward) updates the restored master rows with the gradient taken
+at the quantized point: a straight-through estimator, without quantizing whole
+tables. Quantization is per row, so quantizing only the looked-up rows is exact.
+Eval forwards run the same hooks, so evaluation sees the quantized model.
+
+The kernel receives ids after input distribution: global ids for table-wise
+and data-parallel shards, shard-local ids for row-wise shards, which index the
+local weights directly. For a kernel with two features on tables ``a`` and
+``b`` and a batch of two::
+
+    keys = [f_a, f_b]   values = [3, 7, 1, 4, 5]   offset_per_key = [0, 2, 5]
+    rows fake-quantized this step: a[[3, 7]], b[[1, 4, 5]]
+
+Example::
+
+    built = build(cfg, env)
+    qat = enable_embedding_qat(built.model, bits={"t_cat_0": 4, "t_cat_1": 8})
+    ...                 # train and evaluate as usual
+    qat.remove()
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.distributed.types import ShardingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from compression.fake_quant import check_bits, fake_quantize_rows
+
+# Shards holding a slice of each row's columns: serving's per-row min/max spans
+# columns other ranks hold.
+_COLUMN_SLICED = {
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+    ShardingType.GRID_SHARD.value,
+}
+
+
+class LookupFakeQuant:
+    """Swaps the rows one TBE forward looks up for their fake-quantized values, and back.
+
+    ``weights`` are the TBE's per-table views (``split_embedding_weights()``),
+    ``bits`` the format per local table (None: stays fp32), ``feature_table_map``
+    the local table each of the kernel's features reads.
+    """
+
+    def __init__(
+        self, weights: list[Tensor], bits: list[int | None], feature_table_map: list[int]
+    ) -> None:
+        # .data: same storage, own version counter. FBGEMM saves its weights for
+        # backward; writes through the views it hands out would fail autograd's
+        # in-place check, although backward never reads the values.
+        self._weights = [w.data for w in weights]
+        self._bits = bits
+        self._feature_table_map = feature_table_map
+        self._saved: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    @torch.no_grad()
+    def swap_in(self, values: Tensor, offset_per_key: list[int]) -> None:
+        assert not self._saved, "swap_in twice without restore"
+        ids_per_table: dict[int, list[Tensor]] = defaultdict(list)
+        for feature, table in enumerate(self._feature_table_map):
+            if self._bits[table] is not None:
+                start, end = offset_per_key[feature], offset_per_key[feature + 1]
+                ids_per_table[table].append(values[start:end])
+        for table, chunks in ids_per_table.items():
+            # Repeated ids are kept (no torch.unique, a device sync on CUDA): their
+            # saved and quantized rows are equal, so repeated writes agree.
+            ids = torch.cat(chunks).long()
+            if ids.numel() == 0:
+                continue
+            weight = self._weights[table]
+            master = weight.index_select(0, ids)
+            weight.index_copy_(0, ids, fake_quantize_rows(master, self._bits[table]))
+            self._saved.append((weight, ids, master))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for weight, ids, master in self._saved:
+            weight.index_copy_(0, ids, master)
+        self._saved.clear()
+
+
+@dataclass
+class QATHandle:
+    """What :func:`enable_embedding_qat` did; ``remove()`` undoes it.
+
+    ``bits``: every QAT table (all ranks agree); ``local_tables``: the QAT table
+    shards this rank's kernels hold (a table can appear once per local shard).
+    """
+
+    bits: dict[str, int]
+    local_tables: list[str] = field(default_factory=list)
+    _hooks: list[RemovableHandle] = field(default_factory=list, repr=False)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+def enable_embedding_qat(model: nn.Module, *, bits: int | dict[str, int]) -> QATHandle:
+    """Fake-quantizes looked-up rows of the sharded tables; ``bits`` for all, or per table.
+
+    Tables missing from a ``bits`` dict stay fp32. Call after sharding, on every rank.
+    """
+    sharding_types = _sharding_types(model)
+    bits_by_table = _bits_by_table(bits, sharding_types)
+    column_sliced = sorted(t for t in bits_by_table if sharding_types[t] in _COLUMN_SLICED)
+    if column_sliced:
+        raise NotImplementedError(
+            f"qat with column_wise sharding needs each row's min/max over all its columns, "
+            f"which other ranks hold (tables {column_sliced}); that is a per-forward "
+            f"all-reduce across the table's column shards, not built yet. Shard these "
+            f"tables table_wise or row_wise, or leave them out of the qat bits"
+        )
+    handle = QATHandle(bits=bits_by_table)
+    for kernel in _kernels(model):
+        hooks = _hook_kernel(kernel, bits_by_table)
+        if hooks:
+            handle._hooks += hooks
+            handle.local_tables += [
+                t.name for t in kernel.config.embedding_tables if t.name in bits_by_table
+            ]
+    return handle
+
+
+def _kernels(model: nn.Module) -> list[BaseBatchedEmbeddingBag]:
+    # The lookups sit in a plain list (ShardedEmbeddingBagCollection._lookups), so
+    # model.modules() never reaches the kernels; torchrec walks the same list.
+    # Resharding (update_shards) builds new lookups: enable QAT again after it.
+    return [
+        kernel
+        for sebc in model.modules()
+        if isinstance(sebc, ShardedEmbeddingBagCollection)
+        for lookup in sebc._lookups
+        for kernel in lookup.modules()
+        if isinstance(kernel, BaseBatchedEmbeddingBag)
+    ]
+
+
+def _sharding_types(model: nn.Module) -> dict[str, str]:
+    # From the plan, which every rank holds whole: all ranks agree on what to
+    # quantize and what to refuse, whichever shards they hold locally.
+    types = {
+        table: ps.sharding_type
+        for m in model.modules()
+        if isinstance(m, ShardedEmbeddingBagCollection)
+        for table, ps in m.module_sharding_plan.items()
+    }
+    if not types:
+        raise ValueError(
+            "enable_embedding_qat found no sharded EmbeddingBagCollection; call it on the "
+            "model DistributedModelParallel returns (trainer.build.build's built.model)"
+        )
+    return types
+
+
+def _bits_by_table(bits: int | dict[str, int], sharding_types: dict[str, str]) -> dict[str, int]:
+    if isinstance(bits, int):
+        bits = dict.fromkeys(sharding_types, bits)
+    unknown = sorted(set(bits) - set(sharding_types))
+    if unknown:
+        raise ValueError(
+            f"qat bits name tables the model does not have: {unknown}; "
+            f"tables are {sorted(sharding_types)}"
+        )
+    for table, b in bits.items():
+        check_bits(b, what=f"qat bits[{table!r}]")
+    return dict(bits)
+
+
+def _hook_kernel(kernel: BaseBatchedEmbeddingBag, bits: dict[str, int]) -> list[RemovableHandle]:
+    tables = kernel.config.embedding_tables
+    table_bits = [bits.get(t.name) for t in tables]
+    if all(b is None for b in table_bits):
+        return []
+    _check_kernel(kernel, [t.name for t, b in zip(tables, table_bits) if b is not None])
+    # The kernel's features are its tables' features in order (as torchrec builds
+    # the TBE's own feature_table_map).
+    feature_table_map = [i for i, t in enumerate(tables) for _ in range(t.num_features())]
+    swap = LookupFakeQuant(kernel.split_embedding_weights(), table_bits, feature_table_map)
+
+    def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        features: KeyedJaggedTensor = args[0] if args else kwargs["features"]
+        assert len(features.keys()) == len(feature_table_map), "kernel features changed"
+        swap.swap_in(features.values(), features.offset_per_key())
+
+    def after(*_: Any) -> None:
+        swap.restore()
+
+    return [
+        kernel.register_forward_pre_hook(before, with_kwargs=True),
+        # always_call: a forward that raises must still give the master rows back.
+        kernel.register_forward_hook(after, always_call=True),
+    ]
+
+
+def _check_kernel(kernel: BaseBatchedEmbeddingBag, names: list[str]) -> None:
+    tbe = kernel.emb_module
+    cache = getattr(tbe, "lxu_cache_weights", None)
+    if cache is not None and cache.numel() > 0:
+        raise NotImplementedError(
+            f"qat on tables {names}: their kernel caches rows (UVM caching), and writes to "
+            f"the backing weights would not reach the cache; use sharding.compute_kernel=fused"
+        )
+    dtypes = {w.dtype for w in kernel.split_embedding_weights()}
+    if dtypes != {torch.float32}:
+        raise NotImplementedError(
+            f"qat on tables {names} needs fp32 master rows; the kernel holds "
+            f"{sorted(map(str, dtypes))}"
+        )

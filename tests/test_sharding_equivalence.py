@@ -24,11 +24,11 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from sharding import destroy_distributed, init_distributed
+from sharding import DistEnv, destroy_distributed, init_distributed
+from sharding.planner import sharding_type
 from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
 from trainer.build import build, build_unsharded
-from sharding.planner import sharding_type
 from trainer.config import (
     Config,
     ModelConfig,
@@ -63,7 +63,10 @@ def tiny_config(strategy: str, *, overrides: bool = False) -> Config:
             embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1]
         ),
         data=SyntheticDataConfig(
-            num_dense=4, cardinalities=[40, 100, 7, 64], hotness=[1, 3, 1, 2], seed=3,
+            num_dense=4,
+            cardinalities=[40, 100, 7, 64],
+            hotness=[1, 3, 1, 2],
+            seed=3,
             num_interactions=3,
         ),
         sharding=ShardingConfig(strategy=strategy, device="cpu"),
@@ -75,44 +78,63 @@ def tiny_config(strategy: str, *, overrides: bool = False) -> Config:
     return cfg
 
 
-def _sharded_worker(
-    rank: int, strategy: str, overrides: bool, init_path: str, out_dir: str
-) -> None:
-    cfg = tiny_config(strategy, overrides=overrides)
+CASES_2 = ["table_wise", "row_wise", "column_wise", "data_parallel", "overrides"]
+CASES_4 = ["table_row_wise", "table_column_wise", "grid"]
+
+
+def _case_config(case: str) -> Config:
+    if case == "overrides":
+        return tiny_config("column_wise", overrides=True)
+    return tiny_config(case)
+
+
+def _sharded_worker(rank: int, cases: list[str], out_dir: str) -> None:
+    """Every case in one process group: process start-up dominates these tiny runs."""
     env = init_distributed(device="cpu")
     try:
-        built = build(cfg, env)
-        load_unsharded(built.model, torch.load(init_path))
-        pipeline = TrainPipelineSparseDist(built.model, built.optimizer, env.device)
-        batches = rank_batches(
-            SyntheticCriteo(cfg.data), "train", batch_size=BATCH_SIZE, rank=rank,
-            world_size=env.world_size, num_batches=NUM_STEPS,
-        )
-        losses = []
-        for loss, _logits, _labels in drain(pipeline, batches):
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            losses.append(float(loss) / env.world_size)
-        plan_types = {
-            t: (ps.sharding_type, list(ps.ranks or []))
-            for mp in built.plan.plan.values()
-            for t, ps in mp.items()
-        }
-        replicated = {
-            k: [((0, 0), v.detach().clone())]
-            for k, v in built.model.state_dict().items()
-            if "embedding_bags" in k and isinstance(v, torch.Tensor) and type(v) is torch.Tensor
-        }
-        torch.save(
-            {
-                "losses": losses,
-                "shards": {**replicated, **local_shards(built.model)},
-                "plan": plan_types,
-            },
-            Path(out_dir) / f"rank{rank}.pt",
-        )
+        for case in cases:
+            _train_case(rank, env, case, Path(out_dir))
     finally:
         destroy_distributed()
+
+
+def _train_case(rank: int, env: DistEnv, case: str, out_dir: Path) -> None:
+    cfg = _case_config(case)
+    init_path = out_dir / f"{case}-init.pt"
+    built = build(cfg, env)
+    load_unsharded(built.model, torch.load(init_path))
+    pipeline = TrainPipelineSparseDist(built.model, built.optimizer, env.device)
+    batches = rank_batches(
+        SyntheticCriteo(cfg.data),
+        "train",
+        batch_size=BATCH_SIZE,
+        rank=rank,
+        world_size=env.world_size,
+        num_batches=NUM_STEPS,
+    )
+    losses = []
+    for loss, _logits, _labels in drain(pipeline, batches):
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(float(loss) / env.world_size)
+    plan_types = {
+        t: (ps.sharding_type, list(ps.ranks or []))
+        for mp in built.plan.plan.values()
+        for t, ps in mp.items()
+    }
+    replicated = {
+        k: [((0, 0), v.detach().clone())]
+        for k, v in built.model.state_dict().items()
+        if "embedding_bags" in k and isinstance(v, torch.Tensor) and type(v) is torch.Tensor
+    }
+    torch.save(
+        {
+            "losses": losses,
+            "shards": {**replicated, **local_shards(built.model)},
+            "plan": plan_types,
+        },
+        out_dir / f"{case}-rank{rank}.pt",
+    )
 
 
 def _reference(
@@ -149,21 +171,36 @@ def _reference(
     return losses, {k: v for k, v in model.state_dict().items() if "embedding_bags" in k}
 
 
-def _check_equivalence(
-    tmp_path: Path, strategy: str, *, world_size: int, local_world_size: int,
-    overrides: bool = False,
-) -> dict[str, tuple[str, list[int]]]:
-    cfg = tiny_config(strategy, overrides=overrides)
-    torch.manual_seed(0)
-    init = build_unsharded(cfg, device=torch.device("cpu")).state_dict()
-    init_path = tmp_path / "init.pt"
-    torch.save(init, init_path)
-
+def _run_cases(out_dir: Path, cases: list[str], *, world_size: int, local_world_size: int) -> Path:
+    for case in cases:
+        torch.manual_seed(0)
+        init = build_unsharded(_case_config(case), device=torch.device("cpu")).state_dict()
+        torch.save(init, out_dir / f"{case}-init.pt")
     run_ranks(
-        _sharded_worker, strategy, overrides, str(init_path), str(tmp_path),
-        world_size=world_size, local_world_size=local_world_size,
+        _sharded_worker,
+        cases,
+        str(out_dir),
+        world_size=world_size,
+        local_world_size=local_world_size,
     )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    return _run_cases(tmp_path_factory.mktemp("eq2"), CASES_2, world_size=2, local_world_size=2)
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory) -> Path:
+    """4 ranks as 2 hosts x 2 processes (LOCAL_WORLD_SIZE=2)."""
+    return _run_cases(tmp_path_factory.mktemp("eq4"), CASES_4, world_size=4, local_world_size=2)
+
+
+def _check_equivalence(out_dir: Path, case: str, *, world_size: int) -> dict:
+    cfg = _case_config(case)
+    init = torch.load(out_dir / f"{case}-init.pt")
+    ranks = [torch.load(out_dir / f"{case}-rank{r}.pt") for r in range(world_size)]
     plan = ranks[0]["plan"]
     ref_losses, ref_tables = _reference(cfg, init, world_size, plan)
 
@@ -181,27 +218,22 @@ def _check_equivalence(
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(
-    "strategy", ["table_wise", "row_wise", "column_wise", "data_parallel"]
-)
-def test_sharded_matches_unsharded(strategy: str, tmp_path: Path) -> None:
-    plan = _check_equivalence(tmp_path, strategy, world_size=2, local_world_size=2)
+@pytest.mark.parametrize("strategy", CASES_2[:-1])
+def test_sharded_matches_unsharded(strategy: str, two_ranks: Path) -> None:
+    plan = _check_equivalence(two_ranks, strategy, world_size=2)
     assert {t for t, _ in plan.values()} == {strategy}
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy", ["table_row_wise", "table_column_wise", "grid"])
-def test_hierarchical_on_two_hosts_matches_unsharded(strategy: str, tmp_path: Path) -> None:
-    """4 ranks as 2 hosts x 2 processes (LOCAL_WORLD_SIZE=2)."""
-    plan = _check_equivalence(tmp_path, strategy, world_size=4, local_world_size=2)
+@pytest.mark.parametrize("strategy", CASES_4)
+def test_hierarchical_on_two_hosts_matches_unsharded(strategy: str, two_hosts: Path) -> None:
+    plan = _check_equivalence(two_hosts, strategy, world_size=4)
     assert {t for t, _ in plan.values()} == {sharding_type(strategy)}
 
 
 @pytest.mark.dist
-def test_per_table_overrides_match_unsharded(tmp_path: Path) -> None:
-    plan = _check_equivalence(
-        tmp_path, "column_wise", world_size=2, local_world_size=2, overrides=True
-    )
+def test_per_table_overrides_match_unsharded(two_ranks: Path) -> None:
+    plan = _check_equivalence(two_ranks, "overrides", world_size=2)
     assert plan["t_cat_0"] == ("table_wise", [1])
     assert plan["t_cat_1"][0] == "row_wise"
     assert plan["t_cat_2"][0] == "data_parallel"

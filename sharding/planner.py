@@ -27,6 +27,7 @@ from torchrec.distributed.planner.storage_reservations import (
     FixedPercentageStorageReservation,
 )
 from torchrec.distributed.planner.types import (
+    CacheParams,
     HardwareConfig,
     KernelConfig,
     Stats,
@@ -134,6 +135,7 @@ def _constraints(
     table_names: list[str],
     pooling_factors: dict[str, list[float]],
     overrides: dict[str, TableOverride],
+    cache_load_factor: float,
 ) -> dict[str, ParameterConstraints]:
     constraints = {}
     for name in table_names:
@@ -141,7 +143,9 @@ def _constraints(
         sharding_types, kernels = _kernels_for(
             pin.strategy or strategy, pin.compute_kernel or compute_kernel
         )
-        extra = {"pooling_factors": pooling_factors[name]} if name in pooling_factors else {}
+        extra: dict = {"pooling_factors": pooling_factors[name]} if name in pooling_factors else {}
+        if "fused_uvm_caching" in kernels:
+            extra["cache_params"] = CacheParams(load_factor=cache_load_factor)
         constraints[name] = ParameterConstraints(
             sharding_types=sharding_types, compute_kernels=kernels, **extra
         )
@@ -220,6 +224,7 @@ def plan_sharding(
     storage_reservation_percentage: float = 0.15,
     pooling_factors: dict[str, list[float]] | None = None,
     overrides: dict[str, TableOverride] | None = None,
+    cache_load_factor: float = 0.2,
     stats: list[Stats] | None = None,
 ) -> ShardingPlan:
     """Plans on rank 0 and broadcasts, so every rank applies the same plan.
@@ -237,7 +242,12 @@ def plan_sharding(
         topology=topology,
         batch_size=batch_size,
         constraints=_constraints(
-            strategy, compute_kernel, table_names, pooling_factors or {}, overrides or {}
+            strategy,
+            compute_kernel,
+            table_names,
+            pooling_factors or {},
+            overrides or {},
+            cache_load_factor,
         ),
         storage_reservation=FixedPercentageStorageReservation(storage_reservation_percentage),
         stats=stats,

@@ -22,7 +22,11 @@ def free_port() -> int:
 
 
 def _entry(
-    rank: int, fn: Callable[..., None], world_size: int, local_world_size: int, port: int,
+    rank: int,
+    fn: Callable[..., None],
+    world_size: int,
+    local_world_size: int,
+    port: int,
     args: tuple[Any, ...],
 ) -> None:
     os.environ.update(

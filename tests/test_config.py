@@ -11,7 +11,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from tests.conftest import CONF_DIR, REPO
-from trainer.config import Config, ConfigError, TableConfig, to_config, validate
+from trainer.config import (
+    Config,
+    ConfigError,
+    TableConfig,
+    to_config,
+    validate,
+    validate_for_device,
+)
 
 GROUPS = ["model", "data", "sharding", "topology", "optim", "trainer", "logger"]
 
@@ -20,9 +27,7 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize(
-    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)]
-)
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes_and_validates(compose_cfg, override: str) -> None:
     cfg = to_config(compose_cfg([override]))
     assert isinstance(cfg, Config)
@@ -68,7 +73,11 @@ def _cfg(compose_cfg, *overrides: str) -> Config:
         (["model.arch=transformer"], 1, ["model.arch", "dlrm_dcnv2"]),
         (["data.cardinalities=[10,0]"], 1, ["data.cardinalities[1]"]),
         (["sharding=table_row_wise"], 4, ["local world size 4", "topology.local_world_size=2"]),
-        (["+sharding.tables={t_nope:{strategy:row_wise}}"], 2, ["sharding.tables.t_nope", "no such"]),
+        (
+            ["+sharding.tables={t_nope:{strategy:row_wise}}"],
+            2,
+            ["sharding.tables.t_nope", "no such"],
+        ),
         (["+sharding.tables={t_cat_0:{strategy:diagonal}}"], 2, ["t_cat_0.strategy", "grid"]),
         (["+sharding.tables={t_cat_0:{ranks:[5]}}"], 2, ["outside 0..1"]),
     ],
@@ -103,9 +112,11 @@ def test_explicit_tables_are_checked(compose_cfg) -> None:
 
 def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "model.embedding_dim=32",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "trainer", "model.embedding_dim=32", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "config error" in proc.stderr
@@ -116,8 +127,19 @@ def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path) -> None:
 def test_mistyped_key_on_the_command_line_names_it(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "trainer", "trainer.num_stepz=5", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "num_stepz" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_uvm_caching_on_cpu_is_a_clear_error(compose_cfg) -> None:
+    cfg = _cfg(compose_cfg, "sharding.compute_kernel=fused_uvm_caching")
+    validate(cfg)  # fine until the device is known
+    with pytest.raises(ConfigError, match="needs CUDA.*compute_kernel=fused"):
+        validate_for_device(cfg, "cpu")
+    validate_for_device(cfg, "cuda")

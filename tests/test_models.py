@@ -14,16 +14,22 @@ from trainer.models import build_model
 def test_forward_backward_tiny(arch: str) -> None:
     torch.manual_seed(0)
     data = SyntheticCriteo(
-        SyntheticDataConfig(num_dense=3, cardinalities=[10, 20, 5], hotness=[1, 2, 1],
-                            num_interactions=2)
+        SyntheticDataConfig(
+            num_dense=3, cardinalities=[10, 20, 5], hotness=[1, 2, 1], num_interactions=2
+        )
     )
     tables = [
         TableConfig(name=f"t_{f}", num_embeddings=rows, embedding_dim=4, feature_names=[f])
         for f, rows in zip(data.feature_names, data.cardinalities)
     ]
     model = build_model(
-        arch=arch, tables=tables, num_dense=3, dense_arch_layer_sizes=[8, 4],
-        over_arch_layer_sizes=[8, 1], dcn_num_layers=2, dcn_low_rank_dim=4,
+        arch=arch,
+        tables=tables,
+        num_dense=3,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
+        dcn_num_layers=2,
+        dcn_low_rank_dim=4,
         device=torch.device("cpu"),
     )
     batch = data.batch("train", 0, 6)
@@ -45,8 +51,13 @@ def test_forward_backward_tiny(arch: str) -> None:
 def test_dcnv2_has_cross_layers() -> None:
     tables = [TableConfig(name="t", num_embeddings=5, embedding_dim=4, feature_names=["cat_0"])]
     model = build_model(
-        arch="dlrm_dcnv2", tables=tables, num_dense=2, dense_arch_layer_sizes=[4],
-        over_arch_layer_sizes=[4, 1], dcn_num_layers=3, dcn_low_rank_dim=2,
+        arch="dlrm_dcnv2",
+        tables=tables,
+        num_dense=2,
+        dense_arch_layer_sizes=[4],
+        over_arch_layer_sizes=[4, 1],
+        dcn_num_layers=3,
+        dcn_low_rank_dim=2,
         device=torch.device("meta"),
     )
     names = [n for n, _ in model.named_parameters()]

@@ -19,8 +19,16 @@ TINY = [
     "data.num_eval_samples=2048",
     "trainer.eval_batch_size=512",
 ]
-SUMMARY_KEYS = {"auc", "oracle_auc", "logloss", "ne", "calibration", "samples_per_sec",
-                "steps", "world_size"}
+SUMMARY_KEYS = {
+    "auc",
+    "oracle_auc",
+    "logloss",
+    "ne",
+    "calibration",
+    "samples_per_sec",
+    "steps",
+    "world_size",
+}
 
 
 def _check_outputs(run_dir: Path, *, world_size: int, strategy: str) -> dict:
@@ -45,7 +53,10 @@ def _check_outputs(run_dir: Path, *, world_size: int, strategy: str) -> dict:
 def test_python_m_trainer_single_process(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "trainer", *TINY, f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "oracle_auc" in proc.stdout
@@ -57,9 +68,21 @@ def test_python_m_trainer_single_process(tmp_path: Path) -> None:
 def test_torchrun_two_ranks_shards_the_tables(tmp_path: Path, strategy: str) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "trainer", f"sharding={strategy}", *TINY, f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=400,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "trainer",
+            f"sharding={strategy}",
+            *TINY,
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = _check_outputs(tmp_path, world_size=2, strategy=strategy)

@@ -16,9 +16,16 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 
 from sharding import DistEnv, embedding_sharders, make_topology, plan_sharding, shard_model
+from sharding.codecs import comm_codecs
 from sharding.dmp import combined_optimizer, fuse_embedding_optimizer
 from sharding.planner import TableOverride, pin_ranks
-from trainer.config import Config, TableConfig, pooling_factors, resolved_tables
+from trainer.config import (
+    Config,
+    TableConfig,
+    pooling_factors,
+    resolved_tables,
+    validate_for_device,
+)
 from trainer.models import build_model
 
 
@@ -58,6 +65,7 @@ def table_overrides(cfg: Config) -> dict[str, TableOverride]:
 
 def build(cfg: Config, env: DistEnv) -> Built:
     """Meta model -> fused table optimizer -> plan -> DMP -> combined optimizer."""
+    validate_for_device(cfg, env.device.type)
     tables = resolved_tables(cfg)
     model = build_unsharded(cfg, device=torch.device("meta"))
     fuse_embedding_optimizer(
@@ -65,7 +73,14 @@ def build(cfg: Config, env: DistEnv) -> Built:
         lr=cfg.optim.embedding_lr,
         eps=cfg.optim.embedding_eps,
     )
-    sharders = embedding_sharders()
+    sharders = embedding_sharders(
+        qcomm_codecs_registry=comm_codecs(
+            forward=cfg.sharding.comm_forward,
+            backward=cfg.sharding.comm_backward,
+            world_size=env.world_size,
+            device=env.device,
+        )
+    )
     overrides = table_overrides(cfg)
     topo = cfg.topology
     topology = make_topology(
@@ -89,6 +104,7 @@ def build(cfg: Config, env: DistEnv) -> Built:
         storage_reservation_percentage=topo.storage_reservation_percentage,
         pooling_factors=pooling_factors(cfg),
         overrides=overrides,
+        cache_load_factor=cfg.sharding.cache_load_factor,
     )
     plan = pin_ranks(
         plan,

@@ -36,7 +36,8 @@ STRATEGIES = (
     "data_parallel",
 )
 HIERARCHICAL = ("table_row_wise", "table_column_wise", "grid")
-COMPUTE_KERNELS = ("fused", "dense")
+COMPUTE_KERNELS = ("fused", "dense", "fused_uvm_caching")
+COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 PIPELINES = ("sparse_dist", "base")
 
@@ -105,6 +106,11 @@ class ShardingConfig:
     backend: str | None = None
     # auto: CUDA when available, else CPU.
     device: str = "auto"
+    # Precision on the wire for the embedding all-to-alls: fp32 | fp16 | bf16.
+    comm_forward: str = "fp32"
+    comm_backward: str = "fp32"
+    # UVM-caching kernel only (CUDA): share of each table's rows cached in HBM.
+    cache_load_factor: float = 0.2
     # Per-table overrides, by table name: {t_cat_3: {strategy: row_wise}}.
     tables: dict[str, TableShardingConfig] = field(default_factory=dict)
 
@@ -209,6 +215,19 @@ def _positive(key: str, value: float) -> None:
     _check(value > 0, f"{key}={value} must be positive")
 
 
+def validate_for_device(cfg: Config, device_type: str) -> None:
+    """What depends on the device this rank got (known only after start-up)."""
+    kernels = {cfg.sharding.compute_kernel} | {
+        p.compute_kernel for p in cfg.sharding.tables.values() if p.compute_kernel
+    }
+    if "fused_uvm_caching" in kernels and device_type != "cuda":
+        raise ConfigError(
+            "sharding.compute_kernel=fused_uvm_caching keeps tables in host memory with an "
+            f"HBM cache, which needs CUDA; this run is on {device_type}. Use "
+            "sharding.compute_kernel=fused (tables in host memory already on CPU)"
+        )
+
+
 def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None = None) -> None:
     """Checks cross-field constraints; raises ConfigError naming the key and the fix."""
     m, d, s, o, t = cfg.model, cfg.data, cfg.sharding, cfg.optim, cfg.trainer
@@ -217,6 +236,12 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
     _one_of("sharding.strategy", s.strategy, STRATEGIES)
     _one_of("sharding.compute_kernel", s.compute_kernel, COMPUTE_KERNELS)
     _one_of("sharding.device", s.device, ("auto", "cpu", "cuda"))
+    _one_of("sharding.comm_forward", s.comm_forward, COMM_PRECISIONS)
+    _one_of("sharding.comm_backward", s.comm_backward, COMM_PRECISIONS)
+    _check(
+        0 < s.cache_load_factor <= 1,
+        f"sharding.cache_load_factor={s.cache_load_factor} must be in (0, 1]",
+    )
     _one_of("optim.dense_optimizer", o.dense_optimizer, DENSE_OPTIMIZERS)
     _one_of("trainer.pipeline", t.pipeline, PIPELINES)
     for key, value in [

@@ -156,21 +156,28 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def select_pairs(cfg: SyntheticDataConfig, num_features: int) -> list[tuple[int, int]]:
     """The ``num_interactions`` feature pairs that interact, fixed by the seed.
 
-    Only features with at most ``interaction_max_cardinality`` rows take part:
-    interactions between two huge, mostly rare tables could not be learned
-    from a few million samples.
+    A pair's features both have at most ``interaction_max_cardinality`` rows
+    and one of them at most ``interaction_small_cardinality``. DLRM-style dot
+    products learn an interaction from a saddle at zero, and torchrec
+    initialises a table of ``n`` rows at scale ``1 / sqrt(n)``: two large
+    tables start so close to the saddle that a few million samples are often
+    not enough to leave it, while a small table's larger rows pull the other
+    side along quickly.
     """
-    eligible = [
-        f
-        for f in range(num_features)
-        if cfg.interaction_max_cardinality <= 0 or cfg.cardinalities[f] <= cfg.interaction_max_cardinality
+    cards = cfg.cardinalities
+    candidates = [
+        (i, j)
+        for i in range(num_features)
+        for j in range(i + 1, num_features)
+        if max(cards[i], cards[j]) <= cfg.interaction_max_cardinality
+        and min(cards[i], cards[j]) <= cfg.interaction_small_cardinality
     ]
-    candidates = [(i, j) for i in eligible for j in eligible if i < j]
     if cfg.num_interactions > len(candidates):
         raise ValueError(
-            f"data.num_interactions={cfg.num_interactions} but only {len(candidates)} pairs of "
-            f"features have at most data.interaction_max_cardinality={cfg.interaction_max_cardinality} "
-            "rows; lower num_interactions or raise interaction_max_cardinality"
+            f"data.num_interactions={cfg.num_interactions} but only {len(candidates)} pairs of features "
+            f"have at most data.interaction_max_cardinality={cfg.interaction_max_cardinality} rows with one "
+            f"of them at most data.interaction_small_cardinality={cfg.interaction_small_cardinality}; "
+            "lower num_interactions or raise those limits"
         )
     key = stream_key(cfg.seed, "pairs")
     order = [int(hash_counters(key, i, j)) for i, j in candidates]

@@ -70,15 +70,21 @@ class SyntheticDataConfig:
     zipf_exponent: float = 1.2
     seed: int = 0
     num_eval_samples: int = 65536
-    # Planted model.
+    # Planted model: each scale is the standard deviation its term adds to the
+    # logit (single-hot); see trainer.data.planted.
     base_logit: float = -2.5
-    dense_scale: float = 0.6
+    dense_scale: float = 0.7
     dense_nonlinear_scale: float = 0.4
-    first_order_scale: float = 0.6
+    first_order_scale: float = 0.3
     interaction_scale: float = 1.0
     num_interactions: int = 4
-    latent_dim: int = 4
-    interaction_max_cardinality: int = 5000
+    latent_dim: int = 3
+    # Both features of an interacting pair have at most this many rows ...
+    interaction_max_cardinality: int = 20000
+    # ... and one of them at most this many (see planted.select_pairs).
+    interaction_small_cardinality: int = 100
+    # Effects of the row with frequency rank r shrink as 1 / (1 + r / this);
+    # <= 0 keeps the tail as strong as the head.
     effect_decay_rank: float = 10.0
 
     @property

@@ -88,3 +88,28 @@ def test_torchrun_two_ranks_shards_the_tables(tmp_path: Path, strategy: str) -> 
     plan = _check_outputs(tmp_path, world_size=2, strategy=strategy)
     shards = plan["plan"]["model.sparse_arch.embedding_bag_collection"]["t_cat_0"]["shards"]
     assert sorted(s["rank"] for s in shards) == [0, 1]
+
+
+@pytest.mark.dist
+def test_two_torchrun_nodes_train_table_row_wise(tmp_path: Path) -> None:
+    """Two torchrun "hosts" on one machine (2 x 2 processes), static rendezvous."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    port = free_port()
+
+    def node(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(torchrun), "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=2",
+             "--master_addr=127.0.0.1", f"--master_port={port}",
+             "-m", "trainer", "sharding=table_row_wise", *TINY, f"hydra.run.dir={tmp_path}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=500) for p in nodes]
+    for p, (_out, err) in zip(nodes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    plan = _check_outputs(tmp_path, world_size=4, strategy="table_row_wise")
+    tables = plan["plan"]["model.sparse_arch.embedding_bag_collection"]
+    # Table-row-wise keeps each table on one host: its shards span that host's 2 ranks.
+    hosts = {tuple(sorted({s["rank"] // 2 for s in t["shards"]})) for t in tables.values()}
+    assert hosts <= {(0,), (1,)} and len(hosts) == 2

@@ -12,7 +12,7 @@ kernels that hold each rank's table shards::
 This package never imports ``trainer``.
 """
 
-from compression.fake_quant import BITS, fake_quantize_rows
+from compression.fake_quant import BITS, SERVING_DTYPES, fake_quantize_rows
 from compression.qat import QATHandle, enable_embedding_qat
 
-__all__ = ["BITS", "QATHandle", "enable_embedding_qat", "fake_quantize_rows"]
+__all__ = ["BITS", "SERVING_DTYPES", "QATHandle", "enable_embedding_qat", "fake_quantize_rows"]

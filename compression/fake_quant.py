@@ -27,8 +27,11 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from torch import Tensor
 
-# The row-wise formats torchrec serves (DataType.INT8 / INT4 / INT2).
-BITS = (8, 4, 2)
+# The row-wise formats torchrec serves (DataType.INT8 / INT4 / INT2), and the
+# dtype that asks torchrec's quantize_embeddings / quantize_inference_model for each
+# (``per_table_weight_dtype``), so the export quantizes what QAT trained against.
+SERVING_DTYPES = {8: torch.qint8, 4: torch.quint4x2, 2: torch.quint2x4}
+BITS = tuple(SERVING_DTYPES)
 
 
 def check_bits(bits: int, *, what: str = "bits") -> None:

@@ -12,10 +12,16 @@ table-batched module that holds several local table shards) gets two hooks:
 
 The TBE's weight gradient depends only on the output gradient and the indices,
 not on the weight values, so the fused optimizer (FBGEMM's row-wise Adagrad,
-run inside backward) updates the restored master rows with the gradient taken
-at the quantized point: a straight-through estimator, without quantizing whole
+run inside backward; for data-parallel tables, autograd and the dense
+optimizer) updates the restored master rows with the gradient taken at the
+quantized point: a straight-through estimator, without quantizing whole
 tables. Quantization is per row, so quantizing only the looked-up rows is exact.
 Eval forwards run the same hooks, so evaluation sees the quantized model.
+(With weighted features, the gradient of the per-id weights would be taken at
+the master rows; the models here have none.)
+
+Column-wise (and table-column-wise, grid) shards are refused: serving takes
+each row's min/max over all its columns, which other ranks hold.
 
 The kernel receives ids after input distribution: global ids for table-wise
 and data-parallel shards, shard-local ids for row-wise shards, which index the
@@ -40,6 +46,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    DenseTableBatchedEmbeddingBagsCodegen,
+    SplitTableBatchedEmbeddingBagsCodegen,
+)
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
@@ -56,6 +66,10 @@ _COLUMN_SLICED = {
     ShardingType.TABLE_COLUMN_WISE.value,
     ShardingType.GRID_SHARD.value,
 }
+
+
+# FBGEMM's training TBEs: fused (optimizer in backward) and dense (autograd grads).
+_TBES = (SplitTableBatchedEmbeddingBagsCodegen, DenseTableBatchedEmbeddingBagsCodegen)
 
 
 class LookupFakeQuant:
@@ -220,6 +234,11 @@ def _hook_kernel(kernel: BaseBatchedEmbeddingBag, bits: dict[str, int]) -> list[
 
 def _check_kernel(kernel: BaseBatchedEmbeddingBag, names: list[str]) -> None:
     tbe = kernel.emb_module
+    if not isinstance(tbe, _TBES):
+        raise NotImplementedError(
+            f"qat on tables {names}: kernel {type(kernel).__name__} ({type(tbe).__name__}) "
+            f"does not hold plain per-table weights; use sharding.compute_kernel=fused or dense"
+        )
     cache = getattr(tbe, "lxu_cache_weights", None)
     if cache is not None and cache.numel() > 0:
         raise NotImplementedError(
@@ -229,6 +248,7 @@ def _check_kernel(kernel: BaseBatchedEmbeddingBag, names: list[str]) -> None:
     dtypes = {w.dtype for w in kernel.split_embedding_weights()}
     if dtypes != {torch.float32}:
         raise NotImplementedError(
-            f"qat on tables {names} needs fp32 master rows; the kernel holds "
-            f"{sorted(map(str, dtypes))}"
+            f"qat on tables {names} needs fp32 tables, the kernel holds "
+            f"{sorted(map(str, dtypes))}: 16-bit tables would round the fake-quantized "
+            f"rows again, so training would not see the served values; keep tables fp32"
         )

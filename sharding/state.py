@@ -26,7 +26,9 @@ def _pieces(value: Any) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     if isinstance(value, ShardedTensor):
         return [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
     if hasattr(value, "to_local") and hasattr(value, "device_mesh"):  # DTensor
-        raise NotImplementedError("DTensor state is not handled yet; torchrec 1.8 uses ShardedTensor")
+        raise NotImplementedError(
+            "DTensor state is not handled yet; torchrec 1.8 uses ShardedTensor"
+        )
     return [((0,) * value.dim(), value)]
 
 
@@ -63,3 +65,14 @@ def assemble(
             index = tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))
             full[index] = tensor.to(dtype)
     return full
+
+
+def local_table_bytes(model: nn.Module) -> int:
+    """Bytes of embedding-table weights this rank holds (shards and replicas)."""
+    total = 0
+    for key, value in model.state_dict().items():
+        if "embedding_bags" not in key or not key.endswith(".weight"):
+            continue
+        for _, tensor in _pieces(value):
+            total += tensor.numel() * tensor.element_size()
+    return total

@@ -20,7 +20,7 @@ from trainer.config import (
     validate_for_device,
 )
 
-GROUPS = ["model", "data", "sharding", "topology", "optim", "trainer", "logger"]
+GROUPS = ["model", "data", "sharding", "topology", "precision", "qat", "optim", "trainer", "logger"]
 
 
 def _options(group: str) -> list[str]:
@@ -80,6 +80,10 @@ def _cfg(compose_cfg, *overrides: str) -> Config:
         ),
         (["+sharding.tables={t_cat_0:{strategy:diagonal}}"], 2, ["t_cat_0.strategy", "grid"]),
         (["+sharding.tables={t_cat_0:{ranks:[5]}}"], 2, ["outside 0..1"]),
+        (["qat=int8", "sharding=column_wise"], 2, ["t_cat_0", "whole rows", "row_wise"]),
+        (["qat=int4", "precision=bf16"], 1, ["precision=fp32"]),
+        (["qat.bits=3"], 1, ["qat.bits=3", "8 or 4"]),
+        (["+qat.table_bits={t_nope:8}"], 1, ["qat.table_bits.t_nope"]),
     ],
 )
 def test_cross_field_errors_name_the_key(

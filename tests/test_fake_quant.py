@@ -29,11 +29,10 @@ from torchrec.quant.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression.fake_quant import fake_quantize_rows, fake_quantize_ste
+from compression.fake_quant import SERVING_DTYPES, fake_quantize_rows, fake_quantize_ste
 from compression.qat import LookupFakeQuant
 
 DIM = 8
-SERVED_DTYPES = {8: torch.qint8, 4: torch.quint4x2, 2: torch.quint2x4}
 
 
 def _rows() -> torch.Tensor:
@@ -103,7 +102,7 @@ def test_matches_torchrec_serving_conversion(bits: int) -> None:
         ebc.embedding_bags["t"].weight.copy_(weight)
     ebc.qconfig = QuantConfig(
         activation=PlaceholderObserver.with_args(dtype=torch.float),
-        weight=PlaceholderObserver.with_args(dtype=SERVED_DTYPES[bits]),
+        weight=PlaceholderObserver.with_args(dtype=SERVING_DTYPES[bits]),
     )
     served = QuantEmbeddingBagCollection.from_float(ebc)
     fq = fake_quantize_rows(weight, bits)

@@ -57,14 +57,13 @@ POOLED_ATOL = 1e-6
 LOSS_ATOL = 1e-6
 ROW_ATOL = 5e-5
 # QAT must move the step-0 pooled embeddings by about a quantization step;
-# measured: 1.1e-3 with int8 everywhere, 9.8e-3 with the int4/int8 mix.
+# measured: 1.1e-3 with int8 everywhere, 9.8e-3 with the int4/int8 mix, 1.8e-2 int4.
 MIN_QAT_SHIFT = 1e-4
 # t_cat_2 stays fp32: tables missing from the dict are left alone.
 MIXED_BITS = {"t_cat_0": 4, "t_cat_1": 8, "t_cat_3": 4}
 # (id, strategy, bits): all run in one pair of processes (starting one costs ~10 s).
 CASES = [
     ("table_wise-int8", "table_wise", 8),
-    ("row_wise-int8", "row_wise", 8),
     ("row_wise-int4-int8-fp32", "row_wise", MIXED_BITS),
     ("data_parallel-int4", "data_parallel", 4),  # the dense kernel, DDP-wrapped lookups
 ]

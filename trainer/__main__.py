@@ -32,11 +32,18 @@ def quiet_libraries() -> None:
     for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # FBGEMM logs each kernel's full argument list through the root logger.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_fbgemm_info)
+
+
+def _not_fbgemm_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
 
 
 def format_summary(summary: dict) -> str:
     keys = ["auc", "oracle_auc", "logloss", "ne", "calibration", "samples_per_sec",
-            "steps", "world_size", "strategy"]
+            "steps", "world_size", "strategy", "precision", "embedding_bytes"]
     width = max(len(k) for k in keys)
     lines = []
     for key in keys:

@@ -13,16 +13,21 @@ from dataclasses import dataclass
 import torch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import DataType
 from torchrec.optim.keyed import CombinedOptimizer
 
 from sharding import DistEnv, embedding_sharders, make_topology, plan_sharding, shard_model
 from sharding.codecs import comm_codecs
 from sharding.dmp import combined_optimizer, fuse_embedding_optimizer
 from sharding.planner import TableOverride, pin_ranks
+from compression.precision import Precision, resolve_precision
+from compression.qat import QATHandle, enable_embedding_qat
 from trainer.config import (
     Config,
+    ConfigError,
     TableConfig,
     pooling_factors,
+    qat_bits,
     resolved_tables,
     validate_for_device,
 )
@@ -35,9 +40,13 @@ class Built:
     optimizer: CombinedOptimizer
     plan: ShardingPlan
     tables: list[TableConfig]
+    precision: Precision
+    qat: QATHandle | None = None
 
 
-def build_unsharded(cfg: Config, *, device: torch.device) -> torch.nn.Module:
+def build_unsharded(
+    cfg: Config, *, device: torch.device, precision: Precision | None = None
+) -> torch.nn.Module:
     """The model as configured, on ``device`` (``meta`` before sharding)."""
     m = cfg.model
     return build_model(
@@ -49,6 +58,7 @@ def build_unsharded(cfg: Config, *, device: torch.device) -> torch.nn.Module:
         dcn_num_layers=m.dcn_num_layers,
         dcn_low_rank_dim=m.dcn_low_rank_dim,
         device=device,
+        table_data_type=precision.table_data_type if precision else DataType.FP32,
     )
 
 
@@ -66,14 +76,19 @@ def table_overrides(cfg: Config) -> dict[str, TableOverride]:
 def build(cfg: Config, env: DistEnv) -> Built:
     """Meta model -> fused table optimizer -> plan -> DMP -> combined optimizer."""
     validate_for_device(cfg, env.device.type)
+    try:
+        precision = resolve_precision(cfg.precision.name, device_type=env.device.type)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     tables = resolved_tables(cfg)
-    model = build_unsharded(cfg, device=torch.device("meta"))
+    model = build_unsharded(cfg, device=torch.device("meta"), precision=precision)
     fuse_embedding_optimizer(
         model.model.sparse_arch.parameters(),
         lr=cfg.optim.embedding_lr,
         eps=cfg.optim.embedding_eps,
     )
     sharders = embedding_sharders(
+        fused_params=precision.fused_params or None,
         qcomm_codecs_registry=comm_codecs(
             forward=cfg.sharding.comm_forward,
             backward=cfg.sharding.comm_backward,
@@ -118,10 +133,15 @@ def build(cfg: Config, env: DistEnv) -> Built:
         device_type=env.device.type,
     )
     dmp = shard_model(model, plan=plan, env=env, sharders=sharders)
+    # QAT hooks the sharded kernels, so it is the one converter applied after sharding.
+    bits = qat_bits(cfg)
+    qat = enable_embedding_qat(dmp, bits=bits) if bits else None
     optimizer = combined_optimizer(
         dmp,
         dense_optimizer=cfg.optim.dense_optimizer,
         dense_lr=cfg.optim.dense_lr,
         dense_weight_decay=cfg.optim.dense_weight_decay,
     )
-    return Built(model=dmp, optimizer=optimizer, plan=plan, tables=tables)
+    return Built(
+        model=dmp, optimizer=optimizer, plan=plan, tables=tables, precision=precision, qat=qat
+    )

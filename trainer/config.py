@@ -116,6 +116,20 @@ class ShardingConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    # fp32 | bf16 | fp16: dense autocast dtype and table storage (compression/precision.py).
+    name: str = "fp32"
+
+
+@dataclass
+class QATConfig:
+    # 0: off; 8, 4 (or 2): every table trains on the rows int8/int4 serving will see.
+    bits: int = 0
+    # Per table, overriding bits (0 keeps that table in fp32).
+    table_bits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class OptimConfig:
     # Tables: FBGEMM's fused exact row-wise Adagrad, applied inside backward.
     embedding_lr: float = 0.05
@@ -147,6 +161,8 @@ class Config:
     data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -185,6 +201,47 @@ def resolved_tables(cfg: Config) -> list[TableConfig]:
         )
         for feature, rows in zip(_feature_names(cfg.data), cfg.data.cardinalities)
     ]
+
+
+def qat_bits(cfg: Config) -> dict[str, int]:
+    """Per table, the bits its QAT fake-quant uses; tables left out train in fp32."""
+    bits = {t.name: cfg.qat.bits for t in resolved_tables(cfg)} if cfg.qat.bits else {}
+    bits.update(cfg.qat.table_bits)
+    return {name: b for name, b in bits.items() if b}
+
+
+def _validate_qat(cfg: Config) -> None:
+    names = [t.name for t in resolved_tables(cfg)]
+    for key, b in [("qat.bits", cfg.qat.bits)] + [
+        (f"qat.table_bits.{n}", b) for n, b in cfg.qat.table_bits.items()
+    ]:
+        _check(b in (0, 2, 4, 8), f"{key}={b}: use 8 or 4 (2 also works), or 0 for off")
+    for name in cfg.qat.table_bits:
+        _check(name in names, f"qat.table_bits.{name}: no such table")
+    quantized = qat_bits(cfg)
+    if not quantized:
+        return
+    _check(
+        cfg.precision.name == "fp32",
+        f"qat with precision={cfg.precision.name}: 16-bit tables would round the "
+        f"fake-quantized rows again; use precision=fp32 (dense autocast is a later step)",
+    )
+    column_split = ("column_wise", "table_column_wise", "grid")
+    for name in quantized:
+        pin = cfg.sharding.tables.get(name)
+        strategy = (pin.strategy if pin and pin.strategy else None) or cfg.sharding.strategy
+        _check(
+            strategy not in column_split,
+            f"qat on table {name!r} with sharding {strategy}: each rank holds only some "
+            f"columns of a row, but serving quantizes whole rows; use table_wise, row_wise, "
+            f"table_row_wise or data_parallel for quantized tables",
+        )
+    kernel = cfg.sharding.compute_kernel
+    _check(
+        kernel != "fused_uvm_caching",
+        "qat with sharding.compute_kernel=fused_uvm_caching: writes would miss the HBM "
+        "cache; use sharding.compute_kernel=fused",
+    )
 
 
 def pooling_factors(cfg: Config) -> dict[str, list[float]]:
@@ -244,6 +301,7 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
     )
     _one_of("optim.dense_optimizer", o.dense_optimizer, DENSE_OPTIMIZERS)
     _one_of("trainer.pipeline", t.pipeline, PIPELINES)
+    _one_of("precision", cfg.precision.name, ("fp32", "bf16", "fp16"))
     for key, value in [
         ("model.embedding_dim", m.embedding_dim),
         ("data.num_dense", d.num_dense),
@@ -281,6 +339,7 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
         _positive("model.dcn_num_layers", m.dcn_num_layers)
         _positive("model.dcn_low_rank_dim", m.dcn_low_rank_dim)
     _validate_sharding(cfg, world_size, local_world_size or world_size)
+    _validate_qat(cfg)
     if s.strategy in ("row_wise", "column_wise") and world_size < 2:
         raise ConfigError(
             f"sharding.strategy={s.strategy} splits tables across ranks and needs "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class Trainer:
         settings: TrainConfig,
         logger: MetricsLogger,
         run_dir: Path,
+        model_fwd: Callable[[Any], Any] | None = None,
     ) -> None:
         self.model = model
         self.env = env
@@ -56,14 +58,19 @@ class Trainer:
         self.settings = settings
         self.logger = logger
         self.run_dir = run_dir
-        self.pipeline = make_pipeline(settings.pipeline, model, optimizer, env.device)
+        self.pipeline = make_pipeline(
+            settings.pipeline, model, optimizer, env.device, model_fwd=model_fwd
+        )
         self.records: list[dict[str, Any]] = []
         self.step = 0
         self.train_time_s = 0.0
         self.status: dict[str, str] = {}  # what the progress bar shows
 
-    def fit(self) -> dict[str, Any]:
-        """Trains ``num_steps``, evaluating every ``eval_every_steps`` and at the end."""
+    def fit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Trains ``num_steps``, evaluating every ``eval_every_steps`` and at the end.
+
+        ``extra`` goes into the summary as it is (strategy, bytes per rank, ...).
+        """
         s = self.settings
         bar = tqdm(
             total=s.num_steps,
@@ -81,7 +88,7 @@ class Trainer:
             self.status["auc"] = f"{last_eval['auc']:.4f}"
             bar.set_postfix(self.status, refresh=True)
         bar.close()
-        return self.summarise(last_eval)
+        return self.summarise({**last_eval, **(extra or {})})
 
     def train_steps(self, num_steps: int, bar: tqdm) -> None:
         self.model.train()

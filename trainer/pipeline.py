@@ -9,7 +9,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,10 +20,18 @@ PIPELINES = {"sparse_dist": TrainPipelineSparseDist, "base": TrainPipelineBase}
 
 
 def make_pipeline(
-    name: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    model_fwd: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """``sparse_dist`` overlaps the next batch's input all-to-all with this batch's compute."""
-    return PIPELINES[name](model, optimizer, device)
+    """``sparse_dist`` overlaps the next batch's input all-to-all with this batch's compute.
+
+    ``model_fwd`` replaces ``model(batch)`` (e.g. the same call under autocast).
+    """
+    return PIPELINES[name](model, optimizer, device, custom_model_fwd=model_fwd)
 
 
 def drain(pipeline: Any, batches: Iterator[Any]) -> Iterator[Any]:

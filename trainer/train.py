@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from sharding import destroy_distributed, format_plan, init_distributed, save_plan
+from compression.precision import autocast_forward
 from sharding.dist import local_world_size_from_env, world_size_from_env
+from sharding.state import local_table_bytes
 from trainer.build import build
 from trainer.config import Config, validate
 from trainer.data import SyntheticCriteo
@@ -46,6 +49,15 @@ def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
         num_threads = max(1, (os.cpu_count() or 1) // (2 * local_world_size))
     torch.set_num_threads(num_threads)
     return num_threads
+
+
+def _gather(value: int) -> list[int]:
+    """Every rank's ``value``, in rank order (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return [int(v) for v in values]
 
 
 def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
@@ -84,9 +96,20 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             settings=cfg.trainer,
             logger=logger,
             run_dir=run_dir,
+            model_fwd=autocast_forward(
+                built.model, built.precision, device_type=env.device.type
+            ),
         )
-        summary = trainer.fit()
-        summary["strategy"] = cfg.sharding.strategy
+        table_bytes = _gather(local_table_bytes(built.model))
+        summary = trainer.fit(
+            extra={
+                "strategy": cfg.sharding.strategy,
+                "precision": cfg.precision.name,
+                "qat_bits": cfg.qat.bits,
+                "embedding_bytes_per_rank": table_bytes,
+                "embedding_bytes": sum(table_bytes),
+            }
+        )
         return summary
     finally:
         if logger is not None:

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
@@ -34,9 +34,12 @@ class TableSpec(Protocol):
     pooling: str
 
 
-def embedding_bag_configs(tables: Sequence[TableSpec]) -> list[EmbeddingBagConfig]:
+def embedding_bag_configs(
+    tables: Sequence[TableSpec], data_type: DataType = DataType.FP32
+) -> list[EmbeddingBagConfig]:
     return [
         EmbeddingBagConfig(
+            data_type=data_type,
             name=t.name,
             num_embeddings=t.num_embeddings,
             embedding_dim=t.embedding_dim,
@@ -57,9 +60,12 @@ def build_model(
     device: torch.device,
     dcn_num_layers: int = 3,
     dcn_low_rank_dim: int = 64,
+    table_data_type: DataType = DataType.FP32,
 ) -> DLRMTrain:
     """A DLRM (``arch="dlrm"``) or DLRM-DCNv2 (``"dlrm_dcnv2"``) wrapped with its loss."""
-    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(tables), device=device)
+    ebc = EmbeddingBagCollection(
+        tables=embedding_bag_configs(tables, table_data_type), device=device
+    )
     common = dict(
         embedding_bag_collection=ebc,
         dense_in_features=num_dense,

@@ -1,0 +1,104 @@
+"""Mixed precision: dense compute under autocast, tables stored in 16 bits.
+
+``precision=fp32|bf16|fp16`` resolves, per device, into a :class:`Precision`:
+
+- dense layers run under ``torch.autocast``: bf16 anywhere. fp16 needs a
+  gradient scaler, and the fused table optimizer runs *inside* backward, where it
+  would see the scaled (possibly inf) gradients before the scaler could skip the
+  step; so fp16 dense compute falls back to bf16 on CPU (with a warning) and is
+  refused on CUDA until that is solved;
+- table weights are stored in fp16 or bf16 inside FBGEMM's fused kernel, which
+  rounds the fused optimizer's updates stochastically (``stochastic_rounding``)
+  so small updates are not lost. FBGEMM's CPU kernel has no bf16 tables, so on
+  CPU bf16 tables fall back to fp16 with a warning.
+
+The converter is applied before sharding (tables on ``meta`` take the dtype);
+the autocast forward is handed to the train pipeline.
+
+Example::
+
+    p = resolve_precision("bf16", device_type="cpu")
+    tables = [dataclasses.replace(t, data_type=p.table_data_type) for t in tables]
+    pipeline = make_pipeline(..., model_fwd=autocast_forward(model, p, device_type="cpu"))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchrec.modules.embedding_configs import DataType
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TABLE_TYPES = {"fp32": DataType.FP32, "bf16": DataType.BF16, "fp16": DataType.FP16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    autocast_dtype: torch.dtype | None
+    table_data_type: DataType
+
+    @property
+    def fused_params(self) -> dict[str, Any]:
+        """Extra FBGEMM kernel arguments for 16-bit tables."""
+        if self.table_data_type == DataType.FP32:
+            return {}
+        return {"stochastic_rounding": True}
+
+
+def resolve_precision(name: str, *, device_type: str) -> Precision:
+    """What ``name`` means on this device, warning where a fallback applies."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision={name!r} is not known; use one of {', '.join(PRECISIONS)}")
+    dense, tables = name, name
+    if name == "fp16" and device_type == "cuda":
+        raise ValueError(
+            "precision=fp16 on CUDA needs a gradient scaler, which the fused table "
+            "optimizer (run inside backward) cannot honour yet; use precision=bf16"
+        )
+    if name == "fp16":
+        log.warning(
+            "precision=fp16: dense layers run bf16 autocast on CPU (fp16 needs a gradient "
+            "scaler); tables are stored in fp16"
+        )
+        dense = "bf16"
+    if device_type == "cpu" and name == "bf16":
+        log.warning(
+            "precision=bf16: FBGEMM's CPU kernel has no bf16 tables; storing them in fp16 "
+            "(dense layers run bf16)"
+        )
+        tables = "fp16"
+    return Precision(
+        name=name,
+        autocast_dtype=_DTYPES[dense],
+        table_data_type=_TABLE_TYPES[tables],
+    )
+
+
+def autocast_forward(
+    model: torch.nn.Module, precision: Precision, *, device_type: str
+) -> Callable[[Any], Any] | None:
+    """The forward the train pipeline calls: ``model(batch)`` under autocast."""
+    if precision.autocast_dtype is None:
+        return None
+
+    def forward(batch: Any) -> Any:
+        with torch.autocast(device_type=device_type, dtype=precision.autocast_dtype):
+            return model(batch)
+
+    return forward
+
+
+def maybe_autocast(precision: Precision, *, device_type: str) -> Any:
+    """A context for code outside the pipeline (reference runs, export parity)."""
+    if precision.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=precision.autocast_dtype)

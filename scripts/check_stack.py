@@ -38,8 +38,10 @@ def main() -> int:
     if problems:
         print("stack check failed:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    print(f"stack ok: torch {torch.__version__}, {fbgemm} {md.version(fbgemm)}, "
-          f"torchrec {torchrec.__version__}")
+    print(
+        f"stack ok: torch {torch.__version__}, {fbgemm} {md.version(fbgemm)}, "
+        f"torchrec {torchrec.__version__}"
+    )
     return 0
 
 

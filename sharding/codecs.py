@@ -47,6 +47,8 @@ def comm_codecs(
         )
         return None
     return get_qcomm_codecs_registry(
-        QCommsConfig(forward_precision=PRECISIONS[forward], backward_precision=PRECISIONS[backward]),
+        QCommsConfig(
+            forward_precision=PRECISIONS[forward], backward_precision=PRECISIONS[backward]
+        ),
         device=device,
     )

@@ -76,9 +76,7 @@ def init_distributed(
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    local_world_size = _env_int(
-        "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world_size
-    )
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world_size)
     dev = pick_device(device, local_rank)
     if emulate_local_world_size and emulate_local_world_size != local_world_size:
         if dev.type != "cpu":
@@ -98,9 +96,7 @@ def init_distributed(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
         else:
-            dist.init_process_group(
-                backend, rank=rank, world_size=world_size, timeout=timeout
-            )
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),

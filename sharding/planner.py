@@ -71,6 +71,8 @@ class TableOverride:
     strategy: str | None = None
     compute_kernel: str | None = None
     ranks: tuple[int, ...] | None = None
+
+
 _GB = 1024**3
 
 
@@ -152,9 +154,7 @@ def _constraints(
     return constraints
 
 
-def _pinned(
-    pin: TableOverride, strategy: str, compute_kernel: str
-) -> ParameterShardingGenerator:
+def _pinned(pin: TableOverride, strategy: str, compute_kernel: str) -> ParameterShardingGenerator:
     """torchrec's explicit per-table plan for a table whose ranks are given."""
     strategy = pin.strategy or strategy
     kernel = pin.compute_kernel or compute_kernel
@@ -230,9 +230,10 @@ def plan_sharding(
     """Plans on rank 0 and broadcasts, so every rank applies the same plan.
 
     With ``pg=None`` it plans in this process alone, for a topology that need
-    not exist (``python -m sharding.plan``). ``overrides`` pins a table's strategy
-    or kernel (as planner constraints); pinned ranks are applied by :func:`pin_ranks`. ``pooling_factors`` maps a table to
-    the mean ids per sample of each of its features; ``stats`` replaces
+    not exist (``python -m sharding.plan``). ``overrides`` pins a table's
+    strategy or kernel (as planner constraints); pinned ranks are applied by
+    :func:`pin_ranks`. ``pooling_factors`` maps a table to the mean ids per
+    sample of each of its features; ``stats`` replaces
     torchrec's logged report (e.g. to keep the chosen options, see
     ``sharding.estimate.PlanCapture``).
     """

@@ -47,10 +47,12 @@ def _train_bytes_and_losses(precision: str) -> tuple[int, list[float], torch.dty
             seen_dtypes.append(torch.get_autocast_dtype("cpu") if fwd else torch.float32)
             return out
 
-        pipeline = make_pipeline("sparse_dist", built.model, built.optimizer, env.device,
-                                 model_fwd=spy)
-        batches = rank_batches(SyntheticCriteo(cfg.data), "train", batch_size=64, rank=0,
-                               world_size=1, num_batches=20)
+        pipeline = make_pipeline(
+            "sparse_dist", built.model, built.optimizer, env.device, model_fwd=spy
+        )
+        batches = rank_batches(
+            SyntheticCriteo(cfg.data), "train", batch_size=64, rank=0, world_size=1, num_batches=20
+        )
         losses = [float(loss) for loss, _, _ in drain(pipeline, batches)]
         return local_table_bytes(built.model), losses, seen_dtypes[0]
     finally:

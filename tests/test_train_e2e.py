@@ -98,10 +98,23 @@ def test_two_torchrun_nodes_train_table_row_wise(tmp_path: Path) -> None:
 
     def node(rank: int) -> subprocess.Popen:
         return subprocess.Popen(
-            [str(torchrun), "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=2",
-             "--master_addr=127.0.0.1", f"--master_port={port}",
-             "-m", "trainer", "sharding=table_row_wise", *TINY, f"hydra.run.dir={tmp_path}"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                str(torchrun),
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=2",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "trainer",
+                "sharding=table_row_wise",
+                *TINY,
+                f"hydra.run.dir={tmp_path}",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     nodes = [node(0), node(1)]

@@ -42,8 +42,19 @@ def _not_fbgemm_info(record: logging.LogRecord) -> bool:
 
 
 def format_summary(summary: dict) -> str:
-    keys = ["auc", "oracle_auc", "logloss", "ne", "calibration", "samples_per_sec",
-            "steps", "world_size", "strategy", "precision", "embedding_bytes"]
+    keys = [
+        "auc",
+        "oracle_auc",
+        "logloss",
+        "ne",
+        "calibration",
+        "samples_per_sec",
+        "steps",
+        "world_size",
+        "strategy",
+        "precision",
+        "embedding_bytes",
+    ]
     width = max(len(k) for k in keys)
     lines = []
     for key in keys:

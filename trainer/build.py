@@ -16,12 +16,12 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 from torchrec.optim.keyed import CombinedOptimizer
 
+from compression.precision import Precision, resolve_precision
+from compression.qat import QATHandle, enable_embedding_qat
 from sharding import DistEnv, embedding_sharders, make_topology, plan_sharding, shard_model
 from sharding.codecs import comm_codecs
 from sharding.dmp import combined_optimizer, fuse_embedding_optimizer
 from sharding.planner import TableOverride, pin_ranks
-from compression.precision import Precision, resolve_precision
-from compression.qat import QATHandle, enable_embedding_qat
 from trainer.config import (
     Config,
     ConfigError,
@@ -94,7 +94,7 @@ def build(cfg: Config, env: DistEnv) -> Built:
             backward=cfg.sharding.comm_backward,
             world_size=env.world_size,
             device=env.device,
-        )
+        ),
     )
     overrides = table_overrides(cfg)
     topo = cfg.topology

@@ -153,6 +153,10 @@ class TrainConfig:
     num_threads: int | None = None
     progress_bar: bool = True
     plot: bool = True
+    # At the end: gather the tables, quantize them for serving (the QAT bits, or
+    # export_bits for every table when QAT is off) and save exported_model.pt.
+    export: bool = False
+    export_bits: int = 8
 
 
 @dataclass
@@ -355,8 +359,10 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
                 f"needs the dim divisible by world_size; change model.embedding_dim",
             )
     topo = cfg.topology
-    for key, value in [("topology.world_size", topo.world_size),
-                       ("topology.local_world_size", topo.local_world_size)]:
+    for key, value in [
+        ("topology.world_size", topo.world_size),
+        ("topology.local_world_size", topo.local_world_size),
+    ]:
         if value is not None:
             _positive(key, value)
     _positive("topology.hbm_gb", topo.hbm_gb)

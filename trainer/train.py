@@ -27,13 +27,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sharding import destroy_distributed, format_plan, init_distributed, save_plan
 from compression.precision import autocast_forward
+from sharding import destroy_distributed, format_plan, init_distributed, save_plan
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.state import local_table_bytes
 from trainer.build import build
 from trainer.config import Config, validate
 from trainer.data import SyntheticCriteo
+from trainer.export_step import export_step
 from trainer.logger import make_logger
 from trainer.loop import Trainer
 from trainer.run_dir import agree_on_run_dir
@@ -62,9 +63,7 @@ def _gather(value: int) -> list[int]:
 
 def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
     """Runs one training job; returns the summary (also written to ``summary.json``)."""
-    validate(
-        cfg, world_size=world_size_from_env(), local_world_size=local_world_size_from_env()
-    )
+    validate(cfg, world_size=world_size_from_env(), local_world_size=local_world_size_from_env())
     env = init_distributed(
         backend=cfg.sharding.backend,
         device=cfg.sharding.device,
@@ -96,9 +95,7 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             settings=cfg.trainer,
             logger=logger,
             run_dir=run_dir,
-            model_fwd=autocast_forward(
-                built.model, built.precision, device_type=env.device.type
-            ),
+            model_fwd=autocast_forward(built.model, built.precision, device_type=env.device.type),
         )
         table_bytes = _gather(local_table_bytes(built.model))
         summary = trainer.fit(
@@ -110,6 +107,16 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
                 "embedding_bytes": sum(table_bytes),
             }
         )
+        if cfg.trainer.export:  # the quantized serving model, on rank 0
+            summary = export_step(
+                cfg,
+                model=built.model,
+                env=env,
+                source=source,
+                run_dir=run_dir,
+                summary=summary,
+                logger=logger,
+            )
         return summary
     finally:
         if logger is not None:

@@ -49,7 +49,9 @@ def rank_batches(
         yield source.batch(split, (step * world_size + rank) * batch_size, batch_size)
 
 
-def eval_slices(num_samples: int, *, batch_size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+def eval_slices(
+    num_samples: int, *, batch_size: int, rank: int, world_size: int
+) -> list[tuple[int, int]]:
     """``(start, size)`` of this rank's eval batches (see the module docstring)."""
     _check_rank(rank, world_size, batch_size)
     step_size = batch_size * world_size
@@ -61,9 +63,13 @@ def eval_slices(num_samples: int, *, batch_size: int, rank: int, world_size: int
     return slices
 
 
-def eval_batches(source: BatchSource, *, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
+def eval_batches(
+    source: BatchSource, *, batch_size: int, rank: int, world_size: int
+) -> Iterator[Batch]:
     """This rank's share of the eval set; every rank yields the same number of batches."""
-    for start, size in eval_slices(source.num_eval_samples, batch_size=batch_size, rank=rank, world_size=world_size):
+    for start, size in eval_slices(
+        source.num_eval_samples, batch_size=batch_size, rank=rank, world_size=world_size
+    ):
         yield source.batch("eval", start, size)
 
 

@@ -59,16 +59,22 @@ class PlantedModel:
         self._first_order_key = stream_key(cfg.seed, "first_order")
         self._latent_key = stream_key(cfg.seed, "latent")
         dense_idx = torch.arange(cfg.num_dense)
-        self._dense_linear = _unit(normal(stream_key(cfg.seed, "dense_linear"), dense_idx)) * cfg.dense_scale
+        self._dense_linear = (
+            _unit(normal(stream_key(cfg.seed, "dense_linear"), dense_idx)) * cfg.dense_scale
+        )
         self._dense_square = _unit(normal(stream_key(cfg.seed, "dense_square"), dense_idx)) * (
             cfg.dense_nonlinear_scale
         )
 
-        first_order_stats = [self._first_order_stats(f, tables.head_probabilities(f)) for f in range(num_features)]
+        first_order_stats = [
+            self._first_order_stats(f, tables.head_probabilities(f)) for f in range(num_features)
+        ]
         self._first_order_means = torch.tensor([mean for mean, _ in first_order_stats])
         stds = torch.tensor([std for _, std in first_order_stats])
         # A table whose head row has all the mass has no spread to scale.
-        self._first_order_gains = torch.where(stds > 0, cfg.first_order_scale / math.sqrt(num_features) / stds, 0.0)
+        self._first_order_gains = torch.where(
+            stds > 0, cfg.first_order_scale / math.sqrt(num_features) / stds, 0.0
+        )
 
         self.pairs = select_pairs(cfg, num_features)
         latent_features = sorted({f for pair in self.pairs for f in pair})
@@ -83,7 +89,9 @@ class PlantedModel:
             whiteners.append(whitener)
         d = cfg.latent_dim
         self._latent_means = torch.stack(means) if means else torch.zeros(0, d, dtype=torch.float64)
-        self._whiteners = torch.stack(whiteners) if whiteners else torch.zeros(0, d, d, dtype=torch.float64)
+        self._whiteners = (
+            torch.stack(whiteners) if whiteners else torch.zeros(0, d, d, dtype=torch.float64)
+        )
         # Components of variance 1/sqrt(d) give each <u_i, u_j> unit variance.
         self._pair_scale = cfg.interaction_scale / math.sqrt(max(len(self.pairs), 1)) / math.sqrt(d)
 
@@ -115,7 +123,9 @@ class PlantedModel:
         # Symmetric inverse square root; directions without spread (tables with
         # fewer rows than latent_dim) are dropped rather than blown up.
         eigvals, eigvecs = torch.linalg.eigh(cov)
-        inv_sqrt = torch.where(eigvals > 1e-9 * eigvals.max().clamp(min=1e-300), eigvals.clamp(min=1e-300).rsqrt(), 0.0)
+        inv_sqrt = torch.where(
+            eigvals > 1e-9 * eigvals.max().clamp(min=1e-300), eigvals.clamp(min=1e-300).rsqrt(), 0.0
+        )
         return mean, eigvecs @ torch.diag(inv_sqrt) @ eigvecs.T
 
     def first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:

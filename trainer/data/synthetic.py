@@ -149,7 +149,9 @@ class SyntheticCriteo:
         """Samples ``[start, start + size)`` of ``split`` ("train" or "eval")."""
         dense, ranks, mask = self._draw(split, start, size)
         probs = torch.sigmoid(self._planted.logits(dense, ranks, mask))
-        labels = uniform(stream_key(self.cfg.seed, split, "label"), self._indices(start, size)) < probs
+        labels = (
+            uniform(stream_key(self.cfg.seed, split, "label"), self._indices(start, size)) < probs
+        )
         # torchrec's jagged layout is feature-major: all of cat_0's bags, then cat_1's, ...
         ids = self._tables.ids(ranks).transpose(0, 1)
         mask = mask.transpose(0, 1)
@@ -176,13 +178,17 @@ class SyntheticCriteo:
                 size = min(_EVAL_CHUNK, self.num_eval_samples - start)
                 probs.append(self.click_probability("eval", start, size))
                 labels.append(self.batch("eval", start, size).labels)
-            self._oracle_auc = float(roc_auc_score(torch.cat(labels).numpy(), torch.cat(probs).numpy()))
+            self._oracle_auc = float(
+                roc_auc_score(torch.cat(labels).numpy(), torch.cat(probs).numpy())
+            )
         return self._oracle_auc
 
     def _indices(self, start: int, size: int) -> torch.Tensor:
         return torch.arange(start, start + size, dtype=torch.int64)
 
-    def _draw(self, split: str, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _draw(
+        self, split: str, start: int, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dense features ``[size, D]`` (float64), ranks and slot mask ``[size, F, H]``."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; use one of {SPLITS}")
@@ -194,7 +200,9 @@ class SyntheticCriteo:
             )
         seed = self.cfg.seed
         idx = self._indices(start, size)
-        dense = normal(stream_key(seed, split, "dense"), idx.view(-1, 1), torch.arange(self.num_dense))
+        dense = normal(
+            stream_key(seed, split, "dense"), idx.view(-1, 1), torch.arange(self.num_dense)
+        )
         features = torch.arange(len(self.cardinalities)).view(1, -1, 1)
         # A slot's id depends on (sample, feature, slot) only, never on the hotness
         # of other features or on the bag length.

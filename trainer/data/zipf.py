@@ -43,18 +43,31 @@ class ZipfTables:
         self.cardinalities = list(cardinalities)
         self.exponent = exponent
         self._head_lengths = [min(c, EXACT_RANKS) for c in cardinalities]
-        head_weights = [torch.arange(1, n + 1, dtype=torch.float64).pow(-exponent) for n in self._head_lengths]
+        head_weights = [
+            torch.arange(1, n + 1, dtype=torch.float64).pow(-exponent) for n in self._head_lengths
+        ]
         head_masses = [float(w.sum()) for w in head_weights]
-        tail_masses = [self._integral(n + 0.5, c + 0.5) for n, c in zip(self._head_lengths, cardinalities, strict=True)]
+        tail_masses = [
+            self._integral(n + 0.5, c + 0.5)
+            for n, c in zip(self._head_lengths, cardinalities, strict=True)
+        ]
         self._total_masses = [h + t for h, t in zip(head_masses, tail_masses, strict=True)]
-        self._head_probabilities = [w / m for w, m in zip(head_weights, self._total_masses, strict=True)]
+        self._head_probabilities = [
+            w / m for w, m in zip(head_weights, self._total_masses, strict=True)
+        ]
         self._head_fractions = torch.tensor(
-            [h / m for h, m in zip(head_masses, self._total_masses, strict=True)], dtype=torch.float64
+            [h / m for h, m in zip(head_masses, self._total_masses, strict=True)],
+            dtype=torch.float64,
         )
-        self._shifted_cdf = torch.cat([f + torch.cumsum(p, 0) for f, p in enumerate(self._head_probabilities)])
+        self._shifted_cdf = torch.cat(
+            [f + torch.cumsum(p, 0) for f, p in enumerate(self._head_probabilities)]
+        )
         self._starts = torch.tensor([0, *self._head_lengths[:-1]]).cumsum(0)
         self._tail_tables = [f for f, t in enumerate(tail_masses) if t > 0.0]
-        bijections = [_affine_bijection(c, stream_key(seed, "id_bijection", f)) for f, c in enumerate(cardinalities)]
+        bijections = [
+            _affine_bijection(c, stream_key(seed, "id_bijection", f))
+            for f, c in enumerate(cardinalities)
+        ]
         self._multipliers = torch.tensor([m for m, _ in bijections], dtype=torch.int64)
         self._offsets = torch.tensor([b for _, b in bijections], dtype=torch.int64)
         self._cardinality_tensor = torch.tensor(cardinalities, dtype=torch.int64)
@@ -78,7 +91,9 @@ class ZipfTables:
         positions = torch.searchsorted(self._shifted_cdf, (u + tables).reshape(-1)).view(u.shape)
         ranks = positions - self._starts.view(table_shape)
         # Past the last tabulated rank: float rounding, or the tail of a huge table.
-        ranks = torch.minimum(ranks, torch.tensor(self._head_lengths).view(table_shape) - 1).clamp_(min=0)
+        ranks = torch.minimum(ranks, torch.tensor(self._head_lengths).view(table_shape) - 1).clamp_(
+            min=0
+        )
         for f in self._tail_tables:
             u_f = u[:, f]
             in_tail = u_f > self._head_fractions[f]
@@ -93,15 +108,17 @@ class ZipfTables:
         else:
             x = (lo ** (1.0 - s) + (1.0 - s) * mass).clamp(min=0.0).pow(1.0 / (1.0 - s))
         # x is a 1-based rank on the continuum; round to the nearest integer rank.
-        one_based = torch.floor(x + 0.5).clamp(self._head_lengths[table] + 1, self.cardinalities[table])
+        one_based = torch.floor(x + 0.5).clamp(
+            self._head_lengths[table] + 1, self.cardinalities[table]
+        )
         return one_based.to(torch.int64) - 1
 
     def ids(self, ranks: torch.Tensor) -> torch.Tensor:
         """Scatters ranks over ``[0, cardinality)`` with each table's fixed bijection."""
         shape = (1, -1) + (1,) * (ranks.dim() - 2)
-        return (ranks * self._multipliers.view(shape) + self._offsets.view(shape)) % self._cardinality_tensor.view(
-            shape
-        )
+        return (
+            ranks * self._multipliers.view(shape) + self._offsets.view(shape)
+        ) % self._cardinality_tensor.view(shape)
 
 
 def _affine_bijection(cardinality: int, key: int) -> tuple[int, int]:

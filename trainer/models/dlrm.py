@@ -76,9 +76,7 @@ def build_model(
     if arch == "dlrm":
         dlrm = DLRM(**common)
     elif arch == "dlrm_dcnv2":
-        dlrm = DLRM_DCN(
-            **common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim
-        )
+        dlrm = DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
     else:
         raise ValueError(f"model.arch={arch!r} is not known; use dlrm or dlrm_dcnv2")
     return DLRMTrain(dlrm)

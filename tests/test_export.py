@@ -1,0 +1,166 @@
+"""The quantized serving export computes what QAT trained against, and reloads.
+
+(a) One process: the tiny DLRM of the equivalence test, quantized with
+``quantize_for_serving`` (int8, int4, and a mix with one table left fp32),
+gives the logits and pooled embeddings of the same fp32 model whose quantized
+tables hold ``fake_quantize_rows`` of their rows (measured: bit for bit), is
+smaller, and a saved export reloads to the same logits.
+
+(b) A real 2-rank row-wise int4 QAT run with ``trainer.export=true``: the
+tables are gathered from both ranks, and the exported model scores the eval
+set as the sharded QAT model did.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.quant.embedding_modules import (
+    EmbeddingBagCollection as QuantEmbeddingBagCollection,
+)
+
+from compression.export import (
+    fake_quantize_tables,
+    load_exported,
+    model_bytes,
+    quantize_for_serving,
+    save_exported,
+)
+from tests.conftest import REPO
+from tests.distributed import free_port
+from tests.test_sharding_equivalence import tiny_config
+from tests.test_train_e2e import TINY
+from trainer.build import build_unsharded
+from trainer.data import SyntheticCriteo, SyntheticDataConfig, eval_batches
+
+TABLES = ["t_cat_0", "t_cat_1", "t_cat_2", "t_cat_3"]
+# Serving's kernel reads scale * code + bias in fp32, as FBGEMM's dequantize op
+# does, so the two paths differ only in summation order (measured: 0, bit for bit).
+LOGIT_ATOL = 1e-3
+BITS_CASES = {
+    "int8": dict.fromkeys(TABLES, 8),
+    "int4": dict.fromkeys(TABLES, 4),
+    "int4-int8-fp32": {"t_cat_0": 4, "t_cat_1": 8, "t_cat_3": 4},  # t_cat_2 stays fp32
+}
+
+
+def _logits_and_pooled(dlrm: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        pooled = dlrm.sparse_arch(batch.sparse_features)
+        return dlrm(batch.dense_features, batch.sparse_features).flatten(), pooled
+
+
+@pytest.mark.parametrize("case", list(BITS_CASES))
+def test_quantized_export_equals_fake_quantized_fp32(case: str, tmp_path: Path) -> None:
+    bits = BITS_CASES[case]
+    cfg = tiny_config("table_wise")
+    torch.manual_seed(0)
+    dlrm = build_unsharded(cfg, device=torch.device("cpu")).model.eval()
+    before = {k: v.clone() for k, v in dlrm.state_dict().items()}
+    batch = SyntheticCriteo(cfg.data).batch("eval", 0, 256)
+
+    served = quantize_for_serving(dlrm, table_bits=bits)
+    served_logits, served_pooled = _logits_and_pooled(served, batch)
+    fp32_logits, _ = _logits_and_pooled(dlrm, batch)
+    # The export works on a copy: the fp32 model is untouched.
+    assert all(torch.equal(v, before[k]) for k, v in dlrm.state_dict().items())
+    fake_quantize_tables(dlrm, table_bits=bits)
+    want_logits, want_pooled = _logits_and_pooled(dlrm, batch)
+
+    ebc = served.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, QuantEmbeddingBagCollection)
+    served_types = {t.name: t.data_type.value for t in ebc.embedding_bag_configs()}
+    assert served_types == {t: f"INT{bits[t]}" if t in bits else "FP32" for t in TABLES}
+    # Quantization moved the logits (by far more than the tolerance), and the
+    # export moved them exactly as the fake-quantized rows do.
+    assert (served_logits - fp32_logits).abs().max() > 10 * LOGIT_ATOL
+    torch.testing.assert_close(served_pooled, want_pooled, atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(served_logits, want_logits, atol=LOGIT_ATOL, rtol=0)
+
+    fp32_bytes, served_bytes = model_bytes(dlrm), model_bytes(served)
+    # dim 8 tables: fp32 rows 32 B; int8 and int4 rows (codes + fp16 scale and
+    # bias) padded to FBGEMM's 16 B row alignment; dense layers stay fp32.
+    table_bytes = sum(
+        t.num_embeddings * (16 if t.name in bits else 32) for t in ebc.embedding_bag_configs()
+    )
+    dense_bytes = sum(
+        p.numel() * 4 for n, p in dlrm.named_parameters() if "embedding_bags" not in n
+    )
+    assert served_bytes == table_bytes + dense_bytes + _small_buffer_bytes(served)
+    assert served_bytes < fp32_bytes
+    print(f"{case}: {fp32_bytes} -> {served_bytes} bytes ({fp32_bytes / served_bytes:.2f}x)")
+
+    save_exported(served, tmp_path / "exported_model.pt")
+    reloaded = load_exported(tmp_path / "exported_model.pt")
+    assert torch.equal(_logits_and_pooled(reloaded, batch)[0], served_logits)
+    assert model_bytes(reloaded) == served_bytes
+
+
+def _small_buffer_bytes(served: torch.nn.Module) -> int:
+    """FBGEMM's and torchrec's bookkeeping buffers (offsets, cache state, ...)."""
+    return sum(
+        b.numel() * b.element_size()
+        for n, b in served.named_buffers()
+        if "embedding_bags" not in n and b.dtype != torch.float32
+    )
+
+
+def test_quantize_for_serving_names_bad_tables_and_bits() -> None:
+    dlrm = build_unsharded(tiny_config("table_wise"), device=torch.device("cpu")).model
+    with pytest.raises(ValueError, match="t_nope"):
+        quantize_for_serving(dlrm, table_bits={"t_nope": 8})
+    with pytest.raises(ValueError, match="t_cat_0.*=3"):
+        quantize_for_serving(dlrm, table_bits={"t_cat_0": 3})
+
+
+@pytest.mark.dist
+def test_torchrun_qat_int4_export(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "trainer",
+            "sharding=row_wise",
+            "qat=int4",
+            "trainer.export=true",
+            *TINY,
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    export = summary["export"]
+    assert export["bits"] == {f"t_cat_{i}": 4 for i in range(26)}
+    # Serving sees exactly the rows QAT trained and evaluated on.
+    assert export["max_abs_logit_diff"] <= LOGIT_ATOL
+    # The tables gathered from both ranks score the eval set as the sharded
+    # model did (measured: equal AUC and log loss).
+    assert abs(export["auc"] - summary["auc"]) < 1e-4
+    assert abs(export["logloss"] - summary["logloss"]) < 1e-5
+    # dim 16: 64 B fp32 rows become 16 B int4 rows (8 B codes + 4 B scale/bias, aligned).
+    assert export["fp32_bytes"] / export["bytes"] > 3.5
+
+    reloaded = load_exported(tmp_path / "exported_model.pt")
+    assert model_bytes(reloaded) == export["bytes"]
+    source = SyntheticCriteo(SyntheticDataConfig(num_eval_samples=2048))
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in eval_batches(source, batch_size=512, rank=0, world_size=1):
+            logits.append(reloaded(batch.dense_features, batch.sparse_features).flatten())
+            labels.append(batch.labels.flatten())
+    auc = binary_auroc(torch.sigmoid(torch.cat(logits)), torch.cat(labels).long())
+    assert abs(float(auc) - export["auc"]) < 1e-6

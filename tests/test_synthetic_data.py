@@ -1,0 +1,298 @@
+"""Synthetic data: determinism, rank slicing, layout, and the calibration of the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from trainer.data import (
+    SyntheticCriteo,
+    SyntheticDataConfig,
+    eval_batches,
+    eval_slices,
+    rank_batches,
+)
+from trainer.data.rng import mix64
+from trainer.data.zipf import ZipfTables
+
+SMALL = SyntheticDataConfig(
+    cardinalities=[7, 50, 1000, 30000], num_dense=3, num_eval_samples=4096, num_interactions=2
+)
+
+
+@pytest.fixture(scope="module")
+def default_data() -> SyntheticCriteo:
+    return SyntheticCriteo(SyntheticDataConfig())
+
+
+def assert_batches_equal(a: Batch, b: Batch) -> None:
+    torch.testing.assert_close(a.dense_features, b.dense_features, rtol=0, atol=0)
+    torch.testing.assert_close(a.labels, b.labels, rtol=0, atol=0)
+    assert a.sparse_features.keys() == b.sparse_features.keys()
+    torch.testing.assert_close(
+        a.sparse_features.lengths(), b.sparse_features.lengths(), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        a.sparse_features.values(), b.sparse_features.values(), rtol=0, atol=0
+    )
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    """Sample-wise concatenation, regrouping the feature-major jagged values."""
+    keys = batches[0].sparse_features.keys()
+    per_key = [b.sparse_features.to_dict() for b in batches]
+    values = torch.cat([torch.cat([d[k].values() for d in per_key]) for k in keys])
+    lengths = torch.cat([torch.cat([d[k].lengths() for d in per_key]) for k in keys])
+    return Batch(
+        dense_features=torch.cat([b.dense_features for b in batches]),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=values, lengths=lengths
+        ),
+        labels=torch.cat([b.labels for b in batches]),
+    )
+
+
+def test_mixer_matches_the_splitmix64_reference() -> None:
+    # First output of splitmix64 seeded with 0 (Steele et al.; Vigna's reference code).
+    expected = 0xE220A8397B1DCDAF - (1 << 64)
+    assert int(mix64(torch.tensor([0]))[0]) == expected
+
+
+def test_same_seed_same_batch_other_seed_differs() -> None:
+    first = SyntheticCriteo(SMALL).batch("train", 1000, 256)
+    assert_batches_equal(first, SyntheticCriteo(SMALL).batch("train", 1000, 256))
+    other = SyntheticCriteo(dataclasses.replace(SMALL, seed=1)).batch("train", 1000, 256)
+    assert not torch.equal(first.dense_features, other.dense_features)
+    assert not torch.equal(first.sparse_features.values(), other.sparse_features.values())
+
+
+def test_train_and_eval_streams_differ() -> None:
+    data = SyntheticCriteo(SMALL)
+    assert not torch.equal(
+        data.batch("train", 0, 64).dense_features, data.batch("eval", 0, 64).dense_features
+    )
+
+
+def test_samples_do_not_depend_on_batching() -> None:
+    data = SyntheticCriteo(SMALL)
+    whole = data.batch("train", 500, 300)
+    parts = [
+        data.batch("train", 500, 100),
+        data.batch("train", 600, 50),
+        data.batch("train", 650, 150),
+    ]
+    assert_batches_equal(concat_batches(parts), whole)
+
+
+def test_rank_slices_are_disjoint_and_independent_of_world_size() -> None:
+    data = SyntheticCriteo(SMALL)
+    step, batch_size = 3, 64
+    [single] = rank_batches(
+        data,
+        "train",
+        batch_size=2 * batch_size,
+        rank=0,
+        world_size=1,
+        num_batches=1,
+        first_batch=step,
+    )
+    per_rank = [
+        next(
+            rank_batches(
+                data,
+                "train",
+                batch_size=batch_size,
+                rank=r,
+                world_size=2,
+                num_batches=1,
+                first_batch=step,
+            )
+        )
+        for r in range(2)
+    ]
+    assert not torch.equal(per_rank[0].dense_features, per_rank[1].dense_features)
+    assert_batches_equal(concat_batches(per_rank), single)
+
+
+def test_rank_batches_walk_consecutive_steps() -> None:
+    data = SyntheticCriteo(SMALL)
+    batches = list(
+        rank_batches(
+            data, "train", batch_size=32, rank=1, world_size=3, num_batches=2, first_batch=5
+        )
+    )
+    assert len(batches) == 2
+    assert_batches_equal(batches[1], data.batch("train", (6 * 3 + 1) * 32, 32))
+
+
+@pytest.mark.parametrize(("num_samples", "world_size"), [(4096, 2), (1000, 3), (100, 4)])
+def test_eval_slices_cover_the_eval_set_evenly(num_samples: int, world_size: int) -> None:
+    slices = [
+        eval_slices(num_samples, batch_size=64, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    # Same number of batches and the same size at each step on every rank.
+    assert len({tuple(size for _, size in s) for s in slices}) == 1
+    covered = sorted(i for s in slices for start, size in s for i in range(start, start + size))
+    assert covered == list(range(num_samples - num_samples % world_size))
+
+
+def test_eval_batches_match_their_slices() -> None:
+    data = SyntheticCriteo(dataclasses.replace(SMALL, num_eval_samples=1000))
+    batches = list(eval_batches(data, batch_size=128, rank=2, world_size=3))
+    slices = eval_slices(1000, batch_size=128, rank=2, world_size=3)
+    assert [b.labels.numel() for b in batches] == [size for _, size in slices]
+    assert_batches_equal(batches[-1], data.batch("eval", *slices[-1]))
+
+
+def test_batch_layout_and_dtypes() -> None:
+    data = SyntheticCriteo(SMALL)
+    batch = data.batch("train", 0, 512)
+    assert batch.dense_features.shape == (512, 3) and batch.dense_features.dtype == torch.float32
+    assert batch.labels.shape == (512,) and batch.labels.dtype == torch.float32
+    assert set(batch.labels.unique().tolist()) == {0.0, 1.0}
+    kjt = batch.sparse_features
+    assert kjt.keys() == ["cat_0", "cat_1", "cat_2", "cat_3"] == data.feature_names
+    assert kjt.values().dtype == torch.int64 and kjt.lengths().dtype == torch.int32
+    assert torch.all(kjt.lengths() == 1)
+    for key, cardinality in zip(kjt.keys(), SMALL.cardinalities, strict=True):
+        ids = kjt[key].values()
+        assert ids.numel() == 512 and ids.min() >= 0 and ids.max() < cardinality
+
+
+def test_hot_ids_are_scattered_over_the_table() -> None:
+    ids = SyntheticCriteo(SMALL).batch("train", 0, 8192).sparse_features["cat_3"].values()
+    counts = torch.bincount(ids, minlength=30000)
+    top = torch.topk(counts, 10).indices
+    # Row-wise shards split the id range into blocks: the hot rows must not share one.
+    assert top.max() - top.min() > 30000 // 2
+    assert 0 not in top.tolist()
+
+
+def test_multi_hot_lengths_and_prefix_property() -> None:
+    fixed_cfg = dataclasses.replace(SMALL, hotness=[1, 3, 5, 2])
+    fixed = SyntheticCriteo(fixed_cfg).batch("train", 0, 400).sparse_features
+    variable = SyntheticCriteo(dataclasses.replace(fixed_cfg, variable_hotness=True)).batch(
+        "train", 0, 400
+    )
+    for key, hot, cardinality in zip(fixed.keys(), [1, 3, 5, 2], SMALL.cardinalities, strict=True):
+        assert torch.all(fixed[key].lengths() == hot)
+        lengths = variable.sparse_features[key].lengths()
+        assert lengths.min() >= 1 and lengths.max() <= hot
+        if hot > 1:
+            assert set(lengths.tolist()) == set(range(1, hot + 1))
+        values = variable.sparse_features[key].values()
+        assert values.max() < cardinality
+        # A shorter bag holds the first ids of the full bag: ids never depend on the length.
+        full = fixed[key].values().view(400, hot)
+        mask = torch.arange(hot) < lengths.unsqueeze(1)
+        torch.testing.assert_close(values, full[mask], rtol=0, atol=0)
+
+
+def test_batch_feeds_an_embedding_bag_collection() -> None:
+    cfg = dataclasses.replace(SMALL, hotness=[2], variable_hotness=True)
+    data = SyntheticCriteo(cfg)
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=f"t_{name}", embedding_dim=4, num_embeddings=rows, feature_names=[name]
+            )
+            for name, rows in zip(data.feature_names, data.cardinalities, strict=True)
+        ]
+    )
+    pooled = ebc(data.batch("train", 0, 16).sparse_features)
+    assert pooled.values().shape == (16, 4 * len(data.feature_names))
+
+
+def test_zipf_sampler_follows_its_law() -> None:
+    tables = ZipfTables([20, 3 << 20], exponent=1.2, seed=0)
+    u = torch.rand(200_000, 2, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ranks = tables.ranks(u)
+    assert ranks.min() >= 0 and ranks[:, 0].max() < 20 and ranks[:, 1].max() < 3 << 20
+    freq = torch.bincount(ranks[:, 0, 0], minlength=20).double() / u.shape[0]
+    torch.testing.assert_close(freq, tables.head_probabilities(0), atol=4e-3, rtol=0)
+    # The huge table's tail beyond the tabulated head is sampled with the right mass.
+    tail_share = (ranks[:, 1] >= 1 << 20).double().mean()
+    expected = 1.0 - tables.head_probabilities(1).sum()
+    assert abs(float(tail_share) - float(expected)) < 5e-3
+
+
+def test_scales_are_the_standard_deviations_of_the_logit_terms() -> None:
+    cfg = SyntheticDataConfig()
+    logits = torch.logit(SyntheticCriteo(cfg).click_probability("train", 0, 50_000))
+    expected = (
+        cfg.dense_scale**2
+        + cfg.dense_nonlinear_scale**2
+        + cfg.first_order_scale**2
+        + cfg.interaction_scale**2
+    ) ** 0.5
+    assert abs(float(logits.std()) / expected - 1.0) < 0.05
+    assert abs(float(logits.mean()) - cfg.base_logit) < 0.05
+
+
+def test_labels_are_drawn_from_the_click_probability() -> None:
+    data = SyntheticCriteo(SMALL)
+    probs = data.click_probability("train", 0, 50_000)
+    labels = data.batch("train", 0, 50_000).labels.double()
+    assert abs(float(labels.mean() - probs.mean())) < 0.005
+    confident = probs > 0.5
+    assert abs(float(labels[confident].mean() - probs[confident].mean())) < 0.02
+
+
+def test_default_calibration(default_data: SyntheticCriteo) -> None:
+    labels = default_data.batch("eval", 0, default_data.num_eval_samples).labels
+    assert 0.03 <= float(labels.mean()) <= 0.25
+    assert 0.75 <= default_data.oracle_auc() <= 0.85
+
+
+def one_hot_features(
+    data: SyntheticCriteo, split: str, size: int
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Dense features, their squares, and one-hot ids: everything a linear model can use."""
+    batch = data.batch(split, 0, size)
+    dense = batch.dense_features.numpy()
+    offsets = np.cumsum([0, *data.cardinalities[:-1]])
+    kjt = batch.sparse_features
+    columns = np.stack(
+        [kjt[k].values().numpy() + offsets[f] for f, k in enumerate(data.feature_names)], 1
+    )
+    rows = np.repeat(np.arange(size), len(data.feature_names))
+    one_hot = sp.csr_matrix(
+        (np.ones(columns.size), (rows, columns.ravel())), shape=(size, sum(data.cardinalities))
+    )
+    return sp.hstack(
+        [sp.csr_matrix(np.hstack([dense, dense**2])), one_hot]
+    ).tocsr(), batch.labels.numpy()
+
+
+def test_interactions_defeat_a_linear_model(default_data: SyntheticCriteo) -> None:
+    x_train, y_train = one_hot_features(default_data, "train", 80_000)
+    num_eval = 32768
+    x_eval, y_eval = one_hot_features(default_data, "eval", num_eval)
+    linear = LogisticRegression(C=0.1, max_iter=100).fit(x_train, y_train)
+    linear_auc = roc_auc_score(y_eval, linear.predict_proba(x_eval)[:, 1])
+    oracle_auc = roc_auc_score(y_eval, default_data.click_probability("eval", 0, num_eval).numpy())
+    assert linear_auc > 0.6, "the linear model should still learn the dense and first-order effects"
+    assert linear_auc <= oracle_auc - 0.02
+
+
+def test_invalid_configs_name_the_key() -> None:
+    with pytest.raises(ValueError, match="data.hotness"):
+        SyntheticCriteo(dataclasses.replace(SMALL, hotness=[1, 2]))
+    with pytest.raises(ValueError, match="data.cardinalities"):
+        SyntheticCriteo(dataclasses.replace(SMALL, cardinalities=[10, 0]))
+    with pytest.raises(ValueError, match="data.num_interactions"):
+        SyntheticCriteo(dataclasses.replace(SMALL, num_interactions=50))
+    with pytest.raises(ValueError, match="num_eval_samples"):
+        SyntheticCriteo(SMALL).batch("eval", 4000, 100)
+    with pytest.raises(ValueError, match="split"):
+        SyntheticCriteo(SMALL).batch("test", 0, 1)

@@ -1,0 +1,149 @@
+"""End of training: export the quantized serving model and check it (``trainer.export``).
+
+Every rank sends its table shards to rank 0 (``gather_full_state``); rank 0
+alone then
+
+1. builds the unsharded fp32 model on cpu and loads the gathered weights;
+2. quantizes it (``quantize_for_serving``) with the QAT bits of the run, or
+   ``trainer.export_bits`` for every table when QAT was off (post-training
+   quantization, the baseline QAT is meant to beat), and saves it to
+   ``exported_model.pt``;
+3. evaluates it on the whole eval set, and the trained model's own eval forward
+   on the same samples: the fp32 model with its QAT tables fake-quantized
+   (exactly what QAT's eval computes, row by row), or plain fp32 without QAT.
+
+``summary.json`` gets a nested ``"export"`` entry::
+
+    "export": {"auc": 0.74, "logloss": 0.48, "bytes": 1234, "fp32_bytes": 4567,
+               "bits": {"t_cat_0": 4, ...}, "max_abs_logit_diff": 0.0,
+               "path": "exported_model.pt"}
+
+``max_abs_logit_diff`` is ~0 with QAT (serving sees what training saw) and the
+post-training quantization error without it. Rank 0 broadcasts the result (or
+its error) so all ranks return, or raise, together.
+
+Example::
+
+    summary = export_step(cfg, model=built.model, env=env, source=source,
+                          run_dir=run_dir, summary=summary, logger=logger)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.classification import binary_auroc
+
+from compression.export import (
+    fake_quantize_tables,
+    gather_full_state,
+    model_bytes,
+    quantize_for_serving,
+    save_exported,
+)
+from sharding import DistEnv
+from trainer.build import build_unsharded
+from trainer.config import Config, qat_bits, resolved_tables
+from trainer.data import SyntheticCriteo, eval_batches
+from trainer.logger import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "exported_model.pt"
+
+
+def export_bits(cfg: Config) -> dict[str, int]:
+    """The QAT bits per table, or ``trainer.export_bits`` for all when QAT was off."""
+    bits = qat_bits(cfg)
+    if bits:
+        return bits
+    return {t.name: cfg.trainer.export_bits for t in resolved_tables(cfg)}
+
+
+def export_step(
+    cfg: Config,
+    *,
+    model: nn.Module,
+    env: DistEnv,
+    source: SyntheticCriteo,
+    run_dir: Path,
+    summary: dict[str, Any],
+    logger: MetricsLogger,
+) -> dict[str, Any]:
+    """Collective: exports on rank 0; returns ``summary`` with ``"export"`` on every rank."""
+    full_state = gather_full_state(model)
+    result: list[Any] = [None]
+    if full_state is not None:
+        try:
+            result[0] = _export_on_rank0(cfg, full_state, source=source, run_dir=run_dir)
+        except Exception as err:  # handed to every rank below, then raised everywhere
+            log.exception("export failed")
+            result[0] = f"{type(err).__name__}: {err}"
+    if dist.is_initialized() and env.world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], str):
+        raise RuntimeError(f"trainer.export failed on rank 0: {result[0]}")
+    summary = {**summary, "export": result[0]}
+    if env.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.summary({"export": result[0]})
+    return summary
+
+
+def _export_on_rank0(
+    cfg: Config, full_state: dict[str, torch.Tensor], *, source: SyntheticCriteo, run_dir: Path
+) -> dict[str, Any]:
+    bits = export_bits(cfg)
+    trained = build_unsharded(cfg, device=torch.device("cpu"))
+    trained.load_state_dict(full_state)
+    dlrm = trained.model  # the predictor, without DLRMTrain's loss
+    dlrm.eval()
+    exported = quantize_for_serving(dlrm, table_bits=bits)
+    save_exported(exported, run_dir / EXPORT_FILE)
+    fp32_bytes = model_bytes(dlrm)
+    # The trained model's eval forward: QAT tables hold their served rows.
+    fake_quantize_tables(dlrm, table_bits=qat_bits(cfg))
+    served_logits, trained_logits, labels = _eval_logits(
+        [exported, dlrm], source, batch_size=cfg.trainer.eval_batch_size
+    )
+    exported_bytes = model_bytes(exported)
+    result = {
+        "auc": float(binary_auroc(torch.sigmoid(served_logits), labels.long())),
+        "logloss": float(F.binary_cross_entropy_with_logits(served_logits, labels)),
+        "bytes": exported_bytes,
+        "fp32_bytes": fp32_bytes,
+        "bits": bits,
+        "max_abs_logit_diff": float((served_logits - trained_logits).abs().max()),
+        "path": EXPORT_FILE,
+    }
+    log.info(
+        "exported %s: auc %.4f, %d bytes (fp32 %d, %.2fx smaller), max |logit diff| %.3g",
+        EXPORT_FILE,
+        result["auc"],
+        exported_bytes,
+        fp32_bytes,
+        fp32_bytes / exported_bytes,
+        result["max_abs_logit_diff"],
+    )
+    return result
+
+
+@torch.no_grad()
+def _eval_logits(
+    models: list[nn.Module], source: SyntheticCriteo, *, batch_size: int
+) -> tuple[torch.Tensor, ...]:
+    """Each model's logits over the whole eval set (one process), then the labels."""
+    logits: list[list[torch.Tensor]] = [[] for _ in models]
+    labels = []
+    for batch in eval_batches(source, batch_size=batch_size, rank=0, world_size=1):
+        for out, m in zip(logits, models):
+            out.append(m(batch.dense_features, batch.sparse_features).flatten())
+        labels.append(batch.labels.flatten().float())
+    return (*(torch.cat(out) for out in logits), torch.cat(labels))

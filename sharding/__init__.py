@@ -10,7 +10,9 @@ The flow is plan-then-apply, as in torchrec::
     print(format_plan(plan))
     model = shard_model(model, plan=plan, env=env, sharders=sharders)
 
-This package never imports ``trainer``; it takes plain arguments.
+Library modules here never import ``trainer``; they take plain arguments.
+``python -m sharding.plan`` is the exception: an entry point, it composes the
+trainer's config like ``python -m trainer`` does.
 """
 
 from sharding.dist import DistEnv, destroy_distributed, init_distributed

@@ -41,8 +41,11 @@ def _not_fbgemm_info(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
 
 
-def format_summary(summary: dict) -> str:
-    keys = [
+EXPORT_KEYS = ["auc", "logloss", "bytes", "fp32_bytes", "max_abs_logit_diff"]
+
+
+def format_summary(summary: dict, keys: list[str] | None = None) -> str:
+    keys = keys or [
         "auc",
         "oracle_auc",
         "logloss",
@@ -79,6 +82,9 @@ def main(dict_cfg: DictConfig) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"\nsummary ({run_dir / 'summary.json'})")
         print(format_summary(summary))
+        if "export" in summary:
+            print("export (quantized serving model)")
+            print(format_summary(summary["export"], EXPORT_KEYS))
 
 
 if __name__ == "__main__":

@@ -306,6 +306,10 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
     _one_of("optim.dense_optimizer", o.dense_optimizer, DENSE_OPTIMIZERS)
     _one_of("trainer.pipeline", t.pipeline, PIPELINES)
     _one_of("precision", cfg.precision.name, ("fp32", "bf16", "fp16"))
+    _check(
+        t.export_bits in (2, 4, 8),
+        f"trainer.export_bits={t.export_bits}: use 8 or 4 (2 also works)",
+    )
     for key, value in [
         ("model.embedding_dim", m.embedding_dim),
         ("data.num_dense", d.num_dense),

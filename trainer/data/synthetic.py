@@ -117,6 +117,8 @@ def validate(cfg: SyntheticDataConfig) -> None:
         raise ValueError(f"data.zipf_exponent={cfg.zipf_exponent} must be >= 0 (0 is uniform)")
     if cfg.num_eval_samples < 1:
         raise ValueError(f"data.num_eval_samples={cfg.num_eval_samples} must be >= 1")
+    if cfg.num_interactions < 0:
+        raise ValueError(f"data.num_interactions={cfg.num_interactions} must be >= 0")
     if cfg.latent_dim < 1:
         raise ValueError(f"data.latent_dim={cfg.latent_dim} must be >= 1")
 
@@ -132,12 +134,11 @@ class SyntheticCriteo:
         self.cardinalities = list(cfg.cardinalities)
         self.hotness = cfg.hotness_per_feature()
         self.num_eval_samples = cfg.num_eval_samples
+        # A sample is [num_slots] wide: cat_0's bag slots, then cat_1's, ...
+        self._slot_features = torch.repeat_interleave(torch.tensor(self.hotness))
+        self._slot_positions = torch.cat([torch.arange(h) for h in self.hotness])
         self._tables = ZipfTables(self.cardinalities, exponent=cfg.zipf_exponent, seed=cfg.seed)
-        self._planted = PlantedModel(cfg, self._tables)
-        max_hotness = max(self.hotness)
-        self._slots = torch.arange(max_hotness)
-        # Slots past a feature's hotness are padding in the [size, F, H] layout.
-        self._slot_limits = torch.tensor(self.hotness, dtype=torch.int64).view(1, -1, 1)
+        self._planted = PlantedModel(cfg, self._tables, self._slot_features)
         self._oracle_auc: float | None = None
 
     @property
@@ -149,21 +150,19 @@ class SyntheticCriteo:
         """Samples ``[start, start + size)`` of ``split`` ("train" or "eval")."""
         dense, ranks, mask = self._draw(split, start, size)
         probs = torch.sigmoid(self._planted.logits(dense, ranks, mask))
-        labels = (
-            uniform(stream_key(self.cfg.seed, split, "label"), self._indices(start, size)) < probs
-        )
+        u_label = uniform(stream_key(self.cfg.seed, split, "label"), self._indices(start, size))
+        ids = self._tables.ids(ranks, self._slot_features)
         # torchrec's jagged layout is feature-major: all of cat_0's bags, then cat_1's, ...
-        ids = self._tables.ids(ranks).transpose(0, 1)
-        mask = mask.transpose(0, 1)
+        ends = torch.tensor(self.hotness).cumsum(0).tolist()
+        values = [ids[:, e - h : e][mask[:, e - h : e]] for e, h in zip(ends, self.hotness)]
+        lengths = [mask[:, e - h : e].sum(1, dtype=torch.int32) for e, h in zip(ends, self.hotness)]
         sparse = KeyedJaggedTensor.from_lengths_sync(
-            keys=self.feature_names,
-            values=ids[mask],
-            lengths=mask.sum(2, dtype=torch.int32).reshape(-1),
+            keys=self.feature_names, values=torch.cat(values), lengths=torch.cat(lengths)
         )
         return Batch(
             dense_features=dense.to(torch.float32),
             sparse_features=sparse,
-            labels=labels.to(torch.float32),
+            labels=(u_label < probs).to(torch.float32),
         )
 
     def click_probability(self, split: str, start: int, size: int) -> torch.Tensor:
@@ -189,27 +188,26 @@ class SyntheticCriteo:
     def _draw(
         self, split: str, start: int, size: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense features ``[size, D]`` (float64), ranks and slot mask ``[size, F, H]``."""
+        """Dense features ``[size, D]`` (float64), ranks and slot mask ``[size, num_slots]``."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; use one of {SPLITS}")
         if start < 0 or size < 0:
             raise ValueError(f"start={start} and size={size} must be >= 0")
         if split == "eval" and start + size > self.num_eval_samples:
             raise ValueError(
-                f"eval samples [{start}, {start + size}) exceed data.num_eval_samples={self.num_eval_samples}"
+                f"eval samples [{start}, {start + size}) exceed "
+                f"data.num_eval_samples={self.num_eval_samples}"
             )
         seed = self.cfg.seed
-        idx = self._indices(start, size)
-        dense = normal(
-            stream_key(seed, split, "dense"), idx.view(-1, 1), torch.arange(self.num_dense)
-        )
-        features = torch.arange(len(self.cardinalities)).view(1, -1, 1)
-        # A slot's id depends on (sample, feature, slot) only, never on the hotness
-        # of other features or on the bag length.
-        u = uniform(stream_key(seed, split, "ids"), idx.view(-1, 1, 1), features, self._slots)
-        ranks = self._tables.ranks(u)
-        limits = self._slot_limits
-        if self.cfg.variable_hotness:
-            u_length = uniform(stream_key(seed, split, "bag_length"), idx.view(-1, 1, 1), features)
-            limits = 1 + torch.floor(u_length * limits).to(torch.int64)
-        return dense, ranks, (self._slots < limits).expand_as(ranks)
+        idx = self._indices(start, size).unsqueeze(1)
+        dense = normal(stream_key(seed, split, "dense"), idx, torch.arange(self.num_dense))
+        # A slot's id depends on (sample, feature, position in the bag) only: not on
+        # the hotness of other features, nor on the bag's length.
+        u = uniform(stream_key(seed, split, "ids"), idx, self._slot_features, self._slot_positions)
+        ranks = self._tables.ranks(u, self._slot_features)
+        if not self.cfg.variable_hotness:
+            return dense, ranks, torch.ones_like(ranks, dtype=torch.bool)
+        features = torch.arange(len(self.cardinalities))
+        u_length = uniform(stream_key(seed, split, "bag_length"), idx, features)
+        lengths = 1 + torch.floor(u_length * torch.tensor(self.hotness)).to(torch.int64)
+        return dense, ranks, self._slot_positions < lengths[:, self._slot_features]

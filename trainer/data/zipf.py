@@ -16,10 +16,11 @@ take most of the lookups.
 
 Example::
 
-    tables = ZipfTables([1000, 50], exponent=1.05, seed=0)
-    u = torch.rand(8, 2, 1, dtype=torch.float64)   # [samples, tables, slots]
-    ranks = tables.ranks(u)                        # int64, rank 0 is the hottest
-    ids = tables.ids(ranks)                        # int64 in [0, cardinality)
+    tables = ZipfTables([1000, 50], exponent=1.2, seed=0)
+    which = torch.tensor([0, 0, 1])                  # table of each column
+    u = torch.rand(8, 3, dtype=torch.float64)        # [samples, columns]
+    ranks = tables.ranks(u, which)                   # int64, rank 0 is the hottest
+    ids = tables.ids(ranks, which)                   # int64 in [0, cardinality)
 """
 
 from __future__ import annotations
@@ -30,47 +31,53 @@ import torch
 
 from trainer.data.rng import mix64_int, stream_key
 
-EXACT_RANKS = 1 << 20
+EXACT_RANKS = 1 << 16
 
 
 class ZipfTables:
     """Inverse-CDF sampler of frequency ranks plus the rank -> id bijections.
 
-    Tensors passed in and out have the table index on dimension 1.
+    ``ranks`` and ``ids`` take a ``tables`` index tensor that broadcasts
+    against their input and names each element's table.
     """
 
     def __init__(self, cardinalities: list[int], *, exponent: float, seed: int) -> None:
         self.cardinalities = list(cardinalities)
         self.exponent = exponent
-        self._head_lengths = [min(c, EXACT_RANKS) for c in cardinalities]
+        head_lengths = [min(c, EXACT_RANKS) for c in cardinalities]
         head_weights = [
-            torch.arange(1, n + 1, dtype=torch.float64).pow(-exponent) for n in self._head_lengths
+            torch.arange(1, n + 1, dtype=torch.float64).pow(-exponent) for n in head_lengths
         ]
         head_masses = [float(w.sum()) for w in head_weights]
         tail_masses = [
             self._integral(n + 0.5, c + 0.5)
-            for n, c in zip(self._head_lengths, cardinalities, strict=True)
+            for n, c in zip(head_lengths, cardinalities, strict=True)
         ]
-        self._total_masses = [h + t for h, t in zip(head_masses, tail_masses, strict=True)]
-        self._head_probabilities = [
-            w / m for w, m in zip(head_weights, self._total_masses, strict=True)
-        ]
-        self._head_fractions = torch.tensor(
-            [h / m for h, m in zip(head_masses, self._total_masses, strict=True)],
-            dtype=torch.float64,
-        )
+        total_masses = [h + t for h, t in zip(head_masses, tail_masses, strict=True)]
+        self._head_probabilities = [w / m for w, m in zip(head_weights, total_masses, strict=True)]
         self._shifted_cdf = torch.cat(
             [f + torch.cumsum(p, 0) for f, p in enumerate(self._head_probabilities)]
         )
-        self._starts = torch.tensor([0, *self._head_lengths[:-1]]).cumsum(0)
-        self._tail_tables = [f for f, t in enumerate(tail_masses) if t > 0.0]
+
+        def as_tensor(values: list[float] | list[int]) -> torch.Tensor:
+            return torch.tensor(
+                values, dtype=torch.float64 if isinstance(values[0], float) else torch.int64
+            )
+
+        self._head_lengths = as_tensor(head_lengths)
+        self._starts = self._head_lengths.cumsum(0) - self._head_lengths
+        self._head_fractions = as_tensor(
+            [h / m for h, m in zip(head_masses, total_masses, strict=True)]
+        )
+        self._total_masses = as_tensor(total_masses)
+        self._has_tail = torch.tensor([t > 0.0 for t in tail_masses])
         bijections = [
             _affine_bijection(c, stream_key(seed, "id_bijection", f))
             for f, c in enumerate(cardinalities)
         ]
-        self._multipliers = torch.tensor([m for m, _ in bijections], dtype=torch.int64)
-        self._offsets = torch.tensor([b for _, b in bijections], dtype=torch.int64)
-        self._cardinality_tensor = torch.tensor(cardinalities, dtype=torch.int64)
+        self._multipliers = as_tensor([m for m, _ in bijections])
+        self._offsets = as_tensor([b for _, b in bijections])
+        self._cardinalities = as_tensor(cardinalities)
 
     def _integral(self, lo: float, hi: float) -> float:
         if hi <= lo:
@@ -84,41 +91,36 @@ class ZipfTables:
         """Probabilities of the exactly tabulated ranks (all ranks of small tables)."""
         return self._head_probabilities[table]
 
-    def ranks(self, u: torch.Tensor) -> torch.Tensor:
-        """Maps float64 uniforms in (0, 1), shaped ``[n, num_tables, ...]``, to int64 ranks."""
-        table_shape = (1, -1) + (1,) * (u.dim() - 2)
-        tables = torch.arange(len(self.cardinalities), dtype=torch.float64).view(table_shape)
-        positions = torch.searchsorted(self._shifted_cdf, (u + tables).reshape(-1)).view(u.shape)
-        ranks = positions - self._starts.view(table_shape)
+    def ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Maps float64 uniforms in (0, 1) of the given tables to int64 ranks."""
+        shifted = u + tables.to(torch.float64)
+        positions = torch.searchsorted(self._shifted_cdf, shifted.reshape(-1)).view(shifted.shape)
+        ranks = positions - self._starts[tables]
         # Past the last tabulated rank: float rounding, or the tail of a huge table.
-        ranks = torch.minimum(ranks, torch.tensor(self._head_lengths).view(table_shape) - 1).clamp_(
-            min=0
-        )
-        for f in self._tail_tables:
-            u_f = u[:, f]
-            in_tail = u_f > self._head_fractions[f]
-            tail_mass = (u_f - self._head_fractions[f]) * self._total_masses[f]
-            ranks[:, f] = torch.where(in_tail, self._tail_ranks(f, tail_mass), ranks[:, f])
+        ranks = torch.minimum(ranks, self._head_lengths[tables] - 1).clamp_(min=0)
+        in_tail = self._has_tail[tables] & (u > self._head_fractions[tables])
+        if in_tail.any():
+            tail_tables = tables.expand_as(ranks)[in_tail]
+            ranks[in_tail] = self._tail_ranks(u[in_tail], tail_tables)
         return ranks
 
-    def _tail_ranks(self, table: int, mass: torch.Tensor) -> torch.Tensor:
-        s, lo = self.exponent, self._head_lengths[table] + 0.5
+    def _tail_ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        s, lo = self.exponent, self._head_lengths[tables].to(torch.float64) + 0.5
+        mass = (u - self._head_fractions[tables]) * self._total_masses[tables]
         if s == 1.0:
             x = lo * torch.exp(mass)
         else:
             x = (lo ** (1.0 - s) + (1.0 - s) * mass).clamp(min=0.0).pow(1.0 / (1.0 - s))
         # x is a 1-based rank on the continuum; round to the nearest integer rank.
-        one_based = torch.floor(x + 0.5).clamp(
-            self._head_lengths[table] + 1, self.cardinalities[table]
-        )
-        return one_based.to(torch.int64) - 1
+        one_based = torch.floor(x + 0.5).to(torch.int64)
+        one_based = torch.maximum(one_based, self._head_lengths[tables] + 1)
+        return torch.minimum(one_based, self._cardinalities[tables]) - 1
 
-    def ids(self, ranks: torch.Tensor) -> torch.Tensor:
+    def ids(self, ranks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Scatters ranks over ``[0, cardinality)`` with each table's fixed bijection."""
-        shape = (1, -1) + (1,) * (ranks.dim() - 2)
-        return (
-            ranks * self._multipliers.view(shape) + self._offsets.view(shape)
-        ) % self._cardinality_tensor.view(shape)
+        return (ranks * self._multipliers[tables] + self._offsets[tables]) % self._cardinalities[
+            tables
+        ]
 
 
 def _affine_bijection(cardinality: int, key: int) -> tuple[int, int]:

@@ -20,9 +20,11 @@ Zipf-weighted mean of ``v_f`` and ``W_f`` whitens its covariance. So each term
 has mean 0 and, for single-hot features, exactly the configured standard
 deviation (``dense_scale``, ``dense_nonlinear_scale``, ``first_order_scale``,
 ``interaction_scale``, each the total over its term's features), whatever the
-seed; the click rate and the oracle AUC stay put when the seed changes.
-Centring also makes the interactions invisible to a model that is linear in
-one-hot ids: no id shifts the mean of an interaction on its own.
+seed, so the click rate and the oracle AUC barely move with it (12-13% and
+0.79-0.81 for the defaults over seeds 0-5). Centring also makes the
+interactions invisible to a model that is linear in one-hot ids: no id shifts
+the mean of an interaction on its own. The ``num_interactions`` pairs are drawn
+by the seed among pairs that include one small table (see ``select_pairs``).
 
 Per-row parameters are recomputed from hashes on every call; only a few
 numbers per table are stored, so any cardinality works (the standardising

@@ -12,7 +12,7 @@ TORCH    := torch==2.13.0
 FBGEMM   := fbgemm-gpu-cpu==1.8.0
 TORCHREC := torchrec==1.8.0
 
-.PHONY: help install train test test-slow lint format clean
+.PHONY: help install train test lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,11 +32,8 @@ $(STAMP): pyproject.toml Makefile
 train: $(STAMP)  ## train the built-in default (synthetic data, planted model) and print a summary
 	$(BIN)/python -m trainer $(ARGS)
 
-test: $(STAMP)  ## unit + multi-process (gloo) tests; SLURM/GPU tiers where available
+test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
-
-test-slow: $(STAMP)  ## the slow tier (longer end-to-end runs)
-	$(BIN)/python -m pytest -m slow $(ARGS)
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check .

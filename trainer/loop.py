@@ -78,6 +78,7 @@ class Trainer:
             desc="train",
             unit="step",
             dynamic_ncols=True,
+            mininterval=1.0,
         )
         last_eval: dict[str, float] = {}
         while self.step < s.num_steps:

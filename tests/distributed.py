@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -52,3 +55,28 @@ def run_ranks(
         start_method="spawn",
         join=True,
     )
+
+
+def torchrun_trainer(
+    *overrides: str, run_dir: Path, nproc: int = 2, timeout_s: int = 400
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone -m trainer`` with overrides; asserts it exited 0."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "trainer",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -33,7 +33,7 @@ from compression.export import (
     save_exported,
 )
 from tests.conftest import REPO
-from tests.distributed import free_port
+from tests.distributed import torchrun_trainer
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
 from trainer.build import build_unsharded
@@ -128,27 +128,9 @@ def test_quantize_for_serving_names_bad_tables_and_bits() -> None:
 
 @pytest.mark.dist
 def test_torchrun_qat_int4_export(tmp_path: Path) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "trainer",
-            "sharding=row_wise",
-            "qat=int4",
-            "trainer.export=true",
-            *TINY,
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    torchrun_trainer(
+        "sharding=row_wise", "qat=int4", "trainer.export=true", *TINY, run_dir=tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     export = summary["export"]
     assert export["bits"] == {f"t_cat_{i}": 4 for i in range(26)}

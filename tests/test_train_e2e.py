@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.distributed import free_port
+from tests.distributed import free_port, torchrun_trainer
 
 TINY = [
     "trainer=smoke",
@@ -66,25 +66,7 @@ def test_python_m_trainer_single_process(tmp_path: Path) -> None:
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["row_wise"])
 def test_torchrun_two_ranks_shards_the_tables(tmp_path: Path, strategy: str) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "trainer",
-            f"sharding={strategy}",
-            *TINY,
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_trainer(f"sharding={strategy}", *TINY, run_dir=tmp_path)
     plan = _check_outputs(tmp_path, world_size=2, strategy=strategy)
     shards = plan["plan"]["model.sparse_arch.embedding_bag_collection"]["t_cat_0"]["shards"]
     assert sorted(s["rank"] for s in shards) == [0, 1]

@@ -20,22 +20,15 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sharding.planner import HIERARCHICAL
+from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
 from trainer.data import SyntheticDataConfig
 from trainer.logger import LoggerConfig
 
 ARCHS = ("dlrm", "dlrm_dcnv2")
 POOLINGS = ("sum", "mean")
-STRATEGIES = (
-    "auto",
-    "table_wise",
-    "row_wise",
-    "column_wise",
-    "table_row_wise",
-    "table_column_wise",
-    "grid",
-    "data_parallel",
-)
-HIERARCHICAL = ("table_row_wise", "table_column_wise", "grid")
+# The strategy names are the sharding package's (the only place they are defined).
+STRATEGIES = PLANNER_STRATEGIES
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm_caching")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")

@@ -12,7 +12,7 @@ TORCH    := torch==2.13.0
 FBGEMM   := fbgemm-gpu-cpu==1.8.0
 TORCHREC := torchrec==1.8.0
 
-.PHONY: help install train test lint format clean
+.PHONY: help install train test compression-report lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,13 @@ train: $(STAMP)  ## train the built-in default (synthetic data, planted model) a
 
 test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+REPORT_DIR := outputs/compression-report
+compression-report: $(STAMP)  ## fp32, bf16, int8/int4 PTQ and QAT on the default data: table + PNG
+	$(BIN)/python -m trainer -m \
+	  experiment=compression/fp32_ptq8,compression/fp32_ptq4,compression/bf16,compression/int8_qat,compression/int4_qat \
+	  hydra.sweep.dir=$(REPORT_DIR) trainer.progress_bar=false $(ARGS)
+	$(BIN)/python scripts/compression_report.py $(REPORT_DIR)
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check .

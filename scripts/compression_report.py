@@ -1,0 +1,115 @@
+"""Compression report: read a sweep's summaries, print a table, save a PNG.
+
+``make compression-report`` runs the sweep (Hydra multirun over
+``conf/experiment/compression/*``: same data, seed and steps) and then this
+script. The fp32 run's post-training int8/int4 exports are the PTQ rows.
+
+Example::
+
+    python scripts/compression_report.py outputs/compression-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def rows_from(sweep_dir: Path) -> list[dict]:
+    """One row per configuration: training rows, then each export as its own row."""
+    runs: dict[str, dict] = {}
+    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+        overrides = (summary_path.parent / ".hydra" / "overrides.yaml").read_text()
+        name = overrides.split("experiment=compression/")[1].split()[0].strip("'\"")
+        runs[name] = json.loads(summary_path.read_text())
+    if not runs:
+        raise SystemExit(f"no */summary.json under {sweep_dir}; run `make compression-report`")
+    rows = []
+
+    def add(label: str, s: dict, *, served: dict | None) -> None:
+        rows.append(
+            {
+                "config": label,
+                "auc": (served or s)["auc"],
+                "logloss": (served or s)["logloss"],
+                "embedding_bytes": s["embedding_bytes"],
+                "exported_bytes": served["bytes"] if served else None,
+                "samples_per_sec": s["samples_per_sec"],
+            }
+        )
+
+    if "fp32_ptq8" in runs:
+        add("fp32", runs["fp32_ptq8"], served=None)
+        rows[-1]["exported_bytes"] = runs["fp32_ptq8"]["export"]["fp32_bytes"]
+    if "bf16" in runs:
+        add("bf16", runs["bf16"], served=None)
+    for label, key in [
+        ("int8-PTQ", "fp32_ptq8"),
+        ("int8-QAT", "int8_qat"),
+        ("int4-PTQ", "fp32_ptq4"),
+        ("int4-QAT", "int4_qat"),
+    ]:
+        if key in runs:
+            add(label, runs[key], served=runs[key]["export"])
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        f"{'config':<10} {'AUC':>8} {'log loss':>9} {'emb bytes':>11} "
+        f"{'exported':>11} {'samples/s':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        exported = f"{r['exported_bytes']:>11,}" if r["exported_bytes"] else f"{'-':>11}"
+        lines.append(
+            f"{r['config']:<10} {r['auc']:>8.4f} {r['logloss']:>9.4f} "
+            f"{r['embedding_bytes']:>11,} {exported} {r['samples_per_sec']:>10,.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path) -> Path:
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for r in rows:
+        size = r["exported_bytes"] or r["embedding_bytes"]
+        ax.scatter(size / 2**20, r["auc"], s=40)
+        ax.annotate(
+            r["config"],
+            (size / 2**20, r["auc"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=9,
+        )
+    ax.set_xlabel("model bytes, MiB (exported where quantized)")
+    ax.set_ylabel("eval AUC")
+    ax.set_title("shardrec: AUC against model size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args()
+    rows = rows_from(args.sweep_dir)
+    table = format_table(rows)
+    print(table)
+    (args.sweep_dir / "report.txt").write_text(table + "\n")
+    (args.sweep_dir / "report.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nplot: {plot(rows, args.sweep_dir / 'auc_vs_bytes.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,8 +50,8 @@ from trainer.config import (
     resolved_tables,
     to_config,
 )
-from trainer.config import validate as validate_config
 from trainer.run_dir import register_resolvers
+from trainer.validate import validate as validate_config
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 3

@@ -16,9 +16,8 @@ from trainer.config import (
     ConfigError,
     TableConfig,
     to_config,
-    validate,
-    validate_for_device,
 )
+from trainer.validate import validate, validate_for_device
 
 GROUPS = ["model", "data", "sharding", "topology", "precision", "qat", "optim", "trainer", "logger"]
 

@@ -29,9 +29,9 @@ from trainer.config import (
     pooling_factors,
     qat_bits,
     resolved_tables,
-    validate_for_device,
 )
 from trainer.models import build_model
+from trainer.validate import validate_for_device
 
 
 @dataclass

@@ -32,12 +32,13 @@ from sharding import destroy_distributed, format_plan, init_distributed, save_pl
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.state import local_table_bytes
 from trainer.build import build
-from trainer.config import Config, validate
+from trainer.config import Config
 from trainer.data import SyntheticCriteo
 from trainer.export_step import export_step
 from trainer.logger import make_logger
 from trainer.loop import Trainer
 from trainer.run_dir import agree_on_run_dir
+from trainer.validate import validate
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from sharding.dmp import fuse_embedding_optimizer
 from sharding.estimate import PlanCapture, rank_estimates, table_estimates
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.memory_plot import plot_rank_memory
+from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
 from trainer.build import build_unsharded
 from trainer.config import (
@@ -190,23 +190,9 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
     )
 
 
-def _quiet() -> None:
-    # torch/torchrec chatter a user can do nothing about.
-    for module in ("torchrec", "torch.distributed", "fbgemm_gpu", "torch.fx"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
-    for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # The planner warns on the root logger for every data-parallel table, which
-    # has no sharding spec by design.
-    logging.getLogger().addFilter(
-        lambda record: not record.getMessage().startswith("Sharding spec not found")
-    )
-
-
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _run(dict_cfg: DictConfig) -> None:
-    _quiet()
+    quiet_libraries(level=logging.ERROR)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = plan_cluster(to_config(dict_cfg), run_dir=run_dir)

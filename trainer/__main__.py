@@ -7,39 +7,17 @@ traceback from deep inside torchrec.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from sharding.quiet import quiet_libraries
 from trainer.config import ConfigError, register_configs, to_config
 from trainer.run_dir import register_resolvers
-
-# torch and torchrec deprecation chatter that a user can do nothing about.
-for _module in ("torchrec", "torch.distributed", "fbgemm_gpu", "torch.fx"):
-    warnings.filterwarnings("ignore", category=FutureWarning, module=_module)
-warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
-warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation.*")
-
-
-def quiet_libraries() -> None:
-    """torchrec logs every pipeline refill at INFO; keep the console for our progress."""
-    for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    # FBGEMM logs each kernel's full argument list through the root logger.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_not_fbgemm_info)
-
-
-def _not_fbgemm_info(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "fbgemm_gpu" not in record.pathname
-
 
 EXPORT_KEYS = ["auc", "logloss", "bytes", "fp32_bytes", "max_abs_logit_diff"]
 

@@ -19,6 +19,8 @@ Example::
     rows = table[ids]                          # (num_ids, dim) fp32
     served = fake_quantize_rows(rows, bits=4)  # what the int4 model will look up
     ste = fake_quantize_ste(weight, bits=4)    # same forward, gradient passes straight
+    # A column slice of rows whose other columns live elsewhere (column-wise shards):
+    part = fake_quantize_columns(rows[:, :8], row_min, row_max, bits=4)
 """
 
 from __future__ import annotations
@@ -73,3 +75,31 @@ def fake_quantize_ste(weight: Tensor, bits: int) -> Tensor:
     perturbed by a rounding of ``w + (fq - w)``.
     """
     return fake_quantize_rows(weight.detach(), bits) + (weight - weight.detach())
+
+
+# Width the padded slice is rounded up to: FBGEMM needs each fused row's byte
+# count to keep the fp16 scale/bias aligned; 16 columns is enough for 2/4/8 bits.
+_COLUMN_ALIGN = 16
+
+
+@torch.no_grad()
+def fake_quantize_columns(cols: Tensor, row_min: Tensor, row_max: Tensor, bits: int) -> Tensor:
+    """``fake_quantize_rows`` of whole rows, restricted to the columns in ``cols``.
+
+    ``cols`` is ``(num_rows, width)``, some columns of each row; ``row_min`` and
+    ``row_max`` (``(num_rows,)``) are the whole rows' minimum and maximum, which
+    are all the row-wise format depends on besides an element's own value. The
+    slice is extended by ``[row_min, row_max]`` (and ``row_min`` padding), so
+    FBGEMM's own quantizer sees the whole row's range and quantizes every slice
+    element exactly as it would in the whole row; the extra columns are dropped.
+    """
+    if cols.dim() != 2 or row_min.shape != cols.shape[:1] or row_max.shape != cols.shape[:1]:
+        raise ValueError(
+            f"fake_quantize_columns takes (num_rows, width) columns and (num_rows,) min/max, "
+            f"got {tuple(cols.shape)}, {tuple(row_min.shape)}, {tuple(row_max.shape)}"
+        )
+    width = cols.shape[1]
+    pad = -(width + 2) % _COLUMN_ALIGN
+    lo, hi = row_min.to(cols.dtype)[:, None], row_max.to(cols.dtype)[:, None]
+    extended = torch.cat([cols, lo, hi, lo.expand(-1, pad)], dim=1)
+    return fake_quantize_rows(extended, bits)[:, :width]

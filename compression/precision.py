@@ -2,11 +2,14 @@
 
 ``precision=fp32|bf16|fp16`` resolves, per device, into a :class:`Precision`:
 
-- dense layers run under ``torch.autocast``: bf16 anywhere. fp16 needs a
-  gradient scaler, and the fused table optimizer runs *inside* backward, where it
-  would see the scaled (possibly inf) gradients before the scaler could skip the
-  step; so fp16 dense compute falls back to bf16 on CPU (with a warning) and is
-  refused on CUDA until that is solved;
+- dense layers run under ``torch.autocast``: bf16 anywhere; fp16 on CUDA, with a
+  dynamic loss scale (``loss_scaling``). The fused table optimizer runs *inside*
+  backward, before any ``GradScaler.step`` could skip it, so
+  compression/grad_scale.py unscales the tables' gradient at the sparse arch's
+  output and zeroes it on overflow (a zero gradient leaves FBGEMM's row-wise
+  Adagrad row and state unchanged). On CPU, fp16 dense compute falls back to bf16
+  (with a warning) unless ``fp16_on_cpu`` asks for the CUDA path, which is how
+  the tests exercise it (it has not yet been run on a GPU);
 - table weights are stored in fp16 or bf16 inside FBGEMM's fused kernel, which
   rounds the fused optimizer's updates stochastically (``stochastic_rounding``)
   so small updates are not lost. FBGEMM's CPU kernel has no bf16 tables, so on
@@ -45,6 +48,8 @@ class Precision:
     name: str
     autocast_dtype: torch.dtype | None
     table_data_type: DataType
+    # fp16 autocast: scale the loss (compression/grad_scale.py) so gradients do not underflow.
+    loss_scaling: bool = False
 
     @property
     def fused_params(self) -> dict[str, Any]:
@@ -54,20 +59,20 @@ class Precision:
         return {"stochastic_rounding": True}
 
 
-def resolve_precision(name: str, *, device_type: str) -> Precision:
-    """What ``name`` means on this device, warning where a fallback applies."""
+def resolve_precision(name: str, *, device_type: str, fp16_on_cpu: bool = False) -> Precision:
+    """What ``name`` means on this device, warning where a fallback applies.
+
+    ``fp16_on_cpu`` runs fp16 on CPU as on CUDA (fp16 autocast and loss scaling)
+    instead of falling back to bf16 dense compute: slow, but the same numerics.
+    """
     if name not in PRECISIONS:
         raise ValueError(f"precision={name!r} is not known; use one of {', '.join(PRECISIONS)}")
     dense, tables = name, name
-    if name == "fp16" and device_type == "cuda":
-        raise ValueError(
-            "precision=fp16 on CUDA needs a gradient scaler, which the fused table "
-            "optimizer (run inside backward) cannot honour yet; use precision=bf16"
-        )
-    if name == "fp16":
+    if name == "fp16" and device_type != "cuda" and not fp16_on_cpu:
         log.warning(
-            "precision=fp16: dense layers run bf16 autocast on CPU (fp16 needs a gradient "
-            "scaler); tables are stored in fp16"
+            "precision=fp16: dense layers run bf16 autocast on CPU (pass "
+            "precision.fp16_on_cpu=true for fp16 with loss scaling, as on CUDA); tables "
+            "are stored in fp16"
         )
         dense = "bf16"
     if device_type == "cpu" and name == "bf16":
@@ -80,6 +85,7 @@ def resolve_precision(name: str, *, device_type: str) -> Precision:
         name=name,
         autocast_dtype=_DTYPES[dense],
         table_data_type=_TABLE_TYPES[tables],
+        loss_scaling=dense == "fp16",
     )
 
 

@@ -20,8 +20,19 @@ Eval forwards run the same hooks, so evaluation sees the quantized model.
 (With weighted features, the gradient of the per-id weights would be taken at
 the master rows; the models here have none.)
 
-Column-wise (and table-column-wise, grid) shards are refused: serving takes
-each row's min/max over all its columns, which other ranks hold.
+Column-wise (and table-column-wise, grid) shards hold some columns of each
+row, but serving quantizes whole rows: the scale and bias come from the row's
+minimum and maximum over all its columns. For those tables every forward first
+takes the looked-up rows' min/max over the local columns, then one all-reduce
+(``MIN`` over ``[min, -max]``) among the ranks holding the other column slices
+of the same rows (a process group per table and row block, made once from the
+plan), and quantizes the local columns against the whole row's range with
+:func:`fake_quantize_columns` (FBGEMM's own quantizer, bit for bit). All column
+slices of a table receive the same ids in the same order (the input
+distribution sends a feature to each of its table's column shards alike), so
+the all-reduced rows line up. The all-reduces run in one order on every rank
+(lookups by sharding type, then kernels, then table name), so they cannot
+deadlock.
 
 The kernel receives ids after input distribution: global ids for table-wise
 and data-parallel shards, shard-local ids for row-wise shards, which index the
@@ -46,27 +57,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     DenseTableBatchedEmbeddingBagsCodegen,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.types import ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression.fake_quant import check_bits, fake_quantize_rows
+from compression.fake_quant import check_bits, fake_quantize_columns, fake_quantize_rows
 
 # Shards holding a slice of each row's columns: serving's per-row min/max spans
-# columns other ranks hold.
+# columns other ranks may hold.
 _COLUMN_SLICED = {
     ShardingType.COLUMN_WISE.value,
     ShardingType.TABLE_COLUMN_WISE.value,
     ShardingType.GRID_SHARD.value,
 }
 
+
+# The column slices of one table's rows (table name, first row): they share a
+# row range, and the rows' min/max is all-reduced among the ranks holding them.
+SliceKey = tuple[str, int]
 
 # FBGEMM's training TBEs: fused (optimizer in backward) and dense (autograd grads).
 _TBES = (SplitTableBatchedEmbeddingBagsCodegen, DenseTableBatchedEmbeddingBagsCodegen)
@@ -77,11 +94,18 @@ class LookupFakeQuant:
 
     ``weights`` are the TBE's per-table views (``split_embedding_weights()``),
     ``bits`` the format per local table (None: stays fp32), ``feature_table_map``
-    the local table each of the kernel's features reads.
+    the local table each of the kernel's features reads. ``slices`` names, per
+    local table, the :data:`SliceKey` of a column slice (None: whole rows), and
+    ``groups`` the process group of each key (None: all its slices are local).
     """
 
     def __init__(
-        self, weights: list[Tensor], bits: list[int | None], feature_table_map: list[int]
+        self,
+        weights: list[Tensor],
+        bits: list[int | None],
+        feature_table_map: list[int],
+        slices: list[SliceKey | None] | None = None,
+        groups: dict[SliceKey, ProcessGroup | None] | None = None,
     ) -> None:
         # .data: same storage, own version counter. FBGEMM saves its weights for
         # backward; writes through the views it hands out would fail autograd's
@@ -89,6 +113,8 @@ class LookupFakeQuant:
         self._weights = [w.data for w in weights]
         self._bits = bits
         self._feature_table_map = feature_table_map
+        self._slices = slices or [None] * len(weights)
+        self._groups = groups or {}
         self._saved: list[tuple[Tensor, Tensor, Tensor]] = []
 
     @torch.no_grad()
@@ -99,16 +125,43 @@ class LookupFakeQuant:
             if self._bits[table] is not None:
                 start, end = offset_per_key[feature], offset_per_key[feature + 1]
                 ids_per_table[table].append(values[start:end])
+        masters: dict[int, tuple[Tensor, Tensor]] = {}
         for table, chunks in ids_per_table.items():
             # Repeated ids are kept (no torch.unique, a device sync on CUDA): their
             # saved and quantized rows are equal, so repeated writes agree.
             ids = torch.cat(chunks).long()
-            if ids.numel() == 0:
-                continue
+            if ids.numel() > 0:
+                masters[table] = (ids, self._weights[table].index_select(0, ids))
+        ranges = self._row_ranges(masters)
+        for table, (ids, master) in masters.items():
+            bits, key = self._bits[table], self._slices[table]
+            if key is None:
+                served = fake_quantize_rows(master, bits)
+            else:
+                served = fake_quantize_columns(master, *ranges[key], bits=bits)
             weight = self._weights[table]
-            master = weight.index_select(0, ids)
-            weight.index_copy_(0, ids, fake_quantize_rows(master, self._bits[table]))
+            weight.index_copy_(0, ids, served)
             self._saved.append((weight, ids, master))
+
+    def _row_ranges(self, masters: dict[int, tuple[Tensor, Tensor]]) -> dict[SliceKey, Any]:
+        """Whole-row (min, max) of the looked-up rows of every column-sliced table."""
+        ranges: dict[SliceKey, tuple[Tensor, Tensor]] = {}
+        for table, (_ids, master) in masters.items():
+            key = self._slices[table]
+            if key is None:
+                continue
+            lo, hi = master.amin(dim=1), master.amax(dim=1)
+            if key in ranges:  # another slice of the same rows on this rank: same ids
+                lo, hi = torch.minimum(ranges[key][0], lo), torch.maximum(ranges[key][1], hi)
+            ranges[key] = (lo, hi)
+        for key in sorted(ranges):  # one order on every rank
+            group = self._groups.get(key)
+            if group is not None:
+                lo, hi = ranges[key]
+                both = torch.stack([lo, -hi])
+                dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+                ranges[key] = (both[0], -both[1])
+        return ranges
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -143,16 +196,10 @@ def enable_embedding_qat(model: nn.Module, *, bits: int | dict[str, int]) -> QAT
     sharding_types = _sharding_types(model)
     bits_by_table = _bits_by_table(bits, sharding_types)
     column_sliced = sorted(t for t in bits_by_table if sharding_types[t] in _COLUMN_SLICED)
-    if column_sliced:
-        raise NotImplementedError(
-            f"qat with column_wise sharding needs each row's min/max over all its columns, "
-            f"which other ranks hold (tables {column_sliced}); that is a per-forward "
-            f"all-reduce across the table's column shards, not built yet. Shard these "
-            f"tables table_wise or row_wise, or leave them out of the qat bits"
-        )
+    groups = _slice_groups(model, column_sliced)
     handle = QATHandle(bits=bits_by_table)
     for kernel in _kernels(model):
-        hooks = _hook_kernel(kernel, bits_by_table)
+        hooks = _hook_kernel(kernel, bits_by_table, groups)
         if hooks:
             handle._hooks += hooks
             handle.local_tables += [
@@ -192,6 +239,26 @@ def _sharding_types(model: nn.Module) -> dict[str, str]:
     return types
 
 
+def _slice_groups(model: nn.Module, tables: list[str]) -> dict[SliceKey, ProcessGroup | None]:
+    """A process group per column-sliced row block held on more than one rank.
+
+    Made from the plan, which every rank holds whole, in one order on every rank:
+    ``new_group`` is a collective of the whole world.
+    """
+    ranks: dict[SliceKey, set[int]] = defaultdict(set)
+    for m in model.modules():
+        if isinstance(m, ShardedEmbeddingBagCollection):
+            for table, ps in m.module_sharding_plan.items():
+                if table in tables:
+                    for shard in ps.sharding_spec.shards:
+                        ranks[(table, shard.shard_offsets[0])].add(shard.placement.rank())
+    groups: dict[SliceKey, ProcessGroup | None] = {}
+    for key in sorted(ranks):
+        members = sorted(ranks[key])
+        groups[key] = dist.new_group(members) if len(members) > 1 else None
+    return groups
+
+
 def _bits_by_table(bits: int | dict[str, int], sharding_types: dict[str, str]) -> dict[str, int]:
     if isinstance(bits, int):
         bits = dict.fromkeys(sharding_types, bits)
@@ -206,7 +273,11 @@ def _bits_by_table(bits: int | dict[str, int], sharding_types: dict[str, str]) -
     return dict(bits)
 
 
-def _hook_kernel(kernel: BaseBatchedEmbeddingBag, bits: dict[str, int]) -> list[RemovableHandle]:
+def _hook_kernel(
+    kernel: BaseBatchedEmbeddingBag,
+    bits: dict[str, int],
+    groups: dict[SliceKey, ProcessGroup | None],
+) -> list[RemovableHandle]:
     tables = kernel.config.embedding_tables
     table_bits = [bits.get(t.name) for t in tables]
     if all(b is None for b in table_bits):
@@ -215,7 +286,13 @@ def _hook_kernel(kernel: BaseBatchedEmbeddingBag, bits: dict[str, int]) -> list[
     # The kernel's features are its tables' features in order (as torchrec builds
     # the TBE's own feature_table_map).
     feature_table_map = [i for i, t in enumerate(tables) for _ in range(t.num_features())]
-    swap = LookupFakeQuant(kernel.split_embedding_weights(), table_bits, feature_table_map)
+    slices: list[SliceKey | None] = []
+    for t in tables:
+        key = (t.name, t.local_metadata.shard_offsets[0]) if t.local_metadata else None
+        slices.append(key if key in groups else None)
+    swap = LookupFakeQuant(
+        kernel.split_embedding_weights(), table_bits, feature_table_map, slices, groups
+    )
 
     def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         features: KeyedJaggedTensor = args[0] if args else kwargs["features"]

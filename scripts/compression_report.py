@@ -41,6 +41,12 @@ def rows_from(sweep_dir: Path) -> list[dict]:
                 "logloss": (served or s)["logloss"],
                 "embedding_bytes": s["embedding_bytes"],
                 "exported_bytes": served["bytes"] if served else None,
+                # How many times smaller the tables are than fp32 (exports: as served).
+                "table_ratio": (
+                    served["fp32_table_bytes"] / served["table_bytes"]
+                    if served and "table_bytes" in served
+                    else None
+                ),
                 "samples_per_sec": s["samples_per_sec"],
             }
         )
@@ -48,8 +54,13 @@ def rows_from(sweep_dir: Path) -> list[dict]:
     if "fp32_ptq8" in runs:
         add("fp32", runs["fp32_ptq8"], served=None)
         rows[-1]["exported_bytes"] = runs["fp32_ptq8"]["export"]["fp32_bytes"]
+        rows[-1]["table_ratio"] = 1.0
     if "bf16" in runs:
         add("bf16", runs["bf16"], served=None)
+        if "fp32_ptq8" in runs:  # 16-bit tables while training
+            rows[-1]["table_ratio"] = (
+                runs["fp32_ptq8"]["embedding_bytes"] / runs["bf16"]["embedding_bytes"]
+            )
     for label, key in [
         ("int8-PTQ", "fp32_ptq8"),
         ("int8-QAT", "int8_qat"),
@@ -58,20 +69,25 @@ def rows_from(sweep_dir: Path) -> list[dict]:
     ]:
         if key in runs:
             add(label, runs[key], served=runs[key]["export"])
+    fp32_auc = rows[0]["auc"] if rows and rows[0]["config"] == "fp32" else None
+    for r in rows:
+        r["auc_vs_fp32"] = r["auc"] - fp32_auc if fp32_auc is not None else None
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'config':<10} {'AUC':>8} {'log loss':>9} {'emb bytes':>11} "
-        f"{'exported':>11} {'samples/s':>10}"
+        f"{'config':<10} {'AUC':>8} {'vs fp32':>8} {'log loss':>9} {'emb bytes':>11} "
+        f"{'exported':>11} {'tables':>7} {'samples/s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         exported = f"{r['exported_bytes']:>11,}" if r["exported_bytes"] else f"{'-':>11}"
+        delta = f"{r['auc_vs_fp32']:>+8.4f}" if r["auc_vs_fp32"] is not None else f"{'-':>8}"
+        ratio = f"{r['table_ratio']:>6.2f}x" if r["table_ratio"] else f"{'-':>7}"
         lines.append(
-            f"{r['config']:<10} {r['auc']:>8.4f} {r['logloss']:>9.4f} "
-            f"{r['embedding_bytes']:>11,} {exported} {r['samples_per_sec']:>10,.0f}"
+            f"{r['config']:<10} {r['auc']:>8.4f} {delta} {r['logloss']:>9.4f} "
+            f"{r['embedding_bytes']:>11,} {exported} {ratio} {r['samples_per_sec']:>10,.0f}"
         )
     return "\n".join(lines)
 

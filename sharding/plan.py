@@ -122,6 +122,7 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
             table_names=[t.name for t in tables],
             storage_reservation_percentage=topo.storage_reservation_percentage,
             pooling_factors=pooling_factors(cfg),
+            column_shard_dim=shard.column_shard_dim,
             stats=[capture],
         )
     except PlannerError as err:

@@ -138,6 +138,7 @@ def _constraints(
     pooling_factors: dict[str, list[float]],
     overrides: dict[str, TableOverride],
     cache_load_factor: float,
+    column_shard_dim: int | None = None,
 ) -> dict[str, ParameterConstraints]:
     constraints = {}
     for name in table_names:
@@ -148,6 +149,8 @@ def _constraints(
         extra: dict = {"pooling_factors": pooling_factors[name]} if name in pooling_factors else {}
         if "fused_uvm_caching" in kernels:
             extra["cache_params"] = CacheParams(load_factor=cache_load_factor)
+        if column_shard_dim:  # column_wise / table_column_wise / grid block width
+            extra["min_partition"] = column_shard_dim
         constraints[name] = ParameterConstraints(
             sharding_types=sharding_types, compute_kernels=kernels, **extra
         )
@@ -225,6 +228,7 @@ def plan_sharding(
     pooling_factors: dict[str, list[float]] | None = None,
     overrides: dict[str, TableOverride] | None = None,
     cache_load_factor: float = 0.2,
+    column_shard_dim: int | None = None,
     stats: list[Stats] | None = None,
 ) -> ShardingPlan:
     """Plans on rank 0 and broadcasts, so every rank applies the same plan.
@@ -249,6 +253,7 @@ def plan_sharding(
             pooling_factors or {},
             overrides or {},
             cache_load_factor,
+            column_shard_dim,
         ),
         storage_reservation=FixedPercentageStorageReservation(storage_reservation_percentage),
         stats=stats,

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-EXPORT = {"auc": 0.70, "logloss": 0.40, "bytes": 100, "fp32_bytes": 400}
+EXPORT = {
+    "auc": 0.70,
+    "logloss": 0.40,
+    "bytes": 100,
+    "fp32_bytes": 400,
+    "table_bytes": 80,
+    "fp32_table_bytes": 320,
+}
 
 
 def _run(sweep: Path, num: int, experiment: str, summary: dict) -> None:
@@ -37,6 +44,8 @@ def test_report_table_and_plot(tmp_path: Path) -> None:
     assert rows["fp32"]["auc"] == 0.75 and rows["fp32"]["exported_bytes"] == 400
     assert rows["int8-PTQ"]["auc"] == 0.70 and rows["int8-PTQ"]["exported_bytes"] == 100
     assert rows["int4-QAT"]["auc"] == 0.74
+    assert abs(rows["int4-QAT"]["auc_vs_fp32"] - (0.74 - 0.75)) < 1e-12
+    assert rows["int4-QAT"]["table_ratio"] == 4.0 and rows["fp32"]["table_ratio"] == 1.0
     assert "int4-QAT" in proc.stdout and (tmp_path / "auc_vs_bytes.png").stat().st_size > 1000
 
 

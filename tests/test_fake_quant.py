@@ -29,7 +29,12 @@ from torchrec.quant.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from compression.fake_quant import SERVING_DTYPES, fake_quantize_rows, fake_quantize_ste
+from compression.fake_quant import (
+    SERVING_DTYPES,
+    fake_quantize_columns,
+    fake_quantize_rows,
+    fake_quantize_ste,
+)
 from compression.qat import LookupFakeQuant
 
 DIM = 8
@@ -64,6 +69,29 @@ def test_equals_fbgemm_round_trip_row_by_row(bits: int) -> None:
     # Per row, independent of the other rows: quantizing a lookup's rows is exact.
     ids = torch.tensor([61, 3, 61, 66, 0])
     assert torch.equal(fake_quantize_rows(rows[ids], bits), expected[ids])
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dim", [8, 32, 128])
+def test_column_slices_with_the_row_range_equal_whole_rows(bits: int, dim: int) -> None:
+    """Column-wise shards: every split of a row quantizes as the whole row does."""
+    g = torch.Generator().manual_seed(dim)
+    rows = torch.randn(40, dim, generator=g) * torch.logspace(-3, 2, 40).unsqueeze(1)
+    rows[0], rows[1] = 0.1, torch.linspace(-1.0, 1.0, dim)
+    whole = fake_quantize_rows(rows, bits)
+    lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+    for split in range(1, dim):  # every two-way split, slices of any width
+        parts = [
+            fake_quantize_columns(rows[:, :split], lo, hi, bits),
+            fake_quantize_columns(rows[:, split:], lo, hi, bits),
+        ]
+        assert torch.equal(torch.cat(parts, dim=1), whole), f"split at column {split}"
+    # Without the whole row's range a slice quantizes differently (the test can fail).
+    half = rows[:, : dim // 2]
+    local = fake_quantize_columns(half, half.amin(dim=1), half.amax(dim=1), bits)
+    assert not torch.equal(local, whole[:, : dim // 2])
+    with pytest.raises(ValueError, match="num_rows"):
+        fake_quantize_columns(rows, lo[:3], hi, bits)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

@@ -26,8 +26,12 @@ def test_resolution_per_device() -> None:
     fp16_cpu = resolve_precision("fp16", device_type="cpu")
     assert fp16_cpu.autocast_dtype == torch.bfloat16 and fp16_cpu.table_data_type == DataType.FP16
     assert fp16_cpu.fused_params == {"stochastic_rounding": True}
-    with pytest.raises(ValueError, match="gradient scaler"):
-        resolve_precision("fp16", device_type="cuda")
+    assert not fp16_cpu.loss_scaling and not bf16_gpu.loss_scaling
+    # fp16 dense compute takes a loss scale (tests/test_grad_scale.py runs it on CPU).
+    fp16_gpu = resolve_precision("fp16", device_type="cuda")
+    assert fp16_gpu.autocast_dtype == torch.float16 and fp16_gpu.table_data_type == DataType.FP16
+    assert fp16_gpu.loss_scaling
+    assert resolve_precision("fp16", device_type="cpu", fp16_on_cpu=True) == fp16_gpu
     with pytest.raises(ValueError, match="fp32, bf16, fp16"):
         resolve_precision("int3", device_type="cpu")
 
@@ -68,3 +72,13 @@ def test_fp16_tables_halve_bytes_and_still_learn() -> None:
     assert bf16_losses[-1] < bf16_losses[0] and fp32_losses[-1] < fp32_losses[0]
     assert bf16_losses != fp32_losses
     assert abs(bf16_losses[-1] - fp32_losses[-1]) < 0.05
+
+
+def test_16bit_data_parallel_tables_with_adam_are_refused(compose_cfg, tmp_path) -> None:
+    """Measured: bf16 data-parallel tables under Adam turn nan by step 2; refused at build."""
+    from trainer.config import ConfigError, to_config
+    from trainer.train import train
+
+    cfg = to_config(compose_cfg(["trainer=smoke", "sharding=data_parallel", "precision=bf16"]))
+    with pytest.raises(ConfigError, match=r"data_parallel.*dense_optimizer=adam.*table_wise"):
+        train(cfg, run_dir=tmp_path)

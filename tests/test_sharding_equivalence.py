@@ -28,6 +28,7 @@ from sharding import DistEnv, destroy_distributed, init_distributed
 from sharding.planner import sharding_type
 from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
+from tests.reference import block_width, table_parameters
 from trainer.build import build, build_unsharded
 from trainer.config import (
     Config,
@@ -70,7 +71,8 @@ def tiny_config(strategy: str, *, overrides: bool = False) -> Config:
             seed=3,
             num_interactions=3,
         ),
-        sharding=ShardingConfig(strategy=strategy, device="cpu"),
+        # Block width 4: the dim-8 tables split into two column blocks (default: 128).
+        sharding=ShardingConfig(strategy=strategy, device="cpu", column_shard_dim=4),
         optim=OptimConfig(embedding_lr=0.1, dense_lr=0.01),
         trainer=TrainConfig(batch_size=BATCH_SIZE, num_steps=NUM_STEPS),
     )
@@ -150,7 +152,14 @@ def _reference(
     named_tables = dict(model.model.sparse_arch.embedding_bag_collection.embedding_bags.items())
     # Data-parallel tables are replicated dense parameters in torchrec: DDP averages
     # their gradients and the dense optimizer (not the fused one) updates them.
-    tables = [t.weight for n, t in named_tables.items() if plan[n][0] != "data_parallel"]
+    # Column-split tables: one row-wise Adagrad accumulator per column block, as
+    # each of their shards keeps (tests/reference.py).
+    tables = [
+        p
+        for n, t in named_tables.items()
+        if plan[n][0] != "data_parallel"
+        for p in table_parameters(t, width=block_width(plan[n][0], cfg.sharding.column_shard_dim))
+    ]
     grad_scale = float(world_size)
     table_ids = {id(p) for p in tables}
     dense = [p for p in model.parameters() if id(p) not in table_ids]
@@ -173,7 +182,8 @@ def _reference(
         for opt in optimizers:
             opt.step()
         losses.append(float(loss.detach()))
-    return losses, {k: v for k, v in model.state_dict().items() if "embedding_bags" in k}
+    weights = {k: named_tables[k.split(".")[-2]].weight for k in init if "embedding_bags" in k}
+    return losses, {k: w.detach().clone() for k, w in weights.items()}
 
 
 def _run_cases(out_dir: Path, cases: list[str], *, world_size: int, local_world_size: int) -> Path:
@@ -237,6 +247,8 @@ def _check_equivalence(
 def test_sharded_matches_unsharded(strategy: str, two_ranks: Path) -> None:
     plan = _check_equivalence(two_ranks, strategy, world_size=2)
     assert {v[0] for k, v in plan.items() if k.startswith("t_")} == {strategy}
+    if strategy == "column_wise":  # every table's columns really are split over the ranks
+        assert all(sorted(v[1]) == [0, 1] for k, v in plan.items() if k.startswith("t_"))
 
 
 @pytest.mark.dist
@@ -251,6 +263,10 @@ def test_fp16_bf16_comm_codecs_stay_close(two_ranks: Path) -> None:
 def test_hierarchical_on_two_hosts_matches_unsharded(strategy: str, two_hosts: Path) -> None:
     plan = _check_equivalence(two_hosts, strategy, world_size=4)
     assert {v[0] for k, v in plan.items() if k.startswith("t_")} == {sharding_type(strategy)}
+    # Two column blocks per table (table_column_wise: on two ranks; grid: each block
+    # row-split over one host's two ranks): the split is real, not one block.
+    blocks = {"table_row_wise": 2, "table_column_wise": 2, "grid": 4}[strategy]
+    assert all(len(set(v[1])) == blocks for k, v in plan.items() if k.startswith("t_"))
 
 
 @pytest.mark.dist

@@ -16,6 +16,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 from torchrec.optim.keyed import CombinedOptimizer
 
+from compression.grad_scale import enable_loss_scaling
 from compression.precision import Precision, resolve_precision
 from compression.qat import QATHandle, enable_embedding_qat
 from sharding import DistEnv, embedding_sharders, make_topology, plan_sharding, shard_model
@@ -74,10 +75,17 @@ def table_overrides(cfg: Config) -> dict[str, TableOverride]:
 
 
 def build(cfg: Config, env: DistEnv) -> Built:
-    """Meta model -> fused table optimizer -> plan -> DMP -> combined optimizer."""
+    """Meta model -> fused table optimizer -> plan -> DMP -> combined optimizer.
+
+    Under fp16 the combined optimizer is a LossScaledOptimizer (compression/grad_scale.py).
+    """
     validate_for_device(cfg, env.device.type)
     try:
-        precision = resolve_precision(cfg.precision.name, device_type=env.device.type)
+        precision = resolve_precision(
+            cfg.precision.name,
+            device_type=env.device.type,
+            fp16_on_cpu=cfg.precision.fp16_on_cpu,
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from err
     tables = resolved_tables(cfg)
@@ -120,6 +128,7 @@ def build(cfg: Config, env: DistEnv) -> Built:
         pooling_factors=pooling_factors(cfg),
         overrides=overrides,
         cache_load_factor=cfg.sharding.cache_load_factor,
+        column_shard_dim=cfg.sharding.column_shard_dim,
     )
     plan = pin_ranks(
         plan,
@@ -132,6 +141,7 @@ def build(cfg: Config, env: DistEnv) -> Built:
         local_world_size=env.local_world_size,
         device_type=env.device.type,
     )
+    _refuse_16bit_data_parallel(plan, precision, cfg.optim.dense_optimizer)
     dmp = shard_model(model, plan=plan, env=env, sharders=sharders)
     # QAT hooks the sharded kernels, so it is the one converter applied after sharding.
     bits = qat_bits(cfg)
@@ -142,6 +152,41 @@ def build(cfg: Config, env: DistEnv) -> Built:
         dense_lr=cfg.optim.dense_lr,
         dense_weight_decay=cfg.optim.dense_weight_decay,
     )
+    if precision.loss_scaling:  # fp16: the pipeline scales the loss for this optimizer
+        optimizer = enable_loss_scaling(
+            dmp,
+            optimizer,
+            device=env.device,
+            init_scale=cfg.precision.loss_scale,
+            process_group=env.pg,
+        )
     return Built(
         model=dmp, optimizer=optimizer, plan=plan, tables=tables, precision=precision, qat=qat
     )
+
+
+def _refuse_16bit_data_parallel(plan: ShardingPlan, precision: Precision, dense: str) -> None:
+    """Data-parallel tables are dense parameters: the dense optimizer updates them in 16 bits.
+
+    Adam's (and Adagrad's) state then lives in fp16/bf16, its eps rounds to 0 and
+    the rows turn nan within a few steps (measured on CPU); the fused kernels keep
+    their optimizer state in fp32 and round stochastically, the dense path does not.
+    Plain SGD has no such state and is allowed.
+    """
+    if precision.table_data_type == DataType.FP32 or dense == "sgd":
+        return
+    data_parallel = sorted(
+        table
+        for module_plan in plan.plan.values()
+        for table, ps in module_plan.items()  # type: ignore[union-attr]
+        if ps.sharding_type == "data_parallel"
+    )
+    if data_parallel:
+        raise ConfigError(
+            f"precision={precision.name} stores tables in 16 bits, but tables {data_parallel} "
+            f"are data_parallel, updated by the dense optimizer without stochastic rounding "
+            f"with optim.dense_optimizer={dense} (they diverge to nan); shard them "
+            f"(e.g. sharding=table_wise, or "
+            f"'+sharding.tables={{{data_parallel[0]}:{{strategy:table_wise}}}}') "
+            f"or use precision=fp32"
+        )

@@ -103,6 +103,9 @@ class ShardingConfig:
     comm_backward: str = "fp32"
     # UVM-caching kernel only (CUDA): share of each table's rows cached in HBM.
     cache_load_factor: float = 0.2
+    # Column block width of column_wise / table_column_wise / grid shards; None:
+    # torchrec's default (128), so tables of dim <= 128 stay one block.
+    column_shard_dim: int | None = None
     # Per-table overrides, by table name: {t_cat_3: {strategy: row_wise}}.
     tables: dict[str, TableShardingConfig] = field(default_factory=dict)
 
@@ -111,6 +114,10 @@ class ShardingConfig:
 class PrecisionConfig:
     # fp32 | bf16 | fp16: dense autocast dtype and table storage (compression/precision.py).
     name: str = "fp32"
+    # fp16 only: initial loss scale; dynamic (halved on overflow, doubled after 2000 clean steps).
+    loss_scale: float = 65536.0
+    # fp16 on CPU runs dense layers in bf16 unless this is true (fp16 + loss scaling, as on CUDA).
+    fp16_on_cpu: bool = False
 
 
 @dataclass
@@ -149,6 +156,13 @@ class TrainConfig:
     # export_bits for every table when QAT is off) and save exported_model.pt.
     export: bool = False
     export_bits: int = 8
+    # Sharded checkpoints under run_dir/checkpoints/step_N (trainer/checkpoint.py),
+    # every N steps and at the end; 0: off. The newest checkpoint_keep are kept.
+    checkpoint_every_steps: int = 0
+    checkpoint_keep: int = 2
+    # null: start fresh; auto: the newest complete checkpoint of this run directory
+    # (fresh if none); or a checkpoint directory (.../checkpoints/step_N).
+    resume: str | None = None
 
 
 @dataclass

@@ -22,10 +22,15 @@ alone then
 post-training quantization error without it. Rank 0 broadcasts the result (or
 its error) so all ranks return, or raise, together.
 
+:func:`export_checkpoint` does steps 1-3 in one process from a saved checkpoint
+instead (``python -m compression.export <run_dir>/checkpoints/step_N``), reading
+the table shards with DCP rather than gathering them.
+
 Example::
 
     summary = export_step(cfg, model=built.model, env=env, source=source,
                           run_dir=run_dir, summary=summary, logger=logger)
+    result = export_checkpoint(Path("outputs/run/checkpoints/step_2000"), bits=4)
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ from compression.export import (
     model_bytes,
     quantize_for_serving,
     save_exported,
+    table_bytes,
 )
 from sharding import DistEnv
 from trainer.build import build_unsharded
+from trainer.checkpoint import is_complete, load_unsharded_model, missing_message, read_config
 from trainer.config import Config, qat_bits, resolved_tables
 from trainer.data import SyntheticCriteo, eval_batches
 from trainer.logger import MetricsLogger
@@ -82,7 +89,10 @@ def export_step(
     result: list[Any] = [None]
     if full_state is not None:
         try:
-            result[0] = _export_on_rank0(cfg, full_state, source=source, run_dir=run_dir)
+            trained = build_unsharded(cfg, device=torch.device("cpu"))
+            trained.load_state_dict(full_state)
+            result[0] = export_model(cfg, trained, source=source, path=run_dir / EXPORT_FILE)
+            result[0]["path"] = EXPORT_FILE  # relative to the run directory
         except Exception as err:  # handed to every rank below, then raised everywhere
             log.exception("export failed")
             result[0] = f"{type(err).__name__}: {err}"
@@ -97,18 +107,29 @@ def export_step(
     return summary
 
 
-def _export_on_rank0(
-    cfg: Config, full_state: dict[str, torch.Tensor], *, source: SyntheticCriteo, run_dir: Path
+def export_model(
+    cfg: Config,
+    trained: nn.Module,
+    *,
+    source: SyntheticCriteo,
+    path: Path,
+    bits: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    bits = export_bits(cfg)
-    trained = build_unsharded(cfg, device=torch.device("cpu"))
-    trained.load_state_dict(full_state)
+    """One process: quantizes the unsharded trained model, saves it to ``path``, scores it.
+
+    ``trained`` is ``build_unsharded(cfg)`` holding the trained fp32 weights; its
+    QAT tables are fake-quantized in place (to compute the trained model's eval
+    forward). ``bits``: per table, default :func:`export_bits`. Returns the
+    ``"export"`` entry of the summary.
+    """
+    bits = bits or export_bits(cfg)
     dlrm = trained.model  # the predictor, without DLRMTrain's loss
     dlrm.eval()
     exported = quantize_for_serving(dlrm, table_bits=bits)
-    save_exported(exported, run_dir / EXPORT_FILE)
+    save_exported(exported, path)
     # Before any forward: the first one adds a small cached buffer (feature order).
     exported_bytes, fp32_bytes = model_bytes(exported), model_bytes(dlrm)
+    tables, fp32_tables = table_bytes(exported), table_bytes(dlrm)
     # The trained model's eval forward: QAT tables hold their served rows.
     fake_quantize_tables(dlrm, table_bits=qat_bits(cfg))
     served_logits, trained_logits, labels = _eval_logits(
@@ -119,19 +140,52 @@ def _export_on_rank0(
         "logloss": float(F.binary_cross_entropy_with_logits(served_logits, labels)),
         "bytes": exported_bytes,
         "fp32_bytes": fp32_bytes,
+        # The tables alone: the dense layers stay fp32 and are the same in both.
+        "table_bytes": tables,
+        "fp32_table_bytes": fp32_tables,
         "bits": bits,
         "max_abs_logit_diff": float((served_logits - trained_logits).abs().max()),
-        "path": EXPORT_FILE,
+        "path": str(path),
     }
     log.info(
         "exported %s: auc %.4f, %d bytes (fp32 %d, %.2fx smaller), max |logit diff| %.3g",
-        EXPORT_FILE,
+        path,
         result["auc"],
         exported_bytes,
         fp32_bytes,
         fp32_bytes / exported_bytes,
         result["max_abs_logit_diff"],
     )
+    return result
+
+
+def export_checkpoint(
+    checkpoint: Path, *, bits: int | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """One process, no process group: the serving model of a saved checkpoint.
+
+    Rebuilds the unsharded model from the checkpoint's ``config.yaml``, reads
+    every rank's table shards into it (DCP), and exports it as the end of that run
+    would have: the run's QAT bits, or ``bits`` for every table. Saves ``out``
+    (default ``<checkpoint>/exported_model.pt``) and the result next to it as
+    ``.json``. Raises FileNotFoundError when ``checkpoint`` is missing or incomplete.
+    """
+    if not is_complete(checkpoint):
+        raise FileNotFoundError(missing_message(checkpoint, key="checkpoint_dir"))
+    cfg = read_config(checkpoint)
+    trained = build_unsharded(cfg, device=torch.device("cpu"))
+    step = load_unsharded_model(checkpoint, trained)
+    out = out or checkpoint / EXPORT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = export_model(
+        cfg,
+        trained,
+        source=SyntheticCriteo(cfg.data),
+        path=out,
+        bits={t.name: bits for t in resolved_tables(cfg)} if bits else None,
+    )
+    result["step"] = step
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     return result
 
 

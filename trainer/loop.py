@@ -6,7 +6,8 @@ forward and backward; on CUDA it also copies batch i+2 on a side stream. On CPU
 the same pipeline runs without streams. Each training interval is its own
 finite iterator, so the pipeline drains before evaluation and the eval batches
 go through it in eval mode (forward only: the pipeline skips backward and the
-optimizer step when ``model.training`` is False).
+optimizer step when ``model.training`` is False). Checkpoints are saved between
+intervals too, with nothing in flight.
 
 Example::
 
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sharding import DistEnv
+from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig
 from trainer.data import SyntheticCriteo, eval_batches, eval_slices, rank_batches
 from trainer.logger import MetricsLogger
@@ -51,8 +53,11 @@ class Trainer:
         logger: MetricsLogger,
         run_dir: Path,
         model_fwd: Callable[[Any], Any] | None = None,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self.model = model
+        self.optimizer = optimizer
+        self.checkpointer = checkpointer
         self.env = env
         self.source = source
         self.settings = settings
@@ -62,17 +67,23 @@ class Trainer:
             settings.pipeline, model, optimizer, env.device, model_fwd=model_fwd
         )
         self.records: list[dict[str, Any]] = []
-        self.step = 0
+        self.step = 0  # set by a resume before fit()
+        self.first_step = 0  # where this process started (samples/s counts from here)
         self.train_time_s = 0.0
         self.status: dict[str, str] = {}  # what the progress bar shows
 
     def fit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Trains ``num_steps``, evaluating every ``eval_every_steps`` and at the end.
+        """Trains to ``num_steps``, evaluating every ``eval_every_steps`` and at the end.
 
+        Checkpoints (if on) every ``checkpoint_every_steps`` and at the end. Intervals
+        end on multiples of both, counted from step 0, so a resumed run trains,
+        evaluates and logs at the same steps as one that never stopped.
         ``extra`` goes into the summary as it is (strategy, bytes per rank, ...).
         """
         s = self.settings
+        self.first_step = self.step
         bar = tqdm(
+            initial=self.step,
             total=s.num_steps,
             disable=not (self.env.is_main and s.progress_bar),
             desc="train",
@@ -82,14 +93,26 @@ class Trainer:
         )
         last_eval: dict[str, float] = {}
         while self.step < s.num_steps:
-            num_steps = min(s.eval_every_steps, s.num_steps - self.step)
-            self.train_steps(num_steps, bar)
+            self.train_steps(self._next_stop() - self.step, bar)
+            if self.step % s.eval_every_steps == 0 or self.step == s.num_steps:
+                last_eval = self.evaluate()
+                self.log({"step": self.step, **last_eval})
+                self.status["auc"] = f"{last_eval['auc']:.4f}"
+                bar.set_postfix(self.status, refresh=True)
+            if self.checkpointer and self.checkpointer.due(self.step, num_steps=s.num_steps):
+                self.checkpointer.save(step=self.step, model=self.model, optimizer=self.optimizer)
+        if not last_eval:  # resumed from the last step: nothing trained, still report
             last_eval = self.evaluate()
-            self.log({"step": self.step, **last_eval})
-            self.status["auc"] = f"{last_eval['auc']:.4f}"
-            bar.set_postfix(self.status, refresh=True)
         bar.close()
         return self.summarise({**last_eval, **(extra or {})})
+
+    def _next_stop(self) -> int:
+        """The next step that ends an interval: eval, checkpoint or the last step."""
+        s = self.settings
+        every = [s.eval_every_steps]
+        if self.checkpointer and self.checkpointer.every_steps:
+            every.append(self.checkpointer.every_steps)
+        return min([s.num_steps] + [(self.step // n + 1) * n for n in every])
 
     def train_steps(self, num_steps: int, bar: tqdm) -> None:
         self.model.train()
@@ -105,18 +128,21 @@ class Trainer:
         # Summed on device and read once per log line: .item() is a host sync point.
         loss_sum = torch.zeros((), device=self.env.device)
         loss_count = 0
-        start = time.perf_counter()
+        start, last_step = time.perf_counter(), self.step + num_steps
         for loss, _logits, _labels in drain(self.pipeline, batches):
             loss_sum += loss
             loss_count += 1
             self.step += 1
             bar.update(1)
-            if loss_count == LOG_EVERY_STEPS or self.step % self.settings.eval_every_steps == 0:
+            # Windows end on multiples of LOG_EVERY_STEPS and at the interval's end,
+            # whatever step this process started from.
+            if self.step % LOG_EVERY_STEPS == 0 or self.step == last_step:
                 train_loss = self._global_mean(loss_sum / loss_count)
                 elapsed = self.train_time_s + time.perf_counter() - start
                 self.log({"step": self.step, "train_loss": train_loss})
                 self.status["loss"] = f"{train_loss:.4f}"
-                self.status["samples/s"] = f"{self._samples(self.step) / elapsed:,.0f}"
+                samples = self._samples(self.step - self.first_step)
+                self.status["samples/s"] = f"{samples / elapsed:,.0f}"
                 bar.set_postfix(self.status, refresh=False)
                 loss_sum.zero_()
                 loss_count = 0
@@ -162,7 +188,8 @@ class Trainer:
             "steps": self.step,
             "world_size": self.env.world_size,
             "global_batch_size": self.settings.batch_size * self.env.world_size,
-            "samples_per_sec": self._samples(self.step) / max(self.train_time_s, 1e-9),
+            "samples_per_sec": self._samples(self.step - self.first_step)
+            / max(self.train_time_s, 1e-9),
             "train_time_s": self.train_time_s,
             "device": str(self.env.device),
         }

@@ -16,7 +16,28 @@ import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
+from compression.grad_scale import LossScaledOptimizer
+
 PIPELINES = {"sparse_dist": TrainPipelineSparseDist, "base": TrainPipelineBase}
+
+
+class _CustomForward:
+    """``model`` as TrainPipelineBase sees it, called through ``fwd``.
+
+    TrainPipelineBase accepts ``custom_model_fwd`` but calls ``model(batch)``
+    (torchrec 1.8); it only reads ``.training`` and calls the model.
+    """
+
+    def __init__(self, model: nn.Module, fwd: Callable[[Any], Any]) -> None:
+        self.model = model
+        self.fwd = fwd
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def __call__(self, batch: Any) -> Any:
+        return self.fwd(batch)
 
 
 def make_pipeline(
@@ -29,8 +50,14 @@ def make_pipeline(
 ) -> Any:
     """``sparse_dist`` overlaps the next batch's input all-to-all with this batch's compute.
 
-    ``model_fwd`` replaces ``model(batch)`` (e.g. the same call under autocast).
+    ``model_fwd`` replaces ``model(batch)`` (e.g. the same call under autocast). A
+    :class:`LossScaledOptimizer` (fp16) steps gradients of a scaled loss, so the
+    pipeline backpropagates the loss scaled; the outputs it returns are unscaled.
     """
+    if isinstance(optimizer, LossScaledOptimizer):
+        model_fwd = optimizer.loss_scale.forward(model_fwd or model)
+    if name == "base" and model_fwd is not None:
+        return TrainPipelineBase(_CustomForward(model, model_fwd), optimizer, device)
     return PIPELINES[name](model, optimizer, device, custom_model_fwd=model_fwd)
 
 

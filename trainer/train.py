@@ -9,7 +9,8 @@ The order matters and is the same on every rank:
 5. the tables' optimizer attached to be fused into backward;
 6. plan (torchrec's planner, or one strategy as a constraint), logged and saved;
 7. DistributedModelParallel: tables sharded and materialised, dense part in DDP;
-8. the loop.
+8. resume (``trainer.resume``): weights, optimizer state and step from a checkpoint;
+9. the loop (checkpointing every ``trainer.checkpoint_every_steps``).
 
 Example::
 
@@ -32,10 +33,18 @@ from sharding import destroy_distributed, format_plan, init_distributed, save_pl
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.state import local_table_bytes
 from trainer.build import build
+from trainer.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpointer,
+    check_resumable,
+    load_checkpoint,
+    resolve_resume,
+    restore_records,
+)
 from trainer.config import Config
 from trainer.data import SyntheticCriteo
 from trainer.export_step import export_step
-from trainer.logger import make_logger
+from trainer.logger import METRICS_FILE, make_logger
 from trainer.loop import Trainer
 from trainer.run_dir import agree_on_run_dir
 from trainer.validate import validate
@@ -97,7 +106,22 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             logger=logger,
             run_dir=run_dir,
             model_fwd=autocast_forward(built.model, built.precision, device_type=env.device.type),
+            checkpointer=Checkpointer(
+                run_dir / CHECKPOINT_DIR,
+                every_steps=cfg.trainer.checkpoint_every_steps,
+                keep=cfg.trainer.checkpoint_keep,
+                config=cfg,
+            ),
         )
+        resume_from = resolve_resume(cfg.trainer.resume, run_dir=run_dir)
+        if resume_from is not None:
+            check_resumable(resume_from, cfg)
+            trainer.step = load_checkpoint(
+                resume_from, model=built.model, optimizer=built.optimizer
+            )
+            if env.is_main:
+                trainer.records = restore_records(run_dir / METRICS_FILE, step=trainer.step)
+                log.info("resumed from %s at step %d", resume_from, trainer.step)
         table_bytes = _gather(local_table_bytes(built.model))
         summary = trainer.fit(
             extra={

@@ -11,7 +11,10 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sharding.planner import HIERARCHICAL
+from trainer.checkpoint import is_complete, missing_message
 from trainer.config import (
     ARCHS,
     COMM_PRECISIONS,
@@ -74,10 +77,12 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
     _one_of("optim.dense_optimizer", o.dense_optimizer, DENSE_OPTIMIZERS)
     _one_of("trainer.pipeline", t.pipeline, PIPELINES)
     _one_of("precision", cfg.precision.name, ("fp32", "bf16", "fp16"))
+    _positive("precision.loss_scale", cfg.precision.loss_scale)
     _check(
         t.export_bits in (2, 4, 8),
         f"trainer.export_bits={t.export_bits}: use 8 or 4 (2 also works)",
     )
+    _validate_checkpoints(cfg)
     for key, value in [
         ("model.embedding_dim", m.embedding_dim),
         ("data.num_dense", d.num_dense),
@@ -122,13 +127,18 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
             f"world_size > 1 (got {world_size}); launch with "
             f"`torchrun --nproc_per_node=2 -m trainer sharding={s.strategy}`"
         )
-    if s.strategy == "column_wise":
+    if s.column_shard_dim is not None:
+        _check(
+            s.column_shard_dim > 0 and s.column_shard_dim % 4 == 0,
+            f"sharding.column_shard_dim={s.column_shard_dim}: use a positive multiple of 4 "
+            f"(FBGEMM's row alignment), or null for torchrec's default (128)",
+        )
         for table in resolved_tables(cfg):
             _check(
-                table.embedding_dim % world_size == 0,
-                f"sharding.strategy=column_wise splits table {table.name!r} "
-                f"(dim {table.embedding_dim}) into {world_size} column blocks, which "
-                f"needs the dim divisible by world_size; change model.embedding_dim",
+                table.embedding_dim % s.column_shard_dim == 0,
+                f"sharding.column_shard_dim={s.column_shard_dim} does not divide table "
+                f"{table.name!r} (dim {table.embedding_dim}) into equal column blocks; "
+                f"pick a divisor of model.embedding_dim",
             )
     topo = cfg.topology
     for key, value in [
@@ -147,6 +157,22 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
             f"process(es); the trainer plans for the job it runs (drop the override), "
             f"`python -m sharding.plan` plans for clusters you do not have"
         )
+
+
+def _validate_checkpoints(cfg: Config) -> None:
+    t = cfg.trainer
+    _check(
+        t.checkpoint_every_steps >= 0,
+        f"trainer.checkpoint_every_steps={t.checkpoint_every_steps} must be >= 0 "
+        f"(0 turns checkpoints off)",
+    )
+    _check(
+        t.checkpoint_keep >= 1,
+        f"trainer.checkpoint_keep={t.checkpoint_keep} must be at least 1 "
+        f"(to keep none, set trainer.checkpoint_every_steps=0)",
+    )
+    if t.resume not in (None, "auto"):
+        _check(is_complete(Path(t.resume)), missing_message(Path(t.resume), key="trainer.resume"))
 
 
 def _validate_sharding(cfg: Config, world_size: int, env_local_world_size: int) -> None:
@@ -239,16 +265,6 @@ def _validate_qat(cfg: Config) -> None:
         f"qat with precision={cfg.precision.name}: 16-bit tables would round the "
         f"fake-quantized rows again; use precision=fp32 (dense autocast is a later step)",
     )
-    column_split = ("column_wise", "table_column_wise", "grid")
-    for name in quantized:
-        pin = cfg.sharding.tables.get(name)
-        strategy = (pin.strategy if pin and pin.strategy else None) or cfg.sharding.strategy
-        _check(
-            strategy not in column_split,
-            f"qat on table {name!r} with sharding {strategy}: each rank holds only some "
-            f"columns of a row, but serving quantizes whole rows; use table_wise, row_wise, "
-            f"table_row_wise or data_parallel for quantized tables",
-        )
     kernel = cfg.sharding.compute_kernel
     _check(
         kernel != "fused_uvm_caching",

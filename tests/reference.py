@@ -1,0 +1,56 @@
+"""Unsharded references for the distributed tests: the table optimizer per column block.
+
+torchrec runs FBGEMM's row-wise Adagrad on each table *shard*. A column-wise
+shard (also table-column-wise and grid) holds a block of columns, so it keeps
+one accumulator per row **per column block**: the mean squared gradient over
+the block's columns, not over the whole row. An unsharded reference matches
+that by making each column block its own parameter, concatenated back into the
+table's weight by a parametrization, and giving the blocks to torchrec's
+``RowWiseAdagrad``.
+
+Example::
+
+    bag = model.model.sparse_arch.embedding_bag_collection.embedding_bags["t_cat_0"]
+    params = table_parameters(bag, width=4)    # [block0, block1] for a dim-8 table
+    opt = RowWiseAdagrad(params, lr=0.1)       # bag.weight == torch.cat(params, dim=1)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+# Sharding types whose shards hold some of each row's columns.
+COLUMN_SPLIT = {"column_wise", "table_column_wise", "grid_shard"}
+
+
+class _Concat(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, *blocks: Tensor) -> Tensor:
+        return torch.cat(blocks, dim=1)
+
+    def right_inverse(self, weight: Tensor) -> list[Tensor]:
+        return list(weight.split(self.width, dim=1))
+
+
+def table_parameters(bag: nn.Module, *, width: int | None) -> list[nn.Parameter]:
+    """The leaves the table optimizer updates: ``bag.weight``, or its column blocks.
+
+    ``width``: the column block width of a column-split table; None keeps the
+    weight whole. Register other parametrizations (e.g. fake quantization) after
+    this one, so they see the whole rows.
+    """
+    if width is None:
+        return [bag.weight]
+    parametrize.register_parametrization(bag, "weight", _Concat(width))
+    blocks = bag.parametrizations.weight
+    return [getattr(blocks, f"original{i}") for i in range(bag.weight.shape[1] // width)]
+
+
+def block_width(sharding_type: str, column_shard_dim: int | None) -> int | None:
+    """The column block width the reference needs for a table sharded this way."""
+    return column_shard_dim if sharding_type in COLUMN_SPLIT else None

@@ -1,0 +1,304 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), and resuming from them.
+
+A checkpoint is one DCP directory holding the model's state dict (table shards
+as ``ShardedTensor``; data-parallel tables and dense layers as plain tensors),
+the optimizer's (FBGEMM's fused row-wise Adagrad momentum, sharded like its
+table, and the dense Adam state), and the step; rank 0 adds the resolved
+config as ``config.yaml``, so a checkpoint can be rebuilt without the run that
+wrote it. Each rank writes only its own shards, and DCP reshards on load, so a
+checkpoint loads into another plan or world size, or into one process with
+plain tensors (:func:`load_unsharded_model`, used by ``python -m
+compression.export``). The data stream is a pure function of (seed, split,
+sample index), so the step alone restores the data position.
+
+Layout, written atomically (DCP writes into ``.tmp-step_N``; rank 0 renames it
+once every rank has finished and the config is in), so a job killed mid-save
+leaves only a temp dir, which resume ignores and the next save removes::
+
+    <run_dir>/checkpoints/step_500/   .metadata  __0_0.distcp  __1_0.distcp  config.yaml
+    <run_dir>/checkpoints/step_1000/
+    <run_dir>/checkpoints/.tmp-step_1500/     (a save that did not finish)
+
+Example::
+
+    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, every_steps=500, keep=2, config=cfg)
+    ckpt.save(step=500, model=built.model, optimizer=built.optimizer)
+    path = resolve_resume("auto", run_dir=run_dir)          # newest complete one, or None
+    step = load_checkpoint(path, model=built.model, optimizer=built.optimizer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+
+from compression.grad_scale import LossScaledOptimizer
+from trainer.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+_LOSS_SCALE = "loss_scale"  # fp16 only: [scale, growth tracker] of the GradScaler
+_METADATA_FILE = ".metadata"  # DCP writes it last, once every rank's files are written
+_TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"step_(\d+)")
+# Resuming into a different model or data would fail deep inside DCP (or, worse,
+# load): these groups must match the checkpoint's.
+_MUST_MATCH = ("model", "data")
+
+
+def is_complete(path: Path) -> bool:
+    """A finished checkpoint: DCP's metadata and the config are both there."""
+    return (path / _METADATA_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete ``step_N`` checkpoints under ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if checkpoint_step(p) is not None and is_complete(p)]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _state(model: nn.Module, optimizer: KeyedOptimizer, step: int) -> dict[str, Any]:
+    # The step is a tensor so DCP treats it like the weights (a replicated tensor).
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": torch.tensor(step, dtype=torch.int64),
+    }
+    if isinstance(optimizer, LossScaledOptimizer):  # fp16: the dynamic loss scale
+        scaler = optimizer.loss_scale.scaler.state_dict()
+        state[_LOSS_SCALE] = torch.tensor(
+            [scaler["scale"], scaler["_growth_tracker"]], dtype=torch.float64
+        )
+    return state
+
+
+def _load_loss_scale(optimizer: KeyedOptimizer, state: dict[str, Any]) -> None:
+    if isinstance(optimizer, LossScaledOptimizer) and _LOSS_SCALE in state:
+        scaler = optimizer.loss_scale.scaler
+        scale, tracker = state[_LOSS_SCALE].tolist()
+        scaler.load_state_dict(
+            {**scaler.state_dict(), "scale": scale, "_growth_tracker": int(tracker)}
+        )
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: KeyedOptimizer,
+    config: Config,
+    keep: int,
+) -> Path:
+    """Collective: writes ``directory/step_<step>`` atomically, keeps the newest ``keep``."""
+    final, tmp = directory / f"step_{step}", directory / f"{_TMP_PREFIX}step_{step}"
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a job killed while saving
+        tmp.mkdir(parents=True)
+    _barrier()
+    # Every rank writes its own shards; replicated tensors are written once.
+    dcp.save(_state(model, optimizer, step), checkpoint_id=tmp)
+    if _is_main():
+        (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _prune(directory, keep=keep)
+    _barrier()  # nobody reads or re-saves before the rename
+    if _is_main():
+        log.info("checkpoint %s", final)
+    return final
+
+
+def _prune(directory: Path, *, keep: int) -> None:
+    for old in complete_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _init_optimizer_state(optimizer: KeyedOptimizer) -> None:
+    """Creates lazily built state (torch's Adam) so the checkpoint can load into it.
+
+    torchrec's ``init_state`` takes one step with zero gradients; it can move the
+    weights (weight decay), which is harmless: the checkpoint overwrites them.
+    The fused table optimizer's state exists from the start.
+    """
+    optimizers = optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else []
+    for _, opt in optimizers or [("", optimizer)]:
+        if len(opt.state) < len(opt.params):
+            opt.init_state()
+            opt.zero_grad(set_to_none=True)
+
+
+def load_checkpoint(path: Path, *, model: nn.Module, optimizer: KeyedOptimizer) -> int:
+    """Collective: loads ``path`` into the (sharded) model and optimizer; returns the step."""
+    _init_optimizer_state(optimizer)
+    state = _state(model, optimizer, 0)
+    if _LOSS_SCALE in state and _LOSS_SCALE not in _saved_keys(path):
+        del state[_LOSS_SCALE]  # a checkpoint of a run without fp16: the scale starts fresh
+    # Each rank reads just its own shards (DCP reshards if the plan changed).
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _load_loss_scale(optimizer, state)
+    return int(state["step"])
+
+
+def _saved_keys(path: Path) -> set[str]:
+    """The top-level keys of a checkpoint's state dict (from DCP's metadata)."""
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    return {key.split(".")[0] for key in metadata.state_dict_metadata}
+
+
+def load_unsharded_model(path: Path, model: nn.Module) -> int:
+    """One process, no process group: loads the checkpoint's weights into a plain model.
+
+    The table shards of every rank are read into the full tensors of ``model``
+    (e.g. ``build_unsharded(read_config(path), device=cpu)``); the optimizer
+    state is left on disk. Returns the step.
+    """
+    state = {"model": model.state_dict(), "step": torch.tensor(0)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])
+    return int(state["step"])
+
+
+def read_config(path: Path) -> Config:
+    """The resolved config a checkpoint was written with (schema-checked)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path / CONFIG_FILE))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def check_resumable(path: Path, cfg: Config) -> None:
+    """Raises ConfigError when the run's model or data differ from the checkpoint's."""
+    saved = read_config(path)
+    diffs = []
+    for group in _MUST_MATCH:
+        old = _flat(dataclasses.asdict(getattr(saved, group)))
+        new = _flat(dataclasses.asdict(getattr(cfg, group)))
+        diffs += [
+            f"{group}.{key}: checkpoint {old.get(key)}, this run {new.get(key)}"
+            for key in {**old, **new}
+            if old.get(key) != new.get(key)
+        ]
+    if diffs:
+        raise ConfigError(
+            f"trainer.resume={path} was written by a different model or data ("
+            + "; ".join(diffs[:5])
+            + "); resume with the checkpoint's settings (see its config.yaml) or start fresh "
+            "with trainer.resume=null"
+        )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def resolve_resume(resume: str | None, *, run_dir: Path) -> Path | None:
+    """Collective: the checkpoint to resume from, the same on every rank (rank 0 decides).
+
+    ``None``: start fresh; ``auto``: the newest complete checkpoint under
+    ``run_dir/checkpoints`` (fresh if there is none); else a checkpoint path.
+    """
+    if resume is None:
+        return None
+    answer: list[Any] = [None]
+    if _is_main():
+        if resume == "auto":
+            found = complete_checkpoints(run_dir / CHECKPOINT_DIR)
+            answer[0] = str(found[-1]) if found else None
+        elif is_complete(Path(resume)):
+            answer[0] = str(Path(resume).resolve())
+        else:
+            answer[0] = ConfigError(missing_message(Path(resume), key="trainer.resume"))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], ConfigError):
+        raise answer[0]
+    return Path(answer[0]) if answer[0] else None
+
+
+def missing_message(path: Path, *, key: str) -> str:
+    what = "does not exist" if not path.exists() else "is not a complete checkpoint"
+    return (
+        f"{key}: {path} {what} (a complete one holds DCP's {_METADATA_FILE} and "
+        f"{CONFIG_FILE}; a save that did not finish stays in {_TMP_PREFIX}step_N); pass "
+        f"a <run_dir>/{CHECKPOINT_DIR}/step_N directory"
+    )
+
+
+def restore_records(metrics_path: Path, *, step: int) -> list[dict[str, Any]]:
+    """Rank 0 on resume: keeps the records up to ``step`` and drops later ones from the file.
+
+    A job that died after its last checkpoint logged steps it will train again;
+    without this they would appear twice.
+    """
+    if not metrics_path.is_file():
+        return []
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    kept = [r for r in records if r.get("step", 0) <= step]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+@dataclass
+class Checkpointer:
+    """When and where the loop saves: every ``every_steps`` (0: never) and at the end."""
+
+    directory: Path
+    every_steps: int
+    keep: int
+    config: Config
+
+    def due(self, step: int, *, num_steps: int) -> bool:
+        return self.every_steps > 0 and (step % self.every_steps == 0 or step == num_steps)
+
+    def save(self, *, step: int, model: nn.Module, optimizer: KeyedOptimizer) -> Path:
+        return save_checkpoint(
+            self.directory,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            config=self.config,
+            keep=self.keep,
+        )

@@ -127,11 +127,22 @@ def test_quantize_for_serving_names_bad_tables_and_bits() -> None:
 
 
 @pytest.mark.dist
-def test_torchrun_qat_int4_export(tmp_path: Path) -> None:
-    torchrun_trainer(
-        "sharding=row_wise", "qat=int4", "trainer.export=true", *TINY, run_dir=tmp_path
-    )
+@pytest.mark.parametrize(
+    "sharding",
+    [
+        ["sharding=row_wise"],
+        # Every table's columns split over both ranks: QAT all-reduces each row's range.
+        ["sharding=column_wise", "sharding.column_shard_dim=8"],
+    ],
+    ids=["row_wise", "column_wise"],
+)
+def test_torchrun_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
+    torchrun_trainer(*sharding, "qat=int4", "trainer.export=true", *TINY, run_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
+    if "sharding=column_wise" in sharding:
+        plan = json.loads((tmp_path / "plan.json").read_text())["plan"]
+        tables = next(iter(plan.values()))
+        assert all(t["ranks"] == [0, 1] for t in tables.values())
     export = summary["export"]
     assert export["bits"] == {f"t_cat_{i}": 4 for i in range(26)}
     # Serving sees exactly the rows QAT trained and evaluated on (measured: 0).
@@ -142,6 +153,7 @@ def test_torchrun_qat_int4_export(tmp_path: Path) -> None:
     assert abs(export["logloss"] - summary["logloss"]) < 1e-5
     # dim 16: 64 B fp32 rows become 16 B int4 rows (8 B codes + 4 B scale/bias, aligned).
     assert export["fp32_bytes"] / export["bytes"] > 3.5
+    assert 3.9 < export["fp32_table_bytes"] / export["table_bytes"] < 4.0  # measured: 3.998
 
     reloaded = load_exported(tmp_path / "exported_model.pt")
     assert model_bytes(reloaded) == export["bytes"]  # before its first forward, as measured

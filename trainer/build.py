@@ -16,6 +16,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 from torchrec.optim.keyed import CombinedOptimizer
 
+from compression.dense_qat import enable_dense_qat
 from compression.grad_scale import enable_loss_scaling
 from compression.precision import Precision, resolve_precision
 from compression.qat import QATHandle, enable_embedding_qat
@@ -143,9 +144,15 @@ def build(cfg: Config, env: DistEnv) -> Built:
     )
     _refuse_16bit_data_parallel(plan, precision, cfg.optim.dense_optimizer)
     dmp = shard_model(model, plan=plan, env=env, sharders=sharders)
-    # QAT hooks the sharded kernels, so it is the one converter applied after sharding.
+    # Table QAT hooks the sharded kernels, so it is applied after sharding.
     bits = qat_bits(cfg)
     qat = enable_embedding_qat(dmp, bits=bits) if bits else None
+    # Dense QAT parametrizes the Linears DDP already holds (the same Parameters, so
+    # DDP's gradient hooks still fire); it cannot go on the meta model: torch's fake
+    # quantization has no meta kernel, and DMP's reset_parameters would initialize
+    # the computed weight instead of the master.
+    if cfg.qat.dense_bits:
+        enable_dense_qat(dmp)
     optimizer = combined_optimizer(
         dmp,
         dense_optimizer=cfg.optim.dense_optimizer,

@@ -126,6 +126,8 @@ class QATConfig:
     bits: int = 0
     # Per table, overriding bits (0 keeps that table in fp32).
     table_bits: dict[str, int] = field(default_factory=dict)
+    # 0: off; 8: the dense MLPs' Linear weights train on their int8 per-channel values.
+    dense_bits: int = 0
 
 
 @dataclass

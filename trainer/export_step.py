@@ -6,16 +6,18 @@ alone then
 1. builds the unsharded fp32 model on cpu and loads the gathered weights;
 2. quantizes it (``quantize_for_serving``) with the QAT bits of the run, or
    ``trainer.export_bits`` for every table when QAT was off (post-training
-   quantization, the baseline QAT is meant to beat), and saves it to
-   ``exported_model.pt``;
+   quantization, the baseline QAT is meant to beat); with ``qat.dense_bits=8``
+   the dense Linears become int8 weight-only (``quantize_dense_for_serving``).
+   Saves it to ``exported_model.pt``;
 3. evaluates it on the whole eval set, and the trained model's own eval forward
    on the same samples: the fp32 model with its QAT tables fake-quantized
-   (exactly what QAT's eval computes, row by row), or plain fp32 without QAT.
+   (exactly what QAT's eval computes, row by row) and, with dense QAT, its
+   Linears still parametrized as in training; or plain fp32 without QAT.
 
 ``summary.json`` gets a nested ``"export"`` entry::
 
     "export": {"auc": 0.74, "logloss": 0.48, "bytes": 1234, "fp32_bytes": 4567,
-               "bits": {"t_cat_0": 4, ...}, "max_abs_logit_diff": 0.0,
+               "bits": {"t_cat_0": 4, ...}, "dense_bits": 0, "max_abs_logit_diff": 0.0,
                "path": "exported_model.pt"}
 
 ``max_abs_logit_diff`` is ~0 with QAT (serving sees what training saw) and the
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
+from compression.dense_qat import enable_dense_qat, quantize_dense_for_serving
 from compression.export import (
     fake_quantize_tables,
     gather_full_state,
@@ -74,6 +77,17 @@ def export_bits(cfg: Config) -> dict[str, int]:
     return {t.name: cfg.trainer.export_bits for t in resolved_tables(cfg)}
 
 
+def build_trained(cfg: Config) -> nn.Module:
+    """The unsharded cpu model the trained state dict loads into, dense QAT included.
+
+    Dense QAT renames each Linear's weight to ``parametrizations.weight.original``.
+    """
+    trained = build_unsharded(cfg, device=torch.device("cpu"))
+    if cfg.qat.dense_bits:
+        enable_dense_qat(trained)
+    return trained
+
+
 def export_step(
     cfg: Config,
     *,
@@ -89,7 +103,7 @@ def export_step(
     result: list[Any] = [None]
     if full_state is not None:
         try:
-            trained = build_unsharded(cfg, device=torch.device("cpu"))
+            trained = build_trained(cfg)
             trained.load_state_dict(full_state)
             result[0] = export_model(cfg, trained, source=source, path=run_dir / EXPORT_FILE)
             result[0]["path"] = EXPORT_FILE  # relative to the run directory
@@ -117,7 +131,7 @@ def export_model(
 ) -> dict[str, Any]:
     """One process: quantizes the unsharded trained model, saves it to ``path``, scores it.
 
-    ``trained`` is ``build_unsharded(cfg)`` holding the trained fp32 weights; its
+    ``trained`` is :func:`build_trained` holding the trained fp32 weights; its
     QAT tables are fake-quantized in place (to compute the trained model's eval
     forward). ``bits``: per table, default :func:`export_bits`. Returns the
     ``"export"`` entry of the summary.
@@ -125,12 +139,16 @@ def export_model(
     bits = bits or export_bits(cfg)
     dlrm = trained.model  # the predictor, without DLRMTrain's loss
     dlrm.eval()
-    exported = quantize_for_serving(dlrm, table_bits=bits)
+    dense_bits = cfg.qat.dense_bits
+    served_dense = quantize_dense_for_serving(dlrm) if dense_bits else dlrm
+    exported = quantize_for_serving(served_dense, table_bits=bits)
+    del served_dense
     save_exported(exported, path)
     # Before any forward: the first one adds a small cached buffer (feature order).
     exported_bytes, fp32_bytes = model_bytes(exported), model_bytes(dlrm)
     tables, fp32_tables = table_bytes(exported), table_bytes(dlrm)
-    # The trained model's eval forward: QAT tables hold their served rows.
+    # The trained model's eval forward: QAT tables hold their served rows (dense
+    # QAT Linears already read their int8 values through their parametrizations).
     fake_quantize_tables(dlrm, table_bits=qat_bits(cfg))
     served_logits, trained_logits, labels = _eval_logits(
         [exported, dlrm], source, batch_size=cfg.trainer.eval_batch_size
@@ -140,10 +158,11 @@ def export_model(
         "logloss": float(F.binary_cross_entropy_with_logits(served_logits, labels)),
         "bytes": exported_bytes,
         "fp32_bytes": fp32_bytes,
-        # The tables alone: the dense layers stay fp32 and are the same in both.
+        # The tables alone: the dense layers are fp32, or int8 with qat.dense_bits=8.
         "table_bytes": tables,
         "fp32_table_bytes": fp32_tables,
         "bits": bits,
+        "dense_bits": dense_bits,
         "max_abs_logit_diff": float((served_logits - trained_logits).abs().max()),
         "path": str(path),
     }
@@ -173,7 +192,7 @@ def export_checkpoint(
     if not is_complete(checkpoint):
         raise FileNotFoundError(missing_message(checkpoint, key="checkpoint_dir"))
     cfg = read_config(checkpoint)
-    trained = build_unsharded(cfg, device=torch.device("cpu"))
+    trained = build_trained(cfg)
     step = load_unsharded_model(checkpoint, trained)
     out = out or checkpoint / EXPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)

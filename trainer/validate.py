@@ -257,6 +257,11 @@ def _validate_qat(cfg: Config) -> None:
         _check(b in (0, 2, 4, 8), f"{key}={b}: use 8 or 4 (2 also works), or 0 for off")
     for name in cfg.qat.table_bits:
         _check(name in names, f"qat.table_bits.{name}: no such table")
+    _check(
+        cfg.qat.dense_bits in (0, 8),
+        f"qat.dense_bits={cfg.qat.dense_bits}: the dense layers train against int8 weights "
+        f"only; use qat.dense_bits=8, or 0 for off",
+    )
     quantized = qat_bits(cfg)
     if not quantized:
         return

@@ -1,4 +1,7 @@
-"""Unsharded references for the distributed tests: the table optimizer per column block.
+"""Unsharded references for the distributed tests: optimizers, the step, column blocks.
+
+:func:`reference_optimizers` and :func:`reference_step` train one process the way
+the sharded trainer trains (dense Adam, row-wise Adagrad tables).
 
 torchrec runs FBGEMM's row-wise Adagrad on each table *shard*. A column-wise
 shard (also table-column-wise and grid) holds a block of columns, so it keeps
@@ -17,9 +20,14 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from trainer.config import OptimConfig
 
 # Sharding types whose shards hold some of each row's columns.
 COLUMN_SPLIT = {"column_wise", "table_column_wise", "grid_shard"}
@@ -54,3 +62,43 @@ def table_parameters(bag: nn.Module, *, width: int | None) -> list[nn.Parameter]
 def block_width(sharding_type: str, column_shard_dim: int | None) -> int | None:
     """The column block width the reference needs for a table sharded this way."""
     return column_shard_dim if sharding_type in COLUMN_SPLIT else None
+
+
+def reference_optimizers(
+    model: nn.Module, tables: list[nn.Parameter], optim: OptimConfig
+) -> list[torch.optim.Optimizer]:
+    """The trainer's optimizers, unsharded: Adam for the dense part, row-wise Adagrad for tables.
+
+    ``tables`` are the leaves the fused optimizer owns when sharded (data-parallel
+    tables are not among them: torchrec trains those with the dense optimizer).
+    """
+    table_ids = {id(p) for p in tables}
+    dense = [p for p in model.parameters() if id(p) not in table_ids]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=optim.dense_lr)]
+    if tables:
+        optimizers.append(RowWiseAdagrad(tables, lr=optim.embedding_lr, eps=optim.embedding_eps))
+    return optimizers
+
+
+def reference_step(
+    model: nn.Module,
+    batch: Any,
+    optimizers: list[torch.optim.Optimizer],
+    tables: list[nn.Parameter],
+    *,
+    world_size: int,
+) -> float:
+    """One step on the global batch; returns the loss.
+
+    Table gradients are scaled by the world size: torchrec sums the embedding
+    gradients of the ranks' mean losses (see tests/test_sharding_equivalence.py).
+    """
+    loss, _ = model(batch)
+    for opt in optimizers:
+        opt.zero_grad()
+    loss.backward()
+    for p in tables:
+        p.grad *= world_size
+    for opt in optimizers:
+        opt.step()
+    return float(loss.detach())

@@ -35,7 +35,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import SparseArch
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from compression import enable_embedding_qat
 from compression.fake_quant import fake_quantize_ste
@@ -43,7 +42,12 @@ from sharding import DistEnv, destroy_distributed, init_distributed
 from sharding.planner import sharding_type
 from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
-from tests.reference import block_width, table_parameters
+from tests.reference import (
+    block_width,
+    reference_optimizers,
+    reference_step,
+    table_parameters,
+)
 from tests.test_sharding_equivalence import tiny_config
 from trainer.build import build, build_unsharded
 from trainer.config import Config
@@ -195,14 +199,7 @@ def _reference(
     # their gradients and the dense optimizer (not the fused one) updates them.
     data_parallel = cfg.sharding.strategy == "data_parallel"
     tables = [] if data_parallel else [p for parts in masters.values() for p in parts]
-    table_ids = {id(p) for p in tables}
-    dense = [p for p in model.parameters() if id(p) not in table_ids]
-    dense_opt = torch.optim.Adam(dense, lr=cfg.optim.dense_lr)
-    optimizers = [dense_opt]
-    if tables:
-        optimizers.append(
-            RowWiseAdagrad(tables, lr=cfg.optim.embedding_lr, eps=cfg.optim.embedding_eps)
-        )
+    optimizers = reference_optimizers(model, tables, cfg.optim)
     source = SyntheticCriteo(cfg.data)
     global_batch = cfg.trainer.batch_size * world_size
 
@@ -217,15 +214,8 @@ def _reference(
     for step in range(NUM_STEPS):
         if starts is not None:
             load(starts[step])
-        loss, _ = model(source.batch("train", step * global_batch, global_batch))
-        for opt in optimizers:
-            opt.zero_grad()
-        loss.backward()
-        for p in tables:
-            p.grad *= world_size
-        for opt in optimizers:
-            opt.step()
-        losses.append(float(loss.detach()))
+        batch = source.batch("train", step * global_batch, global_batch)
+        losses.append(reference_step(model, batch, optimizers, tables, world_size=world_size))
         after.append({name: torch.cat(parts, dim=1).detach() for name, parts in masters.items()})
     if starts is not None:
         load(starts[NUM_STEPS])

@@ -22,13 +22,17 @@ import pytest
 import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from sharding import DistEnv, destroy_distributed, init_distributed
 from sharding.planner import sharding_type
 from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
-from tests.reference import block_width, table_parameters
+from tests.reference import (
+    block_width,
+    reference_optimizers,
+    reference_step,
+    table_parameters,
+)
 from trainer.build import build, build_unsharded
 from trainer.config import (
     Config,
@@ -160,28 +164,13 @@ def _reference(
         if plan[n][0] != "data_parallel"
         for p in table_parameters(t, width=block_width(plan[n][0], cfg.sharding.column_shard_dim))
     ]
-    grad_scale = float(world_size)
-    table_ids = {id(p) for p in tables}
-    dense = [p for p in model.parameters() if id(p) not in table_ids]
-    optimizers = [torch.optim.Adam(dense, lr=cfg.optim.dense_lr)]
-    if tables:
-        optimizers.append(
-            RowWiseAdagrad(tables, lr=cfg.optim.embedding_lr, eps=cfg.optim.embedding_eps)
-        )
+    optimizers = reference_optimizers(model, tables, cfg.optim)
     source = SyntheticCriteo(cfg.data)
     global_batch = BATCH_SIZE * world_size
     losses = []
     for step in range(NUM_STEPS):
         batch = source.batch("train", step * global_batch, global_batch)
-        loss, _ = model(batch)
-        for opt in optimizers:
-            opt.zero_grad()
-        loss.backward()
-        for p in tables:
-            p.grad *= grad_scale
-        for opt in optimizers:
-            opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(reference_step(model, batch, optimizers, tables, world_size=world_size))
     weights = {k: named_tables[k.split(".")[-2]].weight for k in init if "embedding_bags" in k}
     return losses, {k: w.detach().clone() for k, w in weights.items()}
 

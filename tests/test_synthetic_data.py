@@ -341,3 +341,79 @@ def test_invalid_configs_name_the_key() -> None:
         SyntheticCriteo(SMALL).batch("eval", 4000, 100)
     with pytest.raises(ValueError, match="split"):
         SyntheticCriteo(SMALL).batch("test", 0, 1)
+
+
+# --- any scale (issue 13) ----------------------------------------------------------
+
+
+def test_tables_above_every_cap_plant_pairs_with_the_smallest_table(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every table above data.interaction_max_cardinality: no pair qualifies. This
+    # used to crash (one_hot on an empty tensor); now the smallest table pairs up.
+    cfg = dataclasses.replace(
+        SMALL, cardinalities=[300_000, 100_000, 200_000, 150_000], num_interactions=2
+    )
+    with caplog.at_level("WARNING", logger="trainer.data.planted"):
+        data = SyntheticCriteo(cfg)
+    assert data.interaction_pairs == [(1, 3), (1, 2)] or data.interaction_pairs == [(1, 2), (1, 3)]
+    assert "data.interaction_max_cardinality=20000" in caplog.text
+    batch = data.batch("train", 0, 512)
+    assert set(batch.labels.unique().tolist()) <= {0.0, 1.0}
+    assert 0.0 < float(batch.labels.mean()) < 0.5
+    assert int(batch.sparse_features.values().max()) < 300_000
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dataclasses.replace(SMALL, num_interactions=0),
+        dataclasses.replace(SMALL, cardinalities=[100_000]),
+        dataclasses.replace(SMALL, cardinalities=[5]),
+    ],
+    ids=["no-interactions", "one-large-table", "one-small-table"],
+)
+def test_configs_without_pairs_generate(cfg: SyntheticDataConfig) -> None:
+    data = SyntheticCriteo(cfg)
+    assert data.interaction_pairs == []
+    batch = data.batch("train", 0, 64)
+    assert batch.labels.shape == (64,)
+    assert_batches_equal(batch, SyntheticCriteo(cfg).batch("train", 0, 64))
+
+
+def test_mlperf_dcnv2_shapes_generate() -> None:
+    # conf/experiment/mlperf_dcnv2.yaml: tables up to 40M rows, 214 ids per sample.
+    import time
+
+    import yaml
+
+    with open("conf/experiment/mlperf_dcnv2.yaml") as f:
+        data_cfg = yaml.safe_load(f)["data"]
+    cfg = SyntheticDataConfig(**data_cfg)
+    assert sum(cfg.hotness) == 214
+    data = SyntheticCriteo(cfg)
+    data.batch("train", 0, 8)  # warm-up
+    began = time.perf_counter()
+    batch = data.batch("train", 1024, 256)
+    elapsed_s = time.perf_counter() - began
+    kjt = batch.sparse_features
+    assert int(kjt.lengths().sum()) == 214 * 256
+    for name, values in kjt.to_dict().items():
+        rows = cfg.cardinalities[int(name.split("_")[1])]
+        assert 0 <= int(values.values().min()) and int(values.values().max()) < rows
+    # The 40M-row tables reach their tail: ids far beyond the exactly tabulated head.
+    assert int(kjt["cat_0"].values().max()) > EXACT_RANKS
+    # One CPU thread on a shared machine: ~40 ms; a generous bound against regressions.
+    assert elapsed_s < 5.0, elapsed_s
+
+
+def test_zipf_and_planted_move_devices_without_changing_draws() -> None:
+    data = SyntheticCriteo(SMALL)
+    tables = ZipfTables(SMALL.cardinalities, exponent=1.2, seed=0)
+    u = torch.rand(32, 4, dtype=torch.float64)
+    which = torch.arange(4)
+    before = tables.ids(tables.ranks(u, which), which)
+    assert tables.to("cpu") is tables
+    assert torch.equal(tables.ids(tables.ranks(u, which), which), before)
+    planted = data._planted
+    assert planted.to(torch.device("cpu")) is planted

@@ -41,15 +41,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
-
 import torch
 
+from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.rng import hash_counters, normal, stream_key
 from trainer.data.zipf import ZipfTables
 
-if TYPE_CHECKING:
-    from trainer.data.synthetic import SyntheticDataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +93,13 @@ class PlantedModel:
         self._pair_right = torch.tensor([position[j] for _, j in self.pairs], dtype=torch.int64)
         is_latent = torch.isin(slot_features, self._latent_features)
         self._latent_slots = is_latent.nonzero().squeeze(1)
-        self._latent_slot_to_feature = torch.nn.functional.one_hot(
-            torch.tensor([position[int(f)] for f in slot_features[is_latent]], dtype=torch.int64),
-            len(latent_features),
-        ).double()
+        latent_slot_positions = [position[int(f)] for f in slot_features[is_latent]]
+        self._latent_slot_to_feature = torch.zeros(
+            len(latent_slot_positions), len(latent_features), dtype=torch.float64
+        )
+        self._latent_slot_to_feature[
+            torch.arange(len(latent_slot_positions)), latent_slot_positions
+        ] = 1.0
         means, whiteners = [], []
         for f in latent_features:
             mean, whitener = self._latent_stats(f, tables.head_probabilities(f))
@@ -121,8 +121,15 @@ class PlantedModel:
     def _raw_first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         return normal(self._first_order_key, features, ranks) * self._rank_decay(ranks)
 
+    def to(self, device: torch.device | str) -> PlantedModel:
+        """Moves the stored statistics to ``device`` (in place); returns ``self``."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     def _raw_latent(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-        dims = torch.arange(self._latent_dim)
+        dims = torch.arange(self._latent_dim, device=ranks.device)
         vectors = normal(self._latent_key, features.unsqueeze(-1), ranks.unsqueeze(-1), dims)
         return vectors * self._rank_decay(ranks).unsqueeze(-1)
 
@@ -201,7 +208,25 @@ def select_pairs(cfg: SyntheticDataConfig, num_features: int) -> list[tuple[int,
         if max(cards[i], cards[j]) <= cfg.interaction_max_cardinality
         and min(cards[i], cards[j]) <= cfg.interaction_small_cardinality
     ]
-    if cfg.num_interactions > len(candidates):
+    if cfg.num_interactions > 0 and not candidates and num_features > 1:
+        # Scaled-up tables (every table above the caps): the calibration cannot
+        # hold, but the data stay usable. Pair the smallest table with the next
+        # smallest ones, the most learnable pairs that exist.
+        by_rows = sorted(range(num_features), key=lambda f: (cards[f], f))
+        smallest = by_rows[0]
+        candidates = [tuple(sorted((smallest, f))) for f in by_rows[1 : 1 + cfg.num_interactions]]
+        logger.warning(
+            "no feature pair qualifies for the planted interactions (both at most "
+            "data.interaction_max_cardinality=%d rows, one at most "
+            "data.interaction_small_cardinality=%d; the smallest table has %d rows): "
+            "planting %s instead, which a DLRM may learn slowly; raise those two keys "
+            "to silence this",
+            cfg.interaction_max_cardinality,
+            cfg.interaction_small_cardinality,
+            cards[smallest],
+            candidates,
+        )
+    elif cfg.num_interactions > len(candidates):
         # Small test configs hit this; the data stay usable, with fewer pairs.
         logger.warning(
             "data.num_interactions=%d but only %d feature pairs qualify (both at most "

@@ -87,6 +87,14 @@ class ZipfTables:
             return math.log(hi / lo)
         return (hi ** (1.0 - s) - lo ** (1.0 - s)) / (1.0 - s)
 
+    def to(self, device: torch.device | str) -> ZipfTables:
+        """Moves the sampling tables to ``device`` (in place; ``head_probabilities``
+        stay on the CPU, they are read once at set-up); returns ``self``."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     def head_probabilities(self, table: int) -> torch.Tensor:
         """Probabilities of the exactly tabulated ranks (all ranks of small tables)."""
         return self._head_probabilities[table]

@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import logging
 import math
+
 import torch
 
-from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.rng import hash_counters, normal, stream_key
+from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.zipf import ZipfTables
-
 
 logger = logging.getLogger(__name__)
 

@@ -207,3 +207,19 @@ def test_inconsistent_part_names_the_file(shards: Path) -> None:
     np.save(path, np.zeros(5, np.float32))
     with pytest.raises(ValueError, match=rf"{path} has shape \(5,\), expected \(13,\)"):
         ShardSource(shards, seed=0)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_single_hot_feature_with_an_empty_bag_in_one_part(shards: Path, shuffle: bool) -> None:
+    """A part whose single-hot feature has an empty bag takes the jagged path; others do not."""
+    part = shards / "train" / "part-00001"
+    offsets, values = np.load(part / offsets_file("single")), np.load(part / values_file("single"))
+    np.save(part / offsets_file("single"), np.concatenate([offsets[:4], offsets[4:] - 1]))
+    np.save(part / values_file("single"), np.delete(values, 3))  # sample 3 of the part: no id
+    source = ShardSource(shards, seed=0, shuffle=shuffle)
+    rows = reference_rows(shards, "train")
+    assert rows[23 + 3]["bags"]["single"] == []
+    for batch in source.train_batches(
+        batch_size=25, rank=0, world_size=1, first_step=0, num_steps=4
+    ):
+        assert_batch_matches(batch, rows)

@@ -75,7 +75,8 @@ class _Part:
     num_rows: int
     labels: np.ndarray
     dense: np.ndarray
-    offsets: list[np.ndarray]  # per feature, int64 [num_rows + 1]
+    # Per feature, int64 [num_rows + 1]; None: exactly one id per sample (offsets 0..n).
+    offsets: list[np.ndarray | None]
     values: list[np.ndarray]  # per feature
 
 
@@ -94,9 +95,10 @@ class _Rows:
         for i in self._parts_between(begin, end):
             part = self.parts[i]
             lo, hi = max(begin - part.start, 0), min(end - part.start, part.num_rows)
-            lengths = [np.diff(off[lo : hi + 1]) for off in part.offsets]
+            lengths = [None if off is None else np.diff(off[lo : hi + 1]) for off in part.offsets]
             values = [
-                val[off[lo] : off[hi]] for off, val in zip(part.offsets, part.values, strict=True)
+                val[lo:hi] if off is None else val[off[lo] : off[hi]]
+                for off, val in zip(part.offsets, part.values, strict=True)
             ]
             pieces.append(_Arrays(part.labels[lo:hi], part.dense[lo:hi], lengths, values))
         return _Arrays.concat(pieces, self.num_features, self.num_dense)
@@ -111,12 +113,15 @@ class _Rows:
             if bounds[i] == bounds[i + 1]:
                 continue
             local = sorted_rows[bounds[i] : bounds[i + 1]] - part.start
-            begins = [off[local] for off in part.offsets]
-            lengths = [off[local + 1] - b for off, b in zip(part.offsets, begins, strict=True)]
-            values = [
-                val[_positions(b, n)]
-                for val, b, n in zip(part.values, begins, lengths, strict=True)
-            ]
+            lengths, values = [], []
+            for off, val in zip(part.offsets, part.values, strict=True):
+                if off is None:  # single-hot: the id of sample i is values[i]
+                    lengths.append(None)
+                    values.append(val[local])
+                    continue
+                begins = off[local]
+                lengths.append(off[local + 1] - begins)
+                values.append(val[_positions(begins, lengths[-1])])
             pieces.append(_Arrays(part.labels[local], part.dense[local], lengths, values))
         in_sorted_order = _Arrays.concat(pieces, self.num_features, self.num_dense)
         return in_sorted_order.take(np.argsort(order))
@@ -133,7 +138,7 @@ class _Arrays:
 
     labels: np.ndarray
     dense: np.ndarray
-    lengths: list[np.ndarray]
+    lengths: list[np.ndarray | None]  # None: one id per sample
     values: list[np.ndarray]
 
     @staticmethod
@@ -151,7 +156,7 @@ class _Arrays:
         return _Arrays(
             np.concatenate([p.labels for p in pieces]),
             np.concatenate([p.dense for p in pieces]),
-            [np.concatenate(x) for x in zip(*(p.lengths for p in pieces), strict=True)],
+            [_concat_lengths(pieces, f) for f in range(num_features)],
             [np.concatenate(x) for x in zip(*(p.values for p in pieces), strict=True)],
         )
 
@@ -159,12 +164,23 @@ class _Arrays:
         """Rows ``rows`` of this (in-memory) batch."""
         values = []
         for lengths, vals in zip(self.lengths, self.values, strict=True):
+            if lengths is None:
+                values.append(vals[rows])
+                continue
             begins = np.cumsum(lengths) - lengths
             values.append(vals[_positions(begins[rows], lengths[rows])])
-        return _Arrays(self.labels[rows], self.dense[rows], [n[rows] for n in self.lengths], values)
+        lengths = [None if n is None else n[rows] for n in self.lengths]
+        return _Arrays(self.labels[rows], self.dense[rows], lengths, values)
 
     def to_batch(self, keys: list[str]) -> Batch:
-        lengths = torch.from_numpy(np.concatenate(self.lengths).astype(np.int32))
+        num_samples = self.labels.shape[0]
+        lengths = np.concatenate(
+            [
+                np.ones(num_samples, np.int32) if n is None else n.astype(np.int32)
+                for n in self.lengths
+            ]
+        )
+        lengths = torch.from_numpy(lengths)
         values = torch.from_numpy(np.concatenate(self.values).astype(np.int64))
         return Batch(
             # np.array copies: the batch must not keep (read-only) pages of the maps.
@@ -336,7 +352,8 @@ class ShardSource:
         labels = _load(path / LABELS_FILE, (num_rows,))
         dense = _load(path / DENSE_FILE, (num_rows, self.num_dense))
         offsets, values = [], []
-        for feature in self._keys:
+        for spec in self.features:
+            feature = spec.name
             off = _load(path / offsets_file(feature), (num_rows + 1,))
             val = _load(path / values_file(feature), None)
             if val.ndim != 1 or off[0] != 0 or off[-1] != val.shape[0]:
@@ -345,7 +362,9 @@ class ShardSource:
                     f"{path / values_file(feature)} holds {val.shape} ids; the part is "
                     f"corrupt, {PREPARE_HINT} again"
                 )
-            offsets.append(off)
+            # One id per sample (the common case): gathers skip the offsets.
+            single_hot = spec.max_ids_per_sample <= 1 and off[-1] == num_rows
+            offsets.append(None if single_hot else off)
             values.append(val)
         return _Part(path, start, num_rows, labels, dense, offsets, values)
 
@@ -377,7 +396,17 @@ def _load(path: Path, shape: tuple[int, ...] | None) -> np.ndarray:
             f"{path} has shape {array.shape}, expected {shape} from metadata.json; "
             f"{PREPARE_HINT} again"
         )
-    return array
+    # A plain ndarray view: np.memmap's __getitem__ costs more than the gathers themselves.
+    return array.view(np.ndarray)
+
+
+def _concat_lengths(pieces: list[_Arrays], feature: int) -> np.ndarray | None:
+    lengths = [p.lengths[feature] for p in pieces]
+    if all(n is None for n in lengths):
+        return None
+    return np.concatenate(
+        [np.ones(len(p.labels), np.int64) if n is None else n for p, n in zip(pieces, lengths)]
+    )
 
 
 def _positions(begins: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -174,12 +174,13 @@ def test_eval_fraction_holds_out_the_last_rows(tmp_path: Path) -> None:
 def test_state_dict_refuses_other_shards(shards: Path, tmp_path: Path) -> None:
     source = ShardSource(shards, seed=0)
     state = source.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # DCP: tensors only
     ShardSource(shards, seed=0).load_state_dict(state)
     other = tmp_path / "other"
     write_shards(other, PARTS, fingerprint="fp-other", seed=1)
     with pytest.raises(ValueError, match="different prepare config.*fp-test.*fp-other") as err:
         ShardSource(other, seed=0).load_state_dict(state)
-    assert state["checksum"] in str(err.value)
+    assert ShardMetadata.read(shards).checksum in str(err.value)
     with pytest.raises(ValueError, match="seed: checkpoint 0, now 4"):
         ShardSource(shards, seed=4).load_state_dict(state)
 
@@ -223,3 +224,13 @@ def test_single_hot_feature_with_an_empty_bag_in_one_part(shards: Path, shuffle:
         batch_size=25, rank=0, world_size=1, first_step=0, num_steps=4
     ):
         assert_batch_matches(batch, rows)
+
+
+def test_from_config(shards: Path) -> None:
+    from trainer.data.data_configs import CriteoDataConfig
+
+    source = ShardSource.from_config(CriteoDataConfig(dir=str(shards), seed=None), seed=9)
+    assert (source.seed, source.shuffle) == (9, True)
+    assert ShardSource.from_config(CriteoDataConfig(dir=str(shards), seed=2), seed=9).seed == 2
+    with pytest.raises(ValueError, match="data.dir is empty.*python -m trainer.prepare"):
+        ShardSource.from_config(CriteoDataConfig())

@@ -245,6 +245,26 @@ class ShardSource:
         self._train = train
         self._permutations: dict[int, np.ndarray] = {}
 
+    @classmethod
+    def from_config(cls, cfg: Any, *, seed: int | None = None) -> ShardSource:
+        """From a ``data=criteo`` / ``data=table`` config (``trainer.data.data_configs``):
+        ``data.dir``, ``data.shuffle``, ``data.eval_fraction``, ``data.check_ids`` and
+        the shuffle seed ``data.seed``, else ``seed`` (the trainer's), else 0."""
+        if not cfg.dir:
+            raise ValueError(
+                f"data.dir is empty: data={cfg.name} trains from a directory written by "
+                f"`python -m trainer.prepare data={cfg.name} 'data.raw=[...]' data.dir=DIR`; "
+                "pass data.dir=DIR"
+            )
+        shuffle_seed = cfg.seed if cfg.seed is not None else seed
+        return cls(
+            Path(cfg.dir),
+            seed=0 if shuffle_seed is None else shuffle_seed,
+            shuffle=cfg.shuffle,
+            eval_fraction=cfg.eval_fraction,
+            check_ids=cfg.check_ids,
+        )
+
     @property
     def num_train_samples(self) -> int:
         """Rows in one training epoch (the eval rows held out of the train split excluded)."""
@@ -271,7 +291,34 @@ class ShardSource:
         return {}  # real data: no known best AUC
 
     def state_dict(self) -> dict[str, Any]:
-        """The position is the trainer's step; this pins the data the step indexes."""
+        """The position is the trainer's step; this pins the data the step indexes.
+
+        Tensors only (text as uint8 bytes), as every checkpoint entry: loading never
+        unpickles.
+        """
+        return {k: _to_tensor(v) for k, v in self._stream().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises ``ValueError`` when the checkpoint's stream is not this one."""
+        mine = self._stream()
+        saved = {k: _from_tensor(state[k], type(mine[k])) if k in state else None for k in mine}
+        if (saved["fingerprint"], saved["checksum"]) != (mine["fingerprint"], mine["checksum"]):
+            raise ValueError(
+                f"{self.directory} holds shards from a different prepare config than the run: "
+                f"checkpoint fingerprint {saved['fingerprint']!r} checksum "
+                f"{saved['checksum']!r}, data fingerprint {mine['fingerprint']!r} checksum "
+                f"{mine['checksum']!r}; point data.dir at the data the run was trained on"
+            )
+        changed = [k for k in ("num_train_samples", "seed", "shuffle") if saved[k] != mine[k]]
+        if changed:
+            diff = ", ".join(f"{k}: checkpoint {saved[k]!r}, now {mine[k]!r}" for k in changed)
+            raise ValueError(
+                f"the run's training order changed since the checkpoint ({diff}); "
+                "resume with the settings it was saved with (seed, data.shuffle, "
+                "data.eval_fraction)"
+            )
+
+    def _stream(self) -> dict[str, str | int | bool]:
         return {
             "fingerprint": self.meta.fingerprint,
             "checksum": self.meta.checksum,
@@ -279,28 +326,6 @@ class ShardSource:
             "seed": self.seed,
             "shuffle": self.shuffle,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Raises ``ValueError`` when the checkpoint's stream is not this one."""
-        mine = self.state_dict()
-        if (state.get("fingerprint"), state.get("checksum")) != (
-            mine["fingerprint"],
-            mine["checksum"],
-        ):
-            raise ValueError(
-                f"{self.directory} holds shards from a different prepare config than the run: "
-                f"checkpoint fingerprint {state.get('fingerprint')!r} checksum "
-                f"{state.get('checksum')!r}, data fingerprint {mine['fingerprint']!r} checksum "
-                f"{mine['checksum']!r}; point data.dir at the data the run was trained on"
-            )
-        changed = [k for k in ("num_train_samples", "seed", "shuffle") if state.get(k) != mine[k]]
-        if changed:
-            diff = ", ".join(f"{k}: checkpoint {state.get(k)!r}, now {mine[k]!r}" for k in changed)
-            raise ValueError(
-                f"the run's training order changed since the checkpoint ({diff}); "
-                "resume with the settings it was saved with (seed, data.shuffle, "
-                "data.eval_fraction)"
-            )
 
     def _train_arrays(self, begin: int, end: int) -> _Arrays:
         """Stream positions ``[begin, end)`` (see the module docstring)."""
@@ -398,6 +423,20 @@ def _load(path: Path, shape: tuple[int, ...] | None) -> np.ndarray:
         )
     # A plain ndarray view: np.memmap's __getitem__ costs more than the gathers themselves.
     return array.view(np.ndarray)
+
+
+def _to_tensor(value: str | int | bool) -> torch.Tensor:
+    if isinstance(value, str):
+        return torch.tensor(list(value.encode()), dtype=torch.uint8)
+    return torch.tensor(int(value), dtype=torch.int64)
+
+
+def _from_tensor(value: Any, kind: type) -> str | int | bool:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if kind is str:
+        return bytes(value.tolist()).decode()
+    return kind(value.item())
 
 
 def _concat_lengths(pieces: list[_Arrays], feature: int) -> np.ndarray | None:

@@ -1,0 +1,193 @@
+"""``python -m trainer.prepare data=criteo|table ...``: raw data into binary shards, once.
+
+:func:`prepare` is the whole job (the CLI in ``__main__`` only composes the
+config): check the settings and inputs, skip if ``data.dir`` already holds
+shards from the same settings and unchanged inputs (the fingerprint), run the
+source's pipeline (:mod:`trainer.prepare.criteo`, :mod:`trainer.prepare.table`)
+into a temporary sibling directory, number the parts, write ``metadata.json``
+last and rename the directory into place. A killed prepare leaves only a
+``.<dir>.tmp-<pid>`` directory, never one that looks complete.
+
+Example::
+
+    from trainer.data.data_configs import CriteoDataConfig
+    result = prepare(CriteoDataConfig(raw=["day_0"], dir="data/criteo"))
+    result.metadata.splits["train"].num_rows, result.up_to_date
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trainer.data.data_configs import CriteoDataConfig, PreparedDataConfig, TableDataConfig
+from trainer.data.shard_format import METADATA_FILE, PartInfo, ShardMetadata, SplitInfo
+from trainer.prepare.common import PrepareError, check_inputs
+from trainer.prepare.pipeline import VOCAB_DIR, PipelineOutput
+
+__all__ = ["PrepareError", "PrepareResult", "prepare", "settings_fingerprint"]
+
+# Bump when the same settings and inputs would give different arrays.
+PREPARE_VERSION = 1
+# Settings that do not change the arrays (how fast, where, and the reader's own).
+_NOT_IN_FINGERPRINT = {
+    "dir",
+    "num_workers",
+    "chunk_bytes",
+    "batch_rows",
+    "seed",
+    "shuffle",
+    "check_ids",
+}
+
+
+@dataclass
+class PrepareResult:
+    directory: Path
+    metadata: ShardMetadata
+    # True: data.dir already held these shards; nothing was written.
+    up_to_date: bool
+
+
+def prepare(cfg: PreparedDataConfig, *, progress: bool = True) -> PrepareResult:
+    """Prepares ``cfg.raw`` (and ``cfg.eval_raw``) into ``cfg.dir``; see the module docstring."""
+    _check_settings(cfg)
+    directory = Path(cfg.dir).expanduser()
+    inputs = _inputs(cfg)
+    fingerprint = settings_fingerprint(cfg, inputs)
+    if (directory / METADATA_FILE).is_file():
+        try:
+            existing = ShardMetadata.read(directory)
+        except (ValueError, TypeError, KeyError):
+            existing = None
+        if existing is not None and existing.fingerprint == fingerprint:
+            return PrepareResult(directory, existing, up_to_date=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(directory)
+    work = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        output = _run_pipeline(cfg, work, progress=progress)
+        meta = _finish(cfg, work, output, fingerprint=fingerprint, inputs=inputs)
+        _swap_into_place(work, directory)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return PrepareResult(directory, meta, up_to_date=False)
+
+
+def settings_fingerprint(cfg: PreparedDataConfig, inputs: list[dict]) -> str:
+    """sha256 of the settings that shape the arrays and of the inputs (path, size, mtime)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    blob = json.dumps(
+        {"version": PREPARE_VERSION, "settings": settings, "inputs": inputs},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_settings(cfg: PreparedDataConfig) -> None:
+    if not cfg.dir:
+        raise PrepareError("data.dir is not set: pass data.dir=DIR (where the shards go)")
+    if not cfg.raw:
+        raise PrepareError(f"data.raw is empty: pass 'data.raw=[FILE,...]' (data={cfg.name})")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise PrepareError(f"data.eval_fraction={cfg.eval_fraction} must be in [0, 1)")
+    if cfg.min_count < 1:
+        raise PrepareError(f"data.min_count={cfg.min_count} must be at least 1")
+    if cfg.chunk_bytes < 1024:
+        raise PrepareError(f"data.chunk_bytes={cfg.chunk_bytes} must be at least 1024")
+
+
+def _inputs(cfg: PreparedDataConfig) -> list[dict]:
+    files = [("train", p) for p in check_inputs(cfg.raw, "data.raw")]
+    files += [("eval", p) for p in check_inputs(cfg.eval_raw, "data.eval_raw")]
+    if isinstance(cfg, TableDataConfig):
+        files += [("join", p) for p in check_inputs([j.raw for j in cfg.joins], "data.joins")]
+    out = []
+    for split, path in files:
+        stat = path.stat()
+        out.append(
+            {"path": str(path), "split": split, "size": stat.st_size, "mtime": stat.st_mtime_ns}
+        )
+    return out
+
+
+def _run_pipeline(cfg: PreparedDataConfig, work: Path, *, progress: bool) -> PipelineOutput:
+    if isinstance(cfg, CriteoDataConfig):
+        from trainer.prepare.criteo import prepare_criteo
+
+        return prepare_criteo(cfg, work=work, progress=progress)
+    if isinstance(cfg, TableDataConfig):
+        from trainer.prepare.table import prepare_table
+
+        return prepare_table(cfg, work=work, progress=progress)
+    raise PrepareError(f"data={cfg.name} is not prepared data; use data=criteo or data=table")
+
+
+def _finish(
+    cfg: PreparedDataConfig,
+    work: Path,
+    output: PipelineOutput,
+    *,
+    fingerprint: str,
+    inputs: list[dict],
+) -> ShardMetadata:
+    """Numbers the parts, drops the scratch, writes metadata.json (last)."""
+    if not output.parts.get("train"):
+        raise PrepareError(
+            f"data.raw {list(cfg.raw)}: no train rows left "
+            f"({output.bad_rows.get('skipped', 0)} bad rows skipped)"
+        )
+    splits, file_digests = {}, []
+    for split in ("train", "eval"):
+        infos = []
+        for i, part in enumerate(output.parts.get(split, [])):
+            rel = f"{split}/part-{i:05d}"
+            (work / split).mkdir(exist_ok=True)
+            part.path.rename(work / rel)
+            infos.append(PartInfo(path=rel, num_rows=part.num_rows))
+            file_digests += [f"{rel}/{name} {d}" for name, d in sorted(part.digests.items())]
+        if infos:
+            splits[split] = SplitInfo(num_rows=sum(p.num_rows for p in infos), parts=infos)
+    shutil.rmtree(work / "ranges", ignore_errors=True)
+    mapping = {"kind": str(cfg.mapping), "missing_row": 0}
+    if str(cfg.mapping) == "vocab":
+        mapping.update(min_count=cfg.min_count, oov_row=1, vocab_dir=VOCAB_DIR)
+    meta = ShardMetadata(
+        source=cfg.name,
+        num_dense=output.num_dense,
+        features=output.features,
+        splits=splits,
+        mapping=mapping,
+        fingerprint=fingerprint,
+        checksum=hashlib.sha256("\n".join(file_digests).encode()).hexdigest(),
+        inputs=inputs,
+        bad_rows=output.bad_rows,
+        dense_names=output.dense_names,
+    )
+    meta.write(work)
+    return meta
+
+
+def _swap_into_place(work: Path, directory: Path) -> None:
+    """Renames ``work`` to ``directory``; an older ``directory`` is removed after."""
+    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+    if directory.exists():
+        directory.rename(old)
+    work.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(directory: Path) -> None:
+    """Scratch directories of prepares that were killed (their process is gone)."""
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""``python -m trainer.prepare data=criteo 'data.raw=[FILE,...]' data.dir=DIR``.
+
+Composes the same config as the trainer (``conf/``, any override), prepares
+``data`` (see :func:`trainer.prepare.prepare`) and prints what it wrote. A bad
+input or setting ends in one line naming the file and line (or the key) and
+exit status 2.
+
+Example::
+
+    python -m trainer.prepare data=criteo 'data.raw=[day_0,day_1]' data.dir=data/criteo
+    python -m trainer.prepare data=table 'data.raw=[events.parquet]' data.dir=data/events \\
+        data.label=clicked 'data.categorical=[user,item]'
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    from trainer.config import register_configs
+    from trainer.prepare import PrepareError, prepare
+    from trainer.run_dir import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=argv)
+        data = OmegaConf.to_object(cfg.data)
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"shardrec: config error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        result = prepare(data)
+    except PrepareError as err:
+        print(f"shardrec: prepare error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    meta = result.metadata
+    if result.up_to_date:
+        print(f"{result.directory}: up to date (same settings and inputs), nothing to do")
+        return 0
+    seconds = time.perf_counter() - start
+    rows = sum(s.num_rows for s in meta.splits.values())
+    splits = ", ".join(f"{name} {s.num_rows:,} rows" for name, s in meta.splits.items())
+    print(f"{result.directory}: {splits} in {seconds:.1f}s ({rows / seconds:,.0f} rows/s)")
+    print(
+        f"  {len(meta.features)} features ({meta.mapping['kind']}), "
+        f"{meta.num_dense} dense, tables {[f.num_embeddings for f in meta.features]}"
+    )
+    skipped = meta.bad_rows.get("skipped", 0)
+    if skipped:
+        print(f"  skipped {skipped} bad rows: {meta.bad_rows['by_reason']}")
+        for example in meta.bad_rows.get("examples", [])[:3]:
+            print(f"    {example}")
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -42,14 +42,12 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.loader import _check_rank, eval_slices
 from trainer.data.shard_format import (
@@ -59,138 +57,12 @@ from trainer.data.shard_format import (
     offsets_file,
     values_file,
 )
+from trainer.data.shard_rows import Arrays, Part, Rows
 from trainer.data.source import FeatureSpec
 
 PREPARE_HINT = "run python -m trainer.prepare"
 # Elements per chunk when scanning the id arrays on open (bounded memory).
 _SCAN_CHUNK = 1 << 24
-
-
-@dataclass
-class _Part:
-    """One part's memory-mapped arrays: rows ``[start, start + num_rows)`` of its split."""
-
-    path: Path
-    start: int
-    num_rows: int
-    labels: np.ndarray
-    dense: np.ndarray
-    # Per feature, int64 [num_rows + 1]; None: exactly one id per sample (offsets 0..n).
-    offsets: list[np.ndarray | None]
-    values: list[np.ndarray]  # per feature
-
-
-class _Rows:
-    """Rows of a split (all its parts, one cumulative row index) that batches gather from."""
-
-    def __init__(self, parts: list[_Part], num_features: int, num_dense: int) -> None:
-        self.parts = parts
-        self.num_features = num_features
-        self.num_dense = num_dense
-        self.starts = np.array([p.start for p in parts] + [_end(parts)], dtype=np.int64)
-
-    def contiguous(self, begin: int, end: int) -> _Arrays:
-        """Rows ``[begin, end)``: slices of each part they touch."""
-        pieces = []
-        for i in self._parts_between(begin, end):
-            part = self.parts[i]
-            lo, hi = max(begin - part.start, 0), min(end - part.start, part.num_rows)
-            lengths = [None if off is None else np.diff(off[lo : hi + 1]) for off in part.offsets]
-            values = [
-                val[lo:hi] if off is None else val[off[lo] : off[hi]]
-                for off, val in zip(part.offsets, part.values, strict=True)
-            ]
-            pieces.append(_Arrays(part.labels[lo:hi], part.dense[lo:hi], lengths, values))
-        return _Arrays.concat(pieces, self.num_features, self.num_dense)
-
-    def gather(self, rows: np.ndarray) -> _Arrays:
-        """Rows ``rows`` (any order) in that order: sorted gathers from the maps, then reordered."""
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        bounds = np.searchsorted(sorted_rows, self.starts)
-        pieces = []
-        for i, part in enumerate(self.parts):
-            if bounds[i] == bounds[i + 1]:
-                continue
-            local = sorted_rows[bounds[i] : bounds[i + 1]] - part.start
-            lengths, values = [], []
-            for off, val in zip(part.offsets, part.values, strict=True):
-                if off is None:  # single-hot: the id of sample i is values[i]
-                    lengths.append(None)
-                    values.append(val[local])
-                    continue
-                begins = off[local]
-                lengths.append(off[local + 1] - begins)
-                values.append(val[_positions(begins, lengths[-1])])
-            pieces.append(_Arrays(part.labels[local], part.dense[local], lengths, values))
-        in_sorted_order = _Arrays.concat(pieces, self.num_features, self.num_dense)
-        return in_sorted_order.take(np.argsort(order))
-
-    def _parts_between(self, begin: int, end: int) -> range:
-        first = int(np.searchsorted(self.starts, begin, side="right")) - 1
-        last = int(np.searchsorted(self.starts, end, side="left"))
-        return range(max(first, 0), min(last, len(self.parts)))
-
-
-@dataclass
-class _Arrays:
-    """A batch as numpy arrays; lengths and values per feature."""
-
-    labels: np.ndarray
-    dense: np.ndarray
-    lengths: list[np.ndarray | None]  # None: one id per sample
-    values: list[np.ndarray]
-
-    @staticmethod
-    def concat(pieces: list[_Arrays], num_features: int, num_dense: int) -> _Arrays:
-        if len(pieces) == 1:
-            return pieces[0]
-        if not pieces:
-            empty = np.zeros(0, dtype=np.int64)
-            return _Arrays(
-                np.zeros(0, np.float32),
-                np.zeros((0, num_dense), np.float32),
-                [empty] * num_features,
-                [empty] * num_features,
-            )
-        return _Arrays(
-            np.concatenate([p.labels for p in pieces]),
-            np.concatenate([p.dense for p in pieces]),
-            [_concat_lengths(pieces, f) for f in range(num_features)],
-            [np.concatenate(x) for x in zip(*(p.values for p in pieces), strict=True)],
-        )
-
-    def take(self, rows: np.ndarray) -> _Arrays:
-        """Rows ``rows`` of this (in-memory) batch."""
-        values = []
-        for lengths, vals in zip(self.lengths, self.values, strict=True):
-            if lengths is None:
-                values.append(vals[rows])
-                continue
-            begins = np.cumsum(lengths) - lengths
-            values.append(vals[_positions(begins[rows], lengths[rows])])
-        lengths = [None if n is None else n[rows] for n in self.lengths]
-        return _Arrays(self.labels[rows], self.dense[rows], lengths, values)
-
-    def to_batch(self, keys: list[str]) -> Batch:
-        num_samples = self.labels.shape[0]
-        lengths = np.concatenate(
-            [
-                np.ones(num_samples, np.int32) if n is None else n.astype(np.int32)
-                for n in self.lengths
-            ]
-        )
-        lengths = torch.from_numpy(lengths)
-        values = torch.from_numpy(np.concatenate(self.values).astype(np.int64))
-        return Batch(
-            # np.array copies: the batch must not keep (read-only) pages of the maps.
-            dense_features=torch.from_numpy(np.array(self.dense, dtype=np.float32)),
-            # torchrec's layout: feature-major (all of feature 0's bags, then 1's ...).
-            sparse_features=KeyedJaggedTensor.from_lengths_sync(
-                keys=keys, values=values, lengths=lengths
-            ),
-            labels=torch.from_numpy(np.array(self.labels, dtype=np.float32)),
-        )
 
 
 class ShardSource:
@@ -327,7 +199,7 @@ class ShardSource:
             "shuffle": self.shuffle,
         }
 
-    def _train_arrays(self, begin: int, end: int) -> _Arrays:
+    def _train_arrays(self, begin: int, end: int) -> Arrays:
         """Stream positions ``[begin, end)`` (see the module docstring)."""
         n = self._train_rows
         first_epoch, last_epoch = begin // n, (end - 1) // n
@@ -352,7 +224,7 @@ class ShardSource:
             self._permutations[epoch] = rng.permutation(self._train_rows).astype(dtype)
         return self._permutations[epoch]
 
-    def _open_split(self, split: str, *, check_ids: bool) -> _Rows:
+    def _open_split(self, split: str, *, check_ids: bool) -> Rows:
         info = self.meta.splits.get(split)
         if info is None or not info.parts:
             raise FileNotFoundError(
@@ -371,9 +243,9 @@ class ShardSource:
                 f"{self.directory / 'metadata.json'}: split {split!r} says {info.num_rows} rows "
                 f"but its parts hold {start}; the directory is inconsistent, {PREPARE_HINT} again"
             )
-        return _Rows(parts, len(self.features), self.num_dense)
+        return Rows(parts, len(self.features), self.num_dense)
 
-    def _open_part(self, path: Path, start: int, num_rows: int) -> _Part:
+    def _open_part(self, path: Path, start: int, num_rows: int) -> Part:
         labels = _load(path / LABELS_FILE, (num_rows,))
         dense = _load(path / DENSE_FILE, (num_rows, self.num_dense))
         offsets, values = [], []
@@ -391,9 +263,9 @@ class ShardSource:
             single_hot = spec.max_ids_per_sample <= 1 and off[-1] == num_rows
             offsets.append(None if single_hot else off)
             values.append(val)
-        return _Part(path, start, num_rows, labels, dense, offsets, values)
+        return Part(path, start, num_rows, labels, dense, offsets, values)
 
-    def _check_ids(self, part: _Part) -> None:
+    def _check_ids(self, part: Part) -> None:
         for spec, val in zip(self.features, part.values, strict=True):
             for lo in range(0, val.shape[0], _SCAN_CHUNK):
                 chunk = val[lo : lo + _SCAN_CHUNK]
@@ -437,22 +309,3 @@ def _from_tensor(value: Any, kind: type) -> str | int | bool:
     if kind is str:
         return bytes(value.tolist()).decode()
     return kind(value.item())
-
-
-def _concat_lengths(pieces: list[_Arrays], feature: int) -> np.ndarray | None:
-    lengths = [p.lengths[feature] for p in pieces]
-    if all(n is None for n in lengths):
-        return None
-    return np.concatenate(
-        [np.ones(len(p.labels), np.int64) if n is None else n for p, n in zip(pieces, lengths)]
-    )
-
-
-def _positions(begins: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Indices of the bags ``[begins[i], begins[i] + lengths[i])``, concatenated."""
-    out_begins = np.cumsum(lengths) - lengths
-    return np.repeat(begins - out_begins, lengths) + np.arange(int(lengths.sum()))
-
-
-def _end(parts: list[_Part]) -> int:
-    return parts[-1].start + parts[-1].num_rows if parts else 0

@@ -12,10 +12,10 @@ TORCH    := torch==2.13.0
 FBGEMM   := fbgemm-gpu-cpu==1.8.0
 TORCHREC := torchrec==1.8.0
 
-.PHONY: help install train test compression-report lint format clean
+.PHONY: help install train test compression-report sweep-report lint format clean
 
 help:  ## list the commands
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-19s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install the CPU stack (once)
 
@@ -35,12 +35,16 @@ train: $(STAMP)  ## train the built-in default (synthetic data, planted model) a
 test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
+# The report is written even when a job failed (it shows the job's error line);
+# make still exits with the sweep's status.
 REPORT_DIR := outputs/compression-report
-compression-report: $(STAMP)  ## fp32, bf16, int8/int4 PTQ and QAT on the default data: table + PNG
-	$(BIN)/python -m trainer -m \
-	  experiment=compression/fp32_ptq8,compression/fp32_ptq4,compression/bf16,compression/int8_qat,compression/int4_qat \
-	  hydra.sweep.dir=$(REPORT_DIR) trainer.progress_bar=false $(ARGS)
-	$(BIN)/python scripts/compression_report.py $(REPORT_DIR)
+compression-report: $(STAMP)  ## sweep=precision_qat (fp32, bf16, int8/int4 PTQ and QAT): table + PNGs
+	$(BIN)/python -m trainer -m +sweep=precision_qat hydra.sweep.dir=$(REPORT_DIR) $(ARGS); \
+	  status=$$?; $(BIN)/python scripts/compression_report.py $(REPORT_DIR) && exit $$status
+
+sweep-report: $(STAMP)  ## any multirun directory (DIR=multirun/...) as report.md, report.csv, pareto.png
+	@test -n "$(DIR)" || { echo "usage: make sweep-report DIR=multirun/<sweep>/<date_time>"; exit 2; }
+	$(BIN)/python scripts/sweep_report.py $(DIR)
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check .

@@ -1,8 +1,12 @@
-"""Compression report: read a sweep's summaries, print a table, save a PNG.
+"""Compression report: the precision x QAT sweep's jobs as configurations, table and PNG.
 
-``make compression-report`` runs the sweep (Hydra multirun over
-``conf/experiment/compression/*``: same data, seed and steps) and then this
-script. The fp32 run's post-training int8/int4 exports are the PTQ rows.
+``make compression-report`` runs the sweep (``python -m trainer -m
++sweep=precision_qat``: the ``conf/experiment/compression/*`` jobs, same data,
+seed and steps) and then this script. It writes the generic sweep report
+(``scripts/sweep_report.py``: ``report.md``, ``report.csv``, ``pareto.png``,
+failed jobs with their error line) and the compression table, where the fp32
+run's post-training int8/int4 exports are the PTQ rows (``compression.md``,
+``compression.json``, ``auc_vs_bytes.png``).
 
 Example::
 
@@ -20,17 +24,29 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
+from sweep_report import Job, collect_jobs, to_markdown, write_report  # noqa: E402
+
+# The generic report's columns for this sweep.
+METRICS = [
+    "auc",
+    "logloss",
+    "embedding_bytes",
+    "export.auc",
+    "export.bytes",
+    "export.max_abs_logit_diff",
+    "samples_per_sec",
+]
 
 
-def rows_from(sweep_dir: Path) -> list[dict]:
+def _experiment(job: Job) -> str:
+    return job.overrides.get("experiment", "").removeprefix("compression/")
+
+
+def rows_from(jobs: list[Job]) -> list[dict]:
     """One row per configuration: training rows, then each export as its own row."""
-    runs: dict[str, dict] = {}
-    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
-        overrides = (summary_path.parent / ".hydra" / "overrides.yaml").read_text()
-        name = overrides.split("experiment=compression/")[1].split()[0].strip("'\"")
-        runs[name] = json.loads(summary_path.read_text())
+    runs = {_experiment(j): j.summary for j in jobs if j.ok and _experiment(j)}
     if not runs:
-        raise SystemExit(f"no */summary.json under {sweep_dir}; run `make compression-report`")
+        raise SystemExit("no compression job finished (no */summary.json); see report.md")
     rows = []
 
     def add(label: str, s: dict, *, served: dict | None) -> None:
@@ -114,16 +130,40 @@ def plot(rows: list[dict], out: Path) -> Path:
     return out
 
 
+def to_markdown_table(rows: list[dict]) -> str:
+    """The compression table in markdown, as the README shows it."""
+    lines = [
+        "| config | AUC | vs fp32 | log loss | tables, x smaller | exported bytes | samples/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        delta = f"{r['auc_vs_fp32']:+.5f}" if r["auc_vs_fp32"] is not None else "-"
+        ratio = f"{r['table_ratio']:.2f}" if r["table_ratio"] else "-"
+        exported = f"{r['exported_bytes']:,}" if r["exported_bytes"] else "-"
+        lines.append(
+            f"| {r['config']} | {r['auc']:.5f} | {delta} | {r['logloss']:.4f} | {ratio} "
+            f"| {exported} | {r['samples_per_sec']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
     args = parser.parse_args()
-    rows = rows_from(args.sweep_dir)
-    table = format_table(rows)
-    print(table)
-    (args.sweep_dir / "report.txt").write_text(table + "\n")
-    (args.sweep_dir / "report.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nplot: {plot(rows, args.sweep_dir / 'auc_vs_bytes.png')}")
+    sweep_dir = args.sweep_dir
+    if not collect_jobs(sweep_dir):
+        raise SystemExit(f"no Hydra jobs under {sweep_dir}; run `make compression-report`")
+    jobs, _ = write_report(sweep_dir, metrics=METRICS)
+    failed = [j for j in jobs if not j.ok]
+    if failed:
+        print(to_markdown(failed, METRICS, title="failed jobs"))
+    rows = rows_from(jobs)
+    print(format_table(rows))
+    (sweep_dir / "compression.md").write_text(to_markdown_table(rows))
+    (sweep_dir / "compression.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nplot: {plot(rows, sweep_dir / 'auc_vs_bytes.png')}")
+    print(f"per job: {sweep_dir / 'report.md'}, report.csv, pareto.png")
     return 0
 
 

@@ -7,18 +7,21 @@ traceback from deep inside torchrec.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sharding.quiet import quiet_libraries
 from trainer.config import ConfigError, register_configs, to_config
 from trainer.run_dir import register_resolvers
 
+log = logging.getLogger("trainer")
 EXPORT_KEYS = ["auc", "logloss", "bytes", "fp32_bytes", "max_abs_logit_diff"]
 
 
@@ -52,11 +55,19 @@ def main(dict_cfg: DictConfig) -> None:
 
     quiet_libraries()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(to_config(dict_cfg), run_dir=run_dir)
     except ConfigError as err:
+        if in_sweep:  # sys.exit would end the whole sweep; Hydra goes on to the next job
+            log.error("config error: %s", err)  # into <job>/__main__.log: the sweep report
+            raise
         print(f"shardrec: config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        if in_sweep:
+            log.exception("job failed")
+        raise
     if os.environ.get("RANK", "0") == "0":
         print(f"\nsummary ({run_dir / 'summary.json'})")
         print(format_summary(summary))

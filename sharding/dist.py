@@ -2,7 +2,8 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE and MASTER_ADDR /
 MASTER_PORT; ``srun python -m trainer`` sets SLURM_PROCID / SLURM_NTASKS /
-SLURM_LOCALID instead (the batch script exports MASTER_ADDR / MASTER_PORT). A
+SLURM_LOCALID instead, and MASTER_ADDR / MASTER_PORT come from the job's first
+host and id when the launcher did not export them (submitit does not). A
 plain ``python -m trainer`` is a world of one, still with a real process group,
 because DistributedModelParallel needs one.
 
@@ -16,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -60,6 +62,22 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _rendezvous_from_slurm() -> None:
+    """MASTER_ADDR / MASTER_PORT for ``srun python -m trainer`` (and submitit) tasks.
+
+    The first host of the job's nodelist, and a port from the job id, the same on
+    every task; scripts/slurm/train.sbatch exports the same values itself.
+    """
+    nodelist, job_id = os.environ.get("SLURM_JOB_NODELIST"), os.environ.get("SLURM_JOB_ID")
+    if not nodelist or not job_id:
+        return
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    ).stdout.split()
+    os.environ["MASTER_ADDR"] = hosts[0]
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job_id) % 20000))
+
+
 def init_distributed(
     *,
     backend: str | None = None,
@@ -90,6 +108,8 @@ def init_distributed(
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
+        if world_size > 1 and "MASTER_ADDR" not in os.environ:
+            _rendezvous_from_slurm()
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             # A world of one needs no rendezvous: an in-memory store will do.
             dist.init_process_group(

@@ -33,21 +33,14 @@ Example::
         print(model_bytes(model.model), "->", model_bytes(served))
         save_exported(served, run_dir / "exported_model.pt")
 
-From a saved checkpoint, in one process (no torchrun)::
-
-    python -m compression.export outputs/run/checkpoints/step_2000 [--bits 8|4] [--out PATH]
-
-This library never imports ``trainer``; only :func:`main`, the command line
-entry point at the bottom, does (lazily), to rebuild the model from the
-checkpoint's config.
+From a saved checkpoint, in one process (no torchrun): ``python -m
+trainer.export`` (the trainer knows how to rebuild the model). This package
+never imports ``trainer``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 from itertools import chain
 from pathlib import Path
 
@@ -189,38 +182,3 @@ def save_exported(module: nn.Module, path: Path | str) -> None:
 def load_exported(path: Path | str, *, map_location: str | None = None) -> nn.Module:
     """Reads a :func:`save_exported` file back; only for files you trust (pickle)."""
     return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m compression.export <checkpoint_dir> [--bits 8|4] [--out PATH]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m compression.export",
-        description="Quantize a saved checkpoint for serving, save it and score it on the "
-        "eval set (one process; the checkpoint's config.yaml says how to rebuild it).",
-    )
-    parser.add_argument("checkpoint_dir", type=Path, help="a <run_dir>/checkpoints/step_N dir")
-    parser.add_argument(
-        "--bits",
-        type=int,
-        choices=(8, 4, 2),
-        help="bits for every table (default: the run's QAT bits, else trainer.export_bits)",
-    )
-    parser.add_argument(
-        "--out", type=Path, help="where to save (default: <checkpoint_dir>/exported_model.pt)"
-    )
-    args = parser.parse_args(argv)
-    # The entry point, not the library, knows the trainer's model and data.
-    from sharding.quiet import quiet_libraries
-    from trainer.export_step import export_checkpoint
-
-    quiet_libraries()
-    try:
-        result = export_checkpoint(args.checkpoint_dir, bits=args.bits, out=args.out)
-    except FileNotFoundError as err:
-        print(f"shardrec: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()

@@ -90,9 +90,9 @@ def resolve_precision(name: str, *, device_type: str, fp16_on_cpu: bool = False)
 
 
 def autocast_forward(
-    model: torch.nn.Module, precision: Precision, *, device_type: str
+    model: Callable[[Any], Any], precision: Precision, *, device_type: str
 ) -> Callable[[Any], Any] | None:
-    """The forward the train pipeline calls: ``model(batch)`` under autocast."""
+    """The forward the train pipeline calls: ``model(batch)`` under autocast (None: no autocast)."""
     if precision.autocast_dtype is None:
         return None
 

@@ -10,9 +10,9 @@ The flow is plan-then-apply, as in torchrec::
     print(format_plan(plan))
     model = shard_model(model, plan=plan, env=env, sharders=sharders)
 
-Library modules here never import ``trainer``; they take plain arguments.
-``python -m sharding.plan`` is the exception: an entry point, it composes the
-trainer's config like ``python -m trainer`` does.
+Nothing here imports ``trainer``; functions take plain arguments. The plan
+for a cluster you do not have is ``python -m trainer.plan`` (the trainer
+composes the config and calls the same planning function it trains with).
 """
 
 from sharding.dist import DistEnv, destroy_distributed, init_distributed

@@ -13,7 +13,7 @@ row-wise Adagrad momentum, Adam's state, the step) equal A's, bit for bit.
 per-rank batch 2 x 256 so the global batches are A's): DCP reshards it; the
 step-8 losses, AUC and tensors agree to float noise (measured: 1.2e-7).
 
-(c) ``python -m compression.export`` on A's ``step_8`` (one process, no
+(c) ``python -m trainer.export`` on A's ``step_8`` (one process, no
 torchrun) scores the same export as A's ``trainer.export=true`` (measured:
 equal AUC, log loss, bytes and max |logit diff|).
 """
@@ -29,7 +29,6 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from compression.export import main as export_main
 from tests.distributed import torchrun_trainer
 from tests.test_train_e2e import TINY
 from trainer.checkpoint import (
@@ -40,6 +39,7 @@ from trainer.checkpoint import (
     restore_records,
 )
 from trainer.config import Config, ConfigError, to_config
+from trainer.export import main as export_main
 from trainer.validate import validate
 
 CHECKPOINTED = [*TINY, "sharding=row_wise", "trainer.checkpoint_every_steps=4"]
@@ -154,10 +154,10 @@ def test_resume_into_one_process_reshards(run_a: Path, tmp_path: Path, compose_c
 
 
 @pytest.mark.dist
-def test_python_m_compression_export_matches_the_runs_own_export(
+def test_python_m_trainer_export_matches_the_runs_own_export(
     run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``main`` is what ``python -m compression.export`` runs; called here to skip a start-up."""
+    """``main`` is what ``python -m trainer.export`` runs; called here to skip a start-up."""
     out = tmp_path / "served.pt"
     export_main([str(run_a / "checkpoints" / "step_8"), "--out", str(out)])
     result = json.loads(capsys.readouterr().out)

@@ -51,6 +51,22 @@ def test_mistyped_key_fails_at_compose(compose_cfg, override: str) -> None:
         compose_cfg([override])
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "sharding.strategy=diagonal",
+        "model.arch=transformer",
+        "precision.name=bf61",
+        "logger.name=tb",
+        "+sharding.tables={t_cat_0:{strategy:diagonal}}",
+    ],
+)
+def test_unknown_choice_fails_at_compose_listing_the_choices(compose_cfg, override: str) -> None:
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        compose_cfg([override])
+    assert "expected one of" in str(err.value) + str(err.value.__cause__)
+
+
 def test_wrong_type_fails_at_compose(compose_cfg) -> None:
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose_cfg(["trainer.batch_size=lots"])
@@ -63,21 +79,19 @@ def _cfg(compose_cfg, *overrides: str) -> Config:
 @pytest.mark.parametrize(
     ("overrides", "world_size", "names"),
     [
-        (["sharding.strategy=diagonal"], 1, ["sharding.strategy", "table_wise"]),
         (["sharding=row_wise"], 1, ["world_size > 1", "torchrun"]),
         (["model.embedding_dim=32"], 1, ["dense_arch_layer_sizes[-1]=16", "embedding_dim=32"]),
         (["trainer.batch_size=0"], 1, ["trainer.batch_size"]),
         (["model.over_arch_layer_sizes=[64,2]"], 1, ["over_arch_layer_sizes", "end in 1"]),
         (["model.over_arch_layer_sizes=[1]"], 1, ["over_arch_layer_sizes", "two"]),
-        (["model.arch=transformer"], 1, ["model.arch", "dlrm_dcnv2"]),
-        (["data.cardinalities=[10,0]"], 1, ["data.cardinalities[1]"]),
+        (["data.cardinalities=[10,0]"], 1, ["data.cardinalities", "[0]"]),
         (["sharding=table_row_wise"], 4, ["local world size 4", "topology.local_world_size=2"]),
         (
             ["+sharding.tables={t_nope:{strategy:row_wise}}"],
             2,
             ["sharding.tables.t_nope", "no such"],
         ),
-        (["+sharding.tables={t_cat_0:{strategy:diagonal}}"], 2, ["t_cat_0.strategy", "grid"]),
+        (["+sharding.tables={t_cat_0:{strategy:auto}}"], 2, ["t_cat_0.strategy", "grid"]),
         (["+sharding.tables={t_cat_0:{ranks:[5]}}"], 2, ["outside 0..1"]),
         (["qat=int4", "precision=bf16"], 1, ["precision=fp32"]),
         (["sharding.column_shard_dim=6"], 1, ["sharding.column_shard_dim=6", "multiple of 4"]),

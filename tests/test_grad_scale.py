@@ -28,7 +28,6 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.models.dlrm import SparseArch
 
 from compression.grad_scale import LossScaledOptimizer
-from compression.precision import autocast_forward
 from sharding import DistEnv, destroy_distributed, init_distributed
 from tests.distributed import run_ranks
 from tests.test_sharding_equivalence import tiny_config
@@ -85,7 +84,7 @@ def assert_close(
 
 
 def train(built: Built, env: DistEnv, cfg: Config, *, first: int, num: int) -> list[float]:
-    fwd = autocast_forward(built.model, built.precision, device_type="cpu")
+    fwd = built.converters.wrap_forward(built.model)
     pipeline = make_pipeline(
         cfg.trainer.pipeline, built.model, built.optimizer, env.device, model_fwd=fwd
     )

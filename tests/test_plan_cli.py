@@ -1,4 +1,4 @@
-"""``python -m sharding.plan``: plans for clusters that are not there.
+"""``python -m trainer.plan``: plans for clusters that are not there.
 
 The command runs for real (a subprocess, the repo's conf/); the MLPerf shapes
 are planned in-process for 64 GPUs, as a user would from a laptop.
@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 from sharding.fit import explain_no_fit, table_bytes
-from sharding.plan import plan_cluster, pooling_factors
 from sharding.report import format_ranks
 from tests.conftest import REPO
-from trainer.config import ConfigError, to_config
+from trainer.config import ConfigError, pooling_factors, resolved_tables, to_config
+from trainer.plan import plan_cluster
 
 EBC = "model.sparse_arch.embedding_bag_collection"
 
 
 def _plan_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sharding.plan", *overrides, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "trainer.plan", *overrides, f"hydra.run.dir={tmp_path}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -105,7 +105,8 @@ def test_mlperf_dcnv2_composes_and_plans_for_64_gpus(compose_cfg, tmp_path: Path
     )
     assert cfg.model.arch == "dlrm_dcnv2" and cfg.model.embedding_dim == 128
     assert max(cfg.data.cardinalities) == 40_000_000 and len(cfg.data.cardinalities) == 26
-    assert pooling_factors(cfg)["t_cat_20"] == [100.0]
+    features = cfg.data.features
+    assert pooling_factors(resolved_tables(cfg, features), features)["t_cat_20"] == [100.0]
 
     result = plan_cluster(cfg, run_dir=tmp_path)
     saved = json.loads((tmp_path / "plan.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchrec.modules.embedding_configs import DataType
 
-from compression.precision import autocast_forward, resolve_precision
+from compression.precision import resolve_precision
 from sharding import destroy_distributed, init_distributed
 from sharding.state import local_table_bytes
 from tests.test_sharding_equivalence import tiny_config
@@ -43,16 +43,16 @@ def _train_bytes_and_losses(precision: str) -> tuple[int, list[float], torch.dty
     try:
         torch.manual_seed(0)
         built = build(cfg, env)
-        seen_dtypes = []
-        fwd = autocast_forward(built.model, built.precision, device_type="cpu")
-
-        def spy(batch):
-            out = fwd(batch) if fwd else built.model(batch)
-            seen_dtypes.append(torch.get_autocast_dtype("cpu") if fwd else torch.float32)
-            return out
-
+        # The dtype a dense Linear actually computes in, seen inside the forward.
+        seen_dtypes: list[torch.dtype] = []
+        linear = next(m for m in built.model.modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_hook(lambda _m, _i, out: seen_dtypes.append(out.dtype))
         pipeline = make_pipeline(
-            "sparse_dist", built.model, built.optimizer, env.device, model_fwd=spy
+            "sparse_dist",
+            built.model,
+            built.optimizer,
+            env.device,
+            model_fwd=built.converters.wrap_forward(built.model),
         )
         batches = rank_batches(
             SyntheticCriteo(cfg.data), "train", batch_size=64, rank=0, world_size=1, num_batches=20

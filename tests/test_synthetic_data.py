@@ -331,12 +331,14 @@ def test_too_few_qualifying_pairs_plant_fewer(caplog: pytest.LogCaptureFixture) 
 
 
 def test_invalid_configs_name_the_key() -> None:
+    from trainer.validate import validate_synthetic  # the one place that checks config
+
     with pytest.raises(ValueError, match="data.hotness"):
-        SyntheticCriteo(dataclasses.replace(SMALL, hotness=[1, 2]))
+        validate_synthetic(dataclasses.replace(SMALL, hotness=[1, 2]))
     with pytest.raises(ValueError, match="data.cardinalities"):
-        SyntheticCriteo(dataclasses.replace(SMALL, cardinalities=[10, 0]))
+        validate_synthetic(dataclasses.replace(SMALL, cardinalities=[10, 0]))
     with pytest.raises(ValueError, match="data.num_interactions"):
-        SyntheticCriteo(dataclasses.replace(SMALL, num_interactions=-1))
+        validate_synthetic(dataclasses.replace(SMALL, num_interactions=-1))
     with pytest.raises(ValueError, match="num_eval_samples"):
         SyntheticCriteo(SMALL).batch("eval", 4000, 100)
     with pytest.raises(ValueError, match="split"):

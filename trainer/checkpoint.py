@@ -1,15 +1,18 @@
 """Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), and resuming from them.
 
-A checkpoint is one DCP directory holding the model's state dict (table shards
-as ``ShardedTensor``; data-parallel tables and dense layers as plain tensors),
-the optimizer's (FBGEMM's fused row-wise Adagrad momentum, sharded like its
-table, and the dense Adam state), and the step; rank 0 adds the resolved
-config as ``config.yaml``, so a checkpoint can be rebuilt without the run that
-wrote it. Each rank writes only its own shards, and DCP reshards on load, so a
-checkpoint loads into another plan or world size, or into one process with
-plain tensors (:func:`load_unsharded_model`, used by ``python -m
-compression.export``). The data stream is a pure function of (seed, split,
-sample index), so the step alone restores the data position.
+A checkpoint is one DCP directory holding a dict of DCP ``Stateful`` objects,
+with no special cases: ``model`` (table shards as ``ShardedTensor``;
+data-parallel tables and dense layers as plain tensors), ``optimizer``
+(FBGEMM's fused row-wise Adagrad momentum, sharded like its table, and the
+dense Adam state), ``trainer`` (the step), ``data`` (the source's state: its
+fingerprint, so other data is refused) and ``compression`` (the converters'
+state, e.g. the fp16 loss scale). Every entry is tensors only, so loading
+never unpickles. Rank 0 adds the resolved config as ``config.yaml``, so a
+checkpoint can be rebuilt without the run that wrote it. Each rank writes only
+its own shards, and DCP reshards on load, so a checkpoint loads into another
+plan or world size, or into one process with plain tensors (:func:`load_unsharded_model`, used by ``python -m
+trainer.export``). Sources address samples by step, so the step restores the
+data position; a source with more state keeps it in its own entry.
 
 Layout, written atomically (DCP writes into ``.tmp-step_N``; rank 0 renames it
 once every rank has finished and the config is in), so a job killed mid-save
@@ -21,10 +24,12 @@ leaves only a temp dir, which resume ignores and the next save removes::
 
 Example::
 
+    states = {"model": ModelState(dmp), "optimizer": OptimizerState(opt), "trainer": trainer,
+              "data": source, "compression": converters}
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, every_steps=500, keep=2, config=cfg)
-    ckpt.save(step=500, model=built.model, optimizer=built.optimizer)
+    ckpt.save(step=500, states=states)
     path = resolve_resume("auto", run_dir=run_dir)          # newest complete one, or None
-    step = load_checkpoint(path, model=built.model, optimizer=built.optimizer)
+    load_checkpoint(path, states=states)                    # each entry's load_state_dict
 """
 
 from __future__ import annotations
@@ -44,16 +49,18 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from compression.grad_scale import LossScaledOptimizer
 from trainer.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
-_LOSS_SCALE = "loss_scale"  # fp16 only: [scale, growth tracker] of the GradScaler
+# Entries a checkpoint may lack (written before they existed, or by a run
+# without that converter): they start fresh, with a note in the log.
+_OPTIONAL = ("data", "compression")
 _METADATA_FILE = ".metadata"  # DCP writes it last, once every rank's files are written
 _TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -89,36 +96,37 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _state(model: nn.Module, optimizer: KeyedOptimizer, step: int) -> dict[str, Any]:
-    # The step is a tensor so DCP treats it like the weights (a replicated tensor).
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": torch.tensor(step, dtype=torch.int64),
-    }
-    if isinstance(optimizer, LossScaledOptimizer):  # fp16: the dynamic loss scale
-        scaler = optimizer.loss_scale.scaler.state_dict()
-        state[_LOSS_SCALE] = torch.tensor(
-            [scaler["scale"], scaler["_growth_tracker"]], dtype=torch.float64
-        )
-    return state
+class ModelState:
+    """The model as a DCP ``Stateful`` (its state dict holds ShardedTensors)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
 
 
-def _load_loss_scale(optimizer: KeyedOptimizer, state: dict[str, Any]) -> None:
-    if isinstance(optimizer, LossScaledOptimizer) and _LOSS_SCALE in state:
-        scaler = optimizer.loss_scale.scaler
-        scale, tracker = state[_LOSS_SCALE].tolist()
-        scaler.load_state_dict(
-            {**scaler.state_dict(), "scale": scale, "_growth_tracker": int(tracker)}
-        )
+class OptimizerState:
+    """The combined (fused table + dense) optimizer as a DCP ``Stateful``."""
+
+    def __init__(self, optimizer: KeyedOptimizer) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 def save_checkpoint(
     directory: Path,
     *,
     step: int,
-    model: nn.Module,
-    optimizer: KeyedOptimizer,
+    states: dict[str, Stateful],
     config: Config,
     keep: int,
 ) -> Path:
@@ -129,7 +137,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     # Every rank writes its own shards; replicated tensors are written once.
-    dcp.save(_state(model, optimizer, step), checkpoint_id=tmp)
+    dcp.save(dict(states), checkpoint_id=tmp)
     if _is_main():
         (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
         shutil.rmtree(final, ignore_errors=True)
@@ -162,18 +170,47 @@ def _init_optimizer_state(optimizer: KeyedOptimizer) -> None:
             opt.zero_grad(set_to_none=True)
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: KeyedOptimizer) -> int:
-    """Collective: loads ``path`` into the (sharded) model and optimizer; returns the step."""
-    _init_optimizer_state(optimizer)
-    state = _state(model, optimizer, 0)
-    if _LOSS_SCALE in state and _LOSS_SCALE not in _saved_keys(path):
-        del state[_LOSS_SCALE]  # a checkpoint of a run without fp16: the scale starts fresh
-    # Each rank reads just its own shards (DCP reshards if the plan changed).
-    dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    _load_loss_scale(optimizer, state)
-    return int(state["step"])
+def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
+    """Collective: loads ``path`` into every entry of ``states`` (DCP reshards to this plan).
+
+    Each rank reads just its own shards. An entry in ``_OPTIONAL`` that the
+    checkpoint lacks keeps its fresh state.
+    """
+    saved = _saved_keys(path)
+    wanted = {key: value for key, value in states.items() if key in saved}
+    missing = sorted(set(states) - set(wanted))
+    required = [key for key in missing if key not in _OPTIONAL]
+    if required:
+        raise ConfigError(
+            f"trainer.resume={path} has no {required} entry (it was written by an older "
+            f"shardrec or is not a trainer checkpoint); start fresh with trainer.resume=null"
+        )
+    if missing:
+        log.info("checkpoint %s has no %s state; starting it fresh", path, missing)
+    for value in wanted.values():
+        if isinstance(value, OptimizerState):  # lazily built state must exist to load into
+            _init_optimizer_state(value.optimizer)
+    # Sub-entries a converter did not save (a run without fp16 resumed with it) start fresh.
+    template = {key: value.state_dict() for key, value in wanted.items()}
+    if "compression" in template:
+        template["compression"] = {
+            name: entry
+            for name, entry in template["compression"].items()
+            if f"compression.{name}" in _saved_prefixes(path)
+        }
+    dcp.load(template, checkpoint_id=path)
+    for key, value in wanted.items():
+        value.load_state_dict(template[key])
+
+
+def _saved_prefixes(path: Path) -> set[str]:
+    """``a`` and ``a.b`` for every saved key ``a.b.c...`` (from DCP's metadata)."""
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    prefixes = set()
+    for key in metadata.state_dict_metadata:
+        parts = key.split(".")
+        prefixes.update({parts[0], ".".join(parts[:2])})
+    return prefixes
 
 
 def _saved_keys(path: Path) -> set[str]:
@@ -189,12 +226,12 @@ def load_unsharded_model(path: Path, model: nn.Module) -> int:
     (e.g. ``build_unsharded(read_config(path), device=cpu)``); the optimizer
     state is left on disk. Returns the step.
     """
-    state = {"model": model.state_dict(), "step": torch.tensor(0)}
+    state = {"model": model.state_dict(), "trainer": {"step": torch.tensor(0)}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*single process")
         dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state["model"])
-    return int(state["step"])
+    return int(state["trainer"]["step"])
 
 
 def read_config(path: Path) -> Config:
@@ -293,12 +330,7 @@ class Checkpointer:
     def due(self, step: int, *, num_steps: int) -> bool:
         return self.every_steps > 0 and (step % self.every_steps == 0 or step == num_steps)
 
-    def save(self, *, step: int, model: nn.Module, optimizer: KeyedOptimizer) -> Path:
+    def save(self, *, step: int, states: dict[str, Stateful]) -> Path:
         return save_checkpoint(
-            self.directory,
-            step=step,
-            model=model,
-            optimizer=optimizer,
-            config=self.config,
-            keep=self.keep,
+            self.directory, step=step, states=states, config=self.config, keep=self.keep
         )

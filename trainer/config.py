@@ -15,23 +15,48 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from compression.precision import PRECISIONS
 from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
-from trainer.data import SyntheticDataConfig
-from trainer.logger import LoggerConfig
+from trainer.data.source import FeatureSpec
+from trainer.data.synthetic_config import SyntheticDataConfig
+from trainer.logger import LOGGER_NAMES, WANDB_MODES, LoggerConfig
 
-ARCHS = ("dlrm", "dlrm_dcnv2")
-POOLINGS = ("sum", "mean")
+
+def _choices(name: str, values: Sequence[str]) -> type[StrEnum]:
+    """A string enum whose members are their own names, so a typo fails at compose
+    time with the allowed values listed, and members still compare equal to strings."""
+    return StrEnum(name, {v: v for v in values})  # type: ignore[return-value]
+
+
+Arch = _choices("Arch", ("dlrm", "dlrm_dcnv2"))
+Pooling = _choices("Pooling", ("sum", "mean"))
 # The strategy names are the sharding package's (the only place they are defined).
-STRATEGIES = PLANNER_STRATEGIES
-COMPUTE_KERNELS = ("fused", "dense", "fused_uvm_caching")
-COMM_PRECISIONS = ("fp32", "fp16", "bf16")
-DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
-PIPELINES = ("sparse_dist", "base")
+Strategy = _choices("Strategy", PLANNER_STRATEGIES)
+ComputeKernel = _choices("ComputeKernel", ("fused", "dense", "fused_uvm_caching"))
+CommPrecision = _choices("CommPrecision", ("fp32", "fp16", "bf16"))
+DenseOptimizer = _choices("DenseOptimizer", ("adam", "adagrad", "sgd"))
+PipelineName = _choices("PipelineName", ("sparse_dist", "base"))
+PrecisionName = _choices("PrecisionName", PRECISIONS)
+Device = _choices("Device", ("auto", "cpu", "cuda"))
+ComputeDevice = _choices("ComputeDevice", ("cuda", "cpu"))
+LoggerName = _choices("LoggerName", LOGGER_NAMES)
+WandbMode = _choices("WandbMode", WANDB_MODES)
+
+ARCHS = tuple(Arch)
+POOLINGS = tuple(Pooling)
+STRATEGIES = tuple(Strategy)
+COMPUTE_KERNELS = tuple(ComputeKernel)
+COMM_PRECISIONS = tuple(CommPrecision)
+DENSE_OPTIMIZERS = tuple(DenseOptimizer)
+PIPELINES = tuple(PipelineName)
 
 
 class ConfigError(ValueError):
@@ -45,20 +70,20 @@ class TableConfig:
     # 0 means "use model.embedding_dim".
     embedding_dim: int = 0
     feature_names: list[str] = field(default_factory=list)
-    pooling: str = "sum"
+    pooling: Pooling = Pooling.sum
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "dlrm"
+    arch: Arch = Arch.dlrm
     embedding_dim: int = 16
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
     # DLRM-DCNv2 only: low-rank cross layers (MLPerf reference: 3 layers, rank 512).
     dcn_num_layers: int = 3
     dcn_low_rank_dim: int = 64
-    pooling: str = "sum"
-    # Empty: one table per categorical feature, sized from data.cardinalities.
+    pooling: Pooling = Pooling.sum
+    # Empty: one table per categorical feature of the data source, sized by it.
     tables: list[TableConfig] = field(default_factory=list)
 
 
@@ -72,7 +97,7 @@ class TopologyConfig:
     hbm_gb: float = 80.0
     ddr_gb: float = 64.0
     # cuda | cpu; None: the device this job runs on.
-    compute_device: str | None = None
+    compute_device: ComputeDevice | None = None
     # Share of device memory the planner keeps free for dense parts and activations.
     storage_reservation_percentage: float = 0.15
     # Per device, in GB/s (1024**3 bytes); None: torchrec's defaults (600 / 12.5).
@@ -84,23 +109,23 @@ class TopologyConfig:
 class TableShardingConfig:
     """One table pinned by hand; unset fields follow the run-wide settings."""
 
-    strategy: str | None = None
-    compute_kernel: str | None = None
+    strategy: Strategy | None = None
+    compute_kernel: ComputeKernel | None = None
     # table_wise: one rank; column_wise: one rank per column block.
     ranks: list[int] | None = None
 
 
 @dataclass
 class ShardingConfig:
-    strategy: str = "auto"
-    compute_kernel: str = "fused"
+    strategy: Strategy = Strategy.auto
+    compute_kernel: ComputeKernel = ComputeKernel.fused
     # None: gloo on CPU, nccl on CUDA.
     backend: str | None = None
     # auto: CUDA when available, else CPU.
-    device: str = "auto"
+    device: Device = Device.auto
     # Precision on the wire for the embedding all-to-alls: fp32 | fp16 | bf16.
-    comm_forward: str = "fp32"
-    comm_backward: str = "fp32"
+    comm_forward: CommPrecision = CommPrecision.fp32
+    comm_backward: CommPrecision = CommPrecision.fp32
     # UVM-caching kernel only (CUDA): share of each table's rows cached in HBM.
     cache_load_factor: float = 0.2
     # Column block width of column_wise / table_column_wise / grid shards; None:
@@ -113,7 +138,7 @@ class ShardingConfig:
 @dataclass
 class PrecisionConfig:
     # fp32 | bf16 | fp16: dense autocast dtype and table storage (compression/precision.py).
-    name: str = "fp32"
+    name: PrecisionName = PrecisionName.fp32
     # fp16 only: initial loss scale; dynamic (halved on overflow, doubled after 2000 clean steps).
     loss_scale: float = 65536.0
     # fp16 on CPU runs dense layers in bf16 unless this is true (fp16 + loss scaling, as on CUDA).
@@ -135,7 +160,7 @@ class OptimConfig:
     # Tables: FBGEMM's fused exact row-wise Adagrad, applied inside backward.
     embedding_lr: float = 0.05
     embedding_eps: float = 1e-8
-    dense_optimizer: str = "adam"
+    dense_optimizer: DenseOptimizer = DenseOptimizer.adam
     dense_lr: float = 1e-3
     dense_weight_decay: float = 0.0
 
@@ -148,7 +173,7 @@ class TrainConfig:
     eval_every_steps: int = 500
     eval_batch_size: int = 4096
     seed: int = 0
-    pipeline: str = "sparse_dist"
+    pipeline: PipelineName = PipelineName.sparse_dist
     # CPU threads per process; None: OMP_NUM_THREADS if set, else half the cores per
     # local rank (OpenMP spinning on oversubscribed cores stalls kernels for ms).
     num_threads: int | None = None
@@ -168,21 +193,44 @@ class TrainConfig:
 
 
 @dataclass
+class LoggerSchema(LoggerConfig):
+    """``logger=`` (conf/logger/*.yaml): trainer.logger.LoggerConfig with its choices typed."""
+
+    name: LoggerName = LoggerName.none  # type: ignore[assignment]
+    mode: WandbMode = WandbMode.offline  # type: ignore[assignment]
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # One schema per source, chosen by ``data=`` (see DATA_SCHEMAS).
+    data: Any = MISSING
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     qat: QATConfig = field(default_factory=QATConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+
+
+def data_schemas() -> dict[str, type]:
+    """``data=`` choices and their schemas; ``conf/data/<name>.yaml`` starts from
+    ``<name>_schema`` (stored in the group), so each source checks its own keys."""
+    schemas: dict[str, type] = {"synthetic": SyntheticDataConfig}
+    try:
+        from trainer.data.data_configs import CriteoDataConfig, TableDataConfig
+    except ImportError:  # real-data sources not installed in this checkout
+        return schemas
+    return {**schemas, "criteo": CriteoDataConfig, "table": TableDataConfig}
 
 
 def register_configs() -> None:
-    """Registers the schema that ``conf/config.yaml`` lists first in its defaults."""
-    ConfigStore.instance().store(name="shardrec_schema", node=Config)
+    """Registers the schema that ``conf/config.yaml`` lists first, and the data schemas."""
+    store = ConfigStore.instance()
+    store.store(name="shardrec_schema", node=Config)
+    for name, schema in data_schemas().items():
+        store.store(group="data", name=f"{name}_schema", node=schema)
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -190,7 +238,7 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
-def resolved_tables(cfg: Config) -> list[TableConfig]:
+def resolved_tables(cfg: Config, features: Sequence[FeatureSpec]) -> list[TableConfig]:
     """The tables the model builds: the explicit list, or one per categorical feature."""
     if cfg.model.tables:
         return [
@@ -205,30 +253,26 @@ def resolved_tables(cfg: Config) -> list[TableConfig]:
         ]
     return [
         TableConfig(
-            name=f"t_{feature}",
-            num_embeddings=rows,
+            name=f"t_{f.name}",
+            num_embeddings=f.num_embeddings,
             embedding_dim=cfg.model.embedding_dim,
-            feature_names=[feature],
+            feature_names=[f.name],
             pooling=cfg.model.pooling,
         )
-        for feature, rows in zip(feature_names(cfg.data), cfg.data.cardinalities)
+        for f in features
     ]
 
 
-def qat_bits(cfg: Config) -> dict[str, int]:
+def qat_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
     """Per table, the bits its QAT fake-quant uses; tables left out train in fp32."""
-    bits = {t.name: cfg.qat.bits for t in resolved_tables(cfg)} if cfg.qat.bits else {}
+    bits = {t.name: cfg.qat.bits for t in tables} if cfg.qat.bits else {}
     bits.update(cfg.qat.table_bits)
     return {name: b for name, b in bits.items() if b}
 
 
-def pooling_factors(cfg: Config) -> dict[str, list[float]]:
-    """Per table, the mean ids per sample of each of its features (data.hotness)."""
-    hotness = cfg.data.hotness_per_feature()
-    mean = [(1 + h) / 2 if cfg.data.variable_hotness else float(h) for h in hotness]
-    by_feature = dict(zip(feature_names(cfg.data), mean))
-    return {t.name: [by_feature[f] for f in t.feature_names] for t in resolved_tables(cfg)}
-
-
-def feature_names(data: SyntheticDataConfig) -> list[str]:
-    return [f"cat_{i}" for i in range(len(data.cardinalities))]
+def pooling_factors(
+    tables: Sequence[TableConfig], features: Sequence[FeatureSpec]
+) -> dict[str, list[float]]:
+    """Per table, the mean ids per sample of each of its features (from the source)."""
+    by_feature = {f.name: f.ids_per_sample for f in features}
+    return {t.name: [by_feature[f] for f in t.feature_names] for t in tables}

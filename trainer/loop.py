@@ -13,30 +13,35 @@ Example::
 
     trainer = Trainer(model=dmp, optimizer=opt, env=env, source=source,
                       settings=cfg.trainer, logger=logger, run_dir=run_dir)
-    summary = trainer.fit()
+    summary = trainer.fit()     # train_loss, eval metrics, samples/s, reference metrics
+
+The Trainer is a DCP ``Stateful`` (its step); a checkpoint holds it beside the
+model, the optimizer, the data source and ``extra_states`` (the converters).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 from tqdm import tqdm
 
 from sharding import DistEnv
-from trainer.checkpoint import Checkpointer
+from sharding.collectives import global_mean
+from trainer.checkpoint import Checkpointer, ModelState, OptimizerState
 from trainer.config import TrainConfig
-from trainer.data import SyntheticCriteo, eval_batches, eval_slices, rank_batches
+from trainer.data.loader import eval_slices
+from trainer.data.source import DataSource
 from trainer.logger import MetricsLogger
 from trainer.metrics import EvalMetrics
 from trainer.pipeline import drain, make_pipeline
 from trainer.plots import plot_curves
+from trainer.preempt import Preemption
 
 LOG_EVERY_STEPS = 25
 
@@ -48,13 +53,16 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         env: DistEnv,
-        source: SyntheticCriteo,
+        source: DataSource,
         settings: TrainConfig,
         logger: MetricsLogger,
         run_dir: Path,
         model_fwd: Callable[[Any], Any] | None = None,
         checkpointer: Checkpointer | None = None,
+        extra_states: dict[str, Stateful] | None = None,
+        preemption: Preemption | None = None,
     ) -> None:
+        self.preemption = preemption  # SIGUSR1/SIGTERM: checkpoint and exit 75 (preempt.py)
         self.model = model
         self.optimizer = optimizer
         self.checkpointer = checkpointer
@@ -71,6 +79,24 @@ class Trainer:
         self.first_step = 0  # where this process started (samples/s counts from here)
         self.train_time_s = 0.0
         self.status: dict[str, str] = {}  # what the progress bar shows
+        self.extra_states = dict(extra_states or {})
+
+    def states(self) -> dict[str, Stateful]:
+        """Everything a checkpoint holds, each a DCP ``Stateful``."""
+        return {
+            "model": ModelState(self.model),
+            "optimizer": OptimizerState(self.optimizer),
+            "trainer": self,
+            "data": self.source,
+            **self.extra_states,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # A tensor, so DCP treats it like the weights (a replicated tensor).
+        return {"step": torch.tensor(self.step, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step = int(state["step"])
 
     def fit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Trains to ``num_steps``, evaluating every ``eval_every_steps`` and at the end.
@@ -100,7 +126,7 @@ class Trainer:
                 self.status["auc"] = f"{last_eval['auc']:.4f}"
                 bar.set_postfix(self.status, refresh=True)
             if self.checkpointer and self.checkpointer.due(self.step, num_steps=s.num_steps):
-                self.checkpointer.save(step=self.step, model=self.model, optimizer=self.optimizer)
+                self.checkpointer.save(step=self.step, states=self.states())
         if not last_eval:  # resumed from the last step: nothing trained, still report
             last_eval = self.evaluate()
         bar.close()
@@ -116,14 +142,12 @@ class Trainer:
 
     def train_steps(self, num_steps: int, bar: tqdm) -> None:
         self.model.train()
-        batches = rank_batches(
-            self.source,
-            "train",
+        batches = self.source.train_batches(
             batch_size=self.settings.batch_size,
             rank=self.env.rank,
             world_size=self.env.world_size,
-            num_batches=num_steps,
-            first_batch=self.step,
+            first_step=self.step,
+            num_steps=num_steps,
         )
         # Summed on device and read once per log line: .item() is a host sync point.
         loss_sum = torch.zeros((), device=self.env.device)
@@ -137,7 +161,7 @@ class Trainer:
             # Windows end on multiples of LOG_EVERY_STEPS and at the interval's end,
             # whatever step this process started from.
             if self.step % LOG_EVERY_STEPS == 0 or self.step == last_step:
-                train_loss = self._global_mean(loss_sum / loss_count)
+                train_loss = global_mean(loss_sum / loss_count)
                 elapsed = self.train_time_s + time.perf_counter() - start
                 self.log({"step": self.step, "train_loss": train_loss})
                 self.status["loss"] = f"{train_loss:.4f}"
@@ -146,6 +170,8 @@ class Trainer:
                 bar.set_postfix(self.status, refresh=False)
                 loss_sum.zero_()
                 loss_count = 0
+            if self.preemption is not None and self.preemption.should_stop(self.step):
+                self.preemption.checkpoint_and_exit(self)
         self.train_time_s += time.perf_counter() - start
 
     @torch.no_grad()
@@ -166,11 +192,8 @@ class Trainer:
             num_samples=self.env.world_size * sum(size for _, size in slices),
             device=self.env.device,
         )
-        batches = eval_batches(
-            self.source,
-            batch_size=s.eval_batch_size,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
+        batches = self.source.eval_batches(
+            batch_size=s.eval_batch_size, rank=self.env.rank, world_size=self.env.world_size
         )
         for _loss, logits, labels in drain(self.pipeline, batches):
             metrics.update(logits=logits, labels=labels)
@@ -182,9 +205,10 @@ class Trainer:
         self.logger.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def summarise(self, last_eval: dict[str, float]) -> dict[str, Any]:
+        """The run's figures (train.py writes summary.json once, after the export)."""
         summary = {
             **last_eval,
-            "oracle_auc": self.source.oracle_auc(),
+            **self.source.reference_metrics(),  # oracle_auc for planted data
             "steps": self.step,
             "world_size": self.env.world_size,
             "global_batch_size": self.settings.batch_size * self.env.world_size,
@@ -196,21 +220,11 @@ class Trainer:
         train_losses = [r["train_loss"] for r in self.records if "train_loss" in r]
         if train_losses:
             summary["final_train_loss"] = train_losses[-1]
-        if self.env.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            if self.settings.plot:
-                plot_curves(
-                    self.records, self.run_dir / "curves.png", oracle_auc=summary["oracle_auc"]
-                )
-        self.logger.summary(summary)
+        if self.env.is_main and self.settings.plot:
+            plot_curves(
+                self.records, self.run_dir / "curves.png", oracle_auc=summary.get("oracle_auc")
+            )
         return summary
 
     def _samples(self, steps: int) -> int:
         return steps * self.settings.batch_size * self.env.world_size
-
-    def _global_mean(self, value: torch.Tensor) -> float:
-        value = value.detach().clone()
-        if self.env.world_size > 1:
-            dist.all_reduce(value)
-            value /= self.env.world_size
-        return float(value)

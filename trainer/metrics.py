@@ -36,6 +36,7 @@ import warnings
 import torch
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
+from torchmetrics.functional.classification import binary_auroc
 from torchrec.metrics.calibration import CalibrationMetric
 from torchrec.metrics.ctr import CTRMetric
 from torchrec.metrics.metrics_config import DefaultTaskInfo
@@ -52,6 +53,19 @@ _REC_NAMES = (
     MetricName.CTR,
     MetricName.SUM_WEIGHTS,
 )
+
+
+def binary_auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact AUC of one process's predictions, ties as half: what ``EvalMetrics`` computes.
+
+    The same torchmetrics computation as :class:`EvalMetrics`' ``BinaryAUROC``
+    (``thresholds=None``), for code with every prediction at hand (export, the
+    synthetic data's oracle). NaN with only one label class.
+    """
+    labels = labels.flatten().long()
+    if labels.numel() == 0 or labels.min() == labels.max():
+        return math.nan
+    return float(binary_auroc(probs.flatten().to(torch.float64), labels, thresholds=None))
 
 
 class EvalMetrics:

@@ -16,8 +16,6 @@ import torch
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
-from compression.grad_scale import LossScaledOptimizer
-
 PIPELINES = {"sparse_dist": TrainPipelineSparseDist, "base": TrainPipelineBase}
 
 
@@ -50,12 +48,10 @@ def make_pipeline(
 ) -> Any:
     """``sparse_dist`` overlaps the next batch's input all-to-all with this batch's compute.
 
-    ``model_fwd`` replaces ``model(batch)`` (e.g. the same call under autocast). A
-    :class:`LossScaledOptimizer` (fp16) steps gradients of a scaled loss, so the
-    pipeline backpropagates the loss scaled; the outputs it returns are unscaled.
+    ``model_fwd`` replaces ``model(batch)``: the converters' forward (autocast,
+    a scaled loss for fp16; see compression/converter.py). The pipeline
+    backpropagates the loss it returns.
     """
-    if isinstance(optimizer, LossScaledOptimizer):
-        model_fwd = optimizer.loss_scale.forward(model_fwd or model)
     if name == "base" and model_fwd is not None:
         return TrainPipelineBase(_CustomForward(model, model_fwd), optimizer, device)
     return PIPELINES[name](model, optimizer, device, custom_model_fwd=model_fwd)

@@ -2,15 +2,18 @@
 
 The order matters and is the same on every rank:
 
-1. validate the config (before any process starts talking);
+1. the data source (``data=``; its features give the tables), then the whole
+   config validated, before any process starts talking;
 2. process group and device from the launcher's environment;
-3. data source (deterministic, each rank reads its own slice);
-4. model on the ``meta`` device, so no rank ever holds a whole table;
-5. the tables' optimizer attached to be fused into backward;
-6. plan (torchrec's planner, or one strategy as a constraint), logged and saved;
-7. DistributedModelParallel: tables sharded and materialised, dense part in DDP;
-8. resume (``trainer.resume``): weights, optimizer state and step from a checkpoint;
-9. the loop (checkpointing every ``trainer.checkpoint_every_steps``).
+3. the compression converters (trainer/converters.py), then the model on the
+   ``meta`` device, so no rank ever holds a whole table;
+4. the tables' optimizer attached to be fused into backward;
+5. plan (one planning path, trainer/planning.py), logged and saved;
+6. DistributedModelParallel: tables sharded and materialised, dense part in
+   DDP; the converters act on it and on the optimizer;
+7. resume (``trainer.resume``): every Stateful entry from a checkpoint;
+8. the loop (checkpointing every ``trainer.checkpoint_every_steps``);
+9. the export (``trainer.export``), then ``summary.json``, written once.
 
 Example::
 
@@ -20,16 +23,16 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from compression.precision import autocast_forward
 from sharding import destroy_distributed, format_plan, init_distributed, save_plan
+from sharding.collectives import all_gather_object
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.state import local_table_bytes
 from trainer.build import build
@@ -42,14 +45,16 @@ from trainer.checkpoint import (
     restore_records,
 )
 from trainer.config import Config
-from trainer.data import SyntheticCriteo
 from trainer.export_step import export_step
 from trainer.logger import METRICS_FILE, make_logger
 from trainer.loop import Trainer
+from trainer.preempt import Preemption
 from trainer.run_dir import agree_on_run_dir
-from trainer.validate import validate
+from trainer.validate import open_source, validate
 
 log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
 
 
 def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
@@ -62,30 +67,27 @@ def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
     return num_threads
 
 
-def _gather(value: int) -> list[int]:
-    """Every rank's ``value``, in rank order (a collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value]
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return [int(v) for v in values]
-
-
 def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
     """Runs one training job; returns the summary (also written to ``summary.json``)."""
-    validate(cfg, world_size=world_size_from_env(), local_world_size=local_world_size_from_env())
+    source = open_source(cfg.data)
+    validate(
+        cfg,
+        features=source.features,
+        world_size=world_size_from_env(),
+        local_world_size=local_world_size_from_env(),
+    )
     env = init_distributed(
         backend=cfg.sharding.backend,
         device=cfg.sharding.device,
         emulate_local_world_size=cfg.topology.local_world_size,
     )
     logger = None
+    preemption = Preemption(device=env.device, world_size=env.world_size).install()
     try:
         run_dir = agree_on_run_dir(run_dir)
         torch.manual_seed(cfg.trainer.seed)
         set_cpu_threads(cfg.trainer.num_threads, local_world_size=env.local_world_size)
-        source = SyntheticCriteo(cfg.data)
-        built = build(cfg, env)
+        built = build(cfg, env, source=source)
         if env.is_main:
             log.info("sharding plan (%s):\n%s", cfg.sharding.strategy, format_plan(built.plan))
             save_plan(
@@ -105,45 +107,47 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             settings=cfg.trainer,
             logger=logger,
             run_dir=run_dir,
-            model_fwd=autocast_forward(built.model, built.precision, device_type=env.device.type),
+            model_fwd=built.converters.wrap_forward(built.model),
             checkpointer=Checkpointer(
                 run_dir / CHECKPOINT_DIR,
                 every_steps=cfg.trainer.checkpoint_every_steps,
                 keep=cfg.trainer.checkpoint_keep,
                 config=cfg,
             ),
+            extra_states={"compression": built.converters},
+            preemption=preemption,
         )
         resume_from = resolve_resume(cfg.trainer.resume, run_dir=run_dir)
         if resume_from is not None:
             check_resumable(resume_from, cfg)
-            trainer.step = load_checkpoint(
-                resume_from, model=built.model, optimizer=built.optimizer
-            )
+            load_checkpoint(resume_from, states=trainer.states())
             if env.is_main:
                 trainer.records = restore_records(run_dir / METRICS_FILE, step=trainer.step)
                 log.info("resumed from %s at step %d", resume_from, trainer.step)
-        table_bytes = _gather(local_table_bytes(built.model))
+        table_bytes = [int(b) for b in all_gather_object(local_table_bytes(built.model))]
         summary = trainer.fit(
             extra={
                 "strategy": cfg.sharding.strategy,
-                "precision": cfg.precision.name,
-                "qat_bits": cfg.qat.bits,
+                **built.converters.summary(),  # precision, qat_bits, ...
                 "embedding_bytes_per_rank": table_bytes,
                 "embedding_bytes": sum(table_bytes),
             }
         )
         if cfg.trainer.export:  # the quantized serving model, on rank 0
-            summary = export_step(
+            summary["export"] = export_step(
                 cfg,
                 model=built.model,
-                env=env,
+                converters=built.converters,
+                tables=built.tables,
                 source=source,
                 run_dir=run_dir,
-                summary=summary,
-                logger=logger,
             )
+        if env.is_main:
+            (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        logger.summary(summary)
         return summary
     finally:
+        preemption.uninstall()
         if logger is not None:
             logger.finish()
         destroy_distributed()

@@ -1,46 +1,41 @@
 """Validation: the checks a schema cannot express, in one place.
 
 Everything here raises :class:`trainer.config.ConfigError` with a message that
-names the key and the fix. :func:`validate` runs before any process talks to
-another; :func:`validate_for_device` once the rank knows its device.
+names the key and the fix. :func:`open_source` checks the ``data=`` settings and
+opens the source (its features give the tables); :func:`validate` then checks
+the rest, before any process talks to another; :func:`validate_for_device`
+once the rank knows its device. Choices (strategy, kernel, precision, logger,
+...) are enums in the schema (trainer/config.py), so a typo fails at compose.
 
 Example::
 
-    validate(cfg, world_size=2, local_world_size=2)
+    source = open_source(cfg.data)
+    validate(cfg, features=source.features, world_size=2, local_world_size=2)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sharding.planner import HIERARCHICAL
 from trainer.checkpoint import is_complete, missing_message
 from trainer.config import (
-    ARCHS,
-    COMM_PRECISIONS,
-    COMPUTE_KERNELS,
-    DENSE_OPTIMIZERS,
-    PIPELINES,
-    POOLINGS,
     STRATEGIES,
     Config,
     ConfigError,
-    feature_names,
     qat_bits,
     resolved_tables,
 )
+from trainer.data import DataSource, make_source
+from trainer.data.source import FeatureSpec
+from trainer.data.synthetic_config import MAX_CARDINALITY, SyntheticDataConfig
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    _check(
-        value in allowed,
-        f"{key}={value!r} is not known; use one of {', '.join(allowed)}",
-    )
 
 
 def _positive(key: str, value: float) -> None:
@@ -60,23 +55,58 @@ def validate_for_device(cfg: Config, device_type: str) -> None:
         )
 
 
-def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None = None) -> None:
-    """Checks cross-field constraints; raises ConfigError naming the key and the fix."""
-    m, d, s, o, t = cfg.model, cfg.data, cfg.sharding, cfg.optim, cfg.trainer
-    _one_of("model.arch", m.arch, ARCHS)
-    _one_of("model.pooling", m.pooling, POOLINGS)
-    _one_of("sharding.strategy", s.strategy, STRATEGIES)
-    _one_of("sharding.compute_kernel", s.compute_kernel, COMPUTE_KERNELS)
-    _one_of("sharding.device", s.device, ("auto", "cpu", "cuda"))
-    _one_of("sharding.comm_forward", s.comm_forward, COMM_PRECISIONS)
-    _one_of("sharding.comm_backward", s.comm_backward, COMM_PRECISIONS)
+def open_source(data: Any) -> DataSource:
+    """Checks the ``data=`` settings and opens the source; errors name the key or file."""
+    if isinstance(data, SyntheticDataConfig):
+        validate_synthetic(data)
+    try:
+        return make_source(data)
+    except (ValueError, FileNotFoundError) as err:  # e.g. shards missing or of another prepare
+        raise ConfigError(str(err)) from err
+
+
+def validate_synthetic(d: SyntheticDataConfig) -> None:
+    """``data=synthetic``: what the planted model needs."""
+    _check(d.num_dense >= 0, f"data.num_dense={d.num_dense} must be >= 0")
+    _check(
+        len(d.cardinalities) > 0,
+        "data.cardinalities is empty; give one row count per categorical feature",
+    )
+    bad = [c for c in d.cardinalities if not 1 <= c < MAX_CARDINALITY]
+    _check(not bad, f"data.cardinalities has {bad}; every table needs 1 <= rows < 2**31")
+    _check(
+        len(d.hotness) in (1, len(d.cardinalities)),
+        f"data.hotness has {len(d.hotness)} values for {len(d.cardinalities)} features; "
+        "give one value for all features or one per feature",
+    )
+    _check(min(d.hotness) >= 1, f"data.hotness={list(d.hotness)} must be >= 1 everywhere")
+    _check(
+        d.zipf_exponent >= 0, f"data.zipf_exponent={d.zipf_exponent} must be >= 0 (0 is uniform)"
+    )
+    _check(d.num_eval_samples >= 1, f"data.num_eval_samples={d.num_eval_samples} must be >= 1")
+    _check(d.num_interactions >= 0, f"data.num_interactions={d.num_interactions} must be >= 0")
+    _check(d.latent_dim >= 1, f"data.latent_dim={d.latent_dim} must be >= 1")
+
+
+def validate(
+    cfg: Config,
+    *,
+    features: Sequence[FeatureSpec] | None = None,
+    world_size: int = 1,
+    local_world_size: int | None = None,
+) -> None:
+    """Checks cross-field constraints; raises ConfigError naming the key and the fix.
+
+    ``features``: the data source's (default: the synthetic source's, from its config).
+    """
+    if features is None:
+        validate_synthetic(cfg.data)
+        features = cfg.data.features
+    m, s, o, t = cfg.model, cfg.sharding, cfg.optim, cfg.trainer
     _check(
         0 < s.cache_load_factor <= 1,
         f"sharding.cache_load_factor={s.cache_load_factor} must be in (0, 1]",
     )
-    _one_of("optim.dense_optimizer", o.dense_optimizer, DENSE_OPTIMIZERS)
-    _one_of("trainer.pipeline", t.pipeline, PIPELINES)
-    _one_of("precision", cfg.precision.name, ("fp32", "bf16", "fp16"))
     _positive("precision.loss_scale", cfg.precision.loss_scale)
     _check(
         t.export_bits in (2, 4, 8),
@@ -85,7 +115,6 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
     _validate_checkpoints(cfg)
     for key, value in [
         ("model.embedding_dim", m.embedding_dim),
-        ("data.num_dense", d.num_dense),
         ("trainer.num_steps", t.num_steps),
         ("trainer.batch_size", t.batch_size),
         ("trainer.eval_every_steps", t.eval_every_steps),
@@ -112,15 +141,13 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
         f"model.over_arch_layer_sizes must end in 1 (one click logit), got "
         f"{list(m.over_arch_layer_sizes)}; e.g. model.over_arch_layer_sizes=[64,32,1]",
     )
-    _check(len(d.cardinalities) > 0, "data.cardinalities is empty; give one per feature")
-    for i, rows in enumerate(d.cardinalities):
-        _positive(f"data.cardinalities[{i}]", rows)
-    _validate_tables(cfg)
+    _validate_tables(cfg, features)
     if m.arch == "dlrm_dcnv2":
         _positive("model.dcn_num_layers", m.dcn_num_layers)
         _positive("model.dcn_low_rank_dim", m.dcn_low_rank_dim)
-    _validate_sharding(cfg, world_size, local_world_size or world_size)
-    _validate_qat(cfg)
+    tables = resolved_tables(cfg, features)
+    _validate_sharding(cfg, tables, world_size, local_world_size or world_size)
+    _validate_qat(cfg, tables)
     if s.strategy in ("row_wise", "column_wise") and world_size < 2:
         raise ConfigError(
             f"sharding.strategy={s.strategy} splits tables across ranks and needs "
@@ -133,7 +160,7 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
             f"sharding.column_shard_dim={s.column_shard_dim}: use a positive multiple of 4 "
             f"(FBGEMM's row alignment), or null for torchrec's default (128)",
         )
-        for table in resolved_tables(cfg):
+        for table in tables:
             _check(
                 table.embedding_dim % s.column_shard_dim == 0,
                 f"sharding.column_shard_dim={s.column_shard_dim} does not divide table "
@@ -149,13 +176,11 @@ def validate(cfg: Config, *, world_size: int = 1, local_world_size: int | None =
             _positive(key, value)
     _positive("topology.hbm_gb", topo.hbm_gb)
     _positive("topology.ddr_gb", topo.ddr_gb)
-    if topo.compute_device is not None:
-        _one_of("topology.compute_device", topo.compute_device, ("cuda", "cpu"))
     if topo.world_size is not None and topo.world_size != world_size:
         raise ConfigError(
             f"topology.world_size={topo.world_size} but this job has {world_size} "
             f"process(es); the trainer plans for the job it runs (drop the override), "
-            f"`python -m sharding.plan` plans for clusters you do not have"
+            f"`python -m trainer.plan` plans for clusters you do not have"
         )
 
 
@@ -175,16 +200,18 @@ def _validate_checkpoints(cfg: Config) -> None:
         _check(is_complete(Path(t.resume)), missing_message(Path(t.resume), key="trainer.resume"))
 
 
-def _validate_sharding(cfg: Config, world_size: int, env_local_world_size: int) -> None:
+def _validate_sharding(
+    cfg: Config, tables: Sequence[Any], world_size: int, env_local_world_size: int
+) -> None:
     s = cfg.sharding
-    names = [t.name for t in resolved_tables(cfg)]
+    names = [t.name for t in tables]
     for name, pin in s.tables.items():
         key = f"sharding.tables.{name}"
         _check(name in names, f"{key}: no such table; tables are {names[0]}..{names[-1]}")
-        if pin.strategy is not None:
-            _one_of(f"{key}.strategy", pin.strategy, STRATEGIES[1:])
-        if pin.compute_kernel is not None:
-            _one_of(f"{key}.compute_kernel", pin.compute_kernel, COMPUTE_KERNELS)
+        _check(
+            pin.strategy != "auto",
+            f"{key}.strategy=auto: pin a strategy ({', '.join(STRATEGIES[1:])}) or drop the key",
+        )
         for r in pin.ranks or []:
             _check(0 <= r < world_size, f"{key}.ranks has {r}, outside 0..{world_size - 1}")
     local = cfg.topology.local_world_size or env_local_world_size
@@ -200,8 +227,8 @@ def _validate_sharding(cfg: Config, world_size: int, env_local_world_size: int) 
         )
 
 
-def _validate_tables(cfg: Config) -> None:
-    tables = resolved_tables(cfg)
+def _validate_tables(cfg: Config, source_features: Sequence[FeatureSpec]) -> None:
+    tables = resolved_tables(cfg, source_features)
     names = [t.name for t in tables]
     dupes = sorted({n for n in names if names.count(n) > 1})
     _check(not dupes, f"model.tables: table names must be unique, repeated: {dupes}")
@@ -211,7 +238,7 @@ def _validate_tables(cfg: Config) -> None:
         not dupes,
         f"model.tables: each feature feeds one table, but {dupes} appear in several",
     )
-    data_features = feature_names(cfg.data)
+    data_features = [f.name for f in source_features]
     missing = [f for f in data_features if f not in features]
     unknown = [f for f in features if f not in data_features]
     _check(
@@ -224,13 +251,12 @@ def _validate_tables(cfg: Config) -> None:
         f"model.tables leaves data features without a table: {missing}; "
         f"add them to a table's feature_names",
     )
-    rows_needed = dict(zip(data_features, cfg.data.cardinalities))
+    rows_needed = {f.name: f.num_embeddings for f in source_features}
     for i, t in enumerate(tables):
         key = f"model.tables[{i}]" if cfg.model.tables else f"table {t.name}"
         _check(bool(t.feature_names), f"{key}.feature_names is empty")
         _positive(f"{key}.num_embeddings", t.num_embeddings)
         _positive(f"{key}.embedding_dim", t.embedding_dim)
-        _one_of(f"{key}.pooling", t.pooling, POOLINGS)
         needed = max(rows_needed[f] for f in t.feature_names)
         _check(
             t.num_embeddings >= needed,
@@ -249,8 +275,8 @@ def _validate_tables(cfg: Config) -> None:
         )
 
 
-def _validate_qat(cfg: Config) -> None:
-    names = [t.name for t in resolved_tables(cfg)]
+def _validate_qat(cfg: Config, tables: Sequence[Any]) -> None:
+    names = [t.name for t in tables]
     for key, b in [("qat.bits", cfg.qat.bits)] + [
         (f"qat.table_bits.{n}", b) for n, b in cfg.qat.table_bits.items()
     ]:
@@ -262,7 +288,7 @@ def _validate_qat(cfg: Config) -> None:
         f"qat.dense_bits={cfg.qat.dense_bits}: the dense layers train against int8 weights "
         f"only; use qat.dense_bits=8, or 0 for off",
     )
-    quantized = qat_bits(cfg)
+    quantized = qat_bits(cfg, tables)
     if not quantized:
         return
     _check(

@@ -1,15 +1,50 @@
-"""Input data: synthetic Criteo-shaped clicks with a planted model, sliced per rank.
+"""Input data behind one seam, :class:`DataSource` (``trainer.data.source``).
+
+``data=`` picks the source: ``synthetic`` (planted clicks with a known oracle
+AUC), ``criteo`` / ``table`` (shards written once by ``python -m
+trainer.prepare``). :func:`make_source` builds it from its config; the trainer
+sees only the protocol.
 
 Example::
 
-    from trainer.data import SyntheticCriteo, SyntheticDataConfig, rank_batches
+    from trainer.data import make_source
+    from trainer.data.synthetic_config import SyntheticDataConfig
 
-    data = SyntheticCriteo(SyntheticDataConfig())
-    for batch in rank_batches(data, "train", batch_size=1024, rank=0, world_size=2, num_batches=10):
+    source = make_source(SyntheticDataConfig())
+    for batch in source.train_batches(batch_size=1024, rank=0, world_size=2,
+                                      first_step=0, num_steps=10):
         ...  # torchrec Batch: dense_features, sparse_features (KJT), labels
 """
 
-from trainer.data.loader import eval_batches, eval_slices, rank_batches
-from trainer.data.synthetic import SyntheticCriteo, SyntheticDataConfig
+from __future__ import annotations
 
-__all__ = ["SyntheticCriteo", "SyntheticDataConfig", "eval_batches", "eval_slices", "rank_batches"]
+from typing import Any
+
+from trainer.data.loader import eval_batches, eval_slices, rank_batches
+from trainer.data.source import DataSource, FeatureSpec
+from trainer.data.synthetic import SyntheticCriteo, SyntheticSource
+from trainer.data.synthetic_config import SyntheticDataConfig
+
+
+def make_source(cfg: Any) -> DataSource:
+    """The source ``cfg`` (one of the ``data=`` schemas) describes."""
+    if isinstance(cfg, SyntheticDataConfig):
+        return SyntheticSource(cfg)
+    if getattr(cfg, "name", None) in ("criteo", "table"):
+        from trainer.data.shards import ShardSource  # reads prepared shards
+
+        return ShardSource.from_config(cfg)
+    raise ValueError(f"data={getattr(cfg, 'name', cfg)!r} has no source")
+
+
+__all__ = [
+    "DataSource",
+    "FeatureSpec",
+    "SyntheticCriteo",
+    "SyntheticDataConfig",
+    "SyntheticSource",
+    "eval_batches",
+    "eval_slices",
+    "make_source",
+    "rank_batches",
+]

@@ -40,102 +40,36 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from trainer.data.loader import eval_batches, rank_batches
 from trainer.data.planted import PlantedModel
 from trainer.data.rng import normal, stream_key, uniform
+from trainer.data.source import FeatureSpec
+from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.zipf import ZipfTables
-
-# Criteo Kaggle's 26 cardinalities, the large ones capped at 20k rows (and the
-# tiny ones raised to 10) so that a DLRM learns the planted model in CPU minutes.
-DEFAULT_CARDINALITIES = [
-    1460, 583, 20000, 20000, 305, 24, 12517, 633, 10, 20000, 5683, 20000, 3194,
-    27, 14992, 20000, 10, 5652, 2173, 10, 20000, 18, 15, 20000, 105, 20000,
-]  # fmt: skip
+from trainer.metrics import binary_auc
 
 SPLITS = ("train", "eval")
 _EVAL_CHUNK = 1 << 16
-_MAX_CARDINALITY = 1 << 31
 
 
-@dataclass
-class SyntheticDataConfig:
-    """Schema of ``conf/data/synthetic.yaml``; the planted-model knobs are the
-    standard deviations each term adds to the logit (see ``trainer.data.planted``)."""
+class SyntheticSource:
+    """Deterministic, index-addressable synthetic click data (train and eval streams).
 
-    name: str = "synthetic"
-    num_dense: int = 13
-    cardinalities: list[int] = field(default_factory=lambda: list(DEFAULT_CARDINALITIES))
-    # One value for every feature, or one per feature; > 1 is multi-hot.
-    hotness: list[int] = field(default_factory=lambda: [1])
-    # Bag lengths uniform in [1, hotness] instead of exactly hotness.
-    variable_hotness: bool = False
-    zipf_exponent: float = 1.2
-    seed: int = 0
-    num_eval_samples: int = 65536
-    # Planted model: each scale is the standard deviation its term adds to the
-    # logit (single-hot); see trainer.data.planted.
-    base_logit: float = -2.5
-    dense_scale: float = 0.7
-    dense_nonlinear_scale: float = 0.4
-    first_order_scale: float = 0.3
-    interaction_scale: float = 1.0
-    num_interactions: int = 4
-    latent_dim: int = 3
-    # Both features of an interacting pair have at most this many rows ...
-    interaction_max_cardinality: int = 20000
-    # ... and one of them at most this many (see planted.select_pairs).
-    interaction_small_cardinality: int = 100
-    # Effects of the row with frequency rank r shrink as 1 / (1 + r / this);
-    # <= 0 keeps the tail as strong as the head.
-    effect_decay_rank: float = 10.0
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [f"cat_{f}" for f in range(len(self.cardinalities))]
-
-    def hotness_per_feature(self) -> list[int]:
-        if len(self.hotness) == 1:
-            return list(self.hotness) * len(self.cardinalities)
-        return list(self.hotness)
-
-
-def validate(cfg: SyntheticDataConfig) -> None:
-    """Raises ``ValueError`` naming the key and the fix for an unusable config."""
-    if cfg.num_dense < 0:
-        raise ValueError(f"data.num_dense={cfg.num_dense} must be >= 0")
-    if not cfg.cardinalities:
-        raise ValueError("data.cardinalities is empty; give one row count per categorical feature")
-    bad = [c for c in cfg.cardinalities if not 1 <= c < _MAX_CARDINALITY]
-    if bad:
-        raise ValueError(f"data.cardinalities has {bad}; every table needs 1 <= rows < 2**31")
-    if len(cfg.hotness) not in (1, len(cfg.cardinalities)):
-        raise ValueError(
-            f"data.hotness has {len(cfg.hotness)} values for {len(cfg.cardinalities)} features; "
-            "give one value for all features or one per feature"
-        )
-    if min(cfg.hotness) < 1:
-        raise ValueError(f"data.hotness={list(cfg.hotness)} must be >= 1 everywhere")
-    if cfg.zipf_exponent < 0:
-        raise ValueError(f"data.zipf_exponent={cfg.zipf_exponent} must be >= 0 (0 is uniform)")
-    if cfg.num_eval_samples < 1:
-        raise ValueError(f"data.num_eval_samples={cfg.num_eval_samples} must be >= 1")
-    if cfg.num_interactions < 0:
-        raise ValueError(f"data.num_interactions={cfg.num_interactions} must be >= 0")
-    if cfg.latent_dim < 1:
-        raise ValueError(f"data.latent_dim={cfg.latent_dim} must be >= 1")
-
-
-class SyntheticCriteo:
-    """Deterministic, index-addressable synthetic click data (train and eval streams)."""
+    A :class:`trainer.data.source.DataSource`; the config is checked beforehand by
+    ``trainer.validate`` (``validate_synthetic``).
+    """
 
     def __init__(self, cfg: SyntheticDataConfig) -> None:
-        validate(cfg)
         self.cfg = cfg
         self.feature_names = cfg.feature_names
         self.num_dense = cfg.num_dense
@@ -148,6 +82,48 @@ class SyntheticCriteo:
         self._tables = ZipfTables(self.cardinalities, exponent=cfg.zipf_exponent, seed=cfg.seed)
         self._planted = PlantedModel(cfg, self._tables, self._slot_features)
         self._oracle_auc: float | None = None
+
+    @property
+    def features(self) -> list[FeatureSpec]:
+        return self.cfg.features
+
+    def train_batches(
+        self, *, batch_size: int, rank: int, world_size: int, first_step: int, num_steps: int
+    ) -> Iterator[Batch]:
+        return rank_batches(
+            self,
+            "train",
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_batches=num_steps,
+            first_batch=first_step,
+        )
+
+    def eval_batches(self, *, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
+        return eval_batches(self, batch_size=batch_size, rank=rank, world_size=world_size)
+
+    def reference_metrics(self) -> dict[str, float]:
+        return {"oracle_auc": self.oracle_auc()}
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that shapes the samples."""
+        settings = json.dumps(dataclasses.asdict(self.cfg), sort_keys=True)
+        return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        # The step is the position (samples are a function of their index); the
+        # fingerprint makes a resume onto other data fail loudly. Bytes as a tensor:
+        # checkpoints hold tensors only, so loading never unpickles.
+        return {"fingerprint": torch.tensor(list(self.fingerprint().encode()), dtype=torch.uint8)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = bytes(state["fingerprint"].tolist()).decode()
+        if saved != self.fingerprint():
+            raise ValueError(
+                f"the checkpoint was written for other synthetic data (fingerprint {saved}, "
+                f"this run {self.fingerprint()}); resume with the checkpoint's data.* settings"
+            )
 
     @property
     def interaction_pairs(self) -> list[tuple[int, int]]:
@@ -185,9 +161,7 @@ class SyntheticCriteo:
                 size = min(_EVAL_CHUNK, self.num_eval_samples - start)
                 probs.append(self.click_probability("eval", start, size))
                 labels.append(self.batch("eval", start, size).labels)
-            self._oracle_auc = float(
-                roc_auc_score(torch.cat(labels).numpy(), torch.cat(probs).numpy())
-            )
+            self._oracle_auc = binary_auc(torch.cat(probs), torch.cat(labels))
         return self._oracle_auc
 
     def _indices(self, start: int, size: int) -> torch.Tensor:
@@ -219,3 +193,7 @@ class SyntheticCriteo:
         u_length = uniform(stream_key(seed, split, "bag_length"), idx, features)
         lengths = 1 + torch.floor(u_length * torch.tensor(self.hotness)).to(torch.int64)
         return dense, ranks, self._slot_positions < lengths[:, self._slot_features]
+
+
+# The name the tests and scripts have used since the first issue.
+SyntheticCriteo = SyntheticSource

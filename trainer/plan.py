@@ -1,10 +1,10 @@
-"""``python -m sharding.plan [overrides]``: a sharding plan for a cluster you do not have.
+"""``python -m trainer.plan [overrides]``: a sharding plan for a cluster you do not have.
 
-This is an entry point, like ``trainer/__main__.py``, so unlike the library
-modules of ``sharding`` it imports ``trainer`` (the config schema and the model
-builder). It composes the same ``conf/`` as the trainer, builds the model on the
-``meta`` device (no memory, no process group), runs torchrec's planner for the
-``topology.*`` keys and writes into the Hydra run directory:
+It composes the same ``conf/`` as the trainer and plans through the same
+function (``trainer.planning.plan_model``: per-table overrides, UVM cache load
+factor, pinned ranks, the table precision, comm codecs), on the ``meta``
+device with no process group, for the ``topology.*`` keys, and writes into the
+Hydra run directory:
 
 - ``plan.json``: the plan, plus per-table and per-rank memory and cost estimates;
 - ``plan.txt``: the table it also prints;
@@ -12,7 +12,7 @@ builder). It composes the same ``conf/`` as the trainer, builds the model on the
 
 Example::
 
-    python -m sharding.plan experiment=mlperf_dcnv2 topology.world_size=64 \\
+    python -m trainer.plan experiment=mlperf_dcnv2 topology.world_size=64 \\
         topology.local_world_size=8 topology.hbm_gb=80
 
 ``topology.world_size`` is required; ``topology.compute_device`` defaults to
@@ -34,23 +34,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torchrec.distributed.planner.types import PlannerError
 
-from sharding import embedding_sharders, make_topology, plan_sharding, save_plan
-from sharding.dmp import fuse_embedding_optimizer
+from sharding import save_plan
 from sharding.estimate import PlanCapture, rank_estimates, table_estimates
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
 from trainer.build import build_unsharded
-from trainer.config import (
-    Config,
-    ConfigError,
-    pooling_factors,
-    register_configs,
-    resolved_tables,
-    to_config,
-)
+from trainer.config import Config, ConfigError, register_configs, resolved_tables, to_config
+from trainer.converters import build_converters
+from trainer.planning import World, plan_model
 from trainer.run_dir import register_resolvers
+from trainer.validate import open_source
 from trainer.validate import validate as validate_config
 
 EXIT_CONFIG_ERROR = 2
@@ -81,48 +76,40 @@ def _check_topology(cfg: Config) -> int:
         value = getattr(topo, key)
         if value is not None and value <= 0:
             raise ConfigError(f"topology.{key}={value} must be positive (GB/s) or null")
-    validate_config(cfg, world_size=topo.world_size)
     return topo.world_size
 
 
 def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
     """Plans ``cfg`` for its topology; writes plan.json, plan.txt, memory.png."""
     world_size = _check_topology(cfg)
+    source = open_source(cfg.data)
+    validate_config(cfg, features=source.features, world_size=world_size)
     topo, shard = cfg.topology, cfg.sharding
     compute_device = topo.compute_device or "cuda"
     local_world_size = min(topo.local_world_size or world_size, world_size)
-    tables = resolved_tables(cfg)
-
-    model = build_unsharded(cfg, device=torch.device("meta"))
-    # The optimizer's state is part of each table's storage in the planner's estimate.
-    fuse_embedding_optimizer(
-        model.model.sparse_arch.parameters(),
-        lr=cfg.optim.embedding_lr,
-        eps=cfg.optim.embedding_eps,
-    )
-    topology = make_topology(
-        world_size=world_size,
-        local_world_size=local_world_size,
-        compute_device=compute_device,
-        hbm_gb=topo.hbm_gb,
-        ddr_gb=topo.ddr_gb,
-        intra_host_bw_gbps=topo.intra_host_bw_gbps,
-        inter_host_bw_gbps=topo.inter_host_bw_gbps,
+    tables = resolved_tables(cfg, source.features)
+    converters = build_converters(cfg, tables=tables, device_type=compute_device)
+    model = build_unsharded(
+        cfg,
+        tables=tables,
+        num_dense=source.num_dense,
+        device=torch.device("meta"),
+        table_data_type=converters.table_data_type(),
     )
     capture = PlanCapture()
     try:
-        plan = plan_sharding(
-            model,
-            strategy=shard.strategy,
-            compute_kernel=shard.compute_kernel,
-            topology=topology,
-            sharders=embedding_sharders(),
+        planned = plan_model(
+            cfg,
+            model=model,
+            tables=tables,
+            features=source.features,
+            converters=converters,
+            world=World(
+                world_size=world_size,
+                local_world_size=local_world_size,
+                device=torch.device(compute_device),
+            ),
             pg=None,
-            batch_size=cfg.trainer.batch_size,
-            table_names=[t.name for t in tables],
-            storage_reservation_percentage=topo.storage_reservation_percentage,
-            pooling_factors=pooling_factors(cfg),
-            column_shard_dim=shard.column_shard_dim,
             stats=[capture],
         )
     except PlannerError as err:
@@ -144,6 +131,7 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
             )
         ) from None
 
+    plan, topology = planned.plan, planned.topology
     table_est = table_estimates(capture.best_plan)
     rank_est = rank_estimates(
         capture.best_plan,

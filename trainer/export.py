@@ -1,0 +1,86 @@
+"""``python -m trainer.export <checkpoint_dir> [--bits 8|4|2] [--out PATH]``: serve a checkpoint.
+
+One process, no process group: rebuilds the unsharded model from the
+checkpoint's ``config.yaml``, reads every rank's table shards into it (DCP),
+and exports it as the end of that run would have (the same converters: the
+run's QAT bits, or ``--bits`` for every table). Saves ``--out`` (default
+``<checkpoint>/exported_model.pt``) and the result next to it as ``.json``;
+prints the result. A missing or incomplete checkpoint is one line, exit 2.
+
+Example::
+
+    python -m trainer.export outputs/run/checkpoints/step_2000 --bits 4 --out served.pt
+    result = export_checkpoint(Path("outputs/run/checkpoints/step_2000"), bits=4)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import is_complete, load_unsharded_model, missing_message, read_config
+from trainer.config import ConfigError, resolved_tables
+from trainer.converters import build_converters
+from trainer.export_step import EXPORT_FILE, build_trained, export_model
+from trainer.validate import open_source
+
+
+def export_checkpoint(
+    checkpoint: Path, *, bits: int | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """The serving model of a saved checkpoint; raises FileNotFoundError when it is not one."""
+    if not is_complete(checkpoint):
+        raise FileNotFoundError(missing_message(checkpoint, key="checkpoint_dir"))
+    cfg = read_config(checkpoint)
+    source = open_source(cfg.data)
+    tables = resolved_tables(cfg, source.features)
+    converters = build_converters(cfg, tables=tables, device_type="cpu", export_bits_override=bits)
+    trained = build_trained(cfg, tables=tables, num_dense=source.num_dense, converters=converters)
+    step = load_unsharded_model(checkpoint, trained)
+    out = out or checkpoint / EXPORT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = export_model(
+        trained,
+        converters=converters,
+        source=source,
+        batch_size=cfg.trainer.eval_batch_size,
+        path=out,
+    )
+    result["step"] = step
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.export",
+        description="Quantize a saved checkpoint for serving, save it and score it on the "
+        "eval set (one process; the checkpoint's config.yaml says how to rebuild it).",
+    )
+    parser.add_argument("checkpoint_dir", type=Path, help="a <run_dir>/checkpoints/step_N dir")
+    parser.add_argument(
+        "--bits",
+        type=int,
+        choices=(8, 4, 2),
+        help="bits for every table (default: the run's QAT bits, else trainer.export_bits)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where to save (default: <checkpoint_dir>/exported_model.pt)"
+    )
+    args = parser.parse_args(argv)
+    from sharding.quiet import quiet_libraries
+
+    quiet_libraries()
+    try:
+        result = export_checkpoint(args.checkpoint_dir, bits=args.bits, out=args.out)
+    except (FileNotFoundError, ConfigError) as err:
+        print(f"shardrec: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

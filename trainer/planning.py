@@ -1,0 +1,135 @@
+"""One planning path: the trainer and ``python -m trainer.plan`` both call :func:`plan_model`.
+
+Given the meta model, the tables, the data source's features (pooling
+factors), the converters (table dtype, fused kernel arguments) and a world to
+plan for, it builds the sharders and the planner's topology, applies per-table
+overrides (strategy, kernel, UVM cache load factor, pinned ranks), plans, and
+lets each converter refuse a plan it cannot train. The running job plans for
+itself (``pg`` set: rank 0 plans and broadcasts); the CLI plans for a cluster
+that is not there (``pg=None``) with the same inputs.
+
+Example::
+
+    planned = plan_model(cfg, model=meta_model, tables=tables, features=source.features,
+                         converters=converters, world=World(world_size=2, local_world_size=2,
+                         device=torch.device("cpu")), pg=env.pg)
+    print(format_plan(planned.plan))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.types import Stats, Topology
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
+
+from compression.converter import Converters
+from sharding import embedding_sharders, make_topology, plan_sharding
+from sharding.codecs import comm_codecs
+from sharding.dmp import fuse_embedding_optimizer
+from sharding.planner import TableOverride, pin_ranks
+from trainer.config import Config, ConfigError, TableConfig, pooling_factors
+from trainer.data.source import FeatureSpec
+
+
+@dataclass(frozen=True)
+class World:
+    """What the plan is for: the running job, or a cluster given in ``topology.*``."""
+
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+
+@dataclass
+class Planned:
+    plan: ShardingPlan
+    sharders: list[ModuleSharder[nn.Module]]
+    topology: Topology
+
+
+def table_overrides(cfg: Config) -> dict[str, TableOverride]:
+    return {
+        name: TableOverride(
+            strategy=pin.strategy,
+            compute_kernel=pin.compute_kernel,
+            ranks=tuple(pin.ranks) if pin.ranks else None,
+        )
+        for name, pin in cfg.sharding.tables.items()
+    }
+
+
+def plan_model(
+    cfg: Config,
+    *,
+    model: nn.Module,
+    tables: Sequence[TableConfig],
+    features: Sequence[FeatureSpec],
+    converters: Converters,
+    world: World,
+    pg: Any,
+    stats: list[Stats] | None = None,
+) -> Planned:
+    """Fused table optimizer on the meta model, sharders, plan (see the module docstring)."""
+    # The optimizer's state is part of each table's storage in the planner's estimate.
+    fuse_embedding_optimizer(
+        model.model.sparse_arch.parameters(),
+        lr=cfg.optim.embedding_lr,
+        eps=cfg.optim.embedding_eps,
+    )
+    sharders = embedding_sharders(
+        fused_params=converters.fused_params() or None,
+        qcomm_codecs_registry=comm_codecs(
+            forward=cfg.sharding.comm_forward,
+            backward=cfg.sharding.comm_backward,
+            world_size=world.world_size,
+            device=world.device,
+        ),
+    )
+    overrides = table_overrides(cfg)
+    topo, s = cfg.topology, cfg.sharding
+    topology = make_topology(
+        world_size=world.world_size,
+        local_world_size=world.local_world_size,
+        compute_device=world.device.type,
+        hbm_gb=topo.hbm_gb,
+        ddr_gb=topo.ddr_gb,
+        intra_host_bw_gbps=topo.intra_host_bw_gbps,
+        inter_host_bw_gbps=topo.inter_host_bw_gbps,
+    )
+    plan = plan_sharding(
+        model,
+        strategy=s.strategy,
+        compute_kernel=s.compute_kernel,
+        topology=topology,
+        sharders=sharders,
+        pg=pg,
+        batch_size=cfg.trainer.batch_size,
+        table_names=[t.name for t in tables],
+        storage_reservation_percentage=topo.storage_reservation_percentage,
+        pooling_factors=pooling_factors(tables, features),
+        overrides=overrides,
+        cache_load_factor=s.cache_load_factor,
+        column_shard_dim=s.column_shard_dim,
+        stats=stats,
+    )
+    plan = pin_ranks(
+        plan,
+        model,
+        overrides=overrides,
+        strategy=s.strategy,
+        compute_kernel=s.compute_kernel,
+        sharder=sharders[0],
+        world_size=world.world_size,
+        local_world_size=world.local_world_size,
+        device_type=world.device.type,
+    )
+    try:
+        converters.check_plan(plan)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return Planned(plan=plan, sharders=sharders, topology=topology)

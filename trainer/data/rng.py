@@ -74,10 +74,19 @@ def stream_key(seed: int, *names: str | int) -> int:
 
 
 def hash_counters(key: int, *counters: torch.Tensor | int) -> torch.Tensor:
-    """One well-mixed int64 per element of the broadcast of ``counters``."""
+    """One well-mixed int64 per element of the broadcast of ``counters``.
+
+    Runs on the device of the first counter that is not on the CPU (CPU counters,
+    e.g. a small ``arange``, are copied there), so a generator whose sample
+    indices live on a GPU draws there, bit-identical to the CPU.
+    """
+    device = next(
+        (c.device for c in counters if isinstance(c, torch.Tensor) and c.device.type != "cpu"),
+        None,
+    )
     h: torch.Tensor | None = None
     for counter in counters:
-        c = torch.as_tensor(counter, dtype=torch.int64)
+        c = torch.as_tensor(counter, dtype=torch.int64, device=device)
         h = mix64(c ^ key) if h is None else mix64(h ^ c)
     assert h is not None, "hash_counters needs at least one counter"
     return h

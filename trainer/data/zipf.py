@@ -107,6 +107,10 @@ class ZipfTables:
         # Past the last tabulated rank: float rounding, or the tail of a huge table.
         ranks = torch.minimum(ranks, self._head_lengths[tables] - 1).clamp_(min=0)
         in_tail = self._has_tail[tables] & (u > self._head_fractions[tables])
+        if u.device.type != "cpu":
+            # No host sync, no data-dependent shapes: compute the tail everywhere.
+            tail = self._tail_ranks(u, tables.expand_as(ranks))
+            return torch.where(in_tail, tail, ranks)
         if in_tail.any():
             tail_tables = tables.expand_as(ranks)[in_tail]
             ranks[in_tail] = self._tail_ranks(u[in_tail], tail_tables)

@@ -1,0 +1,402 @@
+"""The contenders of ``make bench``, each a ``step()`` closure over its own model.
+
+- ``shardrec``: the real trainer path. Hydra composes ``conf/`` with the shape's
+  overrides, ``trainer.build.build`` plans and shards, and ``Trainer.train_steps``
+  runs the configured torchrec pipeline over the synthetic source, which draws
+  every batch (labels from the planted model) inside the step, as in training.
+- ``shardrec_prefetch``: the same trainer, its source wrapped in
+  ``trainer.data.prefetch.Prefetcher`` (batches built on a background thread).
+- ``pytorch``: a straightforward PyTorch DLRM: one ``nn.EmbeddingBag`` per table
+  with sparse gradients, the whole model under DDP, ``torch.optim.Adagrad``.
+- ``torchrec``: torchrec's examples/golden_training/train_dlrm.py: tables on
+  ``meta``, fused row-wise Adagrad via ``apply_optimizer_in_backward``, DMP with
+  the default planner, dense Adagrad, ``TrainPipelineSparseDist`` over batches
+  generated up front.
+- ``dense``: the floor: bottom MLP, interaction and top MLP forward, backward
+  and Adagrad on the same batch, pooled embeddings given (no tables, no comms).
+
+The baselines read the same samples as shardrec (drawn once, up front, from the
+same synthetic source), so only the training loop differs.
+
+Example::
+
+    shape = SHAPES["small"]
+    step = make_contender("torchrec", shape, env=env, batches=batches)
+    step(10)        # ten training steps
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.datasets.utils import Batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: model, tables and batch (the same for every contender)."""
+
+    name: str
+    embedding_dim: int
+    dense_arch: list[int]
+    over_arch: list[int]
+    num_tables: int = 26
+    rows: int = 100_000
+    hotness: list[int] = field(default_factory=lambda: [1])
+    batch_size: int = 2048  # per rank
+    num_dense: int = 13
+    arch: str = "dlrm"
+    # Extra Hydra overrides for the shardrec contender (e.g. the DCNv2 shape).
+    overrides: tuple[str, ...] = ()
+    cardinalities: tuple[int, ...] = ()
+
+    def table_rows(self) -> list[int]:
+        return list(self.cardinalities) or [self.rows] * self.num_tables
+
+    def hotness_per_table(self) -> list[int]:
+        n = len(self.table_rows())
+        return list(self.hotness) * n if len(self.hotness) == 1 else list(self.hotness)
+
+
+def _mlperf_dcnv2() -> dict[str, Any]:
+    import yaml
+
+    with open(REPO / "conf/experiment/mlperf_dcnv2.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def dcnv2_shape(*, max_rows: int, batch_size: int) -> Shape:
+    """MLPerf DLRM-DCNv2 (dim 128, 214 ids per sample), tables capped at ``max_rows``."""
+    exp = _mlperf_dcnv2()
+    cards = tuple(min(c, max_rows) for c in exp["data"]["cardinalities"])
+    m = exp["model"]
+    return Shape(
+        name=f"dcnv2 (rows <= {max_rows:,})",
+        embedding_dim=m["embedding_dim"],
+        dense_arch=m["dense_arch_layer_sizes"],
+        over_arch=m["over_arch_layer_sizes"],
+        hotness=list(exp["data"]["hotness"]),
+        batch_size=batch_size,
+        arch="dlrm_dcnv2",
+        cardinalities=cards,
+        overrides=("model=dlrm_dcnv2", "model.dcn_num_layers=3", "model.dcn_low_rank_dim=512"),
+    )
+
+
+SHAPES: dict[str, Shape] = {
+    # Embedding and overhead bound.
+    "small": Shape("small", 16, [64, 16], [64, 32, 1]),
+    # MLPerf DLRM's MLPs: dense compute bound.
+    "mlperf_mlp": Shape("mlperf_mlp", 64, [512, 256, 64], [1024, 1024, 512, 256, 1]),
+    # Multi-hot: 20 ids per bag on 8 of the 26 features.
+    "multihot": Shape("multihot", 16, [64, 16], [64, 32, 1], hotness=[20] * 8 + [1] * 18),
+}
+
+
+# Extra Hydra overrides for the shardrec contenders (bench.py --shardrec-overrides).
+EXTRA_OVERRIDES: list[str] = []
+
+
+def shardrec_overrides(shape: Shape, *, device: str) -> list[str]:
+    rows = shape.table_rows()
+    return [
+        f"model.embedding_dim={shape.embedding_dim}",
+        f"model.dense_arch_layer_sizes={shape.dense_arch}",
+        f"model.over_arch_layer_sizes={shape.over_arch}",
+        f"data.cardinalities={rows}",
+        f"data.hotness={shape.hotness_per_table()}",
+        f"data.num_dense={shape.num_dense}",
+        # The calibration caps are for CPU-sized tables; plant pairs among these.
+        f"data.interaction_max_cardinality={max(rows)}",
+        f"data.interaction_small_cardinality={max(rows)}",
+        f"trainer.batch_size={shape.batch_size}",
+        "trainer.num_threads=1" if device == "cpu" else "trainer.num_threads=null",
+        "trainer.progress_bar=false",
+        "trainer.plot=false",
+        "optim.dense_optimizer=adagrad",
+        "optim.dense_lr=0.01",
+        f"sharding.device={device}",
+        *shape.overrides,
+        *EXTRA_OVERRIDES,
+    ]
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The trainer's typed config, composed from conf/ as ``python -m trainer`` does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.config import register_configs, to_config
+    from trainer.run_dir import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        dict_cfg = compose(config_name="config", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return to_config(dict_cfg)
+
+
+def source_on_device(source: Any, device: torch.device) -> Any:
+    """Moves the synthetic generator's state to ``device`` (it then draws there).
+
+    ``trainer.data.rng`` follows its counters' device and ZipfTables /
+    PlantedModel have ``to()``; what is left is the source's own index tensors.
+    (Belongs in SyntheticSource itself; kept here until it has a device.)
+    """
+    if device.type == "cpu":
+        return source
+    source._slot_features = source._slot_features.to(device)
+    source._slot_positions = source._slot_positions.to(device)
+    source._tables.to(device)
+    source._planted.to(device)
+    source._indices = lambda start, size: torch.arange(
+        start, start + size, dtype=torch.int64, device=device
+    )
+    return source
+
+
+class _PrefetchedSource:
+    """A DataSource whose train batches are built ahead on a background thread."""
+
+    def __init__(self, source: Any, *, depth: int, num_threads: int | None) -> None:
+        self._source = source
+        self._depth = depth
+        self._num_threads = num_threads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def train_batches(self, **kwargs: Any) -> Iterator[Batch]:
+        from trainer.data.prefetch import Prefetcher
+
+        return Prefetcher(
+            self._source.train_batches(**kwargs), depth=self._depth, num_threads=self._num_threads
+        )
+
+
+@dataclass
+class Contender:
+    name: str
+    step: Callable[[int], None]  # runs n training steps
+    trainer: Any = None  # shardrec's Trainer (for the breakdown)
+    source: Any = None
+
+
+def make_source(shape: Shape, *, env: Any, device: str) -> Any:
+    """The synthetic source shardrec reads for ``shape`` (on ``env.device``)."""
+    from trainer.validate import open_source
+
+    cfg = compose_config(shardrec_overrides(shape, device=device))
+    return source_on_device(open_source(cfg.data), env.device)
+
+
+def make_shardrec(
+    shape: Shape, *, env: Any, device: str, prefetch: bool, source: Any = None
+) -> Contender:
+    from tqdm import tqdm
+
+    from trainer.build import build
+    from trainer.logger import make_logger
+    from trainer.loop import Trainer
+
+    cfg = compose_config(shardrec_overrides(shape, device=device))
+    source = source or make_source(shape, env=env, device=device)
+    built = build(cfg, env, source=source)
+    run_dir = Path(tempfile.mkdtemp(prefix="shardrec-bench-"))
+    logger = make_logger(cfg.logger, run_dir=run_dir, rank=env.rank, config={})
+    used = (
+        _PrefetchedSource(source, depth=2, num_threads=1 if device == "cpu" else None)
+        if prefetch
+        else source
+    )
+    trainer = Trainer(
+        model=built.model,
+        optimizer=built.optimizer,
+        env=env,
+        source=used,
+        settings=cfg.trainer,
+        logger=logger,
+        run_dir=run_dir,
+        model_fwd=built.converters.wrap_forward(built.model),
+    )
+    bar = tqdm(disable=True)
+    name = "shardrec_prefetch" if prefetch else "shardrec"
+    return Contender(name, lambda n: trainer.train_steps(n, bar), trainer=trainer, source=source)
+
+
+def draw_batches(source: Any, shape: Shape, *, rank: int, world_size: int, num: int) -> list:
+    """``num`` of this rank's batches, drawn up front (as the golden example does)."""
+    it = source.train_batches(
+        batch_size=shape.batch_size, rank=rank, world_size=world_size, first_step=0, num_steps=num
+    )
+    return list(it)
+
+
+def _feature_names(shape: Shape) -> list[str]:
+    return [f"cat_{i}" for i in range(len(shape.table_rows()))]
+
+
+def make_torchrec(shape: Shape, *, env: Any, batches: list) -> Contender:
+    """torchrec's examples/golden_training/train_dlrm.py, written as it writes it."""
+    from torchrec import EmbeddingBagCollection
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    eb_configs = [
+        EmbeddingBagConfig(
+            name=f"t_{feature}",
+            embedding_dim=shape.embedding_dim,
+            num_embeddings=rows,
+            feature_names=[feature],
+        )
+        for feature, rows in zip(_feature_names(shape), shape.table_rows(), strict=True)
+    ]
+    common = dict(
+        embedding_bag_collection=EmbeddingBagCollection(
+            tables=eb_configs, device=torch.device("meta")
+        ),
+        dense_in_features=shape.num_dense,
+        dense_arch_layer_sizes=shape.dense_arch,
+        over_arch_layer_sizes=shape.over_arch,
+        dense_device=env.device,
+    )
+    if shape.arch == "dlrm_dcnv2":
+        dlrm = DLRM_DCN(**common, dcn_num_layers=3, dcn_low_rank_dim=512)
+    else:
+        dlrm = DLRM(**common)
+    train_model = DLRMTrain(dlrm)
+    apply_optimizer_in_backward(
+        RowWiseAdagrad, train_model.model.sparse_arch.parameters(), {"lr": 0.05}
+    )
+    model = DistributedModelParallel(module=train_model, device=env.device)
+    optimizer = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(model.named_parameters())),
+        lambda params: torch.optim.Adagrad(params, lr=0.01),
+    )
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
+    data = itertools.cycle(batches)
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            pipeline.progress(data)
+
+    return Contender("torchrec", step)
+
+
+class PlainDLRM(nn.Module):
+    """DLRM from plain PyTorch: one EmbeddingBag per table, sparse gradients."""
+
+    def __init__(self, shape: Shape, device: torch.device) -> None:
+        from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
+
+        super().__init__()
+        num_features = len(shape.table_rows())
+        self.tables = nn.ModuleList(
+            nn.EmbeddingBag(rows, shape.embedding_dim, mode="sum", sparse=True, device=device)
+            for rows in shape.table_rows()
+        )
+        self.dense_arch = DenseArch(shape.num_dense, shape.dense_arch, device=device)
+        self.inter_arch = InteractionArch(num_sparse_features=num_features)
+        d = shape.embedding_dim
+        over_in = d + num_features * (num_features + 1) // 2
+        self.over_arch = OverArch(over_in, shape.over_arch, device=device)
+
+    def forward(self, dense: torch.Tensor, bags: list[tuple[torch.Tensor, torch.Tensor]]):
+        pooled = torch.stack([t(v, o) for t, (v, o) in zip(self.tables, bags, strict=True)], 1)
+        x = self.inter_arch(dense_features=self.dense_arch(dense), sparse_features=pooled)
+        return self.over_arch(x).squeeze(-1)
+
+
+def _plain_inputs(batch: Batch, device: torch.device) -> tuple:
+    kjt = batch.sparse_features
+    bags = []
+    for jt in kjt.to_dict().values():
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(jt.lengths())[:-1]
+        bags.append((jt.values().to(device), offsets.to(device)))
+    return batch.dense_features.to(device), bags, batch.labels.to(device)
+
+
+def make_pytorch(shape: Shape, *, env: Any, batches: list) -> Contender:
+    if shape.arch != "dlrm":
+        raise ValueError(f"the plain PyTorch DLRM has no {shape.arch!r}; use a dlrm shape")
+    model = PlainDLRM(shape, env.device)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device] if env.device.type == "cuda" else None
+    )
+    optimizer = torch.optim.Adagrad(ddp.parameters(), lr=0.01)
+    data = itertools.cycle([_plain_inputs(b, env.device) for b in batches])
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            dense, bags, labels = next(data)
+            optimizer.zero_grad()
+            loss_fn(ddp(dense, bags), labels).backward()
+            optimizer.step()
+
+    return Contender("pytorch", step)
+
+
+def make_dense(shape: Shape, *, env: Any, batches: list) -> Contender:
+    """The dense-only floor: the same MLPs and interaction, pooled embeddings given."""
+    from torchrec.models.dlrm import DenseArch, InteractionArch, InteractionDCNArch, OverArch
+    from torchrec.modules.crossnet import LowRankCrossNet
+
+    num_features, d = len(shape.table_rows()), shape.embedding_dim
+    dense_arch = DenseArch(shape.num_dense, shape.dense_arch, device=env.device)
+    if shape.arch == "dlrm_dcnv2":
+        in_features = (num_features + 1) * d
+        inter = InteractionDCNArch(
+            num_sparse_features=num_features,
+            crossnet=LowRankCrossNet(in_features=in_features, num_layers=3, low_rank=512),
+        ).to(env.device)
+        over_in = in_features
+    else:
+        inter = InteractionArch(num_sparse_features=num_features)
+        over_in = d + num_features * (num_features + 1) // 2
+    over_arch = OverArch(over_in, shape.over_arch, device=env.device)
+    modules = nn.ModuleList([dense_arch, inter, over_arch])
+    optimizer = torch.optim.Adagrad(modules.parameters(), lr=0.01)
+    gen = torch.Generator(device=env.device).manual_seed(env.rank)
+    pooled = torch.randn(shape.batch_size, num_features, d, device=env.device, generator=gen).mul_(
+        0.1
+    )
+    data = itertools.cycle(
+        [(b.dense_features.to(env.device), b.labels.to(env.device)) for b in batches]
+    )
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            dense, labels = next(data)
+            optimizer.zero_grad()
+            x = inter(dense_features=dense_arch(dense), sparse_features=pooled)
+            loss_fn(over_arch(x).squeeze(-1), labels).backward()
+            optimizer.step()
+
+    return Contender("dense", step)
+
+
+def barrier(env: Any) -> None:
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    if dist.is_initialized() and env.world_size > 1:
+        dist.barrier()

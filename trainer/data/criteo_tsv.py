@@ -144,8 +144,8 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
     field_ends[:, -1] -= carriage
 
     ints, int_ok = _decimal(buf, field_starts[:, : 1 + NUM_INT], field_ends[:, : 1 + NUM_INT])
-    label_empty = field_starts[:, 0] == field_ends[:, 0]
-    label_ok = int_ok[:, 0] & ~label_empty & ((ints[:, 0] == 0) | (ints[:, 0] == 1))
+    one_char = field_ends[:, 0] - field_starts[:, 0] == 1
+    label_ok = int_ok[:, 0] & one_char & ((ints[:, 0] == 0) | (ints[:, 0] == 1))
     ids, present, hex_ok = _hex(buf, field_starts[:, 1 + NUM_INT :], field_ends[:, 1 + NUM_INT :])
     ok = label_ok & int_ok[:, 1:].all(axis=1) & hex_ok.all(axis=1)
     if not ok.all():

@@ -1,0 +1,192 @@
+"""``python -m trainer.prepare`` on Criteo TSV: real files in, shards out, read back.
+
+Small files (a few thousand lines), small ``chunk_bytes`` so that several
+ranges, chunks and parts (and two worker processes) are really exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_criteo_tsv import reference_row
+from trainer.data.criteo_tsv import CAT_NAMES, NUM_CAT, NUM_INT
+from trainer.data.data_configs import CriteoDataConfig
+from trainer.data.shard_format import ShardMetadata, offsets_file, values_file
+from trainer.prepare import PrepareError, prepare
+from trainer.prepare.__main__ import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [7, 5, 100, 50] + [1000] * (NUM_CAT - 4)
+
+
+def criteo_lines(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        ints = [("" if rng.random() < 0.1 else str(v)) for v in rng.integers(-3, 3000, NUM_INT)]
+        cats = [
+            ("" if rng.random() < 0.05 else format(v, "08x"))
+            for v in rng.integers(0, 60 if i % 2 else 2**32, NUM_CAT)
+        ]
+        lines.append("\t".join([str(int(rng.random() < 0.3)), *ints, *cats]))
+    return lines
+
+
+def write_tsv(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def cfg(tmp_path: Path, raw: list[Path], **kw) -> CriteoDataConfig:
+    base = dict(dir=str(tmp_path / "out"), table_rows=ROWS, chunk_bytes=20_000, num_workers=2)
+    return CriteoDataConfig(raw=[str(p) for p in raw], **{**base, **kw})
+
+
+def read_split(directory: Path, split: str) -> dict[str, np.ndarray]:
+    """A split's arrays, its parts concatenated (offsets turned into per-row ids)."""
+    meta = ShardMetadata.read(directory)
+    out: dict[str, list] = {"labels": [], "dense": [], "ids": []}
+    for part in meta.splits[split].parts:
+        path = directory / part.path
+        out["labels"].append(np.load(path / "labels.npy"))
+        out["dense"].append(np.load(path / "dense.npy"))
+        ids = []
+        for f in CAT_NAMES:
+            offsets = np.load(path / offsets_file(f))
+            assert (np.diff(offsets) == 1).all()
+            ids.append(np.load(path / values_file(f)))
+        out["ids"].append(np.stack(ids, axis=1))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def expected_arrays(lines: list[str]) -> dict[str, np.ndarray]:
+    labels, dense, ids = [], [], []
+    for line in lines:
+        label, d, raw, present = reference_row(line)
+        labels.append(label)
+        dense.append(d)
+        ids.append([1 + r % (rows - 1) if p else 0 for r, p, rows in zip(raw, present, ROWS)])
+    return {"labels": np.array(labels), "dense": np.array(dense), "ids": np.array(ids)}
+
+
+@pytest.fixture(scope="module")
+def lines() -> list[str]:
+    return criteo_lines(2000)
+
+
+def test_hash_shards_match_reference_and_eval_is_the_tail(tmp_path, lines):
+    raw = write_tsv(tmp_path / "day_0.tsv", lines)
+    result = prepare(cfg(tmp_path, [raw], eval_fraction=0.1), progress=False)
+    meta = result.metadata
+    assert not result.up_to_date
+    assert meta.splits["train"].num_rows == 1800 and meta.splits["eval"].num_rows == 200
+    assert len(meta.splits["train"].parts) > 1  # several ranges, in order
+    for split, rows in (("train", lines[:1800]), ("eval", lines[1800:])):
+        got, want = read_split(result.directory, split), expected_arrays(rows)
+        np.testing.assert_array_equal(got["labels"], want["labels"])
+        np.testing.assert_allclose(got["dense"], want["dense"], rtol=1e-6)
+        np.testing.assert_array_equal(got["ids"], want["ids"])
+    assert [f.num_embeddings for f in meta.features] == ROWS
+    assert meta.mapping["kind"] == "hash" and meta.source == "criteo"
+    assert meta.inputs[0]["path"] == str(raw) and meta.inputs[0]["size"] == raw.stat().st_size
+    assert len(meta.checksum) == 64 and meta.bad_rows["skipped"] == 0
+
+
+def test_one_worker_and_two_give_the_same_rows_and_rerun_is_a_no_op(tmp_path, lines):
+    raw = write_tsv(tmp_path / "day_0.tsv", lines)
+    one = prepare(cfg(tmp_path, [raw], num_workers=1, dir=str(tmp_path / "a")), progress=False)
+    two = prepare(cfg(tmp_path, [raw], dir=str(tmp_path / "b")), progress=False)
+    for split in ("train", "eval"):
+        a, b = read_split(one.directory, split), read_split(two.directory, split)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert one.metadata.fingerprint == two.metadata.fingerprint
+    stamp = (two.directory / "metadata.json").stat().st_mtime_ns
+    again = prepare(cfg(tmp_path, [raw], dir=str(tmp_path / "b")), progress=False)
+    assert again.up_to_date
+    assert (two.directory / "metadata.json").stat().st_mtime_ns == stamp
+    os.utime(raw, ns=(stamp + 10**9, stamp + 10**9))  # the input changed: prepare again
+    redone = prepare(cfg(tmp_path, [raw], dir=str(tmp_path / "b")), progress=False)
+    assert not redone.up_to_date and redone.metadata.fingerprint != two.metadata.fingerprint
+
+
+def test_vocab_counts_train_rows_only(tmp_path):
+    base = "\t".join(["1"] + ["1"] * NUM_INT + ["a"] * NUM_CAT)
+    tail = "\t".join(["0"] + ["1"] * NUM_INT + ["b"] + ["a"] * (NUM_CAT - 1))
+    rare = "\t".join(["0"] + ["1"] * NUM_INT + ["c", ""] + ["a"] * (NUM_CAT - 2))
+    train = write_tsv(tmp_path / "train.tsv", [base] * 5 + [rare])
+    evals = write_tsv(tmp_path / "eval.tsv", [tail, base, rare])
+    c = cfg(tmp_path, [train], eval_raw=[str(evals)], mapping="vocab", min_count=2, table_rows=[0])
+    meta = prepare(c, progress=False).metadata
+    assert meta.features[0].num_embeddings == 3  # missing, OOV, "a"
+    np.testing.assert_array_equal(read_split(Path(c.dir), "train")["ids"][:, 0], [2] * 5 + [1])
+    eval_ids = read_split(Path(c.dir), "eval")["ids"]
+    np.testing.assert_array_equal(eval_ids[:, 0], [1, 2, 1])  # "b" never seen in train: OOV
+    np.testing.assert_array_equal(eval_ids[:, 1], [2, 2, 0])  # empty: the missing row
+    assert np.load(Path(c.dir) / "vocab" / "cat_0.ids.npy").tolist() == [0xA]
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("\t".join(["1"] * 12), "day_0.tsv:3: 12 tab-separated fields, expected 40"),
+        ("1\tx" + "\t" * 38, "day_0.tsv:3: integer field 2 (int_0) is 'x'"),
+        ("1" + "\t" * 14 + "zz" + "\t" * 25, "day_0.tsv:3: categorical field 15 (cat_0) is 'zz'"),
+    ],
+)
+def test_bad_row_names_file_and_line_and_leaves_nothing(tmp_path, lines, bad, words):
+    raw = write_tsv(tmp_path / "day_0.tsv", [lines[0], lines[1], bad, *lines[2:50]])
+    with pytest.raises(PrepareError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        prepare(cfg(tmp_path, [raw]), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["day_0.tsv"]  # no dir, no temp dir
+
+
+def test_skip_counts_bad_rows_in_metadata_and_keeps_the_old_dir_on_failure(tmp_path, lines):
+    rows = [*lines[:20], "1\t2", lines[20], "nope" + "\t" * 39, *lines[21:40], lines[40][:30]]
+    raw = write_tsv(tmp_path / "day_0.tsv", rows)
+    raw.write_text(raw.read_text().rstrip("\n"))  # a truncated last line
+    meta = prepare(cfg(tmp_path, [raw], on_bad_row="skip"), progress=False).metadata
+    assert meta.bad_rows["skipped"] == 3
+    assert meta.bad_rows["by_reason"] == {"wrong_number_of_fields": 2, "bad_label": 1}
+    assert any("truncated last line" in e for e in meta.bad_rows["examples"])
+    assert sum(s.num_rows for s in meta.splits.values()) == 40
+    with pytest.raises(PrepareError, match="day_0.tsv:21: 2 tab-separated fields"):
+        prepare(cfg(tmp_path, [raw]), progress=False)
+    assert ShardMetadata.read(tmp_path / "out").fingerprint == meta.fingerprint
+
+
+def test_empty_and_missing_files(tmp_path, lines):
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    with pytest.raises(PrepareError, match=r"empty.tsv is empty"):
+        prepare(cfg(tmp_path, [empty]), progress=False)
+    with pytest.raises(PrepareError, match=r"data.raw: .*nothere.tsv does not exist"):
+        prepare(cfg(tmp_path, [tmp_path / "nothere.tsv"]), progress=False)
+    full = write_tsv(tmp_path / "day_0.tsv", lines[:30])
+    meta = prepare(cfg(tmp_path, [empty, full], on_bad_row="skip"), progress=False).metadata
+    assert meta.bad_rows["by_reason"] == {"empty_file": 1}
+
+
+def test_cli_prepares_and_errors_in_one_line(tmp_path, lines, capsys):
+    raw = write_tsv(tmp_path / "day_0.tsv", lines[:300])
+    out = tmp_path / "shards"
+    args = [sys.executable, "-m", "trainer.prepare", "data=criteo", f"data.raw=[{raw}]"]
+    args += [f"data.dir={out}", "data.num_workers=1", "data.table_rows=[100]"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "train 285 rows, eval 15 rows" in done.stdout
+    assert ShardMetadata.read(out).features[0].num_embeddings == 100
+    # The same entry point in this process (a second interpreter start is slow).
+    assert cli_main(args[3:]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert cli_main([*args[3:4], f"data.raw=[{tmp_path / 'missing.tsv'}]", *args[5:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shardrec: prepare error: data.raw: ")
+    assert cli_main([*args[3:], "data.no_such_key=1"]) == 2
+    assert capsys.readouterr().err.startswith("shardrec: config error: ")

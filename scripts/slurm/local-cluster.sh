@@ -47,6 +47,9 @@ write_config() {
     cat >"$CONF" <<CONF
 # Written by scripts/slurm/local-cluster.sh: one node ($NODE), one partition.
 ClusterName=shardrec
+# State is wiped on stop, so job ids would start at 1 again and a new job could
+# resume from an old job's outputs/slurm/<id>: start the count from the clock instead.
+FirstJobId=$(( $(date +%s) / 10 % 60000000 ))
 SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
@@ -63,7 +66,8 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
+# Cores are the consumable (memory is not tracked: a test machine's jobs are tiny).
+SelectTypeParameters=CR_Core
 # Requeue on preemption / by scontrol requeue (scripts/slurm/train.sbatch does).
 JobRequeue=1
 ReturnToService=2
@@ -79,10 +83,10 @@ OverTimeLimit=0
 AuthInfo=cred_expire=10
 # ...and the scheduler looks at pending jobs every 2 s rather than every 60.
 SchedulerParameters=sched_interval=2,bf_interval=5
-# Memory is a consumable: a job without --mem gets its CPUs' share, not the node.
-DefMemPerCPU=$((mem_mb / cpus))
 NodeName=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+# Up to 3 jobs may share a core: test jobs spend much of their time starting up and
+# waiting (requeue delay, polling), and the slurm tier runs its jobs side by side.
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:3
 CONF
     # slurm-wlm's Debian build reads cgroup.conf only for cgroup plugins; none here.
 }

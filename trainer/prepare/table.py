@@ -1,0 +1,269 @@
+"""Parquet / CSV tables into shards: one task per file, on every core.
+
+The same shards as Criteo's: the label (thresholded), the dense columns, and
+one feature per categorical, multi-hot and bucketed column, ids mapped by
+hashing or a vocabulary counted over the train rows first. Side tables in
+``data.joins`` are read whole by each task (they are the small ones: users,
+items) and looked up by key.
+
+Example::
+
+    out = prepare_table(TableDataConfig(raw=["ml-100k.inter"], label="rating",
+                                        label_threshold=4, categorical=["user_id"]),
+                        work=Path("tmp"), progress=False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from trainer.data.data_configs import Mapping, OnBadRow, TableDataConfig, TableFormat
+from trainer.data.table_input import (
+    Join,
+    TableInputError,
+    TableSpec,
+    column_names,
+    read_batches,
+    read_table,
+    resolve_format,
+)
+from trainer.data.vocab import IdCounter, Vocabulary, map_ids
+from trainer.prepare.common import (
+    BadRowLog,
+    PrepareError,
+    TaskOutput,
+    check_inputs,
+    id_dtype,
+    per_feature,
+)
+from trainer.prepare.parallel import default_workers, report_progress, run_tasks
+from trainer.prepare.pipeline import PipelineOutput, vocab_path, write_vocabularies
+from trainer.prepare.writer import PartWriter
+
+
+@dataclass
+class TableTask:
+    path: str
+    fmt: TableFormat
+    split: str
+    spec: TableSpec
+    joins: list[tuple[str, TableFormat, str, list[str]]]  # path, format, key, columns
+    batch_rows: int
+    num_rows: int = 0
+    first_index: int = 0
+    eval_from: int | None = None
+    work: str = ""
+    rows: list[int] = field(default_factory=list)
+    vocab_dir: str | None = None
+    skip: bool = False
+
+
+def prepare_table(cfg: TableDataConfig, *, work: Path, progress: bool) -> PipelineOutput:
+    spec = TableSpec.from_config(cfg)
+    if not spec.label:
+        raise PrepareError("data.label is not set: name the label column (data.label=clicked)")
+    names = spec.feature_names
+    if not names:
+        raise PrepareError(
+            "data=table needs at least one of data.categorical / multi_hot / buckets"
+        )
+    num_buckets = {f"{c}_bucket": len(b) + 2 for c, b in spec.buckets.items()}
+    hashed = [n for n in names if n not in num_buckets]
+    rows = dict(zip(hashed, per_feature(list(cfg.table_rows), hashed, "data.table_rows")))
+    if cfg.mapping == Mapping.hash and hashed and min(rows.values()) < 2:
+        raise PrepareError("data.table_rows: mapping=hash needs at least 2 rows per table")
+    try:
+        tasks = _tasks(cfg, spec)
+    except TableInputError as err:
+        raise PrepareError(str(err)) from err
+    num_workers = default_workers(cfg.num_workers)
+    skip = cfg.on_bad_row == OnBadRow.skip
+    for task in tasks:
+        task.skip = skip
+    _number_rows(tasks, eval_fraction=0.0 if cfg.eval_raw else cfg.eval_fraction)
+    total = sum(t.num_rows for t in tasks)
+    vocab_dir = None
+    if cfg.mapping == Mapping.vocab and hashed:
+        counts = _run(_count_ids, [t for t in tasks if t.split == "train"], num_workers, progress)
+        sizes = write_vocabularies(
+            work, hashed, counts, min_count=cfg.min_count, max_rows=[rows[n] for n in hashed]
+        )
+        rows = dict(zip(hashed, sizes))
+        vocab_dir = str(work)
+    table_rows = [num_buckets.get(n) or rows[n] for n in names]
+    for i, task in enumerate(tasks):
+        task.work = str(work / "ranges" / f"{i:05d}")
+        task.rows = table_rows
+        task.vocab_dir = vocab_dir
+    outputs = _run(_write_file, tasks, num_workers, progress, total=total)
+    return PipelineOutput.collect(
+        outputs,
+        features=names,
+        rows=table_rows,
+        num_dense=len(spec.dense),
+        dense_names=list(spec.dense),
+    )
+
+
+def _run(fn, tasks: list[TableTask], num_workers: int, progress: bool, total: int = 0) -> list:
+    try:
+        return run_tasks(
+            fn,
+            tasks,
+            num_workers=num_workers,
+            total=total or sum(t.num_rows for t in tasks),
+            desc=f"table: {'counting ids' if fn is _count_ids else 'writing shards'}",
+            progress=progress,
+        )
+    except TableInputError as err:
+        raise PrepareError(str(err)) from err
+
+
+def _tasks(cfg: TableDataConfig, spec: TableSpec) -> list[TableTask]:
+    """One task per input file; checks every named column exists, naming the file."""
+    joins = []
+    for j, path in zip(cfg.joins, check_inputs([j.raw for j in cfg.joins], "data.joins")):
+        fmt = resolve_format(path, j.format)
+        have = column_names(path, fmt)
+        if j.on not in have:
+            raise PrepareError(f"{path}: no column {j.on!r} to join on (it has {', '.join(have)})")
+        joins.append((str(path), fmt, j.on, have))
+    tasks = []
+    for split, files, key in (
+        ("train", cfg.raw, "data.raw"),
+        ("eval", cfg.eval_raw, "data.eval_raw"),
+    ):
+        for path in check_inputs(list(files), key):
+            fmt = resolve_format(path, cfg.format)
+            have = column_names(path, fmt)
+            used, provided = [], set(have)
+            for jpath, jfmt, on, jhave in joins:
+                wanted = [c for c in spec.columns if c in jhave and c not in provided]
+                if wanted:
+                    if on not in have:
+                        raise PrepareError(f"{path}: no column {on!r} to join {jpath} on")
+                    used.append((jpath, jfmt, on, [on, *wanted]))
+                    provided.update(wanted)
+            missing = [c for c in spec.columns if c not in provided]
+            if missing:
+                raise PrepareError(
+                    f"{path}: no column {missing[0]!r} (it has {', '.join(have)}"
+                    f"{'; joins add ' + ', '.join(sorted(provided - set(have))) if joins else ''})"
+                    "; fix data.label / dense / categorical / multi_hot / buckets"
+                )
+            task = TableTask(str(path), fmt, split, spec, used, cfg.batch_rows)
+            task.num_rows = _count_rows(path, fmt, spec.label, cfg.batch_rows)
+            if task.num_rows == 0 and cfg.on_bad_row != OnBadRow.skip:
+                raise PrepareError(f"{path} has no rows (data.on_bad_row=skip skips empty files)")
+            tasks.append(task)
+    return tasks
+
+
+def _count_rows(path: Path, fmt: TableFormat, label: str, batch_rows: int) -> int:
+    if fmt == TableFormat.parquet:
+        return pq.ParquetFile(path).metadata.num_rows
+    return read_table(path, fmt, [label], batch_rows=batch_rows).num_rows
+
+
+def _number_rows(tasks: list[TableTask], *, eval_fraction: float) -> None:
+    index = {"train": 0, "eval": 0}
+    for task in tasks:
+        task.first_index = index[task.split]
+        index[task.split] += task.num_rows
+    if eval_fraction > 0:
+        eval_from = index["train"] - int(round(index["train"] * eval_fraction))
+        for task in tasks:
+            if task.split == "train":
+                task.eval_from = eval_from
+
+
+def _batches(task: TableTask):
+    joins = [
+        Join(read_table(Path(p), fmt, cols, batch_rows=task.batch_rows), on)
+        for p, fmt, on, cols in task.joins
+    ]
+    yield from read_batches(
+        Path(task.path), task.spec, fmt=task.fmt, batch_rows=task.batch_rows, joins=joins
+    )
+
+
+def _train_mask(task: TableTask, rows: np.ndarray) -> np.ndarray:
+    if task.split == "eval":
+        return np.zeros(rows.shape, bool)
+    if task.eval_from is None:
+        return np.ones(rows.shape, bool)
+    return task.first_index + rows < task.eval_from
+
+
+def _count_ids(task: TableTask) -> list[tuple[np.ndarray, np.ndarray]]:
+    names = task.spec.feature_names
+    counters = {n: IdCounter() for n in names if not n.endswith("_bucket")}
+    bad = BadRowLog(file=task.path, skip=task.skip)
+    for batch in _batches(task):
+        _record(bad, batch.bad)
+        train = _train_mask(task, batch.rows)
+        for name, feature in zip(names, batch.ids):
+            if name not in counters:
+                continue
+            if feature.lengths is None:
+                counters[name].add(feature.ids[train & feature.present])
+            else:
+                counters[name].add(feature.ids[np.repeat(train, feature.lengths)])
+        report_progress(batch.rows.size + len(batch.bad))
+    return [c.totals() for c in counters.values()]
+
+
+def _record(bad: BadRowLog, rows: list[tuple[int, str, str]]) -> None:
+    if rows:
+        lines, reasons, details = (list(x) for x in zip(*rows))
+        bad.record(lines=lines, reasons=reasons, details=details)
+
+
+def _write_file(task: TableTask) -> TaskOutput:
+    names = task.spec.feature_names
+    vocabs = [
+        Vocabulary(np.load(vocab_path(Path(task.vocab_dir), n)))
+        if task.vocab_dir and not n.endswith("_bucket")
+        else None
+        for n in names
+    ]
+    dtype = id_dtype(max(task.rows))
+    writers: dict[str, PartWriter] = {}
+    bad = BadRowLog(file=task.path, skip=task.skip)
+    for batch in _batches(task):
+        _record(bad, batch.bad)
+        mapped = []
+        for f, feature in enumerate(batch.ids):
+            present = (
+                feature.present if feature.lengths is None else np.ones(feature.ids.size, bool)
+            )
+            if feature.direct:
+                rows = feature.ids.astype(np.int64)
+            else:
+                rows = map_ids(feature.ids, present, rows=task.rows[f], vocab=vocabs[f])
+            mapped.append((feature.lengths, rows.astype(dtype)))
+        train = _train_mask(task, batch.rows)
+        for split, mask in (("train", train), ("eval", ~train)):
+            if not mask.any():
+                continue
+            if split not in writers:
+                writers[split] = PartWriter(
+                    Path(task.work) / split,
+                    features=names,
+                    num_dense=len(task.spec.dense),
+                    id_dtype=dtype,
+                )
+            ids = []
+            for lengths, rows in mapped:
+                if lengths is None:
+                    ids.append((None, rows[mask]))
+                else:
+                    ids.append((lengths[mask], rows[np.repeat(mask, lengths)]))
+            writers[split].append(batch.labels[mask], batch.dense[mask], ids)
+        report_progress(batch.rows.size + len(batch.bad))
+    parts = {split: [w.close()] for split, w in writers.items()}
+    return TaskOutput(parts=parts, bad=bad, num_lines={task.split: task.num_rows})

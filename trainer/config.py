@@ -49,6 +49,8 @@ Device = _choices("Device", ("auto", "cpu", "cuda"))
 ComputeDevice = _choices("ComputeDevice", ("cuda", "cpu"))
 LoggerName = _choices("LoggerName", LOGGER_NAMES)
 WandbMode = _choices("WandbMode", WANDB_MODES)
+OnNonfinite = _choices("OnNonfinite", ("stop", "skip"))
+OnCheckpointError = _choices("OnCheckpointError", ("stop", "warn"))
 
 ARCHS = tuple(Arch)
 POOLINGS = tuple(Pooling)
@@ -155,6 +157,47 @@ class QATConfig:
     dense_bits: int = 0
 
 
+DistillName = _choices("DistillName", ("none", "online"))
+
+
+@dataclass
+class DistillConfig:
+    """``distill=`` (conf/distill/): a student trained beside the teacher (trainer/models/distill.py)."""
+
+    name: DistillName = DistillName.none
+    # Student loss = alpha * BCE(labels) + (1 - alpha) * T^2 * BCE(sigmoid(s/T), sigmoid(t/T)).
+    alpha: float = 0.5
+    temperature: float = 1.0
+    # Steps of labels-only student training before the distillation term starts.
+    warmup_steps: int = 0
+    # true: the student reads the teacher's pooled embeddings (one set of tables).
+    share_tables: bool = False
+    # The student's own tables (share_tables=false): named s_<teacher table>.
+    embedding_dim: int = 4
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [16, 4])
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [16, 1])
+    # QAT bits of the student's own tables (0: qat.bits / qat.table_bits decide).
+    student_qat_bits: int = 0
+    # Warm start: a checkpoint of a plain run (.../checkpoints/step_N) loaded into the teacher.
+    teacher_checkpoint: str | None = None
+    # With a teacher checkpoint: keep the teacher fixed (no teacher loss, no updates).
+    freeze_teacher: bool = False
+
+
+@dataclass
+class PruneConfig:
+    """Pruning (compression/prune.py); every field's zero turns its part off."""
+
+    # At export: table rows whose L2 norm is below this go to one shared default row.
+    row_min_norm: float = 0.0
+    # Dense: magnitude pruning (L1, per Linear) of the MLP weights to this sparsity,
+    # raised in equal steps every dense_every_steps from dense_start_step to dense_end_step.
+    dense_sparsity: float = 0.0
+    dense_start_step: int = 0
+    dense_end_step: int = 0
+    dense_every_steps: int = 100
+
+
 @dataclass
 class OptimConfig:
     # Tables: FBGEMM's fused exact row-wise Adagrad, applied inside backward.
@@ -187,9 +230,16 @@ class TrainConfig:
     # every N steps and at the end; 0: off. The newest checkpoint_keep are kept.
     checkpoint_every_steps: int = 0
     checkpoint_keep: int = 2
-    # null: start fresh; auto: the newest complete checkpoint of this run directory
-    # (fresh if none); or a checkpoint directory (.../checkpoints/step_N).
-    resume: str | None = None
+    # auto: the newest complete checkpoint of this run directory (fresh if none: a
+    # new run gets a new directory, a torchrun restart or SLURM requeue the same);
+    # null: always fresh; or a checkpoint directory (.../checkpoints/step_N).
+    resume: str | None = "auto"
+    # Saves with DCP's async_save: the loop waits only for the snapshot.
+    async_checkpoint: bool = True
+    # A save that fails (disk full): stop the run, or warn and train on.
+    on_checkpoint_error: OnCheckpointError = OnCheckpointError.stop
+    # A NaN/Inf loss: stop naming the step, or skip the step on every rank together.
+    on_nonfinite: OnNonfinite = OnNonfinite.stop
 
 
 @dataclass
@@ -209,6 +259,8 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     qat: QATConfig = field(default_factory=QATConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
@@ -231,6 +283,17 @@ def register_configs() -> None:
     store.store(name="shardrec_schema", node=Config)
     for name, schema in data_schemas().items():
         store.store(group="data", name=f"{name}_schema", node=schema)
+
+
+def config_from_yaml(text: str) -> Config:
+    """A saved resolved config (e.g. a checkpoint's ``config.yaml``), schema-checked."""
+    raw = OmegaConf.create(text)
+    schema = OmegaConf.structured(Config)
+    name = OmegaConf.select(raw, "data.name", default="synthetic")
+    if name not in data_schemas():
+        raise ConfigError(f"data.name={name!r} is not known; use one of {list(data_schemas())}")
+    schema.data = OmegaConf.structured(data_schemas()[name])
+    return OmegaConf.to_object(OmegaConf.merge(schema, raw))  # type: ignore[return-value]
 
 
 def to_config(cfg: DictConfig) -> Config:

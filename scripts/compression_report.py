@@ -82,6 +82,10 @@ def rows_from(jobs: list[Job]) -> list[dict]:
         ("int8-QAT", "int8_qat"),
         ("int4-PTQ", "fp32_ptq4"),
         ("int4-QAT", "int4_qat"),
+        # At dim 16 int2 rows are no smaller than int4 ones: 4 bytes of codes and
+        # 4 of fp16 scale and bias are padded to FBGEMM's 16-byte row alignment.
+        ("int2-PTQ", "fp32_ptq2"),
+        ("int2-QAT", "int2_qat"),
     ]:
         if key in runs:
             add(label, runs[key], served=runs[key]["export"])

@@ -226,10 +226,11 @@ def plot_pareto(jobs: list[Job], out: Path) -> Path | None:
     ok = [j for j in jobs if j.ok and j.metric("auc") is not None]
     if not ok:
         return None
-    varying, _ = varying_keys(jobs)
+    varying, _ = varying_keys(ok)  # what tells the plotted jobs apart
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax_bytes, ax_speed = fig.subplots(1, 2)
-    fig.suptitle(f"{out.parent.name}: eval AUC against size and speed ({len(ok)} jobs)")
+    sweep = "/".join(out.parent.parts[-2:])
+    fig.suptitle(f"{sweep}: eval AUC against size and speed ({len(ok)} jobs)")
 
     # Left: the served model where there is one (its AUC and bytes), else the tables.
     sized = [j for j in ok if (j.metric("export.bytes") or j.metric("embedding_bytes"))]
@@ -264,21 +265,28 @@ def _scatter(
     if not points:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         return
-    for i, ((x, y), job) in enumerate(zip(points, jobs)):
+    # Neighbours along x get their labels above and below in turn, so they rarely collide.
+    by_x = sorted(range(len(points)), key=lambda i: points[i])
+    for order, i in enumerate(by_x):
+        (x, y), job = points[i], jobs[i]
         face = "none" if hollow and hollow[i] else "tab:blue"
         ax.scatter([x], [y], s=40, facecolors=face, edgecolors="tab:blue")
-        ax.annotate(
-            short_label(job, varying), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8
-        )
+        offset = (5, 5) if order % 2 == 0 else (5, -12)
+        label = short_label(job, varying)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
     front = pareto_front(points, more_x_is_better=more_x_is_better)
     ax.plot(
         [points[i][0] for i in front],
         [points[i][1] for i in front],
+        "-o",
         color="tab:orange",
+        markerfacecolor="none",
+        markersize=11,
         linewidth=1,
         label="Pareto front",
     )
-    ax.legend(loc="lower right", fontsize=8)
+    ax.margins(x=0.3, y=0.15)  # room for the labels
+    ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
 
 

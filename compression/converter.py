@@ -10,6 +10,7 @@ The trainer, the pipeline, the checkpoint and the export ask the list
 The moments, in the order a run meets them::
 
     table_data_type / fused_params   while the meta model and the sharders are built
+    wrap_model(model)                the unsharded model (meta, before planning; cpu at export)
     check_plan(plan)                 once the plan exists (refuse what cannot train)
     convert_sharded(model)           after DistributedModelParallel (hooks on kernels)
     wrap_optimizer(model, opt)       around the combined optimizer
@@ -53,6 +54,11 @@ class Converter:
     def fused_params(self) -> dict[str, Any]:
         """Extra arguments for the fused FBGEMM kernels (the sharders)."""
         return {}
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The unsharded model as built from config (on ``meta`` before planning, so
+        what this returns is what gets planned and sharded; on cpu for the export)."""
+        return model
 
     def check_plan(self, plan: ShardingPlan) -> None:
         """Raises ValueError when the plan cannot train with this technique."""
@@ -119,6 +125,11 @@ class Converters:
         for c in self.converters:
             params.update(c.fused_params())
         return params
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        for c in self.converters:
+            model = c.wrap_model(model)
+        return model
 
     def check_plan(self, plan: ShardingPlan) -> None:
         for c in self.converters:

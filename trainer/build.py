@@ -20,7 +20,7 @@ from compression.converter import Converters
 from sharding import DistEnv, shard_model
 from sharding.dmp import combined_optimizer
 from trainer.config import Config, TableConfig, resolved_tables
-from trainer.converters import build_converters
+from trainer.converters import build_converters, model_tables
 from trainer.data.source import DataSource
 from trainer.models import build_model
 from trainer.planning import World, plan_model
@@ -81,10 +81,13 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
         device=torch.device("meta"),
         table_data_type=converters.table_data_type(),
     )
+    # Before planning: what a converter wraps around the model (a distillation
+    # student) is planned and sharded with it.
+    model = converters.wrap_model(model)
     planned = plan_model(
         cfg,
         model=model,
-        tables=tables,
+        tables=model_tables(cfg, tables),
         features=source.features,
         converters=converters,
         world=World(

@@ -162,7 +162,10 @@ DistillName = _choices("DistillName", ("none", "online"))
 
 @dataclass
 class DistillConfig:
-    """``distill=`` (conf/distill/): a student trained beside the teacher (trainer/models/distill.py)."""
+    """``distill=`` (conf/distill/): a student trained beside the teacher.
+
+    The pair is trainer/models/distill.py; the loss is compression/distill.py.
+    """
 
     name: DistillName = DistillName.none
     # Student loss = alpha * BCE(labels) + (1 - alpha) * T^2 * BCE(sigmoid(s/T), sigmoid(t/T)).

@@ -13,8 +13,21 @@ The order, and why:
 4. **loss scaling** (fp16) -- outermost: it wraps the optimizer the others
    produced and scales the loss the autocast forward returns.
 
-Distillation (a teacher/student pair built before planning) and pruning will
-slot in here; nothing else in the trainer names a technique.
+5. **distillation** (``distill=online``) -- ``wrap_model`` pairs the meta
+   teacher with its student before planning, so one plan shards both models'
+   tables (the position in the list does not change that: ``wrap_model`` is
+   the only moment before planning that builds modules); its forward wrapper
+   switches the soft term on after the warm-up, outside autocast and inside
+   the loss scale. Table QAT covers the student's tables by name
+   (``s_t_cat_0``: ``qat.bits``, ``qat.table_bits``, ``distill.student_qat_bits``),
+   and the served model is the student (``DistillTrain.model``), so the export
+   bits name the student's tables;
+6. **pruning** -- dense magnitude pruning on a schedule (forward wrapper, after
+   distillation counts its step) and embedding row pruning at export: last in
+   the list, so first in ``to_serving``'s reverse order, on fp32 rows before
+   they are quantized.
+
+Nothing else in the trainer names a technique.
 
 Example::
 
@@ -23,17 +36,47 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from compression.converter import Converter, Converters
 from compression.converters import DenseQAT, LossScaling, PrecisionConverter, TableQAT
+from compression.distill import DistillConverter
 from compression.precision import resolve_precision
+from compression.prune import prune_converters
 from trainer.config import Config, ConfigError, TableConfig, qat_bits
+from trainer.models.distill import make_pair, student_tables
+
+
+def model_tables(cfg: Config, tables: Sequence[TableConfig]) -> list[TableConfig]:
+    """Every table the trained model holds: ``tables`` (the model's), plus the
+    distillation student's own tables (``s_<name>``) with ``distill=online``."""
+    d = cfg.distill
+    if d.name == "none" or d.share_tables:
+        return list(tables)
+    return list(tables) + student_tables(tables, embedding_dim=d.embedding_dim)
+
+
+def served_tables(cfg: Config, tables: Sequence[TableConfig]) -> list[TableConfig]:
+    """The tables of the model that is exported (the student's when distilling)."""
+    return [t for t in model_tables(cfg, tables) if t not in tables] or list(tables)
+
+
+def trained_qat_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
+    """QAT bits of every table of the trained model (``distill.student_qat_bits`` too)."""
+    everything = model_tables(cfg, tables)
+    bits = qat_bits(cfg, everything)
+    if cfg.distill.name != "none" and cfg.distill.student_qat_bits:
+        bits.update({t.name: cfg.distill.student_qat_bits for t in served_tables(cfg, tables)})
+    return bits
 
 
 def export_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
-    """The QAT bits per table, or ``trainer.export_bits`` for all when QAT was off."""
-    return qat_bits(cfg, tables) or {t.name: cfg.trainer.export_bits for t in tables}
+    """The QAT bits per served table, or ``trainer.export_bits`` for all when QAT was off."""
+    served = served_tables(cfg, tables)
+    bits = trained_qat_bits(cfg, tables)
+    qat = {t.name: bits[t.name] for t in served if t.name in bits}
+    return qat or {t.name: cfg.trainer.export_bits for t in served}
 
 
 def build_converters(
@@ -54,7 +97,7 @@ def build_converters(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     served = (
-        {t.name: export_bits_override for t in tables}
+        {t.name: export_bits_override for t in served_tables(cfg, tables)}
         if export_bits_override
         else export_bits(cfg, tables)
     )
@@ -62,10 +105,35 @@ def build_converters(
         PrecisionConverter(
             precision, device_type=device_type, dense_optimizer=cfg.optim.dense_optimizer
         ),
-        TableQAT(bits=qat_bits(cfg, tables), export_bits=served),
+        TableQAT(bits=trained_qat_bits(cfg, tables), export_bits=served),
     ]
     if cfg.qat.dense_bits:
         converters.append(DenseQAT())
     if precision.loss_scaling:
         converters.append(LossScaling(init_scale=cfg.precision.loss_scale))
+    if cfg.distill.name != "none":
+        converters.append(_distill_converter(cfg, tables))
+    p = cfg.prune
+    converters += prune_converters(
+        row_min_norm=p.row_min_norm,
+        dense_sparsity=p.dense_sparsity,
+        dense_start_step=p.dense_start_step,
+        dense_end_step=p.dense_end_step,
+        dense_every_steps=p.dense_every_steps,
+    )
     return Converters(converters)
+
+
+def _distill_converter(cfg: Config, tables: Sequence[TableConfig]) -> DistillConverter:
+    d = cfg.distill
+    return DistillConverter(
+        make_pair=functools.partial(make_pair, tables=list(tables), distill=d, model=cfg.model),
+        warmup_steps=d.warmup_steps,
+        settings={
+            "alpha": d.alpha,
+            "temperature": d.temperature,
+            "share_tables": d.share_tables,
+            "student_embedding_dim": d.embedding_dim,
+            "freeze_teacher": d.freeze_teacher,
+        },
+    )

@@ -63,6 +63,7 @@ def build_trained(
 ) -> nn.Module:
     """The unsharded fp32 cpu model the trained state dict loads into (converters included)."""
     trained = build_unsharded(cfg, tables=tables, num_dense=num_dense, device=torch.device("cpu"))
+    trained = converters.wrap_model(trained)  # e.g. the distillation pair
     converters.prepare_trained(trained)
     return trained
 

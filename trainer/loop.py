@@ -185,20 +185,35 @@ class Trainer:
             rank=self.env.rank,
             world_size=self.env.world_size,
         )
-        metrics = EvalMetrics(
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            batch_size=s.eval_batch_size,
-            num_samples=self.env.world_size * sum(size for _, size in slices),
-            device=self.env.device,
-        )
+
+        # One EvalMetrics per head: a model whose logits are a dict of named heads
+        # (a distillation pair: student, teacher) reports each, the first also plain.
+        def new_metrics() -> EvalMetrics:
+            return EvalMetrics(
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                batch_size=s.eval_batch_size,
+                num_samples=self.env.world_size * sum(size for _, size in slices),
+                device=self.env.device,
+            )
+
+        metrics: dict[str, EvalMetrics] = {}
         batches = self.source.eval_batches(
             batch_size=s.eval_batch_size, rank=self.env.rank, world_size=self.env.world_size
         )
         for _loss, logits, labels in drain(self.pipeline, batches):
-            metrics.update(logits=logits, labels=labels)
+            heads = logits if isinstance(logits, dict) else {"": logits}
+            for head, head_logits in heads.items():
+                if head not in metrics:
+                    metrics[head] = new_metrics()
+                metrics[head].update(logits=head_logits, labels=labels)
         self.model.train()
-        return metrics.compute()
+        results = {head: m.compute() for head, m in (metrics or {"": new_metrics()}).items()}
+        first = next(iter(results.values()))
+        named = {f"{h}.{k}": v for h, r in results.items() if h for k, v in r.items()}
+        for head in list(results)[1:]:
+            self.status[f"{head}.auc"] = f"{results[head]['auc']:.4f}"
+        return {**first, **named}
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torchrec.distributed.planner.types import Stats, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compression.converter import Converters
 from sharding import embedding_sharders, make_topology, plan_sharding
@@ -76,8 +77,10 @@ def plan_model(
 ) -> Planned:
     """Fused table optimizer on the meta model, sharders, plan (see the module docstring)."""
     # The optimizer's state is part of each table's storage in the planner's estimate.
+    collections = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
     fuse_embedding_optimizer(
-        model.model.sparse_arch.parameters(),
+        # Every collection's tables (a distillation pair has two collections).
+        [p for ebc in collections for p in ebc.parameters()],
         lr=cfg.optim.embedding_lr,
         eps=cfg.optim.embedding_eps,
     )

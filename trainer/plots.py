@@ -42,6 +42,11 @@ def plot_curves(records: list[dict], out_path: Path, *, oracle_auc: float | None
     if evals:
         steps, aucs = zip(*evals, strict=True)
         ax_auc.plot(steps, aucs, color="tab:orange", marker="o", markersize=4, label="eval AUC")
+        # A distillation run's other head (the plain "auc" is the student's).
+        teacher = sorted((r["step"], r["teacher.auc"]) for r in records if "teacher.auc" in r)
+        if teacher:
+            steps, aucs = zip(*teacher, strict=True)
+            ax_auc.plot(steps, aucs, color="tab:green", marker="s", markersize=4, label="teacher")
     else:
         _mark_empty(ax_auc, "no eval records")
     if oracle_auc is not None:

@@ -133,6 +133,7 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
                 "embedding_bytes": sum(table_bytes),
             }
         )
+        summary.update(built.converters.summary())  # again: what training reached (pruning)
         if cfg.trainer.export:  # the quantized serving model, on rank 0
             summary["export"] = export_step(
                 cfg,

@@ -28,6 +28,7 @@ from trainer.config import (
     qat_bits,
     resolved_tables,
 )
+from trainer.converters import model_tables
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import MAX_CARDINALITY, SyntheticDataConfig
@@ -145,7 +146,10 @@ def validate(
     if m.arch == "dlrm_dcnv2":
         _positive("model.dcn_num_layers", m.dcn_num_layers)
         _positive("model.dcn_low_rank_dim", m.dcn_low_rank_dim)
-    tables = resolved_tables(cfg, features)
+    _validate_distill(cfg)
+    _validate_prune(cfg)
+    # With distill=online, the student's own tables too (s_t_cat_0, ...).
+    tables = model_tables(cfg, resolved_tables(cfg, features))
     _validate_sharding(cfg, tables, world_size, local_world_size or world_size)
     _validate_qat(cfg, tables)
     if s.strategy in ("row_wise", "column_wise") and world_size < 2:
@@ -272,6 +276,68 @@ def _validate_tables(cfg: Config, source_features: Sequence[FeatureSpec]) -> Non
             f"table {t.name!r} has embedding_dim={t.embedding_dim} but the "
             f"interaction needs it equal to the last bottom-MLP size "
             f"model.dense_arch_layer_sizes[-1]={bottom}; set them equal",
+        )
+
+
+def _validate_distill(cfg: Config) -> None:
+    d = cfg.distill
+    if d.name == "none":
+        return
+    _check(0 <= d.alpha <= 1, f"distill.alpha={d.alpha} must be in [0, 1] (1: labels only)")
+    _positive("distill.temperature", d.temperature)
+    _check(d.warmup_steps >= 0, f"distill.warmup_steps={d.warmup_steps} must be >= 0")
+    for key, sizes in [
+        ("distill.dense_arch_layer_sizes", d.dense_arch_layer_sizes),
+        ("distill.over_arch_layer_sizes", d.over_arch_layer_sizes),
+    ]:
+        _check(len(sizes) > 0, f"{key} is empty; give at least one layer size")
+        for i, size in enumerate(sizes):
+            _positive(f"{key}[{i}]", size)
+    _check(
+        len(d.over_arch_layer_sizes) >= 2 and d.over_arch_layer_sizes[-1] == 1,
+        f"distill.over_arch_layer_sizes={list(d.over_arch_layer_sizes)} needs at least two "
+        f"layers ending in 1 (one click logit); e.g. distill.over_arch_layer_sizes=[16,1]",
+    )
+    dim = cfg.model.embedding_dim if d.share_tables else d.embedding_dim
+    _positive("distill.embedding_dim", d.embedding_dim)
+    where = "model.embedding_dim (share_tables)" if d.share_tables else "distill.embedding_dim"
+    _check(
+        d.dense_arch_layer_sizes[-1] == dim,
+        f"distill.dense_arch_layer_sizes[-1]={d.dense_arch_layer_sizes[-1]} must equal the "
+        f"student's embedding dim {where}={dim} (the interaction stacks them); set them equal",
+    )
+    _check(
+        d.student_qat_bits in (0, 2, 4, 8),
+        f"distill.student_qat_bits={d.student_qat_bits}: use 8, 4 or 2, or 0 for off",
+    )
+    _check(
+        not (d.share_tables and d.student_qat_bits),
+        "distill.student_qat_bits with distill.share_tables=true: the student has no tables "
+        "of its own; quantize the shared tables with qat.bits (or qat.table_bits)",
+    )
+    if d.teacher_checkpoint is not None:
+        path = Path(d.teacher_checkpoint)
+        _check(is_complete(path), missing_message(path, key="distill.teacher_checkpoint"))
+    _check(
+        not d.freeze_teacher or d.teacher_checkpoint is not None,
+        "distill.freeze_teacher=true without distill.teacher_checkpoint would keep an "
+        "untrained teacher; give distill.teacher_checkpoint=.../checkpoints/step_N",
+    )
+
+
+def _validate_prune(cfg: Config) -> None:
+    p = cfg.prune
+    _check(p.row_min_norm >= 0, f"prune.row_min_norm={p.row_min_norm} must be >= 0 (0: off)")
+    _check(
+        0 <= p.dense_sparsity < 1,
+        f"prune.dense_sparsity={p.dense_sparsity} must be in [0, 1) (0: off)",
+    )
+    if p.dense_sparsity:
+        _positive("prune.dense_every_steps", p.dense_every_steps)
+        _check(
+            0 <= p.dense_start_step <= p.dense_end_step,
+            f"prune.dense_start_step={p.dense_start_step} and dense_end_step="
+            f"{p.dense_end_step}: need 0 <= start <= end",
         )
 
 

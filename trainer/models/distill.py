@@ -1,0 +1,190 @@
+"""The teacher/student pair: two DLRMs trained on the same batch, as one module.
+
+:class:`DistillTrain` is what gets planned, sharded, checkpointed and trained
+when ``distill=online``: its state dict holds both models (``teacher.*``,
+``student.*``), so one plan shards both models' tables and a checkpoint holds
+both. Its forward returns ``(loss, (loss, logits, labels))`` like torchrec's
+``DLRMTrain``, with ``logits`` a dict ``{"student": ..., "teacher": ...}`` (the
+loop evaluates each head; the first is the served one). The loss is the
+teacher's BCE plus the student's distillation loss (compression/distill.py),
+whose soft target is the detached teacher logit.
+
+The student has its own smaller tables, named ``s_<teacher table>`` (so
+``qat.table_bits`` and ``sharding.tables`` address them) over the same
+features, or (``share_tables``) no tables at all: it reads the teacher's pooled
+embeddings, so each table is looked up and updated once per step.
+
+``pair.model`` is the served predictor (the student, with the teacher's
+tables when shared), as ``DLRMTrain.model`` is for a plain model.
+
+Example::
+
+    teacher = build_unsharded(cfg, device=torch.device("meta"))
+    pair = make_pair(teacher, tables=tables, distill=cfg.distill, model=cfg.model)
+    loss, (_, logits, labels) = pair(batch)      # logits["student"], logits["teacher"]
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from compression.distill import distill_loss
+from trainer.config import DistillConfig, ModelConfig, TableConfig
+from trainer.models.dlrm import embedding_bag_configs
+
+STUDENT_PREFIX = "s_"
+HEADS = ("student", "teacher")
+
+
+def student_tables(tables: Sequence[TableConfig], *, embedding_dim: int) -> list[TableConfig]:
+    """The student's own tables: one per teacher table, same rows and features."""
+    return [replace(t, name=STUDENT_PREFIX + t.name, embedding_dim=embedding_dim) for t in tables]
+
+
+def _logits(dlrm: nn.Module, dense: Tensor, pooled: Tensor) -> Tensor:
+    """DLRM.forward after the sparse arch (``pooled``: (batch, features, dim))."""
+    embedded_dense = dlrm.dense_arch(dense)
+    concatenated = dlrm.inter_arch(dense_features=embedded_dense, sparse_features=pooled)
+    return dlrm.over_arch(concatenated).squeeze(-1)
+
+
+class DistillTrain(nn.Module):
+    """Teacher and student DLRMs with the distillation loss (see the module docstring).
+
+    ``soft``: whether the student's loss has the soft term (set per step by
+    compression.distill.DistillConverter: off during the warm-up).
+    ``freeze_teacher``: the teacher runs without gradient and adds no loss.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        alpha: float,
+        temperature: float,
+        share_tables: bool,
+        freeze_teacher: bool = False,
+    ) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.alpha = alpha
+        self.temperature = temperature
+        self.share_tables = share_tables
+        self.freeze_teacher = freeze_teacher
+        self.soft = True
+        if freeze_teacher:
+            self.teacher.requires_grad_(False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The served predictor ``(dense, sparse) -> logit``: the student."""
+        if not self.share_tables:
+            return self.student
+        served = copy.copy(self.student)  # its own module dict: the student keeps None
+        served._modules = {**self.student._modules, "sparse_arch": self.teacher.sparse_arch}
+        return served
+
+    def forward(self, batch: Any) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Tensor]]:
+        labels = batch.labels.float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_teacher):
+            pooled = self.teacher.sparse_arch(batch.sparse_features)
+            teacher = _logits(self.teacher, batch.dense_features, pooled)
+        if not self.share_tables:
+            pooled = self.student.sparse_arch(batch.sparse_features)
+        student = _logits(self.student, batch.dense_features, pooled)
+        loss = distill_loss(
+            student,
+            teacher,
+            labels,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            soft=self.soft,
+        )
+        if not self.freeze_teacher:
+            loss = loss + F.binary_cross_entropy_with_logits(teacher, labels)
+        logits = {"student": student.detach(), "teacher": teacher.detach()}
+        return loss, (loss.detach(), logits, batch.labels.detach())
+
+
+def build_student(
+    *,
+    arch: str,
+    tables: Sequence[TableConfig],
+    num_dense: int,
+    dense_arch_layer_sizes: list[int],
+    over_arch_layer_sizes: list[int],
+    device: torch.device,
+    tables_device: torch.device,
+    dcn_num_layers: int = 3,
+    dcn_low_rank_dim: int = 64,
+    table_data_type: DataType = DataType.FP32,
+) -> DLRM:
+    """A DLRM whose tables live on ``tables_device`` (``meta``: dropped by the caller)."""
+    ebc = EmbeddingBagCollection(
+        tables=embedding_bag_configs(tables, table_data_type), device=tables_device
+    )
+    common: dict[str, Any] = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=num_dense,
+        dense_arch_layer_sizes=list(dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(over_arch_layer_sizes),
+        dense_device=device,
+    )
+    if arch == "dlrm_dcnv2":
+        return DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
+    return DLRM(**common)
+
+
+def make_pair(
+    teacher: DLRMTrain,
+    *,
+    tables: Sequence[TableConfig],
+    distill: DistillConfig,
+    model: ModelConfig,
+) -> DistillTrain:
+    """The pair of ``teacher`` (a DLRMTrain, any device) and the configured student.
+
+    ``tables``: the teacher's; the student gets :func:`student_tables` of them,
+    or none with ``distill.share_tables``.
+    """
+    device = next(teacher.parameters()).device
+    shared = distill.share_tables
+    # What the teacher was built with: dense width, and table dtype (precision).
+    num_dense = next(m for m in teacher.model.dense_arch.modules() if isinstance(m, nn.Linear))
+    ebc = teacher.model.sparse_arch.embedding_bag_collection
+    data_type = ebc.embedding_bag_configs()[0].data_type
+    student = build_student(
+        arch=model.arch,
+        tables=tables if shared else student_tables(tables, embedding_dim=distill.embedding_dim),
+        num_dense=num_dense.in_features,
+        dense_arch_layer_sizes=distill.dense_arch_layer_sizes,
+        over_arch_layer_sizes=distill.over_arch_layer_sizes,
+        device=device,
+        # Shared: the student's own collection is a placeholder, never allocated.
+        tables_device=torch.device("meta") if shared else device,
+        dcn_num_layers=model.dcn_num_layers,
+        dcn_low_rank_dim=model.dcn_low_rank_dim,
+        table_data_type=data_type,
+    )
+    if shared:
+        student.sparse_arch = None
+    return DistillTrain(
+        teacher.model,
+        student,
+        alpha=distill.alpha,
+        temperature=distill.temperature,
+        share_tables=shared,
+        freeze_teacher=distill.freeze_teacher,
+    )

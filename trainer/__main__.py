@@ -1,8 +1,16 @@
 """``python -m trainer [overrides]`` (or ``torchrun ... -m trainer``).
 
 Composes conf/, converts it to typed dataclasses, trains, prints the summary.
-A configuration mistake ends in one line naming the key and the fix, not a
-traceback from deep inside torchrec.
+A configuration mistake ends in one line naming the key and the fix (``shardrec:
+config error: ...``, exit status 2), not a traceback: compose mistakes (unknown
+key, wrong type, unknown choice) are caught before Hydra runs the job
+(trainer/cli.py); cross-field ones by trainer/validate.py before any process
+group exists; the few that need the device or the plan on every rank alike.
+
+Example::
+
+    python -m trainer trainer.num_steps=500 sharding=table_wise
+    main(["trainer.num_steps=5", "hydra.run.dir=/tmp/run"])   # the same, from Python
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -18,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sharding.quiet import quiet_libraries
+from trainer.cli import EXIT_CONFIG_ERROR, config_error_line, exit_on_compose_error
 from trainer.config import ConfigError, register_configs, to_config
 from trainer.run_dir import register_resolvers
 
@@ -49,8 +59,21 @@ def format_summary(summary: dict, keys: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs the trainer's command line (``argv``: the overrides, default ``sys.argv[1:]``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    register_configs()
+    register_resolvers()
+    exit_on_compose_error(argv)  # one line and exit 2, before Hydra's multi-line report
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # Hydra reads its arguments here
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(dict_cfg: DictConfig) -> None:
+def _app(dict_cfg: DictConfig) -> None:
     from trainer.train import train  # heavy imports after Hydra has parsed the CLI
 
     quiet_libraries()
@@ -62,8 +85,8 @@ def main(dict_cfg: DictConfig) -> None:
         if in_sweep:  # sys.exit would end the whole sweep; Hydra goes on to the next job
             log.error("config error: %s", err)  # into <job>/__main__.log: the sweep report
             raise
-        print(f"shardrec: config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(config_error_line(err), file=sys.stderr)  # on every rank: each raised it
+        sys.exit(EXIT_CONFIG_ERROR)
     except Exception:
         if in_sweep:
             log.exception("job failed")
@@ -77,6 +100,4 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
-    register_resolvers()
     main()

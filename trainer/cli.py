@@ -1,0 +1,207 @@
+"""The command line's config, composed before Hydra runs the app: a mistake is one line.
+
+Hydra reports a compose error (unknown key, wrong type, unknown enum value, a
+group option that does not exist) in several lines and exits 1. The entry
+points (``python -m trainer``, ``python -m trainer.plan``) call
+:func:`exit_on_compose_error` first: it composes the command line's config the
+way Hydra is about to (every job of a ``-m`` sweep, with the sweeper's own
+params) and turns the first mistake into one line, ``shardrec: config error:
+...`` naming the key and the allowed values, and exit status 2. A config that
+composes goes on to Hydra unchanged, so ``-m``, ``--cfg job`` and
+``hydra/launcher=...`` behave as before.
+
+Example::
+
+    exit_on_compose_error(["sharding=row_wsie"])
+    # stderr: shardrec: config error: sharding=row_wsie: conf/sharding/ has no option
+    #         'row_wsie'; choose one of auto, column_wise, ... ; exit status 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from trainer.config import ConfigError, register_configs, to_config
+from trainer.run_dir import register_resolvers
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXIT_CONFIG_ERROR = 2
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def one_line(message: object) -> str:
+    """Any message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(message).split())
+
+
+def config_error_line(err: BaseException) -> str:
+    return f"shardrec: config error: {one_line(err)}"
+
+
+def exit_on_compose_error(argv: Sequence[str], *, config_name: str = "config") -> None:
+    """Prints one line and exits 2 when ``argv``'s config does not compose."""
+    try:
+        check_compose(argv, config_name=config_name)
+    except ConfigError as err:
+        print(config_error_line(err), file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def check_compose(argv: Sequence[str], *, config_name: str = "config") -> None:
+    """Composes the config of ``argv`` (each job of a sweep) and converts it to the
+    typed dataclasses, as the run will; raises :class:`ConfigError` on the first
+    mistake. Options Hydra handles itself (``--help``, ``--info``, another
+    ``--config-dir``...) skip the check."""
+    args, unknown = get_args_parser().parse_known_args(list(argv))
+    if unknown or args.help or args.hydra_help or args.shell_completion or args.info:
+        return  # Hydra prints its help or its own usage error
+    if args.config_path or args.config_dir or args.experimental_rerun:
+        return  # another config tree than conf/: Hydra composes it
+    config_name = args.config_name or config_name
+    register_configs()
+    register_resolvers()
+    overrides: list[str] = list(args.overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            hydra = GlobalHydra.instance().hydra
+            assert hydra is not None
+
+            def compose(job_overrides: list[str], mode: RunMode) -> DictConfig:
+                try:
+                    return hydra.compose_config(
+                        config_name, job_overrides, run_mode=mode, with_log_configuration=False
+                    )
+                except (HydraException, OmegaConfBaseException) as err:
+                    raise ConfigError(explain(err, job_overrides)) from None
+
+            cfg = compose(overrides, RunMode.MULTIRUN if args.multirun else RunMode.RUN)
+            multirun = args.multirun or OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
+            if multirun and not args.multirun:
+                cfg = compose(overrides, RunMode.MULTIRUN)
+            if not multirun:
+                _convert(cfg, overrides)
+            for job in _sweep_jobs(cfg, overrides) if multirun else []:
+                _convert(compose(job, RunMode.RUN), job)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _convert(cfg: DictConfig, overrides: list[str]) -> None:
+    """The typed dataclasses (what ``to_config`` does at the entry point)."""
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        typed = to_config(task)
+    except OmegaConfBaseException as err:
+        raise ConfigError(explain(err, overrides)) from None
+    for key, known in _added_keys(typed, ""):
+        parent, _, name = key.rpartition(".")
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {parent}.{close[0]}?" if close else ""
+        raise ConfigError(
+            f"+{key}: no such key in {parent or 'the config'}{hint} (keys: {', '.join(known)})"
+        )
+
+
+def _added_keys(node: Any, prefix: str) -> list[tuple[str, list[str]]]:
+    """Keys a ``+key=value`` added to a schema node: the schema ignores them silently."""
+    if isinstance(node, dict):
+        return [k for name, v in node.items() for k in _added_keys(v, f"{prefix}{name}.")]
+    if not dataclasses.is_dataclass(node) or isinstance(node, type):
+        return []
+    known = [f.name for f in dataclasses.fields(node)]
+    found = [(f"{prefix}{name}", known) for name in vars(node) if name not in known]
+    for name in known:
+        found += _added_keys(getattr(node, name), f"{prefix}{name}.")
+    return found
+
+
+def _sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper makes them (hydra overrides first)."""
+    if OmegaConf.select(cfg, "hydra.sweeper._target_") != BASIC_SWEEPER:
+        return []  # another sweeper composes its own jobs
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()]
+    arguments += [o.input_line for o in parsed if not o.is_hydra_override()]
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return [hydra_overrides + list(job) for batch in batches for job in batch]
+
+
+def explain(err: BaseException, overrides: Sequence[str]) -> str:
+    """Hydra's or OmegaConf's error as one line naming the key and what is allowed."""
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        given = next((o for o in overrides if o.lstrip("+~").startswith(f"{group}=")), None)
+        if group and err.options is not None:
+            return (
+                f"{given or group + '=' + option}: conf/{group}/ has no option {option!r}; "
+                f"choose one of {', '.join(o for o in err.options if not o.endswith('_schema'))}"
+            )
+    if isinstance(err, OverrideParseException):
+        bad = _unparsable(overrides)
+        reason = str(err).splitlines()[0]
+        return (
+            f"{bad or 'the command line'}: cannot be parsed ({reason}); quote lists and "
+            f"dicts for the shell, e.g. 'data.hotness=[1,2]'"
+        )
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            return _unknown_key(key, cause)
+        first = str(cause).splitlines()[0]
+        value = next((o.split("=", 1)[1] for o in overrides if _key_of(o) == key), None)
+        return f"{key}={value}: {first}" if value is not None else f"{key}: {first}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    return "; ".join(lines) or type(err).__name__
+
+
+def _key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _unparsable(overrides: Sequence[str]) -> str | None:
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException:
+            return override
+    return None
+
+
+def _unknown_key(key: str, cause: OmegaConfBaseException) -> str:
+    parent, _, name = key.rpartition(".")
+    known = _field_names(getattr(cause, "object_type", None))
+    where = f"{parent}" if parent else "the config"
+    if not known:
+        return f"{key}: no such key in {where}"
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    return f"{key}: no such key in {where}{hint} (keys: {', '.join(known)})"
+
+
+def _field_names(object_type: Any) -> list[str]:
+    if isinstance(object_type, type) and dataclasses.is_dataclass(object_type):
+        return [f.name for f in dataclasses.fields(object_type)]
+    return []

@@ -203,7 +203,7 @@ def _to_arrays(
 
     def numbers(column: str, *, reason: str, allow_missing: bool) -> tuple[np.ndarray, np.ndarray]:
         values, ok, missing = _numeric(table.column(column))
-        problem = ~ok | (~missing & ~np.isfinite(values)) | (missing & ~allow_missing)
+        problem = ~ok | (~missing & ~np.isfinite(values)) | (missing & (not allow_missing))
         for i in np.flatnonzero(problem):
             raw = table.column(column)[int(i)].as_py()
             what = "empty" if raw in (None, "") else f"{raw!r}, not a finite number"

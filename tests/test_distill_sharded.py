@@ -1,0 +1,84 @@
+"""A 2-rank sharded distillation run with an int4-QAT student, through torchrun.
+
+One plan shards the teacher's and the student's tables; every eval reports both
+heads; the export is the student alone and serves what the student's eval
+computed; a checkpoint holds both models and a resumed run ends where an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compression.export import load_exported
+from tests.distributed import torchrun_trainer
+
+TINY = [
+    "trainer=smoke",
+    "trainer.num_steps=8",
+    "trainer.eval_every_steps=4",
+    "trainer.eval_batch_size=512",
+    "data.num_eval_samples=2048",
+    "data.num_dense=4",
+    "data.cardinalities=[40,100,7,64]",
+    "data.hotness=[1,3,1,2]",
+    "model.embedding_dim=8",
+    "model.dense_arch_layer_sizes=[16,8]",
+    "model.over_arch_layer_sizes=[16,1]",
+    "distill=online",
+    "distill.student_qat_bits=4",
+    "distill.warmup_steps=2",
+    "distill.alpha=0.3",
+    "distill.temperature=2.0",
+    "sharding=row_wise",
+    "trainer.export=true",
+]
+
+
+@pytest.mark.dist
+def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    torchrun_trainer(*TINY, run_dir=run)
+    summary = json.loads((run / "summary.json").read_text())
+    for head in ("teacher", "student"):
+        assert 0.0 <= summary[f"{head}.auc"] <= 1.0
+    assert summary["auc"] == summary["student.auc"]
+    assert summary["distill"]["alpha"] == 0.3
+
+    plan = json.loads((run / "plan.json").read_text())["plan"]
+    teacher = plan["teacher.sparse_arch.embedding_bag_collection"]
+    student = plan["student.sparse_arch.embedding_bag_collection"]
+    assert sorted(student) == [f"s_t_cat_{i}" for i in range(4)] and len(teacher) == 4
+    assert {t["sharding_type"] for t in student.values()} == {"row_wise"}
+
+    export = summary["export"]
+    assert export["bits"] == {f"s_t_cat_{i}": 4 for i in range(4)}
+    assert export["max_abs_logit_diff"] <= 1e-3
+    # The served model is the student alone: its tables, at dim 4.
+    served = load_exported(run / export["path"])
+    dims = {name: w.shape for name, w in served.state_dict().items() if "embedding_bags" in name}
+    assert dims and all("s_t_cat" in name for name in dims)
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "teacher.auc" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_distillation_resumes_where_it_left_off(tmp_path: Path) -> None:
+    """Resume from step 4: both models and the warm-up counter come back."""
+    run = tmp_path / "run"
+    torchrun_trainer(*TINY, "trainer.checkpoint_every_steps=4", run_dir=run)
+    summary = json.loads((run / "summary.json").read_text())
+    resumed = tmp_path / "resumed"
+    step_4 = run / "checkpoints" / "step_4"
+    torchrun_trainer(*TINY, f"trainer.resume={step_4}", run_dir=resumed)
+    again = json.loads((resumed / "summary.json").read_text())
+    for key in ("student.auc", "teacher.auc", "student.logloss", "teacher.logloss"):
+        assert again[key] == pytest.approx(summary[key], abs=1e-5), key
+    assert torch.isfinite(torch.tensor(again["export"]["auc"]))

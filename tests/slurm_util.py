@@ -35,6 +35,9 @@ TINY = [
 ]
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -91,7 +94,7 @@ def wait_for(
         state = info.get("JobState", "")
         if until == "running" and state == "RUNNING":
             return info
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if state in ENDED:
             return info
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], timeout=30)

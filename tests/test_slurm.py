@@ -24,7 +24,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_util import REPO, TINY, read_output, require_slurm, sbatch, wait_for
+from tests.slurm_util import (
+    ENDED,
+    REPO,
+    TINY,
+    job_info,
+    read_output,
+    require_slurm,
+    sbatch,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -45,13 +54,16 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def _wait_for_file(path: Path, text: str, *, timeout_s: float, output: Path) -> None:
+def _wait_for_file(path: Path, text: str, *, job: str, timeout_s: float, output: Path) -> None:
+    """Until ``text`` is in ``path``; fails early if the job ends first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if path.is_file() and text in path.read_text():
             return
-        time.sleep(0.1)
-    pytest.fail(f"{path} has no {text!r} after {timeout_s:.0f} s\n{read_output(output)}")
+        if job_info(job).get("JobState") in ENDED:
+            break
+        time.sleep(0.2)
+    pytest.fail(f"{path} has no {text!r} (job {job})\n{read_output(output)}", pytrace=False)
 
 
 @dataclass
@@ -112,6 +124,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Jobs:
         _wait_for_file(
             out / preempted / "metrics.jsonl",
             "train_loss",
+            job=preempted,
             timeout_s=150,
             output=out / f"{preempted}.out",
         )

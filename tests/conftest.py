@@ -29,3 +29,12 @@ def compose_cfg():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _slurm_tier(request: pytest.FixtureRequest) -> None:
+    """``slurm`` tests skip without sbatch or a live node, and fail so under CI=true."""
+    if request.node.get_closest_marker("slurm"):
+        from tests.slurm_util import require_slurm
+
+        require_slurm()

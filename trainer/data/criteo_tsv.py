@@ -143,19 +143,24 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
     carriage = (last_end > last_start) & (buf[np.maximum(last_end - 1, 0)] == 13)
     field_ends[:, -1] -= carriage
 
-    ints, int_ok = _decimal(buf, field_starts[:, : 1 + NUM_INT], field_ends[:, : 1 + NUM_INT])
+    label_char = buf[field_starts[:, 0]]
     one_char = field_ends[:, 0] - field_starts[:, 0] == 1
-    label_ok = int_ok[:, 0] & one_char & ((ints[:, 0] == 0) | (ints[:, 0] == 1))
-    ids, present, hex_ok = _hex(buf, field_starts[:, 1 + NUM_INT :], field_ends[:, 1 + NUM_INT :])
-    ok = label_ok & int_ok[:, 1:].all(axis=1) & hex_ok.all(axis=1)
+    label_ok = one_char & ((label_char == 48) | (label_char == 49))
+    ints, int_ok = _decimal_fast(
+        buf, field_starts[:, 1 : 1 + NUM_INT], field_ends[:, 1 : 1 + NUM_INT]
+    )
+    ids, present, hex_ok = _hex_fast(
+        buf, field_starts[:, 1 + NUM_INT :], field_ends[:, 1 + NUM_INT :]
+    )
+    ok = label_ok & int_ok.all(axis=1) & hex_ok.all(axis=1)
     if not ok.all():
         for j in np.flatnonzero(~ok):
             line = first_line + int(rows[j])
             if not label_ok[j]:
                 text = _field_text(buf, field_starts[j, 0], field_ends[j, 0])
                 bad.add(line, LABEL, f"label {text} is not 0 or 1")
-            elif not int_ok[j, 1:].all():
-                k = int(np.flatnonzero(~int_ok[j, 1:])[0])
+            elif not int_ok[j].all():
+                k = int(np.flatnonzero(~int_ok[j])[0])
                 text = _field_text(buf, field_starts[j, 1 + k], field_ends[j, 1 + k])
                 bad.add(
                     line,
@@ -176,19 +181,108 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
                 )
         bad.sort()
         rows, ints, ids, present = rows[ok], ints[ok], ids[ok], present[ok]
+        label_char = label_char[ok]
     dense_values = (
-        np.log1p(np.maximum(ints[:, 1:], 0).astype(np.float64)).astype(np.float32)
+        np.log1p(np.maximum(ints, 0).astype(np.float64)).astype(np.float32)
         if dense
         else np.zeros((rows.size, 0), np.float32)
     )
     return CriteoChunk(
         lines=rows.astype(np.int64) + first_line,
-        labels=ints[:, 0].astype(np.float32),
+        labels=(label_char == 49).astype(np.float32),
         dense=dense_values,
         ids=ids,
         present=present,
         bad=bad,
     )
+
+
+# Masks of the low k bytes of a uint64 (k = 0..8), and of the high k bytes.
+_LOW = np.array([(1 << (8 * k)) - 1 for k in range(9)], dtype=np.uint64)
+_HIGH = np.array([((1 << 64) - 1) ^ ((1 << (8 * (8 - k))) - 1) for k in range(9)], dtype=np.uint64)
+_ZEROS = np.uint64(0x3030303030303030)
+_U = np.uint64
+
+
+def _words(buf: np.ndarray, order: str) -> np.ndarray:
+    """Every 8 consecutive bytes of ``buf`` as one uint64 (``order`` "<" or ">"):
+    ``words[i]`` is ``buf[i:i + 8]``, so a gather reads a field in one load."""
+    return np.ndarray((buf.size - 7,), dtype=np.dtype(order + "u8"), buffer=buf, strides=(1,))
+
+
+def _decimal_fast(
+    buf: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_decimal` for fields of up to 8 characters (SWAR: 8 digits in a word,
+    combined in three multiplies); longer fields go the general way."""
+    lengths = ends - starts
+    # Little-endian: the field's first character is the lowest of its bytes, which
+    # are the top `length` bytes of the word; the bytes before it become '0'.
+    x = _words(buf, "<")[ends - 8].astype(np.uint64)
+    high = _HIGH[np.clip(lengths, 0, 8)]
+    x = (x & high) | (_ZEROS & ~high)
+    sign_shift = (8 * (8 - np.clip(lengths, 1, 8))).astype(np.uint64)
+    negative = (lengths >= 2) & (lengths <= 8) & (((x >> sign_shift) & _U(0xFF)) == _U(45))
+    x = np.where(negative, x + (_U(3) << sign_shift), x)  # '-' (45) becomes '0' (48)
+    f0 = _U(0xF0F0F0F0F0F0F0F0)
+    ok = ((x & f0) == _ZEROS) & (((x + _U(0x0606060606060606)) & f0) == _ZEROS)
+    x &= _U(0x0F0F0F0F0F0F0F0F)
+    x = ((x * _U(10)) + (x >> _U(8))) & _U(0x00FF00FF00FF00FF)
+    x = ((x * _U(100)) + (x >> _U(16))) & _U(0x0000FFFF0000FFFF)
+    x = ((x * _U(10000)) + (x >> _U(32))) & _U(0xFFFFFFFF)
+    values = x.astype(np.int64)
+    np.negative(values, out=values, where=negative)
+    ok &= lengths <= 8
+    empty = lengths == 0
+    np.putmask(values, empty, 0)
+    ok |= empty
+    longer = lengths > 8
+    if longer.any():
+        values[longer], ok[longer] = _decimal(buf, starts[longer], ends[longer])
+    np.putmask(values, ~ok, 0)
+    return values, ok
+
+
+def _hex_fast(
+    buf: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_hex` for fields of up to 8 characters (SWAR: a word of characters to
+    nibbles, packed in three shifts); longer fields go the general way."""
+    lengths = ends - starts
+    # Big-endian: the field is the low `length` bytes; the bytes before it become '0'.
+    x = _words(buf, ">")[ends - 8].astype(np.uint64)
+    low = _LOW[np.clip(lengths, 0, 8)]
+    x = (x & low) | (_ZEROS & ~low)
+    ok = _all_bytes_hex(x)
+    # '0'-'9' -> c & 15; 'a'-'f' and 'A'-'F' (bit 6 set) -> (c & 15) + 9.
+    x = (x & _U(0x0F0F0F0F0F0F0F0F)) + _U(9) * ((x >> _U(6)) & _U(0x0101010101010101))
+    x = (x | (x >> _U(4))) & _U(0x00FF00FF00FF00FF)
+    x = (x | (x >> _U(8))) & _U(0x0000FFFF0000FFFF)
+    x = (x | (x >> _U(16))) & _U(0xFFFFFFFF)
+    present = lengths > 0
+    ok &= lengths <= 8
+    longer = lengths > 8
+    if longer.any():
+        x[longer], _, ok[longer] = _hex(buf, starts[longer], ends[longer])
+    ok |= ~present
+    np.putmask(x, ~(ok & present), _U(0))
+    return x, present, ok
+
+
+def _rep(byte: int) -> np.uint64:
+    return np.uint64(byte * 0x0101010101010101)
+
+
+def _bytes_in(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Per byte of 7-bit ``x``: 0x80 where ``lo <= byte <= hi`` (no carries between bytes)."""
+    return (x + _rep(0x80 - lo)) & ~(x + _rep(0x7F - hi)) & _rep(0x80)
+
+
+def _all_bytes_hex(x: np.ndarray) -> np.ndarray:
+    """Whether each of the 8 bytes of every word is a hex digit (0-9, a-f, A-F)."""
+    ascii7 = x & _rep(0x7F)
+    hits = _bytes_in(ascii7, 0x30, 0x39) | _bytes_in(ascii7 | _rep(0x20), 0x61, 0x66)
+    return (hits == _rep(0x80)) & ((x & _rep(0x80)) == _U(0))
 
 
 def _right_aligned(

@@ -39,6 +39,7 @@ from trainer.checkpoint import (
     restore_records,
 )
 from trainer.config import Config, ConfigError, to_config
+from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.export import main as export_main
 from trainer.validate import validate
 
@@ -80,7 +81,9 @@ def _touch_checkpoint(path: Path, *, metadata: bool = True) -> Path:
     (path / "__0_0.distcp").write_bytes(b"")
     if metadata:
         (path / ".metadata").write_bytes(b"")
-    (path / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(Config())))
+    (path / CONFIG_FILE).write_text(
+        OmegaConf.to_yaml(OmegaConf.structured(Config(data=SyntheticDataConfig())))
+    )
     return path
 
 
@@ -210,7 +213,7 @@ def test_checkpoint_settings_are_validated(compose_cfg, override: str, names: li
 
 def test_resuming_another_model_names_the_keys(compose_cfg, tmp_path: Path) -> None:
     checkpoint = _touch_checkpoint(tmp_path / "step_5")
-    check_resumable(checkpoint, Config())
+    check_resumable(checkpoint, Config(data=SyntheticDataConfig()))
     cfg = to_config(compose_cfg(["model.embedding_dim=32", "model.dense_arch_layer_sizes=[64,32]"]))
     with pytest.raises(ConfigError, match=r"model.embedding_dim: checkpoint 16, this run 32"):
         check_resumable(checkpoint, cfg)

@@ -57,30 +57,35 @@ def generate(path: Path, num_rows: int, seed: int = 0) -> None:
             writer.write_table(pa.table(columns, names=[f"c{i}" for i in range(40)]))
 
 
+def _cpu_seconds() -> float:
+    me, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_child(tool: str, tsv: str, out: str, workers: int) -> None:
-    """In the child process: convert ``tsv`` with ``tool``; print seconds and peak RSS."""
+    """In the child process: convert ``tsv`` with ``tool``; print seconds, CPU seconds
+    (this process and its workers) and peak RSS."""
     if tool == "shardrec":
         from trainer.data.data_configs import CriteoDataConfig
         from trainer.prepare import prepare
 
         cfg = CriteoDataConfig(raw=[tsv], dir=out, num_workers=workers, eval_fraction=0.0)
+        cpu_before = _cpu_seconds()
         start = time.perf_counter()
         prepare(cfg, progress=False)
     else:
         from torchrec.datasets.criteo import BinaryCriteoUtils
 
+        cpu_before = _cpu_seconds()
         start = time.perf_counter()
         BinaryCriteoUtils.tsv_to_npys(
             tsv, f"{out}_dense.npy", f"{out}_sparse.npy", f"{out}_labels.npy"
         )
     seconds = time.perf_counter() - start
-    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(
-        json.dumps(
-            {"seconds": seconds, "rss_mib": self_kib / 1024, "worker_mib": workers_kib / 1024}
-        )
-    )
+    me, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    report = {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu_before}
+    report |= {"rss_mib": me.ru_maxrss / 1024, "worker_mib": kids.ru_maxrss / 1024}
+    print(json.dumps(report))
 
 
 def measure(tool: str, tsv: Path, out: Path, workers: int) -> dict:
@@ -108,8 +113,11 @@ def main() -> None:
     if args.child:
         run_child(*args.child, workers=args.workers)
         return
-    print("| rows | tool | seconds | rows/s | peak RSS (MiB) | largest worker RSS (MiB) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| rows | tool | seconds | rows/s | CPU seconds | rows per CPU second "
+        "| peak RSS (MiB) | largest worker RSS (MiB) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         for num_rows in args.rows:
             tsv = Path(tmp) / f"criteo_{num_rows}.tsv"
@@ -119,7 +127,8 @@ def main() -> None:
                 worker = f"{r['worker_mib']:,.0f}" if tool == "shardrec" else "-"
                 print(
                     f"| {num_rows:,} | {tool} | {r['seconds']:.2f} | "
-                    f"{num_rows / r['seconds']:,.0f} | {r['rss_mib']:,.0f} | {worker} |",
+                    f"{num_rows / r['seconds']:,.0f} | {r['cpu_seconds']:.2f} | "
+                    f"{num_rows / r['cpu_seconds']:,.0f} | {r['rss_mib']:,.0f} | {worker} |",
                     flush=True,
                 )
             tsv.unlink()

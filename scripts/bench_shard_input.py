@@ -42,8 +42,8 @@ def input_ms(source, batches: int) -> float:
 
 
 def train_samples_per_s(run_dir: Path, steps: int, *overrides: str) -> float:
-    cmd = [sys.executable, "-m", "trainer", f"trainer.num_steps={steps}",
-           f"trainer.eval_every_steps={steps}", f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
+    settings = [f"trainer.num_steps={steps}", f"trainer.eval_every_steps={steps}"]
+    cmd = [sys.executable, "-m", "trainer", *settings, f"hydra.run.dir={run_dir}", *overrides]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     return json.loads((run_dir / "summary.json").read_text())["samples_per_sec"]
 
@@ -66,8 +66,8 @@ def main() -> None:
     shards = args.out / "shards"
     if not (shards / "metadata.json").is_file():
         info = write_planted_tsv(args.out, num_train=args.rows, num_eval=8192)
-        prepare = [sys.executable, "-m", "trainer.prepare",
-                   *prepare_overrides(args.out, info["table_rows"])]  # fmt: skip
+        overrides = prepare_overrides(args.out, info["table_rows"])
+        prepare = [sys.executable, "-m", "trainer.prepare", *overrides]
         subprocess.run(prepare, cwd=REPO, check=True, capture_output=True)
     results = {
         "shards_input_ms": input_ms(ShardSource(shards, seed=0), args.batches),

@@ -54,7 +54,7 @@ def train(out: Path, run_dir: Path, *overrides: str) -> dict:
             f"data.dir={out / 'shards'}",
             f"hydra.run.dir={run_dir}",
             *overrides,
-        ],  # fmt: skip
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -71,11 +71,9 @@ def test_shards_hold_the_planted_samples(tmp_path: Path) -> None:
         c + 1 for c in SyntheticDataConfig().cardinalities
     ]
     synthetic = SyntheticCriteo(SyntheticDataConfig(num_eval_samples=1000))
-    for split, got in (
-        ("train", next(shards.train_batches(batch_size=3000, rank=0, world_size=1,
-                                            first_step=0, num_steps=1))),
-        ("eval", next(shards.eval_batches(batch_size=1000, rank=0, world_size=1))),
-    ):  # fmt: skip
+    train = shards.train_batches(batch_size=3000, rank=0, world_size=1, first_step=0, num_steps=1)
+    evaluation = shards.eval_batches(batch_size=1000, rank=0, world_size=1)
+    for split, got in (("train", next(train)), ("eval", next(evaluation))):
         want = synthetic.batch(split, 0, got.labels.shape[0])
         assert got.labels.tolist() == want.labels.tolist()
         ids, rows = want.sparse_features.values().numpy(), got.sparse_features.values().numpy()

@@ -118,8 +118,8 @@ def test_world_sizes_give_the_same_global_batches(shards: Path) -> None:
 
 def test_shuffle_is_seeded_and_new_each_epoch(shards: Path) -> None:
     def epochs(seed: int) -> list[list[int]]:
-        flat = sum(train_ids(ShardSource(shards, seed=seed), batch_size=10, world_size=1,
-                             steps=range(0, 15)), [])  # fmt: skip
+        source = ShardSource(shards, seed=seed)
+        flat = sum(train_ids(source, batch_size=10, world_size=1, steps=range(0, 15)), [])
         return [flat[e * NUM_TRAIN : (e + 1) * NUM_TRAIN] for e in range(3)]
 
     first = epochs(seed=7)
@@ -164,8 +164,8 @@ def test_eval_fraction_holds_out_the_last_rows(tmp_path: Path) -> None:
     assert (source.num_train_samples, source.num_eval_samples) == (85, 15)
     seen = set(sum(train_ids(source, batch_size=16, world_size=2, steps=range(0, 20)), []))
     assert seen == set(range(85))
-    evaluated = sum((sample_ids(b) for b in source.eval_batches(batch_size=4, rank=0,
-                                                                 world_size=1)), [])  # fmt: skip
+    batches = source.eval_batches(batch_size=4, rank=0, world_size=1)
+    evaluated = sum((sample_ids(b) for b in batches), [])
     assert evaluated == list(range(85, 100))
     with pytest.raises(ValueError, match=r"no eval split.*eval_fraction=0.0"):
         ShardSource(tmp_path, seed=0, eval_fraction=0.0)

@@ -190,3 +190,16 @@ def test_cli_prepares_and_errors_in_one_line(tmp_path, lines, capsys):
     assert len(err) == 1 and err[0].startswith("shardrec: prepare error: data.raw: ")
     assert cli_main([*args[3:], "data.no_such_key=1"]) == 2
     assert capsys.readouterr().err.startswith("shardrec: config error: ")
+
+
+def test_data_groups_compose_to_their_schemas(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from trainer.data.data_configs import TableDataConfig
+
+    criteo = OmegaConf.to_object(compose_cfg(["data=criteo", "data.dir=/x"]).data)
+    assert isinstance(criteo, CriteoDataConfig) and criteo.table_rows[2] == 1_000_000
+    table = OmegaConf.to_object(compose_cfg(["data=table", "data.label=y"]).data)
+    assert isinstance(table, TableDataConfig) and table.label == "y"
+    with pytest.raises(Exception, match="mapping"):
+        compose_cfg(["data=criteo", "data.mapping=md5"])

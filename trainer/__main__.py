@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sharding.quiet import quiet_libraries
-from trainer.cli import EXIT_CONFIG_ERROR, config_error_line, exit_on_compose_error
+from trainer.cli import CONF_DIR, EXIT_CONFIG_ERROR, config_error_line, exit_on_compose_error
 from trainer.config import ConfigError, register_configs, to_config
 from trainer.run_dir import register_resolvers
 
@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv = saved
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path: Hydra resolves a relative one from how the module was started,
+# which differs between ``python -m trainer`` and ``main([...])`` called from Python.
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(dict_cfg: DictConfig) -> None:
     from trainer.train import train  # heavy imports after Hydra has parsed the CLI
 

@@ -41,6 +41,7 @@ from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
 from trainer.build import build_unsharded
+from trainer.cli import config_error_line, exit_on_compose_error
 from trainer.config import Config, ConfigError, register_configs, resolved_tables, to_config
 from trainer.converters import build_converters
 from trainer.planning import World, plan_model
@@ -186,7 +187,7 @@ def _run(dict_cfg: DictConfig) -> None:
     try:
         result = plan_cluster(to_config(dict_cfg), run_dir=run_dir)
     except ConfigError as err:
-        print(f"shardrec: config error: {err}", file=sys.stderr)
+        print(config_error_line(err), file=sys.stderr)
         sys.exit(EXIT_CONFIG_ERROR)
     except DoesNotFit as err:
         print(f"shardrec: does not fit: {err}", file=sys.stderr)
@@ -199,6 +200,7 @@ def main() -> None:
     """Registers the config schema and resolvers, then runs the Hydra app."""
     register_configs()
     register_resolvers()
+    exit_on_compose_error(sys.argv[1:])  # one line and exit 2, before Hydra's report
     _run()
 
 

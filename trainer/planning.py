@@ -18,20 +18,22 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torchrec.distributed.planner.types import Stats, Topology
+from torchrec.distributed.planner.types import PlannerError, Stats, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compression.converter import Converters
 from sharding import embedding_sharders, make_topology, plan_sharding
 from sharding.codecs import comm_codecs
+from sharding.collectives import broadcast_object, is_main
 from sharding.dmp import fuse_embedding_optimizer
+from sharding.fit import explain_no_fit, table_bytes
 from sharding.planner import TableOverride, pin_ranks
 from trainer.config import Config, ConfigError, TableConfig, pooling_factors
 from trainer.data.source import FeatureSpec
@@ -104,22 +106,26 @@ def plan_model(
         intra_host_bw_gbps=topo.intra_host_bw_gbps,
         inter_host_bw_gbps=topo.inter_host_bw_gbps,
     )
-    plan = plan_sharding(
-        model,
-        strategy=s.strategy,
-        compute_kernel=s.compute_kernel,
-        topology=topology,
-        sharders=sharders,
-        pg=pg,
-        batch_size=cfg.trainer.batch_size,
-        table_names=[t.name for t in tables],
-        storage_reservation_percentage=topo.storage_reservation_percentage,
-        pooling_factors=pooling_factors(tables, features),
-        overrides=overrides,
-        cache_load_factor=s.cache_load_factor,
-        column_shard_dim=s.column_shard_dim,
-        stats=stats,
-    )
+
+    def plan_here() -> ShardingPlan:
+        return plan_sharding(
+            model,
+            strategy=s.strategy,
+            compute_kernel=s.compute_kernel,
+            topology=topology,
+            sharders=sharders,
+            pg=None,
+            batch_size=cfg.trainer.batch_size,
+            table_names=[t.name for t in tables],
+            storage_reservation_percentage=topo.storage_reservation_percentage,
+            pooling_factors=pooling_factors(tables, features),
+            overrides=overrides,
+            cache_load_factor=s.cache_load_factor,
+            column_shard_dim=s.column_shard_dim,
+            stats=stats,
+        )
+
+    plan = plan_here() if pg is None else _plan_on_rank0(plan_here, cfg, tables, world)
     plan = pin_ranks(
         plan,
         model,
@@ -136,3 +142,44 @@ def plan_model(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return Planned(plan=plan, sharders=sharders, topology=topology)
+
+
+def _plan_on_rank0(
+    plan_here: Callable[[], ShardingPlan],
+    cfg: Config,
+    tables: Sequence[TableConfig],
+    world: World,
+) -> ShardingPlan:
+    """Rank 0 plans; every rank gets its plan or its error. (torchrec's collective_plan
+    leaves the other ranks waiting on a broadcast that never comes when rank 0 fails.)"""
+    plan, error, failed = None, None, None
+    if is_main():
+        try:
+            plan = plan_here()
+        except PlannerError as err:
+            topo = cfg.topology
+            error = explain_no_fit(
+                [
+                    table_bytes(
+                        t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim
+                    )
+                    for t in tables
+                ],
+                strategy=cfg.sharding.strategy,
+                world_size=world.world_size,
+                compute_device=world.device.type,
+                hbm_gb=topo.hbm_gb,
+                ddr_gb=topo.ddr_gb,
+                storage_reservation_percentage=topo.storage_reservation_percentage,
+                planner_message=str(err),
+            )
+        except Exception as err:
+            failed = f"{type(err).__name__}: {err}"
+            broadcast_object((None, None, failed))
+            raise
+    plan, error, failed = broadcast_object((plan, error, failed))
+    if error is not None:
+        raise ConfigError(f"no sharding plan fits this job: {error}")
+    if failed is not None:
+        raise RuntimeError(f"planning failed on rank 0: {failed}")
+    return plan

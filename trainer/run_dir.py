@@ -13,8 +13,10 @@ import os
 import time
 from pathlib import Path
 
-import torch.distributed as dist
 from omegaconf import OmegaConf
+
+from sharding.collectives import all_gather_object
+from trainer.config import ConfigError
 
 
 def run_name() -> str:
@@ -34,13 +36,11 @@ def register_resolvers() -> None:
 
 
 def agree_on_run_dir(run_dir: Path) -> Path:
-    """Raises if ranks resolved different run directories (only possible without an id)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return run_dir
-    dirs: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(dirs, str(run_dir.resolve()))
+    """Raises ConfigError on every rank if ranks resolved different run directories
+    (only possible without a launch id); a collective: every rank calls it."""
+    dirs = all_gather_object(str(run_dir.resolve()))
     if len(set(dirs)) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"ranks resolved different output directories {sorted(set(dirs))}; "
             "pass hydra.run.dir=<dir> explicitly (or launch with torchrun --standalone "
             "or --rdzv-id so the run has an id)"

@@ -32,6 +32,7 @@ from trainer.converters import model_tables
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import MAX_CARDINALITY, SyntheticDataConfig
+from trainer.logger import _has_wandb_credentials, wandb_mode
 
 
 def _check(ok: bool, message: str) -> None:
@@ -171,6 +172,13 @@ def validate(
                 f"{table.name!r} (dim {table.embedding_dim}) into equal column blocks; "
                 f"pick a divisor of model.embedding_dim",
             )
+    if cfg.logger.name == "wandb" and wandb_mode(cfg.logger.mode) == "online":
+        _check(
+            _has_wandb_credentials(),
+            f"logger.mode={cfg.logger.mode} (online) needs wandb credentials: set "
+            f"WANDB_API_KEY (or run `wandb login` once), or use logger.mode=offline and "
+            f"upload later with `wandb sync <run_dir>/wandb/offline-run-*`",
+        )
     topo = cfg.topology
     for key, value in [
         ("topology.world_size", topo.world_size),
@@ -218,6 +226,18 @@ def _validate_sharding(
         )
         for r in pin.ranks or []:
             _check(0 <= r < world_size, f"{key}.ranks has {r}, outside 0..{world_size - 1}")
+        if pin.ranks:
+            strategy = pin.strategy or s.strategy
+            _check(
+                strategy in ("table_wise", "column_wise"),
+                f"{key}.ranks: ranks can be pinned for table_wise and column_wise tables, "
+                f"not {strategy}; drop the ranks or set {key}.strategy=table_wise",
+            )
+            _check(
+                strategy != "table_wise" or len(pin.ranks) == 1,
+                f"{key}.ranks={list(pin.ranks)}: a table_wise table lives on one rank; "
+                f"give one rank, or {key}.strategy=column_wise for one rank per column block",
+            )
     local = cfg.topology.local_world_size or env_local_world_size
     used = {s.strategy} | {p.strategy for p in s.tables.values() if p.strategy}
     for strategy in sorted(used & set(HIERARCHICAL)):

@@ -41,7 +41,9 @@ def main(argv: list[str]) -> int:
             cfg = compose(config_name="config", overrides=argv)
         data = OmegaConf.to_object(cfg.data)
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"shardrec: config error: {_one_line(err)}", file=sys.stderr)
+        from trainer.cli import explain  # names the key and the allowed values
+
+        print(f"shardrec: config error: {_one_line(explain(err, argv))}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:

@@ -164,6 +164,8 @@ def test_torchrun_job_preempted_requeues_and_matches(jobs: Jobs) -> None:
     assert "stopped at step" in log, log
     stopped_at = int(log.split("stopped at step ")[1].split()[0])
     assert 25 <= stopped_at < 150, f"stopped at step {stopped_at}, not mid-run"
+    # The second start went on from the preemption checkpoint, not from scratch.
+    assert f"checkpoints/step_{stopped_at} at step {stopped_at}" in log, log
     assert (jobs.run_dir(jobs.preempted) / "plan.json").is_file()
 
     ref = json.loads((jobs.run_dir(jobs.reference) / "summary.json").read_text())

@@ -129,6 +129,9 @@ class Preemption:
             log.warning("stopping at step %d (%s) without a checkpoint", trainer.step, reason)
         else:
             path = trainer.checkpointer.save(step=trainer.step, states=trainer.states())
+            wait = getattr(trainer.checkpointer, "wait", None)
+            if wait is not None:  # an async save must be on disk before the process exits
+                wait()
             if trainer.env.is_main:
                 log.warning(
                     "stopped at step %d (%s); checkpoint %s; exit %d: requeue with "

@@ -69,6 +69,16 @@ def test_every_job_of_every_sweep_composes_and_validates(sweep: str) -> None:
                 assert str(node) == value, (key, node, value)
 
 
+def test_a_sweep_goes_to_slurm_with_the_launcher() -> None:
+    if not (CONF_DIR / "hydra" / "launcher" / "slurm.yaml").exists():
+        pytest.skip("conf/hydra/launcher/slurm.yaml is not in this checkout")
+    cfg = _compose(["+sweep=lr_batch", "hydra/launcher=slurm"], hydra=True)
+    assert "submitit" in cfg.hydra.launcher._target_
+    assert cfg.hydra.sweeper.params["trainer.batch_size"] == "512,2048"
+    # submitit's logs land where the report looks for a failed job's stderr.
+    assert cfg.hydra.launcher.submitit_folder.startswith(cfg.hydra.sweep.dir + "/.submitit/")
+
+
 def _write_job(
     sweep: Path, num: int, overrides: list[str], *, summary: dict | None = None, log: str = ""
 ) -> Path:

@@ -250,7 +250,7 @@ class LoggerSchema(LoggerConfig):
     """``logger=`` (conf/logger/*.yaml): trainer.logger.LoggerConfig with its choices typed."""
 
     name: LoggerName = LoggerName.none  # type: ignore[assignment]
-    mode: WandbMode = WandbMode.offline  # type: ignore[assignment]
+    mode: WandbMode = WandbMode.auto  # type: ignore[assignment]
 
 
 @dataclass

@@ -78,6 +78,26 @@ def _rendezvous_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(job_id) % 20000))
 
 
+def _attempt_store(*, world_size: int, timeout: timedelta) -> dist.Store:
+    """The torchrun agent's store, with keys of this attempt only.
+
+    torchrun's agent keeps one TCPStore for every restart of its workers, and
+    ``init_process_group`` writes each rank's gloo address under the same keys
+    every time: a restarted group can read a dead rank's address and fail to
+    connect ("Connection refused") or hang. A prefix per restart and world
+    size (an elastic re-form changes it) keeps each attempt's keys apart.
+    """
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"shardrec/attempt_{attempt}/world_{world_size}", client)
+
+
 def init_distributed(
     *,
     backend: str | None = None,
@@ -114,6 +134,11 @@ def init_distributed(
             # A world of one needs no rendezvous: an in-memory store will do.
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = _attempt_store(world_size=world_size, timeout=timeout)
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world_size, timeout=timeout
             )
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)

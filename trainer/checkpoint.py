@@ -6,13 +6,16 @@ data-parallel tables and dense layers as plain tensors), ``optimizer``
 (FBGEMM's fused row-wise Adagrad momentum, sharded like its table, and the
 dense Adam state), ``trainer`` (the step), ``data`` (the source's state: its
 fingerprint, so other data is refused) and ``compression`` (the converters'
-state, e.g. the fp16 loss scale). Every entry is tensors only, so loading
-never unpickles. Rank 0 adds the resolved config as ``config.yaml``, so a
-checkpoint can be rebuilt without the run that wrote it. Each rank writes only
-its own shards, and DCP reshards on load, so a checkpoint loads into another
-plan or world size, or into one process with plain tensors (:func:`load_unsharded_model`, used by ``python -m
+state, e.g. the fp16 loss scale). Every entry is tensors only, and loading
+refuses a checkpoint whose metadata lists a non-tensor (bytes) entry, which DCP
+would ``torch.load(weights_only=False)``: loading never unpickles. Rank 0 adds
+the resolved config as ``config.yaml``, so a checkpoint can be rebuilt without
+the run that wrote it. Each rank writes only its own shards, and DCP reshards
+on load, so a checkpoint loads into another plan or world size, or into one
+process with plain tensors (:func:`load_unsharded_model`, used by ``python -m
 trainer.export``). Sources address samples by step, so the step restores the
-data position; a source with more state keeps it in its own entry.
+data position; a source with more state keeps it in its own entry. Saving
+(atomic, async, failure policy) is trainer/async_checkpoint.py.
 
 Layout, written atomically (DCP writes into ``.tmp-step_N``; rank 0 renames it
 once every rank has finished and the config is in), so a job killed mid-save
@@ -27,7 +30,7 @@ Example::
     states = {"model": ModelState(dmp), "optimizer": OptimizerState(opt), "trainer": trainer,
               "data": source, "compression": converters}
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, every_steps=500, keep=2, config=cfg)
-    ckpt.save(step=500, states=states)
+    ckpt.save(step=500, states=states)       # trainer/async_checkpoint.py
     path = resolve_resume("auto", run_dir=run_dir)          # newest complete one, or None
     load_checkpoint(path, states=states)                    # each entry's load_state_dict
 """
@@ -38,9 +41,7 @@ import dataclasses
 import json
 import logging
 import re
-import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, config_from_yaml
 
 log = logging.getLogger(__name__)
 
@@ -122,40 +125,6 @@ class OptimizerState:
         self.optimizer.load_state_dict(state)
 
 
-def save_checkpoint(
-    directory: Path,
-    *,
-    step: int,
-    states: dict[str, Stateful],
-    config: Config,
-    keep: int,
-) -> Path:
-    """Collective: writes ``directory/step_<step>`` atomically, keeps the newest ``keep``."""
-    final, tmp = directory / f"step_{step}", directory / f"{_TMP_PREFIX}step_{step}"
-    if _is_main():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a job killed while saving
-        tmp.mkdir(parents=True)
-    _barrier()
-    # Every rank writes its own shards; replicated tensors are written once.
-    dcp.save(dict(states), checkpoint_id=tmp)
-    if _is_main():
-        (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _prune(directory, keep=keep)
-    _barrier()  # nobody reads or re-saves before the rename
-    if _is_main():
-        log.info("checkpoint %s", final)
-    return final
-
-
-def _prune(directory: Path, *, keep: int) -> None:
-    for old in complete_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob(f"{_TMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def _init_optimizer_state(optimizer: KeyedOptimizer) -> None:
     """Creates lazily built state (torch's Adam) so the checkpoint can load into it.
 
@@ -187,6 +156,7 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
         )
     if missing:
         log.info("checkpoint %s has no %s state; starting it fresh", path, missing)
+    _refuse_pickles(path)
     for value in wanted.values():
         if isinstance(value, OptimizerState):  # lazily built state must exist to load into
             _init_optimizer_state(value.optimizer)
@@ -198,9 +168,51 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
             for name, entry in template["compression"].items()
             if f"compression.{name}" in _saved_prefixes(path)
         }
+    _check_same_layout(path, template)
     dcp.load(template, checkpoint_id=path)
     for key, value in wanted.items():
         value.load_state_dict(template[key])
+
+
+def _refuse_pickles(path: Path) -> None:
+    """A bytes entry would be unpickled by DCP's default planner: never load one."""
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    pickled = [
+        k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)
+    ]
+    if pickled:
+        raise ConfigError(
+            f"{path} holds non-tensor entries {pickled[:5]} that loading would unpickle "
+            f"(arbitrary code); shardrec checkpoints hold tensors only. Load only checkpoints "
+            f"you wrote, or start fresh with trainer.resume=null"
+        )
+
+
+def _check_same_layout(path: Path, template: dict[str, Any]) -> None:
+    """Every tensor this run needs is in the checkpoint, or a ConfigError says what moved.
+
+    DCP reshards a table between any plans of the same kernel family; a table that
+    moves between the fused kernels (row-wise Adagrad ``momentum1``, sharded) and
+    ``data_parallel`` (a plain tensor with the dense optimizer's state) changes its
+    optimizer state's keys, which DCP would report as a bare missing key.
+    """
+    saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    flat, _ = flatten_state_dict(template)
+    missing = sorted(k for k in flat if k not in saved)
+    if not missing:
+        return
+    tables = sorted({m for k in missing for m in re.findall(r"embedding_bags\.(\w+)\.", k)})
+    hint = (
+        f"tables {tables[:8]} changed between a fused kernel and data_parallel (their "
+        f"optimizer state differs); give them the checkpoint's kind again (see plan.json "
+        f"beside it, e.g. sharding.strategy or a per-table plan)"
+        if tables
+        else "the model or optimizer differ from the checkpoint's (see its config.yaml)"
+    )
+    raise ConfigError(
+        f"trainer.resume={path} lacks {len(missing)} state entries this run needs "
+        f"(e.g. {missing[:3]}): {hint}, or start fresh with trainer.resume=null"
+    )
 
 
 def _saved_prefixes(path: Path) -> set[str]:
@@ -226,6 +238,7 @@ def load_unsharded_model(path: Path, model: nn.Module) -> int:
     (e.g. ``build_unsharded(read_config(path), device=cpu)``); the optimizer
     state is left on disk. Returns the step.
     """
+    _refuse_pickles(path)
     state = {"model": model.state_dict(), "trainer": {"step": torch.tensor(0)}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*single process")
@@ -236,8 +249,7 @@ def load_unsharded_model(path: Path, model: nn.Module) -> int:
 
 def read_config(path: Path) -> Config:
     """The resolved config a checkpoint was written with (schema-checked)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path / CONFIG_FILE))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    return config_from_yaml((path / CONFIG_FILE).read_text())
 
 
 def check_resumable(path: Path, cfg: Config) -> None:
@@ -316,21 +328,3 @@ def restore_records(metrics_path: Path, *, step: int) -> list[dict[str, Any]]:
     kept = [r for r in records if r.get("step", 0) <= step]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
-
-
-@dataclass
-class Checkpointer:
-    """When and where the loop saves: every ``every_steps`` (0: never) and at the end."""
-
-    directory: Path
-    every_steps: int
-    keep: int
-    config: Config
-
-    def due(self, step: int, *, num_steps: int) -> bool:
-        return self.every_steps > 0 and (step % self.every_steps == 0 or step == num_steps)
-
-    def save(self, *, step: int, states: dict[str, Stateful]) -> Path:
-        return save_checkpoint(
-            self.directory, step=step, states=states, config=self.config, keep=self.keep
-        )

@@ -33,10 +33,12 @@ from tqdm import tqdm
 
 from sharding import DistEnv
 from sharding.collectives import global_mean
-from trainer.checkpoint import Checkpointer, ModelState, OptimizerState
+from trainer.async_checkpoint import Checkpointer
+from trainer.checkpoint import ModelState, OptimizerState
 from trainer.config import TrainConfig
 from trainer.data.loader import eval_slices
 from trainer.data.source import DataSource
+from trainer.faults import FaultInjection, NonfiniteGuard, check_finite_state
 from trainer.logger import MetricsLogger
 from trainer.metrics import EvalMetrics
 from trainer.pipeline import drain, make_pipeline
@@ -61,6 +63,8 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         extra_states: dict[str, Stateful] | None = None,
         preemption: Preemption | None = None,
+        nonfinite: NonfiniteGuard | None = None,
+        faults: FaultInjection | None = None,
     ) -> None:
         self.preemption = preemption  # SIGUSR1/SIGTERM: checkpoint and exit 75 (preempt.py)
         self.model = model
@@ -71,8 +75,15 @@ class Trainer:
         self.settings = settings
         self.logger = logger
         self.run_dir = run_dir
+        # NaN/Inf policy (trainer/faults.py): under skip it wraps the forward and optimizer.
+        self.nonfinite = nonfinite or NonfiniteGuard(policy="stop", model=model, device=env.device)
+        self.faults = faults or FaultInjection(rank=env.rank)
         self.pipeline = make_pipeline(
-            settings.pipeline, model, optimizer, env.device, model_fwd=model_fwd
+            settings.pipeline,
+            model,
+            self.nonfinite.wrap_optimizer(optimizer),
+            env.device,
+            model_fwd=self.nonfinite.wrap_forward(model, model_fwd),
         )
         self.records: list[dict[str, Any]] = []
         self.step = 0  # set by a resume before fit()
@@ -126,7 +137,15 @@ class Trainer:
                 self.status["auc"] = f"{last_eval['auc']:.4f}"
                 bar.set_postfix(self.status, refresh=True)
             if self.checkpointer and self.checkpointer.due(self.step, num_steps=s.num_steps):
+                check_finite_state(
+                    self.model,
+                    step=self.step,
+                    checkpoint_dir=self.checkpointer.directory,
+                    before_stop=self.checkpointer.wait,
+                )
                 self.checkpointer.save(step=self.step, states=self.states())
+        if self.checkpointer:
+            self.checkpointer.wait()  # an async save in flight finishes before the summary
         if not last_eval:  # resumed from the last step: nothing trained, still report
             last_eval = self.evaluate()
         bar.close()
@@ -149,19 +168,23 @@ class Trainer:
             first_step=self.step,
             num_steps=num_steps,
         )
+        batches = self.faults.wrap_batches(batches, first_step=self.step)
         # Summed on device and read once per log line: .item() is a host sync point.
         loss_sum = torch.zeros((), device=self.env.device)
         loss_count = 0
         start, last_step = time.perf_counter(), self.step + num_steps
         for loss, _logits, _labels in drain(self.pipeline, batches):
-            loss_sum += loss
-            loss_count += 1
             self.step += 1
+            if self.nonfinite.observe(loss, step=self.step):  # device-side, no sync
+                loss_sum += loss
+                loss_count += 1
             bar.update(1)
+            self.faults.after_step(self.step)
             # Windows end on multiples of LOG_EVERY_STEPS and at the interval's end,
             # whatever step this process started from.
             if self.step % LOG_EVERY_STEPS == 0 or self.step == last_step:
-                train_loss = global_mean(loss_sum / loss_count)
+                self.nonfinite.check(step=self.step)  # raises on a poisoned step
+                train_loss = global_mean(loss_sum / max(loss_count, 1))
                 elapsed = self.train_time_s + time.perf_counter() - start
                 self.log({"step": self.step, "train_loss": train_loss})
                 self.status["loss"] = f"{train_loss:.4f}"
@@ -231,6 +254,7 @@ class Trainer:
             / max(self.train_time_s, 1e-9),
             "train_time_s": self.train_time_s,
             "device": str(self.env.device),
+            "nonfinite_steps_skipped": self.nonfinite.num_skipped,
         }
         train_losses = [r["train_loss"] for r in self.records if "train_loss" in r]
         if train_losses:

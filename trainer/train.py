@@ -35,10 +35,10 @@ from sharding import destroy_distributed, format_plan, init_distributed, save_pl
 from sharding.collectives import all_gather_object
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.state import local_table_bytes
+from trainer.async_checkpoint import Checkpointer
 from trainer.build import build
 from trainer.checkpoint import (
     CHECKPOINT_DIR,
-    Checkpointer,
     check_resumable,
     load_checkpoint,
     resolve_resume,
@@ -46,6 +46,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config
 from trainer.export_step import export_step
+from trainer.faults import FaultInjection, NonfiniteGuard
 from trainer.logger import METRICS_FILE, make_logger
 from trainer.loop import Trainer
 from trainer.preempt import Preemption
@@ -99,6 +100,14 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
         logger = make_logger(
             cfg.logger, run_dir=run_dir, rank=env.rank, config=dataclasses.asdict(cfg)
         )
+        checkpointer = Checkpointer(
+            run_dir / CHECKPOINT_DIR,
+            every_steps=cfg.trainer.checkpoint_every_steps,
+            keep=cfg.trainer.checkpoint_keep,
+            config=cfg,
+            async_save=cfg.trainer.async_checkpoint,
+            on_error=cfg.trainer.on_checkpoint_error,
+        )
         trainer = Trainer(
             model=built.model,
             optimizer=built.optimizer,
@@ -108,14 +117,17 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             logger=logger,
             run_dir=run_dir,
             model_fwd=built.converters.wrap_forward(built.model),
-            checkpointer=Checkpointer(
-                run_dir / CHECKPOINT_DIR,
-                every_steps=cfg.trainer.checkpoint_every_steps,
-                keep=cfg.trainer.checkpoint_keep,
-                config=cfg,
-            ),
+            checkpointer=checkpointer,
             extra_states={"compression": built.converters},
             preemption=preemption,
+            nonfinite=NonfiniteGuard(
+                policy=cfg.trainer.on_nonfinite,
+                model=built.model,
+                device=env.device,
+                checkpoint_dir=checkpointer.directory,
+                before_stop=checkpointer.wait,  # a good save in flight is kept
+            ),
+            faults=FaultInjection.from_env(rank=env.rank),
         )
         resume_from = resolve_resume(cfg.trainer.resume, run_dir=run_dir)
         if resume_from is not None:
@@ -134,6 +146,8 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             }
         )
         summary.update(built.converters.summary())  # again: what training reached (pruning)
+        if cfg.trainer.checkpoint_every_steps:
+            summary.update(checkpointer.stats())
         if cfg.trainer.export:  # the quantized serving model, on rank 0
             summary["export"] = export_step(
                 cfg,

@@ -36,20 +36,20 @@ PYEOF
 cat "$OUT/env.txt"
 
 echo "== pytest -m gpu"
-timeout 300 $PY -m pytest -m gpu tests/test_gpu.py -q -rA -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+timeout ${GPU_PYTEST_S:-180} $PY -m pytest -m gpu tests/test_gpu.py -q -rA -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 pytest_rc=$?
 tail -n 25 "$OUT/pytest.log"
 
 echo "== bench: DLRM-DCNv2 shape, one device"
-timeout 330 $PY scripts/bench.py --device cuda --world-size 1 --shapes dcnv2 \
+timeout ${GPU_BENCH_S:-220} $PY scripts/bench.py --device cuda --world-size 1 --shapes dcnv2 \
   --contenders shardrec,shardrec_prefetch,torchrec,dense --batch-size "$BATCH" \
   --max-rows "$MAX_ROWS" --warmup 3 --steps 10 --repeats 5 --breakdown-steps 5 \
-  --timeout-s 320 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+  --timeout-s 215 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 tail -n 22 "$OUT/bench.log"
 
 echo "== fused embedding forward vs device-to-device copy"
-timeout 150 $PY scripts/bench_gpu.py --batch-size 16384 --max-rows "$MAX_ROWS" \
+timeout ${GPU_BW_S:-70} $PY scripts/bench_gpu.py --batch-size 16384 --max-rows "$MAX_ROWS" \
   --out "$OUT/bandwidth.json" > /tmp/bandwidth.log 2>&1
 bw_rc=$?
 tail -n 5 /tmp/bandwidth.log

@@ -93,6 +93,8 @@ class CriteoChunk:
     ids: np.ndarray  # uint64 [n, 26]; 0 where absent
     present: np.ndarray  # bool [n, 26]
     bad: BadRows
+    # Lines in the chunk, good and bad.
+    num_lines: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -107,7 +109,7 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
     """
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.size == 0:
-        return _empty(BadRows())
+        return _empty(BadRows(), 0)
     # Filler before the first byte so that fixed-width windows never start before it;
     # positions below are in this buffer.
     buf = np.concatenate([np.zeros(_LEAD, np.uint8), raw])
@@ -136,7 +138,7 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
         field_tabs = tabs.reshape(-1, NUM_FIELDS - 1)
     rows = np.flatnonzero(good)
     if rows.size == 0:
-        return _empty(bad)
+        return _empty(bad, int(ends.size))
     field_starts = np.concatenate([starts[rows, None], field_tabs + 1], axis=1)
     field_ends = np.concatenate([field_tabs, ends[rows, None]], axis=1)
     last_start, last_end = field_starts[:, -1], field_ends[:, -1]
@@ -194,6 +196,7 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
         ids=ids,
         present=present,
         bad=bad,
+        num_lines=int(ends.size),
     )
 
 
@@ -347,7 +350,7 @@ def _field_text(buf: np.ndarray, start: int, end: int) -> str:
     return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
-def _empty(bad: BadRows) -> CriteoChunk:
+def _empty(bad: BadRows, num_lines: int) -> CriteoChunk:
     return CriteoChunk(
         lines=np.zeros(0, np.int64),
         labels=np.zeros(0, np.float32),
@@ -355,4 +358,5 @@ def _empty(bad: BadRows) -> CriteoChunk:
         ids=np.zeros((0, NUM_CAT), np.uint64),
         present=np.zeros((0, NUM_CAT), bool),
         bad=bad,
+        num_lines=num_lines,
     )

@@ -99,9 +99,10 @@ class PartWriter:
             return
         self.labels.append(labels)
         self.dense.append(dense)
+        one_each = np.arange(1, n + 1, dtype=np.int64)  # the offsets' steps of single-hot bags
         for f, (lengths, rows) in enumerate(ids):
             if lengths is None:
-                ends = np.arange(1, n + 1, dtype=np.int64)
+                ends = one_each
                 longest = 1
             else:
                 ends = np.cumsum(lengths, dtype=np.int64)

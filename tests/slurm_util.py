@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-START_HINT = "start one with `scripts/slurm/local-cluster.sh start` (as root; .ci/run does)"
+START_HINT = (
+    "install and start a local cluster with `scripts/slurm/local-cluster.sh start` "
+    "(root; .ci/run does)"
+)
 # A tiny job: 4 small tables, dim 8, 64 samples per rank and step.
 TINY = [
     "trainer.batch_size=64",

@@ -71,7 +71,7 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
     ``source``: the run's data source (default: opened from ``cfg.data``).
     """
     validate_for_device(cfg, env.device.type)
-    source = source or open_source(cfg.data)
+    source = source or open_source(cfg.data, seed=cfg.trainer.seed)
     tables = resolved_tables(cfg, source.features)
     converters = build_converters(cfg, tables=tables, device_type=env.device.type)
     model = build_unsharded(

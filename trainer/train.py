@@ -70,7 +70,7 @@ def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
 
 def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
     """Runs one training job; returns the summary (also written to ``summary.json``)."""
-    source = open_source(cfg.data)
+    source = open_source(cfg.data, seed=cfg.trainer.seed)
     validate(
         cfg,
         features=source.features,

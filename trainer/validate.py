@@ -57,12 +57,15 @@ def validate_for_device(cfg: Config, device_type: str) -> None:
         )
 
 
-def open_source(data: Any) -> DataSource:
-    """Checks the ``data=`` settings and opens the source; errors name the key or file."""
+def open_source(data: Any, *, seed: int | None = None) -> DataSource:
+    """Checks the ``data=`` settings and opens the source; errors name the key or file.
+
+    ``seed``: ``trainer.seed``, for sources that shuffle (see ``make_source``).
+    """
     if isinstance(data, SyntheticDataConfig):
         validate_synthetic(data)
     try:
-        return make_source(data)
+        return make_source(data, seed=seed)
     except (ValueError, FileNotFoundError) as err:  # e.g. shards missing or of another prepare
         raise ConfigError(str(err)) from err
 

@@ -26,14 +26,18 @@ from trainer.data.synthetic import SyntheticCriteo, SyntheticSource
 from trainer.data.synthetic_config import SyntheticDataConfig
 
 
-def make_source(cfg: Any) -> DataSource:
-    """The source ``cfg`` (one of the ``data=`` schemas) describes."""
+def make_source(cfg: Any, *, seed: int | None = None) -> DataSource:
+    """The source ``cfg`` (one of the ``data=`` schemas) describes.
+
+    ``seed``: the run's (``trainer.seed``), for sources whose order it sets when
+    their own ``data.seed`` is unset (the prepared shards' per-epoch shuffle).
+    """
     if isinstance(cfg, SyntheticDataConfig):
         return SyntheticSource(cfg)
     if getattr(cfg, "name", None) in ("criteo", "table"):
         from trainer.data.shards import ShardSource  # reads prepared shards
 
-        return ShardSource.from_config(cfg)
+        return ShardSource.from_config(cfg, seed=seed)
     raise ValueError(f"data={getattr(cfg, 'name', cfg)!r} has no source")
 
 

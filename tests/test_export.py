@@ -193,5 +193,10 @@ def test_python_m_trainer_ptq_export_shows_the_quantization_error(tmp_path: Path
     # The fp32-trained model never saw int4 rows: serving moves its logits
     # (measured: 0.034 after 8 steps), which is what QAT removes.
     assert export["max_abs_logit_diff"] > 1e-3
-    assert 0.0 <= export["auc"] <= 1.0 and export["bytes"] < export["fp32_bytes"]
+    # ... but only a little: the int4 model scores the eval set as the trained one did
+    # (measured after 8 steps: AUC 0.4990 vs 0.4996, log loss 0.4398 vs 0.4402).
+    assert abs(export["auc"] - summary["auc"]) < 0.01
+    assert abs(export["logloss"] - summary["logloss"]) < 0.01
+    assert export["auc"] != summary["auc"]  # it did score the quantized model
+    assert export["bytes"] < export["fp32_bytes"]
     assert (tmp_path / "exported_model.pt").stat().st_size > export["bytes"]

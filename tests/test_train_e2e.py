@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,6 @@ def _check_outputs(run_dir: Path, *, world_size: int, strategy: str) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["steps"] == 8 and summary["world_size"] == world_size
-    assert 0.0 <= summary["auc"] <= 1.0 and 0.5 < summary["oracle_auc"] < 1.0
     assert summary["samples_per_sec"] > 0
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["world_size"] == world_size and plan["strategy"] == strategy
@@ -44,7 +44,22 @@ def _check_outputs(run_dir: Path, *, world_size: int, strategy: str) -> dict:
     if strategy != "auto":
         assert {t["sharding_type"] for t in tables.values()} == {strategy}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "auc" in r] == [4, 8]
+    evals = [r for r in records if "auc" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    # The summary is the last eval, over the whole eval set, whatever the world size.
+    for key in ("auc", "logloss", "ne", "calibration"):
+        assert summary[key] == evals[-1][key], key
+    assert evals[-1]["num_samples"] == 2048
+    # NE is the log loss over the entropy of the eval set's click rate.
+    ctr = evals[-1]["ctr"]
+    entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
+    assert summary["ne"] == pytest.approx(summary["logloss"] / entropy, rel=1e-4)
+    # 8 steps only move the logits from 0 (loss ln 2 = 0.69) toward the base rate
+    # (measured 0.70 -> 0.58), too few to rank clicks (AUC ~0.5, measured 0.4996);
+    # tests/test_learning.py shows the trainer learning.
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.05
+    assert 0.75 < summary["oracle_auc"] < 0.85  # the planted model's, on these 2048 samples
     assert (run_dir / "curves.png").stat().st_size > 1000
     return plan
 

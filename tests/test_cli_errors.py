@@ -29,6 +29,7 @@ MISTAKES = [
     (["sharding.strategy=row_wsie"], ["sharding.strategy=row_wsie", "row_wise", "grid"]),
     (["precision=bf61"], ["precision=bf61", "bf16, fp16, fp32"]),
     (["logger=tb"], ["logger=tb", "none, wandb"]),
+    (["experiment=compression/nope"], ["experiment=compression/nope", "compression/int4_qat"]),
     (["+trainer.foo=1"], ["+trainer.foo", "no such key"]),
     (["-m", "trainer.batch_size=64,lots"], ["trainer.batch_size=lots", "Integer"]),
     (["data.hotness=[1,2]"], ["data.hotness", "one value for all features"]),

@@ -148,12 +148,16 @@ def _sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
 def explain(err: BaseException, overrides: Sequence[str]) -> str:
     """Hydra's or OmegaConf's error as one line naming the key and what is allowed."""
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
-        group, _, option = err.missing_cfg_file.rpartition("/")
-        given = next((o for o in overrides if o.lstrip("+~").startswith(f"{group}=")), None)
-        if group and err.options is not None:
+        missing = err.missing_cfg_file  # e.g. sharding/row_wsie, experiment/compression/nope
+        given = next((o for o in overrides if missing.startswith(f"{_key_of(o)}/")), None)
+        group = _key_of(given) if given else missing.rpartition("/")[0]
+        options = _group_options(group) or [
+            o for o in err.options or [] if not o.endswith("_schema")
+        ]
+        if group and options:
             return (
-                f"{given or group + '=' + option}: conf/{group}/ has no option {option!r}; "
-                f"choose one of {', '.join(o for o in err.options if not o.endswith('_schema'))}"
+                f"{given or missing}: conf/{group}/ has no option "
+                f"{missing[len(group) + 1 :]!r}; choose one of {', '.join(options)}"
             )
     if isinstance(err, OverrideParseException):
         bad = _unparsable(overrides)
@@ -174,6 +178,18 @@ def explain(err: BaseException, overrides: Sequence[str]) -> str:
     if "Config search path:" in lines:
         lines = lines[: lines.index("Config search path:")]
     return "; ".join(lines) or type(err).__name__
+
+
+def _group_options(group: str) -> list[str]:
+    """The options of a config group of conf/ (nested ones as ``compression/bf16``)."""
+    folder = CONF_DIR / group
+    if group.startswith("hydra") or not folder.is_dir():
+        return []  # Hydra's own groups: Hydra's list
+    return sorted(
+        str(p.relative_to(folder).with_suffix(""))
+        for p in folder.rglob("*.yaml")
+        if not p.stem.endswith("_schema")
+    )
 
 
 def _key_of(override: str) -> str:

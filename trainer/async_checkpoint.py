@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -106,6 +107,23 @@ class _AlreadyStaged(AsyncStager):
         pass
 
 
+def _describe(err: BaseException) -> str:
+    """One line: DCP's CheckpointException lists each failed rank's own exception."""
+    if isinstance(err, CheckpointException):
+        return "; ".join(
+            f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+            for rank, (exc, _trace) in sorted(err.failures.items())
+        )
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err) else ''}"
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB free"
+    except OSError:
+        return "free space unknown"
+
+
 def _prune(directory: Path, *, keep: int) -> None:
     for old in complete_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -144,7 +162,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)  # left by a job killed while saving
                 tmp.mkdir(parents=True)
             except OSError as err:
-                error = f"{type(err).__name__}: {err}"
+                error = _describe(err)
         error = broadcast_object(error)
         if error is None:
             try:
@@ -161,8 +179,8 @@ class Checkpointer:
                         future.add_done_callback(lambda _: self._publish(pending))
                 else:
                     dcp.save(dict(states), checkpoint_id=tmp)
-            except Exception as err:  # DCP raises the same CheckpointException on every rank
-                error = f"{type(err).__name__}: {err}"
+            except (Exception, CheckpointException) as err:  # the same on every rank
+                error = _describe(err)
         if error is not None:
             self._failed(step, tmp, error)
             self.blocked_s.append(time.perf_counter() - start)
@@ -184,8 +202,8 @@ class Checkpointer:
         try:
             pending.future.result()
             error = None
-        except Exception as err:
-            error = f"{type(err).__name__}: {err}"
+        except (Exception, CheckpointException) as err:  # a BaseException
+            error = _describe(err)
         self._finish(pending, error=error)
 
     def _publish(self, pending: _Pending) -> None:
@@ -200,7 +218,7 @@ class Checkpointer:
                 pending.tmp.rename(pending.final)
                 _prune(self.directory, keep=self.keep)
         except OSError as err:
-            pending.publish_error = f"{type(err).__name__}: {err}"
+            pending.publish_error = _describe(err)
         finally:
             pending.published.set()
 
@@ -222,15 +240,16 @@ class Checkpointer:
         found = complete_checkpoints(self.directory)
         previous = f"the previous checkpoint {found[-1]} is whole" if found else "none was written"
         message = (
-            f"checkpoint at step {step} failed ({error.splitlines()[0][:300]}); {previous}. "
-            f"Free space under {self.directory} or move it (hydra.run.dir=...)"
+            f"checkpoint at step {step} failed ({error}); {previous}; "
+            f"{_free_space(self.directory)} under {self.directory}: free space there or "
+            f"move the run (hydra.run.dir=...)"
         )
         if self.on_error == "warn":
             if is_main():
                 log.warning("%s; training on (trainer.on_checkpoint_error=warn)", message)
             return
         raise CheckpointSaveError(
-            f"{message}; the run stops (trainer.on_checkpoint_error=stop; =warn trains on)"
+            f"{message}; the run stops (trainer.on_checkpoint_error=warn would train on)"
         )
 
     def _pg(self) -> Any:

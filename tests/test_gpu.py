@@ -84,7 +84,8 @@ def _gpu_worker(rank: int, cases: list[str], out_dir: str) -> None:
                 dist.all_reduce(loss)
                 losses.append(float(loss) / env.world_size)
             plan = {
-                t: (ps.sharding_type, list(ps.ranks or []), ps.compute_kernel)
+                # Plain strings: the files are read back with torch.load's weights_only.
+                t: (str(ps.sharding_type), list(ps.ranks or []), str(ps.compute_kernel))
                 for mp in built.plan.plan.values()
                 for t, ps in mp.items()
             }

@@ -6,13 +6,18 @@ Unsharded and in one process (the 2-rank sharded run is tests/test_distill_shard
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from compression.distill import DistillConverter, distill_loss
+from tests.conftest import REPO
 from tests.test_sharding_equivalence import tiny_config
 from trainer.build import build_unsharded
 from trainer.config import (
@@ -203,3 +208,55 @@ def test_distill_configs_compose(compose_cfg) -> None:  # noqa: ANN001
     cfg = to_config(compose_cfg(["distill=online", "qat=int2"]))
     assert cfg.distill.name == "online" and cfg.qat.bits == 2
     assert to_config(compose_cfg([])).distill.name == "none"
+
+
+def test_the_study_sweep_composes_every_job(compose_cfg) -> None:  # noqa: ANN001
+    params = OmegaConf.load(REPO / "conf" / "sweep" / "distill_study.yaml").hydra.sweeper.params
+    experiments = str(params["experiment"]).split(",")
+    assert len(experiments) == 4 and str(params["trainer.seed"]).split(",") == ["0", "1", "2"]
+    shapes = {}
+    for experiment in experiments:
+        cfg = to_config(compose_cfg(["+sweep=distill_study", f"experiment={experiment}"]))
+        validate(cfg)
+        shapes[experiment] = cfg
+    # The student alone has the distilled student's shape.
+    alone, distilled = shapes["distill/student"], shapes["distill/distilled"].distill
+    assert alone.model.embedding_dim == distilled.embedding_dim
+    assert alone.model.dense_arch_layer_sizes == distilled.dense_arch_layer_sizes
+    assert alone.model.over_arch_layer_sizes == distilled.over_arch_layer_sizes
+    assert shapes["distill/distilled_int4"].distill.student_qat_bits == 4
+
+
+def test_study_script_reports_mean_sd_and_targets(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from distill_study import main
+
+    aucs = {
+        "student": [0.70, 0.71, 0.72],
+        "distilled": [0.75, 0.75, 0.75],
+        "distilled_int4": [0.749, 0.75, 0.751],
+        "teacher": [0.80, 0.80, 0.80],
+    }
+    for name, values in aucs.items():
+        for seed, auc in enumerate(values):
+            job = tmp_path / f"{name}{seed}"
+            (job / ".hydra").mkdir(parents=True)
+            (job / ".hydra" / "overrides.yaml").write_text(
+                f"- experiment=distill/{name}\n- trainer.seed={seed}\n"
+            )
+            head = "student." if "distilled" in name else ""
+            summary = {
+                f"{head}auc": auc,
+                f"{head}logloss": 0.4,
+                "global_batch_size": 1024,
+                "samples_per_sec": 1024.0 if name != "teacher" else 2048.0,
+            }
+            (job / "summary.json").write_text(json.dumps(summary))
+    assert main([str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "distill_study.json").read_text())
+    verdict = result["verdicts"]
+    assert verdict["beats_student_alone_beyond_spread"] is True
+    assert verdict["gap_closed"] == pytest.approx(0.04 / 0.09)
+    assert verdict["int4_vs_fp32_auc"] == pytest.approx(0.0)
+    assert verdict["step_time_cost"] == pytest.approx(1.0)
+    assert (tmp_path / "distill_study.png").stat().st_size > 1000

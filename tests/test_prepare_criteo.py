@@ -203,3 +203,20 @@ def test_data_groups_compose_to_their_schemas(compose_cfg):
     assert isinstance(table, TableDataConfig) and table.label == "y"
     with pytest.raises(Exception, match="mapping"):
         compose_cfg(["data=criteo", "data.mapping=md5"])
+
+
+def test_the_shard_source_reads_what_prepare_wrote(tmp_path, lines):
+    from trainer.data.shards import ShardSource
+
+    raw = write_tsv(tmp_path / "day_0.tsv", lines[:400])
+    prepare(cfg(tmp_path, [raw], eval_fraction=0.25), progress=False)
+    source = ShardSource(tmp_path / "out", seed=0, shuffle=False)
+    assert [f.num_embeddings for f in source.features] == ROWS and source.num_dense == NUM_INT
+    assert source.num_train_samples == 300 and source.num_eval_samples == 100
+    batch = next(source.eval_batches(batch_size=8, rank=0, world_size=1))
+    want = expected_arrays(lines[300:308])
+    np.testing.assert_array_equal(batch.labels.numpy(), want["labels"])
+    np.testing.assert_allclose(batch.dense_features.numpy(), want["dense"], rtol=1e-6)
+    kjt = batch.sparse_features
+    for f, name in enumerate(CAT_NAMES):
+        np.testing.assert_array_equal(kjt[name].values().numpy(), want["ids"][:, f])

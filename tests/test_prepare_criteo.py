@@ -220,3 +220,13 @@ def test_the_shard_source_reads_what_prepare_wrote(tmp_path, lines):
     kjt = batch.sparse_features
     for f, name in enumerate(CAT_NAMES):
         np.testing.assert_array_equal(kjt[name].values().numpy(), want["ids"][:, f])
+
+
+def test_never_replaces_a_directory_it_did_not_write(tmp_path, lines):
+    raw = write_tsv(tmp_path / "day_0.tsv", lines[:30])
+    keep = tmp_path / "out" / "precious.txt"
+    keep.parent.mkdir()
+    keep.write_text("mine")
+    with pytest.raises(PrepareError, match="is not a prepared data directory"):
+        prepare(cfg(tmp_path, [raw]), progress=False)
+    assert keep.read_text() == "mine"

@@ -66,6 +66,11 @@ def prepare(cfg: PreparedDataConfig, *, progress: bool = True) -> PrepareResult:
             existing = None
         if existing is not None and existing.fingerprint == fingerprint:
             return PrepareResult(directory, existing, up_to_date=True)
+    if directory.exists() and not _replaceable(directory):
+        raise PrepareError(
+            f"data.dir={directory} exists and is not a prepared data directory (no "
+            f"{METADATA_FILE}); prepare replaces only its own output: pick a new or empty directory"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(directory)
     work = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
@@ -174,6 +179,13 @@ def _finish(
     )
     meta.write(work)
     return meta
+
+
+def _replaceable(directory: Path) -> bool:
+    """An earlier prepare's output, or an empty directory: never anything else of the user's."""
+    if not directory.is_dir():
+        return False
+    return (directory / METADATA_FILE).is_file() or not any(directory.iterdir())
 
 
 def _swap_into_place(work: Path, directory: Path) -> None:

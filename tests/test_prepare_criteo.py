@@ -107,6 +107,7 @@ def test_one_worker_and_two_give_the_same_rows_and_rerun_is_a_no_op(tmp_path, li
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
     assert one.metadata.fingerprint == two.metadata.fingerprint
+    assert one.metadata.checksum == two.metadata.checksum  # the same parts, byte for byte
     stamp = (two.directory / "metadata.json").stat().st_mtime_ns
     again = prepare(cfg(tmp_path, [raw], dir=str(tmp_path / "b")), progress=False)
     assert again.up_to_date

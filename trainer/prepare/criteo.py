@@ -36,6 +36,7 @@ from trainer.prepare.pipeline import PipelineOutput, vocab_path, write_vocabular
 from trainer.prepare.writer import PartWriter
 
 _MAX_RANGE_BYTES = 1 << 30
+_NUM_RANGES = 16
 
 
 @dataclass
@@ -64,8 +65,8 @@ def prepare_criteo(cfg: CriteoDataConfig, *, work: Path, progress: bool) -> Pipe
     num_workers = default_workers(cfg.num_workers)
     skip = cfg.on_bad_row == OnBadRow.skip
     empty = BadRowLog(file="(inputs)", skip=skip)
-    tasks = _ranges(check_inputs(cfg.raw, "data.raw"), "train", cfg, num_workers, empty)
-    tasks += _ranges(check_inputs(cfg.eval_raw, "data.eval_raw"), "eval", cfg, num_workers, empty)
+    tasks = _ranges(check_inputs(cfg.raw, "data.raw"), "train", cfg, empty)
+    tasks += _ranges(check_inputs(cfg.eval_raw, "data.eval_raw"), "eval", cfg, empty)
     counted = run_tasks(
         _count_lines, tasks, num_workers=num_workers, total=0, desc="", progress=False
     )
@@ -111,11 +112,14 @@ def prepare_criteo(cfg: CriteoDataConfig, *, work: Path, progress: bool) -> Pipe
 
 
 def _ranges(
-    paths: list[Path], split: str, cfg: CriteoDataConfig, num_workers: int, empty: BadRowLog
+    paths: list[Path], split: str, cfg: CriteoDataConfig, empty: BadRowLog
 ) -> list[CriteoTask]:
-    """Byte ranges of the files, cut after a newline: a few per worker, at most 1 GiB each."""
+    """Byte ranges of the files, cut after a newline: about 16 in all, at most 1 GiB each.
+
+    Not a function of the worker count, so that the parts (and the checksum) are
+    the same however many processes wrote them."""
     sizes = [p.stat().st_size for p in paths]
-    target = sum(sizes) // (4 * num_workers) + 1
+    target = sum(sizes) // _NUM_RANGES + 1
     range_bytes = int(min(max(target, cfg.chunk_bytes), _MAX_RANGE_BYTES))
     tasks = []
     for path, size in zip(paths, sizes, strict=True):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,6 +53,30 @@ def distill_loss(
     return alpha * hard + (1 - alpha) * temperature**2 * soft_term
 
 
+def load_teacher(model: nn.Module, checkpoint: str) -> None:
+    """Collective: the teacher's weights from a plain run's DCP checkpoint, resharded.
+
+    A plain run saved its ``DLRMTrain`` under the ``model`` entry (``model.<name>``);
+    the pair's teacher holds the same tensors as ``teacher.<name>``. Only the
+    weights are read: the teacher's optimizer state starts fresh.
+    """
+    state = model.state_dict()
+    teacher = {
+        "model." + key.removeprefix("teacher."): value
+        for key, value in state.items()
+        if key.startswith("teacher.")
+    }
+    try:
+        dcp.load({"model": teacher}, checkpoint_id=checkpoint)
+    except Exception as err:  # a checkpoint of another model (names or shapes differ)
+        raise ValueError(
+            f"distill.teacher_checkpoint={checkpoint}: cannot load the teacher from it "
+            f"({type(err).__name__}: {str(err)[:300]}); give a checkpoint of a plain run "
+            f"(distill=none) with the same model.* settings"
+        ) from err
+    model.load_state_dict(state)
+
+
 class DistillConverter(Converter):
     """Pairs the teacher with a student before planning; warms up, then distills.
 
@@ -66,10 +91,12 @@ class DistillConverter(Converter):
         *,
         make_pair: Callable[[nn.Module], nn.Module],
         warmup_steps: int,
+        teacher_checkpoint: str | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
         self.make_pair = make_pair
         self.warmup_steps = warmup_steps
+        self.teacher_checkpoint = teacher_checkpoint
         self.settings = dict(settings or {})
         self.pairs: list[nn.Module] = []
         self.step = 0
@@ -83,6 +110,8 @@ class DistillConverter(Converter):
         self.pairs = [m for m in model.modules() if hasattr(m, "soft")]
         if not self.pairs:
             raise ValueError("distill: the sharded model holds no teacher/student pair")
+        if self.teacher_checkpoint:
+            load_teacher(model, self.teacher_checkpoint)
 
     def wrap_forward(self, forward: Forward) -> Forward:
         def distilling(batch: Any) -> Any:

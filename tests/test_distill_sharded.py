@@ -9,12 +9,15 @@ uninterrupted one does.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from compression.export import load_exported
+from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
 
 TINY = [
@@ -82,3 +85,36 @@ def test_distillation_resumes_where_it_left_off(tmp_path: Path) -> None:
     for key in ("student.auc", "teacher.auc", "student.logloss", "teacher.logloss"):
         assert again[key] == pytest.approx(summary[key], abs=1e-5), key
     assert torch.isfinite(torch.tensor(again["export"]["auc"]))
+
+
+def _trainer(*overrides: str, run_dir: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_frozen_teacher_warm_started_from_a_plain_run_keeps_its_predictions(
+    tmp_path: Path,
+) -> None:
+    """distill.teacher_checkpoint: the plain run's weights, resharded into the pair."""
+    plain = [o for o in TINY if not o.startswith(("distill", "sharding", "trainer.export"))]
+    first = _trainer(*plain, "trainer.checkpoint_every_steps=8", run_dir=tmp_path / "plain")
+    step_8 = tmp_path / "plain" / "checkpoints" / "step_8"
+    distilled = _trainer(
+        *plain,
+        "distill=online",
+        f"distill.teacher_checkpoint={step_8}",
+        "distill.freeze_teacher=true",
+        run_dir=tmp_path / "distilled",
+    )
+    # Frozen: the teacher evaluates exactly as the plain run ended.
+    assert distilled["teacher.auc"] == pytest.approx(first["auc"], abs=1e-6)
+    assert distilled["teacher.logloss"] == pytest.approx(first["logloss"], abs=1e-6)

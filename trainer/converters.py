@@ -129,6 +129,7 @@ def _distill_converter(cfg: Config, tables: Sequence[TableConfig]) -> DistillCon
     return DistillConverter(
         make_pair=functools.partial(make_pair, tables=list(tables), distill=d, model=cfg.model),
         warmup_steps=d.warmup_steps,
+        teacher_checkpoint=d.teacher_checkpoint,
         settings={
             "alpha": d.alpha,
             "temperature": d.temperature,

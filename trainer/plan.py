@@ -43,7 +43,7 @@ from sharding.report import estimates_to_dict, format_estimates
 from trainer.build import build_unsharded
 from trainer.cli import config_error_line, exit_on_compose_error
 from trainer.config import Config, ConfigError, register_configs, resolved_tables, to_config
-from trainer.converters import build_converters
+from trainer.converters import build_converters, model_tables
 from trainer.planning import World, plan_model
 from trainer.run_dir import register_resolvers
 from trainer.validate import open_source
@@ -97,12 +97,13 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
         device=torch.device("meta"),
         table_data_type=converters.table_data_type(),
     )
+    model = converters.wrap_model(model)  # e.g. a distillation student, planned with it
     capture = PlanCapture()
     try:
         planned = plan_model(
             cfg,
             model=model,
-            tables=tables,
+            tables=model_tables(cfg, tables),
             features=source.features,
             converters=converters,
             world=World(
@@ -120,7 +121,7 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
                     table_bytes(
                         t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim
                     )
-                    for t in tables
+                    for t in model_tables(cfg, tables)
                 ],
                 strategy=shard.strategy,
                 world_size=world_size,

@@ -85,7 +85,12 @@ class DistillTrain(nn.Module):
         self.freeze_teacher = freeze_teacher
         self.soft = True
         if freeze_teacher:
-            self.teacher.requires_grad_(False)
+            # The dense parts only (so DDP leaves them out). The tables keep their
+            # fused optimizer, which FBGEMM only runs when a gradient reaches them,
+            # and none does: the frozen teacher's forward runs without autograd.
+            for name, arch in self.teacher.named_children():
+                if name != "sparse_arch":
+                    arch.requires_grad_(False)
 
     @property
     def model(self) -> nn.Module:

@@ -12,7 +12,8 @@ metrics of the union of every rank's samples, identical on every rank:
   labels, ``ctr``: mean label, ``num_samples``: samples seen by all ranks.
   With only one label class in the whole set, ``auc`` and ``ne`` are NaN.
   These come from torchrec's ``NEMetric``, ``CalibrationMetric``,
-  ``CTRMetric`` and ``SumWeightsMetric`` (lifetime values, sum-reduced).
+  ``CTRMetric`` (lifetime values, sum-reduced); ``num_samples`` is counted here
+  (torchrec 1.6, the GPU stack, has no ``SumWeightsMetric``).
 
 Example::
 
@@ -43,7 +44,8 @@ from torchrec.metrics.metrics_config import DefaultTaskInfo
 from torchrec.metrics.metrics_namespace import MetricName, MetricPrefix
 from torchrec.metrics.ne import NEMetric
 from torchrec.metrics.rec_metric import RecMetric
-from torchrec.metrics.sum_weights import SumWeightsMetric
+
+from sharding.collectives import all_gather_object
 
 _TASK = DefaultTaskInfo.name
 _REC_NAMES = (
@@ -51,7 +53,6 @@ _REC_NAMES = (
     MetricName.LOG_LOSS,
     MetricName.CALIBRATION,
     MetricName.CTR,
-    MetricName.SUM_WEIGHTS,
 )
 
 
@@ -106,12 +107,12 @@ class EvalMetrics:
             MetricName.NE: NEMetric(**rec_kwargs, include_logloss=True),
             MetricName.CALIBRATION: CalibrationMetric(**rec_kwargs),
             MetricName.CTR: CTRMetric(**rec_kwargs),
-            MetricName.SUM_WEIGHTS: SumWeightsMetric(**rec_kwargs),
         }
         # thresholds=None keeps every prediction: exact AUC, memory O(samples).
         self._auc = BinaryAUROC(thresholds=None)
         self._modules = nn.ModuleList([self._auc, *self._rec_metrics.values()])
         self._device = device
+        self._num_seen = 0  # this rank's samples; summed over ranks in compute()
         if device is not None:
             self._modules.to(device)
         # An empty first entry makes a rank with no eval batch still take part
@@ -133,6 +134,7 @@ class EvalMetrics:
         labels = labels.detach().to(self._device).flatten()
         if probs.numel() == 0:
             return
+        self._num_seen += probs.numel()
         self._auc.update(probs, labels.long())
         for metric in self._rec_metrics.values():
             metric.update(
@@ -151,7 +153,7 @@ class EvalMetrics:
             for metric in self._rec_metrics.values():
                 results.update(metric.compute())
             rec = {name: _lifetime(results, name) for name in _REC_NAMES}
-            seen = rec[MetricName.SUM_WEIGHTS]
+            seen = float(sum(all_gather_object(self._num_seen)))
             # Same value on every rank, so all raise together instead of some
             # waiting in the AUC all-gather.
             if seen == 0:

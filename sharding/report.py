@@ -43,6 +43,12 @@ def plan_to_dict(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
                 "compute_kernel": ps.compute_kernel,
                 "ranks": list(ps.ranks) if ps.ranks is not None else None,
                 "shards": _shards(ps),
+                # UVM caching: the share of the table's rows cached in HBM.
+                **(
+                    {"cache_load_factor": ps.cache_params.load_factor}
+                    if ps.cache_params is not None and ps.cache_params.load_factor is not None
+                    else {}
+                ),
             }
             for table, ps in module_plan.items()  # type: ignore[union-attr]
         }

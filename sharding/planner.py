@@ -1,9 +1,12 @@
 """Sharding plans: torchrec's planner over a topology, or one strategy for all tables.
 
 ``auto`` lets torchrec's EmbeddingShardingPlanner choose per table against the
-topology's memory and bandwidth model; any other strategy is passed to the same
-planner as a per-table constraint, so every plan, chosen or forced, comes out of
-one code path and is checked against the memory caps.
+topology's memory and bandwidth model, among the sharding types torchrec itself
+offers on the compute device (on CPU: data_parallel, table_wise, column_wise,
+table_column_wise; row_wise, table_row_wise and grid only when asked for);
+any other strategy is passed to the same planner as a per-table constraint,
+so every plan, chosen or forced, comes out of one code path and is checked
+against the memory caps.
 
 Pooling factors (the mean ids per sample of each feature) feed the planner's
 cost and buffer estimates; without them torchrec assumes one id per sample.
@@ -42,6 +45,8 @@ from torchrec.distributed.sharding_plan import (
     table_wise,
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+
+from sharding.sharders import auto_sharding_types
 
 STRATEGIES = (
     "auto",
@@ -117,15 +122,20 @@ def make_topology(
     )
 
 
-def _kernels_for(strategy: str, compute_kernel: str) -> tuple[list[str] | None, list[str]]:
-    # auto: the planner picks the strategy, but the kernel is still the configured
-    # one (plus dense, the only kernel of data-parallel tables): on CUDA torchrec
-    # would otherwise also try UVM, SSD and key-value kernels that move tables
-    # off the device, which no config here asks for.
+def _kernels_for(
+    strategy: str, compute_kernel: str, compute_device: str
+) -> tuple[list[str], list[str]]:
+    # auto: the planner picks the strategy among those torchrec itself offers on
+    # the device (the CPU extras of sharding.sharders only when asked for: the
+    # cost model ranks row-wise first on CPU, where it is the slower one), but
+    # the kernel is still the configured one (plus dense, the only kernel of
+    # data-parallel tables): on CUDA torchrec would otherwise also try UVM, SSD
+    # and key-value kernels that move tables off the device, which no config
+    # here asks for.
     # A single strategy: data-parallel tables are plain replicated tensors, so
     # only the dense kernel applies.
     if strategy == "auto":
-        return None, sorted({compute_kernel, "dense"})
+        return auto_sharding_types(compute_device), sorted({compute_kernel, "dense"})
     if strategy == "data_parallel":
         return [strategy], ["dense"]
     return [sharding_type(strategy)], [compute_kernel]
@@ -139,12 +149,13 @@ def _constraints(
     overrides: dict[str, TableOverride],
     cache_load_factor: float,
     column_shard_dim: int | None = None,
+    compute_device: str = "cpu",
 ) -> dict[str, ParameterConstraints]:
     constraints = {}
     for name in table_names:
         pin = overrides.get(name, TableOverride())
         sharding_types, kernels = _kernels_for(
-            pin.strategy or strategy, pin.compute_kernel or compute_kernel
+            pin.strategy or strategy, pin.compute_kernel or compute_kernel, compute_device
         )
         extra: dict = {"pooling_factors": pooling_factors[name]} if name in pooling_factors else {}
         if "fused_uvm_caching" in kernels:
@@ -254,6 +265,7 @@ def plan_sharding(
             overrides or {},
             cache_load_factor,
             column_shard_dim,
+            topology.compute_device,
         ),
         storage_reservation=FixedPercentageStorageReservation(storage_reservation_percentage),
         stats=stats,

@@ -6,6 +6,17 @@ proposes them and a constraint asking for them fails with "No available sharding
 type and compute kernel combination". The CPU kernels (FBGEMM's CPU TBE) run
 them fine over gloo; whether they are *right* is decided by the equivalence
 tests in tests/, which compare each against an unsharded model.
+
+They are offered on request only: ``sharding=auto`` on CPU chooses among the
+types torchrec itself offers there (:func:`auto_sharding_types`), because the
+planner's cost model prefers row-wise on CPU although it is slower there than
+table-wise (one all-to-all of ids and one reduce-scatter of pooled rows per
+table instead of one all-to-all of pooled rows).
+
+Example::
+
+    auto_sharding_types("cpu")   # ['data_parallel', 'table_wise', 'column_wise', ...]
+    sharders = embedding_sharders(fused_params={"learning_rate": 0.05})
 """
 
 from __future__ import annotations
@@ -31,6 +42,11 @@ class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
         if compute_device_type == "cpu":
             types += [t for t in _CPU_EXTRA if t not in types]
         return types
+
+
+def auto_sharding_types(compute_device_type: str) -> list[str]:
+    """The sharding types torchrec itself offers on a device: ``sharding=auto``'s choices."""
+    return list(EmbeddingBagCollectionSharder().sharding_types(compute_device_type))
 
 
 def embedding_sharders(

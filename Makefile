@@ -12,7 +12,7 @@ TORCH    := torch==2.13.0
 FBGEMM   := fbgemm-gpu-cpu==1.8.0
 TORCHREC := torchrec==1.8.0
 
-.PHONY: help install train test compression-report sweep-report lint format clean
+.PHONY: help install train prepare test test-slow bench compression-report sweep-report lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-19s %s\n", $$1, $$2}'
@@ -32,8 +32,17 @@ $(STAMP): pyproject.toml Makefile
 train: $(STAMP)  ## train the built-in default (synthetic data, planted model) and print a summary
 	$(BIN)/python -m trainer $(ARGS)
 
+prepare: $(STAMP)  ## raw data into shards once: make prepare ARGS="data=criteo 'data.raw=[day_0]' data.dir=DIR"
+	$(BIN)/python -m trainer.prepare $(ARGS)
+
 test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)  ## the slow tier: e.g. the default job reaches the oracle AUC (minutes)
+	$(BIN)/python -m pytest -m slow -s $(ARGS)
+
+bench: $(STAMP)  ## shardrec vs plain PyTorch, torchrec's loop and the dense floor (ARGS="--quick")
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 # The report is written even when a job failed (it shows the job's error line);
 # make still exits with the sweep's status.

@@ -3,7 +3,9 @@
 
 Every sample carries its identity: ``dense[:, 0]`` is its row number within
 the split (plus ``1e6`` in the eval split), so a test can tell which rows a
-batch holds. Features are ``(name, rows, max ids per sample)``; a feature with
+batch holds; ``dense_stats`` in the metadata are the train rows' own mean and
+std, except column 0's (0 and 1, so that standardizing keeps the identity).
+Features are ``(name, rows, max ids per sample)``; a feature with
 ``max > 1`` is multi-hot with bag lengths in ``[0, max]``.
 
 Example::
@@ -48,6 +50,7 @@ def write_shards(
     """Writes ``directory`` with parts of ``part_rows[split]`` rows each; returns its metadata."""
     rng = np.random.default_rng(seed)
     splits, digest, total_ids = {}, hashlib.sha256(), {name: 0 for name, _, _ in features}
+    train_dense = []
     for split, sizes in part_rows.items():
         infos, start = [], 0
         for p, num_rows in enumerate(sizes):
@@ -55,6 +58,8 @@ def write_shards(
             base = EVAL_ID_BASE if split == "eval" else 0
             arrays = _part_arrays(rng, start + base, num_rows, features, num_dense)
             (directory / rel).mkdir(parents=True, exist_ok=True)
+            if split == "train":
+                train_dense.append(arrays[DENSE_FILE].astype(np.float64))
             for name, array in arrays.items():
                 np.save(directory / rel / name, array)
                 digest.update(array.tobytes())
@@ -64,6 +69,9 @@ def write_shards(
             start += num_rows
         splits[split] = SplitInfo(num_rows=start, parts=infos)
     num_samples = sum(s.num_rows for s in splits.values())
+    dense = np.concatenate(train_dense) if train_dense else np.zeros((0, num_dense))
+    mean, std = dense.mean(axis=0), dense.std(axis=0)
+    mean[:1], std[:1] = 0.0, 1.0
     meta = ShardMetadata(
         source="table",
         num_dense=num_dense,
@@ -80,6 +88,7 @@ def write_shards(
         mapping={"kind": "hash"},
         fingerprint=fingerprint,
         checksum=digest.hexdigest(),
+        dense_stats={"count": len(dense), "mean": mean.tolist(), "std": std.tolist()},
     )
     meta.write(directory)
     return meta

@@ -75,6 +75,18 @@ def expected_arrays(lines: list[str]) -> dict[str, np.ndarray]:
     return {"labels": np.array(labels), "dense": np.array(dense), "ids": np.array(ids)}
 
 
+def blank_dense(lines: list[str]) -> np.ndarray:
+    """Which integer fields of the lines are empty."""
+    return np.array([[f == "" for f in line.split("\t")[1 : 1 + NUM_INT]] for line in lines])
+
+
+def train_stats(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's per-column mean and std of the train split's present dense values."""
+    train = read_split(directory, "train")["dense"].astype(np.float64)
+    masked = np.ma.masked_array(train, mask=(train == 0) & np.signbit(train))
+    return masked.mean(axis=0).filled(0.0), masked.std(axis=0).filled(0.0)
+
+
 @pytest.fixture(scope="module")
 def lines() -> list[str]:
     return criteo_lines(2000)
@@ -108,6 +120,10 @@ def test_one_worker_and_two_give_the_same_rows_and_rerun_is_a_no_op(tmp_path, li
             np.testing.assert_array_equal(a[key], b[key])
     assert one.metadata.fingerprint == two.metadata.fingerprint
     assert one.metadata.checksum == two.metadata.checksum  # the same parts, byte for byte
+    for key in ("mean", "std"):  # merged across workers: the same to float64 rounding
+        np.testing.assert_allclose(
+            one.metadata.dense_stats[key], two.metadata.dense_stats[key], rtol=1e-12
+        )
     stamp = (two.directory / "metadata.json").stat().st_mtime_ns
     again = prepare(cfg(tmp_path, [raw], dir=str(tmp_path / "b")), progress=False)
     assert again.up_to_date
@@ -217,7 +233,9 @@ def test_the_shard_source_reads_what_prepare_wrote(tmp_path, lines):
     batch = next(source.eval_batches(batch_size=8, rank=0, world_size=1))
     want = expected_arrays(lines[300:308])
     np.testing.assert_array_equal(batch.labels.numpy(), want["labels"])
-    np.testing.assert_allclose(batch.dense_features.numpy(), want["dense"], rtol=1e-6)
+    mean, std = train_stats(tmp_path / "out")
+    dense = np.where(blank_dense(lines[300:308]), 0.0, (want["dense"] - mean) / std)
+    np.testing.assert_allclose(batch.dense_features.numpy(), dense, rtol=1e-4, atol=1e-5)
     kjt = batch.sparse_features
     for f, name in enumerate(CAT_NAMES):
         np.testing.assert_array_equal(kjt[name].values().numpy(), want["ids"][:, f])
@@ -231,3 +249,54 @@ def test_never_replaces_a_directory_it_did_not_write(tmp_path, lines):
     with pytest.raises(PrepareError, match="is not a prepared data directory"):
         prepare(cfg(tmp_path, [raw]), progress=False)
     assert keep.read_text() == "mine"
+
+
+def test_dense_stats_are_numpys_over_the_train_rows_only(tmp_path, lines):
+    """Per-column mean and std of the stored train dense (never eval), and the
+    ShardSource standardizes eval batches with those train stats."""
+    from trainer.data.shards import ShardSource
+
+    raw = write_tsv(tmp_path / "day_0.tsv", lines)
+    meta = prepare(cfg(tmp_path, [raw], eval_fraction=0.25), progress=False).metadata
+    train = read_split(tmp_path / "out", "train")["dense"]
+    missing = (train == 0) & np.signbit(train)  # an empty field is stored as -0.0
+    np.testing.assert_array_equal(missing, blank_dense(lines[:1500]))
+    assert 0.05 < missing.mean() < 0.15  # the lines blank 10% of the integer fields
+    stats, (mean, std) = meta.dense_stats, train_stats(tmp_path / "out")
+    assert stats["count"] == (~missing).sum(axis=0).tolist()
+    np.testing.assert_allclose(stats["mean"], mean, rtol=1e-10)
+    np.testing.assert_allclose(stats["std"], std, rtol=1e-10)
+    assert np.abs(mean - train.mean(axis=0)).max() > 0.1  # the blanks are not in the stats
+    evaluation = read_split(tmp_path / "out", "eval")["dense"].astype(np.float64)
+    everything = np.ma.masked_equal(np.concatenate([train, evaluation]), 0.0)
+    assert np.abs(mean - everything.mean(axis=0)).max() > 1e-4  # nor the eval rows
+    for norm in ("standardize", "none"):
+        source = ShardSource(tmp_path / "out", seed=0, dense_norm=norm)
+        batch = next(source.eval_batches(batch_size=8, rank=0, world_size=1))
+        raw, blank = expected_arrays(lines[1500:1508])["dense"], blank_dense(lines[1500:1508])
+        want = raw if norm == "none" else np.where(blank, 0.0, (raw - mean) / std)
+        got = batch.dense_features.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert not np.signbit(got[got == 0]).any()  # no -0.0 reaches the model
+
+
+def test_resume_accepts_other_chunking_refuses_other_rows(tmp_path, lines):
+    """data.chunk_bytes cuts the same rows into other parts (another checksum): a
+    checkpoint resumes; other table_rows (other rows) is refused."""
+    from trainer.data.shards import ShardSource
+
+    raw = write_tsv(tmp_path / "day_0.tsv", lines)
+    small = prepare(cfg(tmp_path, [raw], dir=str(tmp_path / "a")), progress=False).metadata
+    big = prepare(
+        cfg(tmp_path, [raw], dir=str(tmp_path / "b"), chunk_bytes=1 << 20), progress=False
+    ).metadata
+    assert small.checksum != big.checksum  # other parts...
+    for split in ("train", "eval"):  # ...the same rows
+        a, b = read_split(tmp_path / "a", split), read_split(tmp_path / "b", split)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    state = ShardSource(tmp_path / "a", seed=0).state_dict()
+    ShardSource(tmp_path / "b", seed=0).load_state_dict(state)
+    other = [r + 1 for r in ROWS]
+    prepare(cfg(tmp_path, [raw], dir=str(tmp_path / "c"), table_rows=other), progress=False)
+    with pytest.raises(ValueError, match="different prepare config"):
+        ShardSource(tmp_path / "c", seed=0).load_state_dict(state)

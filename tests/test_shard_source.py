@@ -29,6 +29,7 @@ def shards(tmp_path: Path) -> Path:
 def reference_rows(directory: Path, split: str) -> dict[int, dict]:
     """Sample identity -> its label, dense row and bags, read sample by sample."""
     meta = ShardMetadata.read(directory)
+    mean, std = (np.array(meta.dense_stats[k]) for k in ("mean", "std"))
     rows = {}
     for part in meta.splits[split].parts:
         path = directory / part.path
@@ -40,7 +41,7 @@ def reference_rows(directory: Path, split: str) -> dict[int, dict]:
         for i in range(part.num_rows):
             rows[int(dense[i, 0])] = {
                 "label": float(labels[i]),
-                "dense": dense[i].tolist(),
+                "dense": ((dense[i] - mean) / std).tolist(),  # the train split's stats
                 "bags": {k: val[off[i] : off[i + 1]].tolist() for k, (off, val) in feats.items()},
             }
     return rows
@@ -54,7 +55,7 @@ def assert_batch_matches(batch, rows: dict[int, dict]) -> None:
     for j, sample in enumerate(ids):
         ref = rows[sample]
         assert batch.labels[j].item() == ref["label"]
-        assert batch.dense_features[j].tolist() == pytest.approx(ref["dense"])
+        assert batch.dense_features[j].tolist() == pytest.approx(ref["dense"], rel=1e-5, abs=1e-5)
         for key in ("single", "multi"):
             assert got[key][j] == ref["bags"][key]
 
@@ -178,11 +179,12 @@ def test_state_dict_refuses_other_shards(shards: Path, tmp_path: Path) -> None:
     ShardSource(shards, seed=0).load_state_dict(state)
     other = tmp_path / "other"
     write_shards(other, PARTS, fingerprint="fp-other", seed=1)
-    with pytest.raises(ValueError, match="different prepare config.*fp-test.*fp-other") as err:
+    with pytest.raises(ValueError, match="different prepare config.*fp-test.*fp-other"):
         ShardSource(other, seed=0).load_state_dict(state)
-    assert ShardMetadata.read(shards).checksum in str(err.value)
     with pytest.raises(ValueError, match="seed: checkpoint 0, now 4"):
         ShardSource(shards, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="dense_norm: checkpoint 'standardize', now 'none'"):
+        ShardSource(shards, seed=0, dense_norm="none").load_state_dict(state)
 
 
 def test_missing_files_name_the_file_and_prepare(shards: Path, tmp_path: Path) -> None:
@@ -234,3 +236,48 @@ def test_from_config(shards: Path) -> None:
     assert ShardSource.from_config(CriteoDataConfig(dir=str(shards), seed=2), seed=9).seed == 2
     with pytest.raises(ValueError, match="data.dir is empty.*python -m trainer.prepare"):
         ShardSource.from_config(CriteoDataConfig())
+
+
+def test_dense_standardized_with_the_train_stats(shards: Path, tmp_path: Path) -> None:
+    """Train and eval batches: (x - mean) / std with metadata's train stats; none: raw."""
+    meta = ShardMetadata.read(shards)
+    mean, std = (np.array(meta.dense_stats[k]) for k in ("mean", "std"))
+    assert mean[1:].std() > 0 and (abs(mean[1:]) > 1e-3).any()  # the test can fail
+    for norm in ("standardize", "none"):
+        source = ShardSource(shards, seed=0, shuffle=False, dense_norm=norm)
+        train = next(
+            source.train_batches(batch_size=23, rank=0, world_size=1, first_step=0, num_steps=1)
+        )
+        evaluation = next(source.eval_batches(batch_size=13, rank=0, world_size=1))
+        for split, batch in (("train", train), ("eval", evaluation)):
+            raw = np.load(shards / split / "part-00000" / "dense.npy")[: len(batch.labels)]
+            want = raw if norm == "none" else (raw - mean) / std
+            got = batch.dense_features.numpy()
+            if norm == "none":
+                np.testing.assert_array_equal(got, raw)  # untouched, bit for bit
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # A constant column (std 0) is only centred, never divided by zero.
+    write_shards(tmp_path, PARTS)
+    meta = ShardMetadata.read(tmp_path)
+    meta.dense_stats["std"][2] = 0.0
+    meta.write(tmp_path)
+    batch = next(
+        ShardSource(tmp_path, seed=0, shuffle=False).eval_batches(
+            batch_size=13, rank=0, world_size=1
+        )
+    )
+    raw = np.load(tmp_path / "eval" / "part-00000" / "dense.npy")
+    want = raw[:, 2] - meta.dense_stats["mean"][2]
+    np.testing.assert_allclose(batch.dense_features[:, 2].numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_norm_errors_name_the_fix(shards: Path) -> None:
+    meta = ShardMetadata.read(shards)
+    meta.dense_stats = {}  # an older prepare's metadata
+    meta.write(shards)
+    with pytest.raises(ValueError, match=r"no dense_stats.*prepare again.*dense_norm=none"):
+        ShardSource(shards, seed=0)
+    ShardSource(shards, seed=0, dense_norm="none")
+    with pytest.raises(ValueError, match="data.dense_norm='zscore'"):
+        ShardSource(shards, seed=0, dense_norm="zscore")

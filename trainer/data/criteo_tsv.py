@@ -155,6 +155,7 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
         buf, field_starts[:, 1 + NUM_INT :], field_ends[:, 1 + NUM_INT :]
     )
     ok = label_ok & int_ok.all(axis=1) & hex_ok.all(axis=1)
+    blank = field_starts[:, 1 : 1 + NUM_INT] == field_ends[:, 1 : 1 + NUM_INT]
     if not ok.all():
         for j in np.flatnonzero(~ok):
             line = first_line + int(rows[j])
@@ -182,13 +183,17 @@ def parse_chunk(data: bytes | memoryview, *, first_line: int, dense: bool = True
                     f"1-{MAX_HEX_CHARS} hex digits or empty",
                 )
         bad.sort()
-        rows, ints, ids, present = rows[ok], ints[ok], ids[ok], present[ok]
+        rows, ints, ids, present, blank = rows[ok], ints[ok], ids[ok], present[ok], blank[ok]
         label_char = label_char[ok]
     dense_values = (
         np.log1p(np.maximum(ints, 0).astype(np.float64)).astype(np.float32)
         if dense
         else np.zeros((rows.size, 0), np.float32)
     )
+    if dense:
+        # An empty field is 0 like a count of 0, but -0.0: equal to 0 in any arithmetic
+        # (the raw log1p values of MLPerf), yet marked missing for standardization.
+        dense_values[blank] = -0.0
     return CriteoChunk(
         lines=rows.astype(np.int64) + first_line,
         labels=(label_char == 49).astype(np.float32),

@@ -50,6 +50,11 @@ class TableFormat(StrEnum):
     atomic = "atomic"
 
 
+class DenseNorm(StrEnum):
+    standardize = "standardize"
+    none = "none"
+
+
 class DenseTransform(StrEnum):
     none = "none"
     log1p = "log1p"  # log(1 + max(x, 0)), as Criteo's counts
@@ -95,6 +100,14 @@ class PreparedDataConfig:
     shuffle: bool = True
     # Reader: scan every id once on open (ids outside a table fail with the file).
     check_ids: bool = True
+    # Reader: standardize: each dense column becomes (x - mean) / std with the
+    # per-column mean and std of the train split's present values (computed by
+    # prepare, stored in metadata.json; eval uses the same) and a missing value
+    # (an empty field) becomes 0, the mean: the usual input normalization; the
+    # model sees ~0 +- 1 and learns faster than from log1p counts (~5 +- 1).
+    # none: the raw stored values, missing = 0 (Criteo: log1p, as MLPerf /
+    # torchrec's DLRM).
+    dense_norm: DenseNorm = DenseNorm.standardize
 
 
 @dataclass

@@ -5,11 +5,15 @@ One directory per prepared data set::
 
     DIR/metadata.json
     DIR/train/part-00000/labels.npy            float32 [n]
-    DIR/train/part-00000/dense.npy             float32 [n, num_dense]
+    DIR/train/part-00000/dense.npy             float32 [n, num_dense]  (-0.0: missing)
     DIR/train/part-00000/<feature>.offsets.npy int64   [n + 1]  (offsets[0] == 0)
     DIR/train/part-00000/<feature>.values.npy  int32 (or int64 when rows >= 2**31) [offsets[-1]]
     DIR/train/part-00001/...
     DIR/eval/part-00000/...
+
+A missing dense value (an empty field) is stored as ``-0.0``: equal to 0 in
+any arithmetic (Criteo's convention, an empty count is 0), yet told apart by
+its sign bit, so that standardization can put it at the column's mean.
 
 Arrays are plain ``.npy`` files (``np.load(path, mmap_mode="r")``). A sample
 ``i`` of a part has, in feature ``f``, the ids
@@ -20,7 +24,8 @@ exactly torchrec's feature-major ``KeyedJaggedTensor`` layout.
 ``metadata.json`` (see :class:`ShardMetadata`) holds the row counts, the
 features (name, table rows, mean and max ids per sample), the mapping used
 (hash or vocabulary, ``min_count``), the prepare settings' fingerprint, the
-inputs (path, size, mtime), the bad-row counts and a checksum of every array.
+inputs (path, size, mtime), the bad-row counts, the train split's per-column
+dense mean and std, and a checksum of every array.
 
 Example::
 
@@ -81,6 +86,10 @@ class ShardMetadata:
     # {"skipped": n, "by_reason": {...}} under data.on_bad_row=skip.
     bad_rows: dict[str, Any] = field(default_factory=dict)
     dense_names: list[str] = field(default_factory=list)
+    # {"count": [...], "mean": [...], "std": [...]}: per dense column, over the present
+    # (not missing) values of the train split only (float64 sums, population std);
+    # the reader standardizes with them.
+    dense_stats: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
 

@@ -137,8 +137,22 @@ class Arrays:
         lengths = [None if n is None else n[rows] for n in self.lengths]
         return Arrays(self.labels[rows], self.dense[rows], lengths, values)
 
-    def to_batch(self, keys: list[str]) -> Batch:
+    def to_batch(
+        self, keys: list[str], *, dense_norm: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Batch:
+        """``dense_norm = (mean, inv_std)`` (float32 per column): dense becomes
+        ``(x - mean) * inv_std`` and a missing value (stored -0.0) the mean, 0;
+        None: as stored (a missing value 0). Vectorised over the batch."""
         num_samples = self.labels.shape[0]
+        # np.array copies: the batch must not keep (read-only) pages of the maps.
+        dense = np.array(self.dense, dtype=np.float32)
+        if dense_norm is not None:
+            missing = (dense == 0) & np.signbit(dense)
+            dense -= dense_norm[0]
+            dense *= dense_norm[1]
+            dense[missing] = 0.0  # mean imputation
+        else:
+            dense += 0.0  # -0.0 (missing) becomes 0.0: the raw values, bit for bit
         lengths = np.concatenate(
             [
                 np.ones(num_samples, np.int32) if n is None else n.astype(np.int32)
@@ -148,8 +162,7 @@ class Arrays:
         lengths = torch.from_numpy(lengths)
         values = torch.from_numpy(np.concatenate(self.values).astype(np.int64))
         return Batch(
-            # np.array copies: the batch must not keep (read-only) pages of the maps.
-            dense_features=torch.from_numpy(np.array(self.dense, dtype=np.float32)),
+            dense_features=torch.from_numpy(dense),
             # torchrec's layout: feature-major (all of feature 0's bags, then 1's ...).
             sparse_features=KeyedJaggedTensor.from_lengths_sync(
                 keys=keys, values=values, lengths=lengths

@@ -61,6 +61,8 @@ from trainer.data.shard_rows import Arrays, Part, Rows
 from trainer.data.source import FeatureSpec
 
 PREPARE_HINT = "run python -m trainer.prepare"
+# A column whose train std is below this (constant) is only centred, not scaled.
+MIN_DENSE_STD = 1e-6
 # Elements per chunk when scanning the id arrays on open (bounded memory).
 _SCAN_CHUNK = 1 << 24
 
@@ -71,7 +73,10 @@ class ShardSource:
     ``eval_fraction`` applies only when the directory has no ``eval`` split.
     ``check_ids`` scans every id array once on open (a few seconds per billion
     ids) so that ids outside a table fail here, naming the file, and not as a
-    wrong embedding lookup later.
+    wrong embedding lookup later. ``dense_norm="standardize"`` turns each dense
+    column into ``(x - mean) / std`` with the train split's statistics from
+    ``metadata.json`` (train and eval batches alike; a constant column, std
+    below ``MIN_DENSE_STD``, is only centred); ``"none"`` gives the stored values.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class ShardSource:
         shuffle: bool = True,
         eval_fraction: float = 0.05,
         check_ids: bool = True,
+        dense_norm: str = "standardize",
     ) -> None:
         self.directory = Path(directory)
         self.meta = ShardMetadata.read(self.directory)
@@ -90,6 +96,8 @@ class ShardSource:
         self.features: list[FeatureSpec] = list(self.meta.features)
         self.num_dense: int = self.meta.num_dense
         self._keys = [f.name for f in self.features]
+        self.dense_norm = str(dense_norm)
+        self._norm = self._dense_norm_arrays()
         train = self._open_split("train", check_ids=check_ids)
         if "eval" in self.meta.splits and self.meta.splits["eval"].num_rows > 0:
             self.eval_fraction = 0.0
@@ -135,6 +143,7 @@ class ShardSource:
             shuffle=cfg.shuffle,
             eval_fraction=cfg.eval_fraction,
             check_ids=cfg.check_ids,
+            dense_norm=str(getattr(cfg, "dense_norm", "standardize")),
         )
 
     @property
@@ -149,7 +158,8 @@ class ShardSource:
         _check_rank(rank, world_size, batch_size)
         for step in range(first_step, first_step + num_steps):
             begin = (step * world_size + rank) * batch_size
-            yield self._train_arrays(begin, begin + batch_size).to_batch(self._keys)
+            arrays = self._train_arrays(begin, begin + batch_size)
+            yield arrays.to_batch(self._keys, dense_norm=self._norm)
 
     def eval_batches(self, *, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
         """This rank's share of the eval rows, in order; the same batch count on every rank."""
@@ -157,7 +167,8 @@ class ShardSource:
             self.num_eval_samples, batch_size=batch_size, rank=rank, world_size=world_size
         ):
             begin = self._eval_offset + start
-            yield self._eval.contiguous(begin, begin + size).to_batch(self._keys)
+            arrays = self._eval.contiguous(begin, begin + size)
+            yield arrays.to_batch(self._keys, dense_norm=self._norm)  # the train split's stats
 
     def reference_metrics(self) -> dict[str, float]:
         return {}  # real data: no known best AUC
@@ -171,23 +182,30 @@ class ShardSource:
         return {k: _to_tensor(v) for k, v in self._stream().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Raises ``ValueError`` when the checkpoint's stream is not this one."""
+        """Raises ``ValueError`` when the checkpoint's stream is not this one.
+
+        The rows are pinned by the prepare fingerprint (the settings that shape the
+        rows and the inputs' path, size and mtime), not by the checksum: the same
+        rows prepared with another ``data.chunk_bytes`` are cut into other parts,
+        so their files (and checksum) differ while every row is the same."""
         mine = self._stream()
         saved = {k: _from_tensor(state[k], type(mine[k])) if k in state else None for k in mine}
-        if (saved["fingerprint"], saved["checksum"]) != (mine["fingerprint"], mine["checksum"]):
+        if saved["fingerprint"] != mine["fingerprint"]:
             raise ValueError(
-                f"{self.directory} holds shards from a different prepare config than the run: "
-                f"checkpoint fingerprint {saved['fingerprint']!r} checksum "
-                f"{saved['checksum']!r}, data fingerprint {mine['fingerprint']!r} checksum "
-                f"{mine['checksum']!r}; point data.dir at the data the run was trained on"
+                f"{self.directory} holds shards from a different prepare config or other "
+                f"inputs than the run: checkpoint fingerprint {saved['fingerprint']!r}, data "
+                f"fingerprint {mine['fingerprint']!r}; point data.dir at the data the run was "
+                "trained on (or prepare it again with the same settings and files)"
             )
-        changed = [k for k in ("num_train_samples", "seed", "shuffle") if saved[k] != mine[k]]
+        # dense_norm: absent from checkpoints written before it existed.
+        keys = ("num_train_samples", "seed", "shuffle", "dense_norm")
+        changed = [k for k in keys if saved[k] is not None and saved[k] != mine[k]]
         if changed:
             diff = ", ".join(f"{k}: checkpoint {saved[k]!r}, now {mine[k]!r}" for k in changed)
             raise ValueError(
                 f"the run's training order changed since the checkpoint ({diff}); "
                 "resume with the settings it was saved with (seed, data.shuffle, "
-                "data.eval_fraction)"
+                "data.eval_fraction, data.dense_norm)"
             )
 
     def _stream(self) -> dict[str, str | int | bool]:
@@ -197,7 +215,26 @@ class ShardSource:
             "num_train_samples": self._train_rows,
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "dense_norm": self.dense_norm,
         }
+
+    def _dense_norm_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(mean, 1 / std)`` as float32 per column, or None for ``dense_norm="none"``."""
+        if self.dense_norm == "none" or self.num_dense == 0:
+            return None
+        if self.dense_norm != "standardize":
+            raise ValueError(f"data.dense_norm={self.dense_norm!r}: use standardize or none")
+        stats = self.meta.dense_stats
+        mean = np.asarray(stats.get("mean", []), dtype=np.float64)
+        std = np.asarray(stats.get("std", []), dtype=np.float64)
+        if mean.shape != (self.num_dense,) or std.shape != (self.num_dense,):
+            raise ValueError(
+                f"{self.directory / 'metadata.json'} has no dense_stats for its "
+                f"{self.num_dense} dense columns (written by an older prepare); {PREPARE_HINT} "
+                "again, or pass data.dense_norm=none to train on the stored values"
+            )
+        scale = 1.0 / np.where(std < MIN_DENSE_STD, 1.0, std)
+        return mean.astype(np.float32), scale.astype(np.float32)
 
     def _train_arrays(self, begin: int, end: int) -> Arrays:
         """Stream positions ``[begin, end)`` (see the module docstring)."""

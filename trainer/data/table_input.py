@@ -201,7 +201,9 @@ def _to_arrays(
     bad: list[tuple[int, str, str]] = []
     offset = 1 if fmt != TableFormat.parquet else 0  # the header line
 
-    def numbers(column: str, *, reason: str, allow_missing: bool) -> tuple[np.ndarray, np.ndarray]:
+    def numbers(
+        column: str, *, reason: str, allow_missing: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values, ok, missing = _numeric(table.column(column))
         problem = ~ok | (~missing & ~np.isfinite(values)) | (missing & (not allow_missing))
         for i in np.flatnonzero(problem):
@@ -215,9 +217,9 @@ def _to_arrays(
                 )
             )
         values[missing | problem] = 0.0
-        return values, problem
+        return values, problem, missing
 
-    label, label_bad = numbers(spec.label, reason="bad_label", allow_missing=False)
+    label, label_bad, _ = numbers(spec.label, reason="bad_label", allow_missing=False)
     if spec.label_threshold is not None:
         label = (label >= spec.label_threshold).astype(np.float64)
     else:
@@ -236,11 +238,13 @@ def _to_arrays(
     drop = label_bad
     dense = np.zeros((n, len(spec.dense)), np.float32)
     for d, column in enumerate(spec.dense):
-        values, problem = numbers(column, reason="bad_dense", allow_missing=True)
+        values, problem, missing = numbers(column, reason="bad_dense", allow_missing=True)
         drop = drop | problem
         if spec.dense_transform == DenseTransform.log1p:
             values = np.log1p(np.maximum(values, 0.0))
-        dense[:, d] = values
+        # + 0.0 turns a -0.0 value into 0.0: -0.0 marks a missing value (shard_format).
+        dense[:, d] = values + 0.0
+        dense[missing, d] = -0.0
     ids = [_single(table.column(c)) for c in spec.categorical]
     ids += [_multi(table.column(c), spec.list_separator) for c in spec.multi_hot]
     for column, bounds in spec.buckets.items():

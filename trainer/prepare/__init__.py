@@ -31,8 +31,9 @@ from trainer.prepare.pipeline import VOCAB_DIR, PipelineOutput
 
 __all__ = ["PrepareError", "PrepareResult", "prepare", "settings_fingerprint"]
 
-# Bump when the same settings and inputs would give different arrays.
-PREPARE_VERSION = 1
+# Bump when the same settings and inputs would give different arrays or metadata
+# (2: metadata.json has the train split's dense_stats).
+PREPARE_VERSION = 2
 # Settings that do not change the arrays (how fast, where, and the reader's own).
 _NOT_IN_FINGERPRINT = {
     "dir",
@@ -42,6 +43,7 @@ _NOT_IN_FINGERPRINT = {
     "seed",
     "shuffle",
     "check_ids",
+    "dense_norm",
 }
 
 
@@ -176,6 +178,7 @@ def _finish(
         inputs=inputs,
         bad_rows=output.bad_rows,
         dense_names=output.dense_names,
+        dense_stats=output.dense_stats,
     )
     meta.write(work)
     return meta

@@ -19,7 +19,7 @@ import numpy as np
 from trainer.data.source import FeatureSpec
 from trainer.data.vocab import IdCounter
 from trainer.prepare.common import BadRowLog, TaskOutput, merge_bad_rows
-from trainer.prepare.writer import PartResult
+from trainer.prepare.writer import DenseMoments, PartResult
 
 VOCAB_DIR = "vocab"
 
@@ -58,6 +58,8 @@ class PipelineOutput:
     dense_names: list[str]
     bad_rows: dict[str, Any]
     num_lines: dict[str, int] = field(default_factory=dict)
+    # Per-column count / mean / std of the train split's dense values (never eval's).
+    dense_stats: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def collect(
@@ -90,6 +92,10 @@ class PipelineOutput:
                     max_ids_per_sample=max((p.max_ids[f] for p in train), default=1),
                 )
             )
+        moments = DenseMoments.empty(num_dense)
+        for part in train:  # row order: the merge is the same whatever the worker count
+            if part.dense_moments is not None:
+                moments = moments.merge(part.dense_moments)
         return cls(
             parts=parts,
             features=specs,
@@ -97,4 +103,9 @@ class PipelineOutput:
             dense_names=dense_names,
             bad_rows=merge_bad_rows([*extra_bad, *(o.bad for o in outputs)]),
             num_lines=num_lines,
+            dense_stats={
+                "count": moments.count.tolist(),  # present (non-missing) values
+                "mean": moments.mean.tolist(),
+                "std": moments.std.tolist(),
+            },
         )

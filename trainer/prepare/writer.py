@@ -9,7 +9,7 @@ Example::
     writer = PartWriter(Path("tmp/train/part-00000"), features=["cat_0"], num_dense=13,
                         id_dtype=np.int32)
     writer.append(labels, dense, [(None, rows_cat_0)])    # None: one id per sample
-    info = writer.close()                                  # rows, digests, ids per feature
+    info = writer.close()                      # rows, digests, ids per feature, dense moments
 """
 
 from __future__ import annotations
@@ -61,14 +61,60 @@ class NpyStream:
 
 
 @dataclass
+class DenseMoments:
+    """Per-column count, mean and sum of squared deviations (float64) of the present
+    values (a missing one is stored as -0.0, see ``trainer.data.shard_format``).
+
+    Chunks and parts are merged with Chan et al.'s pairwise update, so the
+    result does not depend on how the rows were cut (up to float64 rounding)."""
+
+    count: np.ndarray  # int64 [num_dense]
+    mean: np.ndarray  # float64 [num_dense]
+    m2: np.ndarray  # float64 [num_dense]
+
+    @classmethod
+    def empty(cls, num_dense: int) -> DenseMoments:
+        return cls(np.zeros(num_dense, np.int64), np.zeros(num_dense), np.zeros(num_dense))
+
+    @classmethod
+    def of(cls, dense: np.ndarray) -> DenseMoments:
+        x = np.asarray(dense, dtype=np.float64)
+        present = ~missing_dense(x)
+        count = present.sum(axis=0)
+        mean = np.where(present, x, 0.0).sum(axis=0) / np.maximum(count, 1)
+        m2 = np.where(present, (x - mean) ** 2, 0.0).sum(axis=0)
+        return cls(count.astype(np.int64), mean, m2)
+
+    def merge(self, other: DenseMoments) -> DenseMoments:
+        n = self.count + other.count
+        share = other.count / np.maximum(n, 1)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * share
+        m2 = self.m2 + other.m2 + delta**2 * self.count * share
+        return DenseMoments(n, mean, m2)
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation (ddof=0), as ``np.std``."""
+        return np.sqrt(self.m2 / np.maximum(self.count, 1))
+
+
+def missing_dense(dense: np.ndarray) -> np.ndarray:
+    """Where a dense value is missing: stored as -0.0 (see ``trainer.data.shard_format``)."""
+    return (dense == 0) & np.signbit(dense)
+
+
+@dataclass
 class PartResult:
-    """What a closed part holds: rows, ids per feature, sha256 per file (name: digest)."""
+    """What a closed part holds: rows, ids per feature, sha256 per file (name: digest),
+    and its dense columns' moments (for the train split's standardization)."""
 
     path: Path
     num_rows: int
     num_ids: list[int]
     max_ids: list[int]
     digests: dict[str, str] = field(default_factory=dict)
+    dense_moments: DenseMoments | None = None
 
 
 class PartWriter:
@@ -86,6 +132,7 @@ class PartWriter:
             stream.append(np.zeros(1, np.int64))
         self._num_ids = [0] * len(features)
         self._max_ids = [0] * len(features)
+        self._moments = DenseMoments.empty(num_dense)
 
     def append(
         self,
@@ -99,6 +146,8 @@ class PartWriter:
             return
         self.labels.append(labels)
         self.dense.append(dense)
+        # Of the float32 values written, so the stats are those of the shards' bytes.
+        self._moments = self._moments.merge(DenseMoments.of(np.asarray(dense, np.float32)))
         one_each = np.arange(1, n + 1, dtype=np.int64)  # the offsets' steps of single-hot bags
         for f, (lengths, rows) in enumerate(ids):
             if lengths is None:
@@ -119,4 +168,6 @@ class PartWriter:
     def close(self) -> PartResult:
         streams = [self.labels, self.dense, *self.offsets, *self.values]
         digests = {s.path.name: s.close() for s in streams}
-        return PartResult(self.path, self.num_rows, self._num_ids, self._max_ids, digests)
+        return PartResult(
+            self.path, self.num_rows, self._num_ids, self._max_ids, digests, self._moments
+        )

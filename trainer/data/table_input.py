@@ -248,7 +248,7 @@ def _to_arrays(
     ids = [_single(table.column(c)) for c in spec.categorical]
     ids += [_multi(table.column(c), spec.list_separator) for c in spec.multi_hot]
     for column, bounds in spec.buckets.items():
-        values, problem = numbers(column, reason="bad_bucket_value", allow_missing=True)
+        values, problem, _ = numbers(column, reason="bad_bucket_value", allow_missing=True)
         missing = _missing(table.column(column))
         drop = drop | problem
         rows = np.searchsorted(np.asarray(bounds), values, side="right").astype(np.uint64) + 1

@@ -419,3 +419,69 @@ def test_zipf_and_planted_move_devices_without_changing_draws() -> None:
     assert torch.equal(tables.ids(tables.ranks(u, which), which), before)
     planted = data._planted
     assert planted.to(torch.device("cpu")) is planted
+
+
+def _reference_jagged(data: SyntheticCriteo, split: str, start: int, size: int) -> Batch:
+    """The straightforward construction: one slice per feature, then concatenated."""
+    _, ranks, mask = data._draw(split, torch.arange(start, start + size))
+    ids = data._tables.ids(ranks, data._slot_features)
+    ends = torch.tensor(data.hotness).cumsum(0).tolist()
+    values = [ids[:, e - h : e][mask[:, e - h : e]] for e, h in zip(ends, data.hotness)]
+    lengths = [mask[:, e - h : e].sum(1, dtype=torch.int32) for e, h in zip(ends, data.hotness)]
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=data.feature_names, values=torch.cat(values), lengths=torch.cat(lengths)
+    )
+    batch = data.batch(split, start, size)
+    return Batch(dense_features=batch.dense_features, sparse_features=sparse, labels=batch.labels)
+
+
+INPUT_PATH_CONFIGS = {
+    "single_hot": dataclasses.replace(SMALL, num_eval_samples=64),
+    "multi_hot": dataclasses.replace(SMALL, hotness=[3], num_eval_samples=64),
+    "variable_hotness": dataclasses.replace(
+        SMALL, hotness=[1, 4, 2, 3], variable_hotness=True, num_eval_samples=64
+    ),
+    # A table past zipf.EXACT_RANKS: tail ranks and hashed first-order effects.
+    "huge_table": dataclasses.replace(
+        SMALL,
+        cardinalities=[7, 40_000_000, 300],
+        hotness=[1, 5, 2],
+        variable_hotness=True,
+        num_eval_samples=64,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(INPUT_PATH_CONFIGS))
+def test_chunked_train_batches_equal_single_step_batches(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.data.synthetic as synthetic
+
+    # Chunks of 3 steps, the last one partial: 7 steps from step 2.
+    monkeypatch.setattr(synthetic, "TRAIN_CHUNK_SAMPLES", 3 * 40)
+    data = SyntheticCriteo(INPUT_PATH_CONFIGS[name])
+    got = list(data.train_batches(batch_size=40, rank=1, world_size=3, first_step=2, num_steps=7))
+    assert len(got) == 7
+    for step, batch in zip(range(2, 9), got, strict=True):
+        start = (step * 3 + 1) * 40
+        assert_batches_equal(batch, data.batch("train", start, 40))
+        assert_batches_equal(batch, _reference_jagged(data, "train", start, 40))
+        kjt = batch.sparse_features
+        assert kjt.stride() == 40
+        assert kjt.length_per_key() == [int(t.sum()) for t in kjt.lengths().split(40)]
+
+
+def test_batches_equal_the_per_feature_reference_on_eval() -> None:
+    for cfg in INPUT_PATH_CONFIGS.values():
+        data = SyntheticCriteo(cfg)
+        assert_batches_equal(data.batch("eval", 5, 33), _reference_jagged(data, "eval", 5, 33))
+
+
+def test_first_order_lookup_equals_hashing() -> None:
+    data = SyntheticCriteo(INPUT_PATH_CONFIGS["huge_table"])
+    planted = data._planted
+    features = torch.tensor([0, 1, 1, 1, 2])
+    ranks = torch.tensor([6, 0, EXACT_RANKS - 1, EXACT_RANKS + 12345, 299])
+    hashed = planted._centre_first_order(features, planted._raw_first_order(features, ranks))
+    torch.testing.assert_close(planted.first_order(features, ranks), hashed, rtol=0, atol=0)

@@ -44,7 +44,7 @@ def rank_batches(
     first_batch: int = 0,
 ) -> Iterator[Batch]:
     """This rank's batches for global steps ``first_batch .. first_batch + num_batches - 1``."""
-    _check_rank(rank, world_size, batch_size)
+    check_rank(rank, world_size, batch_size)
     for step in range(first_batch, first_batch + num_batches):
         yield source.batch(split, (step * world_size + rank) * batch_size, batch_size)
 
@@ -53,7 +53,7 @@ def eval_slices(
     num_samples: int, *, batch_size: int, rank: int, world_size: int
 ) -> list[tuple[int, int]]:
     """``(start, size)`` of this rank's eval batches (see the module docstring)."""
-    _check_rank(rank, world_size, batch_size)
+    check_rank(rank, world_size, batch_size)
     step_size = batch_size * world_size
     num_full_steps = num_samples // step_size
     slices = [((s * world_size + rank) * batch_size, batch_size) for s in range(num_full_steps)]
@@ -73,8 +73,12 @@ def eval_batches(
         yield source.batch("eval", start, size)
 
 
-def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+def check_rank(rank: int, world_size: int, batch_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+
+
+# The name other sources imported before it was public.
+_check_rank = check_rank

@@ -75,14 +75,30 @@ class PlantedModel:
             cfg.dense_nonlinear_scale
         )
 
+        head_effects = [
+            self._raw_first_order(torch.tensor(f), torch.arange(len(tables.head_probabilities(f))))
+            for f in range(num_features)
+        ]
         first_order_stats = [
-            self._first_order_stats(f, tables.head_probabilities(f)) for f in range(num_features)
+            _weighted_mean_std(tables.head_probabilities(f), head_effects[f])
+            for f in range(num_features)
         ]
         self._first_order_means = torch.tensor([mean for mean, _ in first_order_stats])
         stds = torch.tensor([std for _, std in first_order_stats])
         # A table whose head row has all the mass has no spread to scale.
         self._first_order_gains = torch.where(
             stds > 0, cfg.first_order_scale / math.sqrt(num_features) / stds, 0.0
+        )
+        # w_f[r] of every tabulated rank, looked up instead of hashed per sample
+        # (the same float64 values: elementwise ops do not depend on position).
+        head_lengths = torch.tensor([len(w) for w in head_effects], dtype=torch.int64)
+        self._head_starts = head_lengths.cumsum(0) - head_lengths
+        self._head_last = head_lengths - 1
+        self._has_tail = any(
+            c > n for c, n in zip(cfg.cardinalities, head_lengths.tolist(), strict=True)
+        )
+        self._head_first_order = torch.cat(
+            [self._centre_first_order(torch.tensor(f), w) for f, w in enumerate(head_effects)]
         )
 
         self.pairs = select_pairs(cfg, num_features)
@@ -133,12 +149,6 @@ class PlantedModel:
         vectors = normal(self._latent_key, features.unsqueeze(-1), ranks.unsqueeze(-1), dims)
         return vectors * self._rank_decay(ranks).unsqueeze(-1)
 
-    def _first_order_stats(self, feature: int, probs: torch.Tensor) -> tuple[float, float]:
-        probs = probs / probs.sum()
-        w = self._raw_first_order(torch.tensor(feature), torch.arange(probs.numel()))
-        mean = float(probs @ w)
-        return mean, float(torch.sqrt(probs @ (w - mean).square()))
-
     def _latent_stats(self, feature: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = probs / probs.sum()
         v = self._raw_latent(torch.tensor(feature), torch.arange(probs.numel()))
@@ -153,10 +163,26 @@ class PlantedModel:
         )
         return mean, eigvecs @ torch.diag(inv_sqrt) @ eigvecs.T
 
+    def _centre_first_order(self, features: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self._first_order_means[features]) * self._first_order_gains[features]
+
     def first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """Scalar effects ``w_f[r]``, the broadcast shape of ``features`` and ``ranks``."""
-        centred = self._raw_first_order(features, ranks) - self._first_order_means[features]
-        return centred * self._first_order_gains[features]
+        features, ranks = torch.broadcast_tensors(features, ranks)
+        effects = self._head_first_order[
+            self._head_starts[features] + torch.minimum(ranks, self._head_last[features])
+        ]
+        if not self._has_tail:
+            return effects
+        # Ranks past a huge table's tabulated head are hashed as before.
+        in_tail = ranks > self._head_last[features]
+        if ranks.device.type != "cpu":  # no host sync: compute everywhere
+            raw = self._raw_first_order(features, ranks)
+            return torch.where(in_tail, self._centre_first_order(features, raw), effects)
+        if in_tail.any():
+            f, r = features[in_tail], ranks[in_tail]
+            effects[in_tail] = self._centre_first_order(f, self._raw_first_order(f, r))
+        return effects
 
     def logits(self, dense: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """True logits, float64 ``[size]``.
@@ -181,6 +207,12 @@ class PlantedModel:
             products = whitened[:, self._pair_left] * whitened[:, self._pair_right]
             logit = logit + products.sum((1, 2)) * self._pair_scale
         return logit
+
+
+def _weighted_mean_std(probs: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    probs = probs / probs.sum()
+    mean = float(probs @ values)
+    return mean, float(torch.sqrt(probs @ (values - mean).square()))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

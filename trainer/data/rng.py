@@ -43,15 +43,21 @@ _MUL2_I64 = _signed(_MUL2)
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
     # Arithmetic shift copies the sign bit into the top `bits` bits; mask them off.
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+    shifted = x >> bits
+    shifted &= (1 << (64 - bits)) - 1
+    return shifted
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """splitmix64 of each int64 element (bit-identical to the uint64 reference)."""
+    # In place after the first add (which copies): the hashing is most of the
+    # synthetic batch's cost, and fresh temporaries for every step of it showed.
     x = x + _GOLDEN_I64
-    x = (x ^ _shr(x, 30)) * _MUL1_I64
-    x = (x ^ _shr(x, 27)) * _MUL2_I64
-    return x ^ _shr(x, 31)
+    for bits, multiplier in ((30, _MUL1_I64), (27, _MUL2_I64)):
+        x ^= _shr(x, bits)
+        x *= multiplier
+    x ^= _shr(x, 31)
+    return x
 
 
 def mix64_int(x: int) -> int:

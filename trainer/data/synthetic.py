@@ -50,7 +50,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.data.loader import eval_batches, rank_batches
+from trainer.data.loader import check_rank, eval_batches
 from trainer.data.planted import PlantedModel
 from trainer.data.rng import normal, stream_key, uniform
 from trainer.data.source import FeatureSpec
@@ -60,6 +60,8 @@ from trainer.metrics import binary_auc
 
 SPLITS = ("train", "eval")
 _EVAL_CHUNK = 1 << 16
+# Training samples drawn per vectorised call (see ``SyntheticSource.train_batches``).
+TRAIN_CHUNK_SAMPLES = 8192
 
 
 class SyntheticSource:
@@ -79,6 +81,18 @@ class SyntheticSource:
         # A sample is [num_slots] wide: cat_0's bag slots, then cat_1's, ...
         self._slot_features = torch.repeat_interleave(torch.tensor(self.hotness))
         self._slot_positions = torch.cat([torch.arange(h) for h in self.hotness])
+        # Constants of every draw, built once.
+        self._dense_columns = torch.arange(self.num_dense)
+        self._feature_columns = torch.arange(len(self.cardinalities))
+        self._hotness_f64 = torch.tensor(self.hotness).to(torch.float64)
+        self._uniform_hotness = len(set(self.hotness)) == 1
+        # Feature f's bag slots padded to the longest bag: [F, H_max] slot indices.
+        ends = torch.tensor(self.hotness).cumsum(0)
+        positions = torch.arange(max(self.hotness, default=1))
+        self._pad_valid = positions < torch.tensor(self.hotness).unsqueeze(1)
+        self._pad_slots = torch.where(
+            self._pad_valid, (ends - torch.tensor(self.hotness)).unsqueeze(1) + positions, 0
+        )
         self._tables = ZipfTables(self.cardinalities, exponent=cfg.zipf_exponent, seed=cfg.seed)
         self._planted = PlantedModel(cfg, self._tables, self._slot_features)
         self._oracle_auc: float | None = None
@@ -90,15 +104,22 @@ class SyntheticSource:
     def train_batches(
         self, *, batch_size: int, rank: int, world_size: int, first_step: int, num_steps: int
     ) -> Iterator[Batch]:
-        return rank_batches(
-            self,
-            "train",
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            num_batches=num_steps,
-            first_batch=first_step,
-        )
+        """The batches ``rank_batches`` gives, drawn a chunk of steps at a time.
+
+        A chunk of ``TRAIN_CHUNK_SAMPLES // batch_size`` steps (at least one) is one
+        vectorised draw, split into its steps: fewer, larger tensor ops for the
+        same samples (each is a pure function of its index), memory bounded by the
+        chunk.
+        """
+        check_rank(rank, world_size, batch_size)
+        steps_per_chunk = max(1, TRAIN_CHUNK_SAMPLES // batch_size)
+        within = torch.arange(batch_size, dtype=torch.int64)
+        end = first_step + num_steps
+        for chunk_first in range(first_step, end, steps_per_chunk):
+            steps = torch.arange(chunk_first, min(chunk_first + steps_per_chunk, end))
+            starts = (steps * world_size + rank) * batch_size
+            indices = (starts.unsqueeze(1) + within).reshape(-1)
+            yield from self._batches("train", indices, batch_size)
 
     def eval_batches(self, *, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
         return eval_batches(self, batch_size=batch_size, rank=rank, world_size=world_size)
@@ -132,26 +153,60 @@ class SyntheticSource:
 
     def batch(self, split: str, start: int, size: int) -> Batch:
         """Samples ``[start, start + size)`` of ``split`` ("train" or "eval")."""
-        dense, ranks, mask = self._draw(split, start, size)
+        self._check_range(split, start, size)
+        (batch,) = self._batches(split, self._indices(start, size), size)
+        return batch
+
+    def _batches(self, split: str, indices: torch.Tensor, batch_size: int) -> list[Batch]:
+        """The samples ``indices`` (int64 ``[k * batch_size]``), drawn in one go, as
+        ``k`` batches of ``batch_size`` in order."""
+        dense, ranks, mask = self._draw(split, indices)
         probs = torch.sigmoid(self._planted.logits(dense, ranks, mask))
-        u_label = uniform(stream_key(self.cfg.seed, split, "label"), self._indices(start, size))
+        u_label = uniform(stream_key(self.cfg.seed, split, "label"), indices)
+        labels = (u_label < probs).to(torch.float32)
+        dense = dense.to(torch.float32)
         ids = self._tables.ids(ranks, self._slot_features)
-        # torchrec's jagged layout is feature-major: all of cat_0's bags, then cat_1's, ...
-        ends = torch.tensor(self.hotness).cumsum(0).tolist()
-        values = [ids[:, e - h : e][mask[:, e - h : e]] for e, h in zip(ends, self.hotness)]
-        lengths = [mask[:, e - h : e].sum(1, dtype=torch.int32) for e, h in zip(ends, self.hotness)]
-        sparse = KeyedJaggedTensor.from_lengths_sync(
-            keys=self.feature_names, values=torch.cat(values), lengths=torch.cat(lengths)
-        )
-        return Batch(
-            dense_features=dense.to(torch.float32),
-            sparse_features=sparse,
-            labels=(u_label < probs).to(torch.float32),
+        batches = []
+        for lo in range(0, indices.numel(), batch_size):
+            rows = slice(lo, lo + batch_size)
+            batches.append(
+                Batch(
+                    dense_features=dense[rows],
+                    sparse_features=self._jagged(ids[rows], mask[rows]),
+                    labels=labels[rows],
+                )
+            )
+        return batches
+
+    def _jagged(self, ids: torch.Tensor, mask: torch.Tensor) -> KeyedJaggedTensor:
+        """``[size, num_slots]`` ids and slot mask as a feature-major KJT, in a few
+        tensor ops for all features and without a host sync."""
+        size, num_features = ids.shape[0], len(self.hotness)
+        if not self.cfg.variable_hotness and self._uniform_hotness:
+            # Every bag full and equally long: [size, F, h] -> [F, size, h].
+            h = self.hotness[0]
+            values = ids.view(size, num_features, h).transpose(0, 1).reshape(-1)
+            lengths = torch.full((num_features * size,), h, dtype=torch.int32)
+        else:
+            # Bags padded to the longest, [F, size, H_max], then the real ids kept.
+            padded_ids = ids[:, self._pad_slots].transpose(0, 1)
+            padded_mask = (mask[:, self._pad_slots] & self._pad_valid).transpose(0, 1)
+            values = padded_ids[padded_mask]
+            lengths = padded_mask.sum(2, dtype=torch.int32).reshape(-1)
+        # Full bags have known lengths per key: no sum and no .tolist() needed.
+        length_per_key = None if self.cfg.variable_hotness else [h * size for h in self.hotness]
+        return KeyedJaggedTensor(
+            keys=self.feature_names,
+            values=values,
+            lengths=lengths,
+            stride=size,
+            length_per_key=length_per_key,
         )
 
     def click_probability(self, split: str, start: int, size: int) -> torch.Tensor:
         """True click probabilities (float64 ``[size]``) of the samples ``batch`` returns."""
-        return torch.sigmoid(self._planted.logits(*self._draw(split, start, size)))
+        self._check_range(split, start, size)
+        return torch.sigmoid(self._planted.logits(*self._draw(split, self._indices(start, size))))
 
     def oracle_auc(self) -> float:
         """AUC of the true probabilities against the drawn labels on the whole eval set."""
@@ -167,10 +222,7 @@ class SyntheticSource:
     def _indices(self, start: int, size: int) -> torch.Tensor:
         return torch.arange(start, start + size, dtype=torch.int64)
 
-    def _draw(
-        self, split: str, start: int, size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense features ``[size, D]`` (float64), ranks and slot mask ``[size, num_slots]``."""
+    def _check_range(self, split: str, start: int, size: int) -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; use one of {SPLITS}")
         if start < 0 or size < 0:
@@ -180,18 +232,23 @@ class SyntheticSource:
                 f"eval samples [{start}, {start + size}) exceed "
                 f"data.num_eval_samples={self.num_eval_samples}"
             )
+
+    def _draw(
+        self, split: str, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense features ``[n, D]`` (float64), ranks and slot mask ``[n, num_slots]``
+        of the samples ``indices`` (int64 ``[n]``)."""
         seed = self.cfg.seed
-        idx = self._indices(start, size).unsqueeze(1)
-        dense = normal(stream_key(seed, split, "dense"), idx, torch.arange(self.num_dense))
+        idx = indices.unsqueeze(1)
+        dense = normal(stream_key(seed, split, "dense"), idx, self._dense_columns)
         # A slot's id depends on (sample, feature, position in the bag) only: not on
         # the hotness of other features, nor on the bag's length.
         u = uniform(stream_key(seed, split, "ids"), idx, self._slot_features, self._slot_positions)
         ranks = self._tables.ranks(u, self._slot_features)
         if not self.cfg.variable_hotness:
             return dense, ranks, torch.ones_like(ranks, dtype=torch.bool)
-        features = torch.arange(len(self.cardinalities))
-        u_length = uniform(stream_key(seed, split, "bag_length"), idx, features)
-        lengths = 1 + torch.floor(u_length * torch.tensor(self.hotness)).to(torch.int64)
+        u_length = uniform(stream_key(seed, split, "bag_length"), idx, self._feature_columns)
+        lengths = 1 + torch.floor(u_length * self._hotness_f64).to(torch.int64)
         return dense, ranks, self._slot_positions < lengths[:, self._slot_features]
 
 

@@ -134,6 +134,9 @@ def test_resume_into_one_process_reshards(run_a: Path, tmp_path: Path, compose_c
             [
                 *TINY,
                 "trainer.batch_size=512",  # 2 ranks x 256: the same global batches
+                # Every table fused, as in the checkpoint (auto would make small tables
+                # data_parallel on one CPU rank: a move the resume refuses).
+                "sharding=table_wise",
                 "trainer.eval_batch_size=1024",
                 "trainer.checkpoint_every_steps=4",
                 f"trainer.resume={run_a / 'checkpoints' / 'step_4'}",

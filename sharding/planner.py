@@ -2,8 +2,9 @@
 
 ``auto`` lets torchrec's EmbeddingShardingPlanner choose per table against the
 topology's memory and bandwidth model, among the sharding types torchrec itself
-offers on the compute device (on CPU: data_parallel, table_wise, column_wise,
-table_column_wise; row_wise, table_row_wise and grid only when asked for);
+offers on the compute device, less data_parallel (on CPU: table_wise,
+column_wise, table_column_wise; row_wise, table_row_wise, grid and
+data_parallel only when asked for);
 any other strategy is passed to the same planner as a per-table constraint,
 so every plan, chosen or forced, comes out of one code path and is checked
 against the memory caps.
@@ -126,16 +127,15 @@ def _kernels_for(
     strategy: str, compute_kernel: str, compute_device: str
 ) -> tuple[list[str], list[str]]:
     # auto: the planner picks the strategy among those torchrec itself offers on
-    # the device (the CPU extras of sharding.sharders only when asked for: the
-    # cost model ranks row-wise first on CPU, where it is the slower one), but
-    # the kernel is still the configured one (plus dense, the only kernel of
-    # data-parallel tables): on CUDA torchrec would otherwise also try UVM, SSD
-    # and key-value kernels that move tables off the device, which no config
-    # here asks for.
+    # the device, less data_parallel (the CPU extras of sharding.sharders only
+    # when asked for: the cost model ranks row-wise first on CPU, where it is the
+    # slower one), with the configured kernel only: on CUDA torchrec would
+    # otherwise also try UVM, SSD and key-value kernels that move tables off the
+    # device, and the dense kernel moves a table to the dense optimizer.
     # A single strategy: data-parallel tables are plain replicated tensors, so
     # only the dense kernel applies.
     if strategy == "auto":
-        return auto_sharding_types(compute_device), sorted({compute_kernel, "dense"})
+        return auto_sharding_types(compute_device), [compute_kernel]
     if strategy == "data_parallel":
         return [strategy], ["dense"]
     return [sharding_type(strategy)], [compute_kernel]

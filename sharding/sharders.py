@@ -45,8 +45,12 @@ class EmbeddingBagCollectionSharderAnyDevice(EmbeddingBagCollectionSharder):
 
 
 def auto_sharding_types(compute_device_type: str) -> list[str]:
-    """The sharding types torchrec itself offers on a device: ``sharding=auto``'s choices."""
-    return list(EmbeddingBagCollectionSharder().sharding_types(compute_device_type))
+    """``sharding=auto``'s choices: the types torchrec itself offers on the device, less
+    data_parallel, which would silently move a table from the fused row-wise Adagrad
+    to the dense optimizer (and to 16-bit dense updates under bf16/fp16); a table
+    becomes data_parallel only when asked for."""
+    offered = EmbeddingBagCollectionSharder().sharding_types(compute_device_type)
+    return [t for t in offered if t != ShardingType.DATA_PARALLEL.value]
 
 
 def embedding_sharders(

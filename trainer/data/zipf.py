@@ -71,6 +71,7 @@ class ZipfTables:
         )
         self._total_masses = as_tensor(total_masses)
         self._has_tail = torch.tensor([t > 0.0 for t in tail_masses])
+        self._any_tail = any(t > 0.0 for t in tail_masses)
         bijections = [
             _affine_bijection(c, stream_key(seed, "id_bijection", f))
             for f, c in enumerate(cardinalities)
@@ -106,6 +107,8 @@ class ZipfTables:
         ranks = positions - self._starts[tables]
         # Past the last tabulated rank: float rounding, or the tail of a huge table.
         ranks = torch.minimum(ranks, self._head_lengths[tables] - 1).clamp_(min=0)
+        if not self._any_tail:  # every table tabulated whole: no tail, no host sync
+            return ranks
         in_tail = self._has_tail[tables] & (u > self._head_fractions[tables])
         if u.device.type != "cpu":
             # No host sync, no data-dependent shapes: compute the tail everywhere.

@@ -230,6 +230,9 @@ def test_wandb_run_carries_group_name_plan_and_plots(tmp_path: Path) -> None:
 
 
 def test_no_hydra_no_labels() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None  # an in-process `python -m trainer` test may have set it
     assert hydra_run_labels() == (None, None)
 
 

@@ -46,6 +46,8 @@ from trainer.validate import validate
 CHECKPOINTED = [*TINY, "sharding=row_wise", "trainer.checkpoint_every_steps=4"]
 # Resharded into one process, sums run in another order (measured: 1.2e-7).
 RESHARD_ATOL = 1e-5
+# The fp16 loss scaler's [scale, growth tracker]: the loss-scaling converter's state.
+LOSS_SCALE_KEY = "compression.loss_scaling.scale_and_tracker"
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +243,9 @@ def test_fp16_loss_scale_survives_a_resume(compose_cfg, tmp_path: Path) -> None:
     fp16 = [*TINY, "precision=fp16", "precision.fp16_on_cpu=true", "trainer.progress_bar=false"]
     fp16 += ["trainer.plot=false", "trainer.checkpoint_every_steps=4"]
     train(to_config(compose_cfg([*fp16, "trainer.num_steps=4"])), run_dir=tmp_path)
-    first = _tensors(tmp_path / "checkpoints" / "step_4", tmp_path)["loss_scale"]
+    first = _tensors(tmp_path / "checkpoints" / "step_4", tmp_path)[LOSS_SCALE_KEY]
     train(to_config(compose_cfg([*fp16, "trainer.resume=auto"])), run_dir=tmp_path)
-    second = _tensors(tmp_path / "checkpoints" / "step_8", tmp_path)["loss_scale"]
+    second = _tensors(tmp_path / "checkpoints" / "step_8", tmp_path)[LOSS_SCALE_KEY]
     # [scale, clean steps since the last change]: 4 clean steps, then 4 more (8, not 4).
     assert first.tolist() == [65536.0, 4.0]
     assert second.tolist() == [65536.0, 8.0]

@@ -26,15 +26,23 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
-
 log = logging.getLogger(__name__)
+
+
+class Stoppable(Protocol):
+    """What a preemption needs of the loop (``trainer.loop.Trainer``)."""
+
+    step: int
+    checkpointer: Any
+    env: Any
+
+    def states(self) -> dict[str, Any]: ...
+
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on request, run it again
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -122,7 +130,7 @@ class Preemption:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def checkpoint_and_exit(self, trainer: Trainer) -> None:
+    def checkpoint_and_exit(self, trainer: Stoppable) -> None:
         """Saves the trainer's state at its current step and raises :class:`Preempted`."""
         reason = self.requested.name if self.requested else "another rank's signal"
         if trainer.checkpointer is None:

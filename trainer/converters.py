@@ -17,8 +17,9 @@ The order, and why:
    teacher with its student before planning, so one plan shards both models'
    tables (the position in the list does not change that: ``wrap_model`` is
    the only moment before planning that builds modules); its forward wrapper
-   switches the soft term on after the warm-up, outside autocast and inside
-   the loss scale. Table QAT covers the student's tables by name
+   only switches the soft term on after the warm-up and counts steps (both
+   losses are the pair's own forward, so autocast and the loss scale apply to
+   teacher and student alike). Table QAT covers the student's tables by name
    (``s_t_cat_0``: ``qat.bits``, ``qat.table_bits``, ``distill.student_qat_bits``),
    and the served model is the student (``DistillTrain.model``), so the export
    bits name the student's tables;

@@ -1,4 +1,6 @@
-"""A lost node, continued on fewer: two torchrun agents as two hosts, one is killed.
+"""Elastic runs: a lost node continued on fewer ranks, and a run that grows.
+
+Shrink: two torchrun agents as two hosts, one is killed.
 
 ``torchrun --nnodes=1:2 --nproc_per_node=1 --rdzv-backend=c10d`` twice on
 localhost (agent A hosts the rendezvous). After the run has checkpointed, agent
@@ -15,12 +17,27 @@ rescaled. ``metrics.jsonl`` holds each step once. Elastic runs need a strategy
 that keeps every table's kernel kind on every world size (``table_wise``,
 ``row_wise``): ``auto`` may plan a small table ``data_parallel`` on one world
 size and fused on another, which the resume refuses with a ConfigError.
+
+Grow: agent A (``--nnodes=1:2 --nproc_per_node=2``) starts alone once the
+rendezvous' last call has passed and trains on 2 ranks; after a checkpoint,
+agent B joins with 2 more. A's agent sees a node waiting, stops its ranks
+(SIGTERM: the preemption handler checkpoints the step they agree on) and the
+new round forms a world of 4, which plans again, reshards the newest
+checkpoint and trains to the end. The per-rank batch is kept, so the global
+batch doubles (512 -> 1024).
+
+Example (the plot in the README)::
+
+    pytest tests/test_elastic.py -m slow -k grow -s --basetemp=/tmp/grow
+    python scripts/elastic_plot.py /tmp/grow/test_a_run_grows_when_a_node_j0/run \
+        benchmarks/elastic_grow.png --title "2 ranks -> 4 ranks"
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,26 +62,35 @@ RUN += ["trainer.checkpoint_every_steps=20", "trainer.progress_bar=false"]
 RUN += ["sharding=table_wise"]
 
 
-def agent(port: int, run_dir: Path, log: Path) -> subprocess.Popen:
+def agent(
+    port: int,
+    run_dir: Path,
+    log: Path,
+    *,
+    nproc: int = 1,
+    last_call_s: int = 15,
+    run: list[str] = RUN,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     launcher = Path(sys.executable).with_name("torchrun")
     return subprocess.Popen(
         [
             str(launcher),
             "--nnodes=1:2",
-            "--nproc_per_node=1",
+            f"--nproc_per_node={nproc}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}",
             "--rdzv-id=elastic-test",
-            "--rdzv-conf=last_call_timeout=15,join_timeout=120",
+            f"--rdzv-conf=last_call_timeout={last_call_s},join_timeout=120",
             "--max-restarts=3",
             "--monitor-interval=1",
             "-m",
             "trainer",
-            *RUN,
+            *run,
             f"hydra.run.dir={run_dir}",
         ],
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: kill the agent and its rank
@@ -119,3 +145,58 @@ def test_a_lost_node_continues_on_fewer(tmp_path: Path) -> None:
         "train loss by step:",
         [(r["step"], round(r["train_loss"], 4)) for r in records(run_dir) if "train_loss" in r],
     )
+
+
+GROW_STEPS = 600
+JOIN_AFTER_STEP = 200  # B joins once a checkpoint of this step or later is complete
+GROW_RUN = [*TINY, f"trainer.num_steps={GROW_STEPS}", "trainer.eval_every_steps=200"]
+GROW_RUN += ["trainer.checkpoint_every_steps=20", "trainer.progress_bar=false"]
+GROW_RUN += ["sharding=table_wise"]
+# torch 2.13's c10d rendezvous shares its TCPStore with the workers by default, and
+# an agent that stays rank 0 across rounds keeps the store info of its first round:
+# it never publishes MASTER_ADDR for the round a joining node is in, so the joiner
+# waits for it and rank 0 waits for the joiner's role info (both time out after 60 s).
+# Not sharing the store makes every round publish it (rank 0's worker then hosts
+# the process group's store on a free port).
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_run_grows_when_a_node_joins(tmp_path: Path) -> None:
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    # A alone: min 1 node, so the round completes 3 s after A joins, with world 2.
+    a = agent(port, run_dir, logs[0], nproc=2, last_call_s=3, run=GROW_RUN, env=NO_SHARED_STORE)
+    b = None
+    try:
+        plan = run_dir / "plan.json"
+        _wait_for(lambda: _newest(run_dir) >= JOIN_AFTER_STEP, timeout_s=400)
+        assert json.loads(plan.read_text())["world_size"] == 2
+        b = agent(port, run_dir, logs[1], nproc=2, last_call_s=3, run=GROW_RUN, env=NO_SHARED_STORE)
+        assert a.wait(timeout=600) == 0, logs[0].read_text()[-3000:]
+        assert b.wait(timeout=120) == 0, logs[1].read_text()[-3000:]
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                kill_host(proc)
+    log = "".join(path.read_text() for path in logs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["steps"] == GROW_STEPS
+    assert summary["global_batch_size"] == 2 * 2 * 256  # per-rank batch kept
+    assert json.loads(plan.read_text())["world_size"] == 4  # planned again for four ranks
+    resumed = re.findall(r"resumed from \S*step_(\d+) at step (\d+)", log)
+    assert resumed, log[-3000:]
+    resumed_at = int(resumed[-1][1])
+    assert resumed_at >= JOIN_AFTER_STEP
+    # torchrun stops A's ranks with SIGTERM when B waits to join: the preemption handler
+    # checkpoints the step they agree on, and that checkpoint is the one resumed
+    stopped = re.findall(r"stopped at step (\d+) \(SIGTERM\); checkpoint \S*step_(\d+)", log)
+    if stopped:
+        assert resumed_at == int(stopped[-1][0]) == int(stopped[-1][1])
+    train = [(r["step"], r["train_loss"]) for r in records(run_dir) if "train_loss" in r]
+    steps = [step for step, _ in train]
+    # each step once: nothing after the resumed checkpoint was kept from the 2-rank attempt
+    assert steps == sorted(set(steps)) and steps[-1] == GROW_STEPS
+    assert any(step <= resumed_at for step in steps) and any(step > resumed_at for step in steps)
+    print("resumed at step", resumed_at, "loss by step:", [(s, round(v, 4)) for s, v in train])

@@ -153,6 +153,8 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
             f"trainer.resume={path} has no {required} entry (it was written by an older "
             f"shardrec or is not a trainer checkpoint); start fresh with trainer.resume=null"
         )
+    # An entry with nothing to hold (no stateful converter this run) is not news.
+    missing = [key for key in missing if states[key].state_dict()]
     if missing:
         log.info("checkpoint %s has no %s state; starting it fresh", path, missing)
     _refuse_pickles(path)

@@ -22,11 +22,11 @@ import torch
 
 from sharding import destroy_distributed, init_distributed, save_plan
 from tests.distributed import run_ranks, torchrun_trainer
-from trainer.build import build_unsharded
+from trainer.build import plan_meta_model
 from trainer.config import Config, resolved_tables, to_config
 from trainer.converters import build_converters
 from trainer.plan import plan_cluster
-from trainer.planning import World, plan_model
+from trainer.planning import World
 from trainer.validate import open_source
 
 EBC = "model.sparse_arch.embedding_bag_collection"
@@ -86,18 +86,10 @@ def _plan_for_cuda(rank: int, cfg: Config, out_dir: str) -> None:
         source = open_source(cfg.data)
         tables = resolved_tables(cfg, source.features)
         converters = build_converters(cfg, tables=tables, device_type="cuda")
-        model = build_unsharded(
+        _, planned = plan_meta_model(
             cfg,
+            source=source,
             tables=tables,
-            num_dense=source.num_dense,
-            device=torch.device("meta"),
-            table_data_type=converters.table_data_type(),
-        )
-        planned = plan_model(
-            cfg,
-            model=model,
-            tables=tables,
-            features=source.features,
             converters=converters,
             world=World(world_size=2, local_world_size=2, device=torch.device("cuda")),
             pg=env.pg,

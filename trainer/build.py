@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner.types import Stats
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 
@@ -23,7 +25,7 @@ from trainer.config import Config, TableConfig, resolved_tables
 from trainer.converters import build_converters, model_tables
 from trainer.data.source import DataSource
 from trainer.models import build_model
-from trainer.planning import World, plan_model
+from trainer.planning import Planned, World, plan_model
 from trainer.validate import open_source, validate_for_device
 
 
@@ -65,6 +67,43 @@ def build_unsharded(
     )
 
 
+def plan_meta_model(
+    cfg: Config,
+    *,
+    source: DataSource,
+    tables: Sequence[TableConfig],
+    converters: Converters,
+    world: World,
+    pg: Any,
+    stats: list[Stats] | None = None,
+) -> tuple[torch.nn.Module, Planned]:
+    """The model on ``meta`` and its plan: what the trainer and ``python -m trainer.plan``
+    both do (``pg=None``: plan in this process, for a world that need not exist).
+
+    Tables take the converters' dtype; what a converter wraps around the model (a
+    distillation student) is built before planning, so it is planned and sharded with it.
+    """
+    model = build_unsharded(
+        cfg,
+        tables=tables,
+        num_dense=source.num_dense,
+        device=torch.device("meta"),
+        table_data_type=converters.table_data_type(),
+    )
+    model = converters.wrap_model(model)
+    planned = plan_model(
+        cfg,
+        model=model,
+        tables=model_tables(cfg, tables),
+        features=source.features,
+        converters=converters,
+        world=world,
+        pg=pg,
+        stats=stats,
+    )
+    return model, planned
+
+
 def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Built:
     """Converters -> meta model -> plan -> DMP -> converters on it -> combined optimizer.
 
@@ -74,21 +113,10 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
     source = source or open_source(cfg.data, seed=cfg.trainer.seed)
     tables = resolved_tables(cfg, source.features)
     converters = build_converters(cfg, tables=tables, device_type=env.device.type)
-    model = build_unsharded(
+    model, planned = plan_meta_model(
         cfg,
+        source=source,
         tables=tables,
-        num_dense=source.num_dense,
-        device=torch.device("meta"),
-        table_data_type=converters.table_data_type(),
-    )
-    # Before planning: what a converter wraps around the model (a distillation
-    # student) is planned and sharded with it.
-    model = converters.wrap_model(model)
-    planned = plan_model(
-        cfg,
-        model=model,
-        tables=model_tables(cfg, tables),
-        features=source.features,
         converters=converters,
         world=World(
             world_size=env.world_size,

@@ -40,11 +40,11 @@ from sharding.fit import explain_no_fit, table_bytes
 from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
-from trainer.build import build_unsharded
+from trainer.build import plan_meta_model
 from trainer.cli import config_error_line, exit_on_compose_error
 from trainer.config import Config, ConfigError, register_configs, resolved_tables, to_config
 from trainer.converters import build_converters, model_tables
-from trainer.planning import World, plan_model
+from trainer.planning import World
 from trainer.run_dir import register_resolvers
 from trainer.validate import open_source
 from trainer.validate import validate as validate_config
@@ -90,21 +90,12 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
     local_world_size = min(topo.local_world_size or world_size, world_size)
     tables = resolved_tables(cfg, source.features)
     converters = build_converters(cfg, tables=tables, device_type=compute_device)
-    model = build_unsharded(
-        cfg,
-        tables=tables,
-        num_dense=source.num_dense,
-        device=torch.device("meta"),
-        table_data_type=converters.table_data_type(),
-    )
-    model = converters.wrap_model(model)  # e.g. a distillation student, planned with it
     capture = PlanCapture()
     try:
-        planned = plan_model(
+        _, planned = plan_meta_model(
             cfg,
-            model=model,
-            tables=model_tables(cfg, tables),
-            features=source.features,
+            source=source,
+            tables=tables,
             converters=converters,
             world=World(
                 world_size=world_size,

@@ -9,8 +9,10 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,3 +105,17 @@ def check_inputs(files: list[str], key: str) -> list[Path]:
             raise PrepareError(f"{key}: {name} does not exist (or is not a file)")
         paths.append(path.resolve())
     return paths
+
+
+def index_tasks(tasks: Sequence[Any], sizes: Sequence[int], *, eval_fraction: float) -> None:
+    """Each task's ``first_index`` among its split's rows (``sizes``: rows per task); with
+    ``eval_fraction``, the train tasks' ``eval_from``: rows from there go to the eval split."""
+    index = {"train": 0, "eval": 0}
+    for task, size in zip(tasks, sizes, strict=True):
+        task.first_index = index[task.split]
+        index[task.split] += size
+    if eval_fraction > 0:
+        eval_from = index["train"] - int(round(index["train"] * eval_fraction))
+        for task in tasks:
+            if task.split == "train":
+                task.eval_from = eval_from

@@ -29,6 +29,7 @@ from trainer.prepare.common import (
     TaskOutput,
     check_inputs,
     id_dtype,
+    index_tasks,
     per_feature,
 )
 from trainer.prepare.parallel import default_workers, report_progress, run_tasks
@@ -157,18 +158,11 @@ def _line_end(f, pos: int, size: int) -> int:
 
 def _number_lines(tasks: list[CriteoTask], *, eval_fraction: float) -> None:
     """First line numbers (per file) and indexes (per split); the eval boundary."""
-    index = {"train": 0, "eval": 0}
     line: dict[str, int] = {}
     for task in tasks:
         task.first_line = line.get(task.path, 1)
         line[task.path] = task.first_line + task.num_lines
-        task.first_index = index[task.split]
-        index[task.split] += task.num_lines
-    if eval_fraction > 0:
-        eval_from = index["train"] - int(round(index["train"] * eval_fraction))
-        for task in tasks:
-            if task.split == "train":
-                task.eval_from = eval_from
+    index_tasks(tasks, [t.num_lines for t in tasks], eval_fraction=eval_fraction)
 
 
 def _chunks(task: CriteoTask):

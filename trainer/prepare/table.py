@@ -38,6 +38,7 @@ from trainer.prepare.common import (
     TaskOutput,
     check_inputs,
     id_dtype,
+    index_tasks,
     per_feature,
 )
 from trainer.prepare.parallel import default_workers, report_progress, run_tasks
@@ -84,7 +85,11 @@ def prepare_table(cfg: TableDataConfig, *, work: Path, progress: bool) -> Pipeli
     skip = cfg.on_bad_row == OnBadRow.skip
     for task in tasks:
         task.skip = skip
-    _number_rows(tasks, eval_fraction=0.0 if cfg.eval_raw else cfg.eval_fraction)
+    index_tasks(
+        tasks,
+        [t.num_rows for t in tasks],
+        eval_fraction=0.0 if cfg.eval_raw else cfg.eval_fraction,
+    )
     total = sum(t.num_rows for t in tasks)
     vocab_dir = None
     if cfg.mapping == Mapping.vocab and hashed:
@@ -167,18 +172,6 @@ def _count_rows(path: Path, fmt: TableFormat, label: str, batch_rows: int) -> in
     if fmt == TableFormat.parquet:
         return pq.ParquetFile(path).metadata.num_rows
     return read_table(path, fmt, [label], batch_rows=batch_rows).num_rows
-
-
-def _number_rows(tasks: list[TableTask], *, eval_fraction: float) -> None:
-    index = {"train": 0, "eval": 0}
-    for task in tasks:
-        task.first_index = index[task.split]
-        index[task.split] += task.num_rows
-    if eval_fraction > 0:
-        eval_from = index["train"] - int(round(index["train"] * eval_fraction))
-        for task in tasks:
-            if task.split == "train":
-                task.eval_from = eval_from
 
 
 def _batches(task: TableTask):

@@ -34,13 +34,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
-from torchrec.modules.embedding_configs import DataType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.models.dlrm import DLRMTrain
 
 from compression.distill import distill_loss
 from trainer.config import DistillConfig, ModelConfig, TableConfig
-from trainer.models.dlrm import embedding_bag_configs
+from trainer.models.dlrm import build_model
 
 STUDENT_PREFIX = "s_"
 HEADS = ("student", "teacher")
@@ -123,35 +121,6 @@ class DistillTrain(nn.Module):
         return loss, (loss.detach(), logits, batch.labels.detach())
 
 
-def build_student(
-    *,
-    arch: str,
-    tables: Sequence[TableConfig],
-    num_dense: int,
-    dense_arch_layer_sizes: list[int],
-    over_arch_layer_sizes: list[int],
-    device: torch.device,
-    tables_device: torch.device,
-    dcn_num_layers: int = 3,
-    dcn_low_rank_dim: int = 64,
-    table_data_type: DataType = DataType.FP32,
-) -> DLRM:
-    """A DLRM whose tables live on ``tables_device`` (``meta``: dropped by the caller)."""
-    ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(tables, table_data_type), device=tables_device
-    )
-    common: dict[str, Any] = dict(
-        embedding_bag_collection=ebc,
-        dense_in_features=num_dense,
-        dense_arch_layer_sizes=list(dense_arch_layer_sizes),
-        over_arch_layer_sizes=list(over_arch_layer_sizes),
-        dense_device=device,
-    )
-    if arch == "dlrm_dcnv2":
-        return DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
-    return DLRM(**common)
-
-
 def make_pair(
     teacher: DLRMTrain,
     *,
@@ -170,7 +139,7 @@ def make_pair(
     num_dense = next(m for m in teacher.model.dense_arch.modules() if isinstance(m, nn.Linear))
     ebc = teacher.model.sparse_arch.embedding_bag_collection
     data_type = ebc.embedding_bag_configs()[0].data_type
-    student = build_student(
+    student = build_model(
         arch=model.arch,
         tables=tables if shared else student_tables(tables, embedding_dim=distill.embedding_dim),
         num_dense=num_dense.in_features,
@@ -182,7 +151,7 @@ def make_pair(
         dcn_num_layers=model.dcn_num_layers,
         dcn_low_rank_dim=model.dcn_low_rank_dim,
         table_data_type=data_type,
-    )
+    ).model  # the predictor: the pair computes the student's loss itself
     if shared:
         student.sparse_arch = None
     return DistillTrain(

@@ -61,10 +61,14 @@ def build_model(
     dcn_num_layers: int = 3,
     dcn_low_rank_dim: int = 64,
     table_data_type: DataType = DataType.FP32,
+    tables_device: torch.device | None = None,
 ) -> DLRMTrain:
-    """A DLRM (``arch="dlrm"``) or DLRM-DCNv2 (``"dlrm_dcnv2"``) wrapped with its loss."""
+    """A DLRM (``arch="dlrm"``) or DLRM-DCNv2 (``"dlrm_dcnv2"``) wrapped with its loss.
+
+    ``tables_device``: where the embedding tables live, if not on ``device``.
+    """
     ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(tables, table_data_type), device=device
+        tables=embedding_bag_configs(tables, table_data_type), device=tables_device or device
     )
     common = dict(
         embedding_bag_collection=ebc,

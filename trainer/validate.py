@@ -44,6 +44,12 @@ def _positive(key: str, value: float) -> None:
     _check(value > 0, f"{key}={value} must be positive")
 
 
+def _layer_sizes(key: str, sizes: Sequence[int]) -> None:
+    _check(len(sizes) > 0, f"{key} is empty; give at least one layer size")
+    for i, size in enumerate(sizes):
+        _positive(f"{key}[{i}]", size)
+
+
 def validate_for_device(cfg: Config, device_type: str) -> None:
     """What depends on the device this rank got (known only after start-up)."""
     kernels = {cfg.sharding.compute_kernel} | {
@@ -133,9 +139,7 @@ def validate(
         ("model.dense_arch_layer_sizes", m.dense_arch_layer_sizes),
         ("model.over_arch_layer_sizes", m.over_arch_layer_sizes),
     ]:
-        _check(len(sizes) > 0, f"{key} is empty; give at least one layer size")
-        for i, size in enumerate(sizes):
-            _positive(f"{key}[{i}]", size)
+        _layer_sizes(key, sizes)
     _check(
         len(m.over_arch_layer_sizes) >= 2,
         f"model.over_arch_layer_sizes={list(m.over_arch_layer_sizes)} needs at least two "
@@ -313,9 +317,7 @@ def _validate_distill(cfg: Config) -> None:
         ("distill.dense_arch_layer_sizes", d.dense_arch_layer_sizes),
         ("distill.over_arch_layer_sizes", d.over_arch_layer_sizes),
     ]:
-        _check(len(sizes) > 0, f"{key} is empty; give at least one layer size")
-        for i, size in enumerate(sizes):
-            _positive(f"{key}[{i}]", size)
+        _layer_sizes(key, sizes)
     _check(
         len(d.over_arch_layer_sizes) >= 2 and d.over_arch_layer_sizes[-1] == 1,
         f"distill.over_arch_layer_sizes={list(d.over_arch_layer_sizes)} needs at least two "

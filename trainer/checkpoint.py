@@ -142,10 +142,14 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
     """Collective: loads ``path`` into every entry of ``states`` (DCP reshards to this plan).
 
     Each rank reads just its own shards. An entry in ``_OPTIONAL`` that the
-    checkpoint lacks keeps its fresh state.
+    checkpoint lacks, or a part of one (a converter a run without fp16 did not
+    save), keeps its fresh state.
     """
-    saved = _saved_keys(path)
-    wanted = {key: value for key, value in states.items() if key in saved}
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    _refuse_pickles(path, metadata)
+    # "a" and "a.b" for every saved key "a.b.c...".
+    saved_prefixes = {".".join(key.split(".")[:n]) for key in metadata for n in (1, 2)}
+    wanted = {key: value for key, value in states.items() if key in saved_prefixes}
     missing = sorted(set(states) - set(wanted))
     required = [key for key in missing if key not in _OPTIONAL]
     if required:
@@ -157,30 +161,28 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
     missing = [key for key in missing if states[key].state_dict()]
     if missing:
         log.info("checkpoint %s has no %s state; starting it fresh", path, missing)
-    _refuse_pickles(path)
     for value in wanted.values():
         if isinstance(value, OptimizerState):  # lazily built state must exist to load into
             _init_optimizer_state(value.optimizer)
-    # Sub-entries a converter did not save (a run without fp16 resumed with it) start fresh.
     template = {key: value.state_dict() for key, value in wanted.items()}
-    if "compression" in template:
-        template["compression"] = {
-            name: entry
-            for name, entry in template["compression"].items()
-            if f"compression.{name}" in _saved_prefixes(path)
-        }
-    _check_same_layout(path, template)
+    for key in _OPTIONAL:
+        if key in template:
+            template[key] = {
+                name: entry
+                for name, entry in template[key].items()
+                if f"{key}.{name}" in saved_prefixes
+            }
+    _check_same_layout(path, template, saved=set(metadata))
     dcp.load(template, checkpoint_id=path)
     for key, value in wanted.items():
         value.load_state_dict(template[key])
 
 
-def _refuse_pickles(path: Path) -> None:
+def _refuse_pickles(path: Path, metadata: dict[str, Any] | None = None) -> None:
     """A bytes entry would be unpickled by DCP's default planner: never load one."""
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    pickled = [
-        k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)
-    ]
+    if metadata is None:
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    pickled = [k for k, v in metadata.items() if isinstance(v, BytesStorageMetadata)]
     if pickled:
         raise ConfigError(
             f"{path} holds non-tensor entries {pickled[:5]} that loading would unpickle "
@@ -189,7 +191,7 @@ def _refuse_pickles(path: Path) -> None:
         )
 
 
-def _check_same_layout(path: Path, template: dict[str, Any]) -> None:
+def _check_same_layout(path: Path, template: dict[str, Any], *, saved: set[str]) -> None:
     """Every tensor this run needs is in the checkpoint, or a ConfigError says what moved.
 
     DCP reshards a table between any plans of the same kernel family; a table that
@@ -197,7 +199,6 @@ def _check_same_layout(path: Path, template: dict[str, Any]) -> None:
     ``data_parallel`` (a plain tensor with the dense optimizer's state) changes its
     optimizer state's keys, which DCP would report as a bare missing key.
     """
-    saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
     flat, _ = flatten_state_dict(template)
     missing = sorted(k for k in flat if k not in saved)
     if not missing:
@@ -214,22 +215,6 @@ def _check_same_layout(path: Path, template: dict[str, Any]) -> None:
         f"trainer.resume={path} lacks {len(missing)} state entries this run needs "
         f"(e.g. {missing[:3]}): {hint}, or start fresh with trainer.resume=null"
     )
-
-
-def _saved_prefixes(path: Path) -> set[str]:
-    """``a`` and ``a.b`` for every saved key ``a.b.c...`` (from DCP's metadata)."""
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    prefixes = set()
-    for key in metadata.state_dict_metadata:
-        parts = key.split(".")
-        prefixes.update({parts[0], ".".join(parts[:2])})
-    return prefixes
-
-
-def _saved_keys(path: Path) -> set[str]:
-    """The top-level keys of a checkpoint's state dict (from DCP's metadata)."""
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    return {key.split(".")[0] for key in metadata.state_dict_metadata}
 
 
 def load_unsharded_model(path: Path, model: nn.Module) -> int:

@@ -93,7 +93,8 @@ def _app(dict_cfg: DictConfig) -> None:
         if in_sweep:
             log.exception("job failed")
         raise
-    if os.environ.get("RANK", "0") == "0":
+    # torchrun sets RANK; ``srun python -m trainer`` only SLURM_PROCID: one summary either way
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         print(f"\nsummary ({run_dir / 'summary.json'})")
         print(format_summary(summary))
         if "export" in summary:

@@ -121,12 +121,12 @@ def summarise(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
     out = {}
-    for a in ("shardrec", "shardrec_prefetch"):
+    for a, prefix in (("shardrec", "a"), ("shardrec_prefetch", "a'"), ("shardrec_pregen", "p")):
         if a not in rows:
             continue
         for other, label in RATIOS:
             if other in rows:
-                key = label if a == "shardrec" else label.replace("a/", "a'/")
+                key = label.replace("a/", f"{prefix}/")
                 out[key] = rows[a]["median"] / rows[other]["median"]
     return out
 
@@ -150,7 +150,8 @@ def format_shape(result: dict[str, Any]) -> str:
     lines.append(
         "ratios: "
         + ", ".join(f"{k} {v:.2f}" for k, v in ratios(rows).items())
-        + "  (a shardrec, a' shardrec+prefetch, b pytorch, c torchrec loop, d dense floor)"
+        + "  (a shardrec, a' shardrec+prefetch, p shardrec on batches drawn up front,"
+        " b pytorch, c torchrec loop, d dense floor)"
     )
     b = result.get("breakdown")
     if b:

@@ -6,14 +6,16 @@
   every batch (labels from the planted model) inside the step, as in training.
 - ``shardrec_prefetch``: the same trainer, its source wrapped in
   ``trainer.data.prefetch.Prefetcher`` (batches built on a background thread).
+- ``shardrec_pregen``: the same trainer, pipeline and model over batches drawn
+  up front (as the baselines get them): shardrec's step without the input drawing.
 - ``pytorch``: a straightforward PyTorch DLRM: one ``nn.EmbeddingBag`` per table
   with sparse gradients, the whole model under DDP, ``torch.optim.Adagrad``.
 - ``torchrec``: torchrec's examples/golden_training/train_dlrm.py: tables on
   ``meta``, fused row-wise Adagrad via ``apply_optimizer_in_backward``, DMP with
   the default planner, dense Adagrad, ``TrainPipelineSparseDist`` over batches
   generated up front.
-- ``dense``: the floor: bottom MLP, interaction and top MLP forward, backward
-  and Adagrad on the same batch, pooled embeddings given (no tables, no comms).
+- ``dense``: the floor: bottom MLP, interaction (shardrec's) and top MLP forward,
+  backward and Adagrad on the same batch, pooled embeddings given (no tables, no comms).
 
 The baselines read the same samples as shardrec (drawn once, up front, from the
 same synthetic source), so only the training loop differs.
@@ -186,12 +188,27 @@ class _PrefetchedSource:
         )
 
 
+class _PregenSource:
+    """A DataSource whose train batches are ``batches``, drawn once, in a cycle."""
+
+    def __init__(self, source: Any, batches: list) -> None:
+        self._source = source
+        self._batches = batches
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def train_batches(self, *, num_steps: int, **_: Any) -> Iterator[Batch]:
+        return itertools.islice(itertools.cycle(self._batches), num_steps)
+
+
 @dataclass
 class Contender:
     name: str
     step: Callable[[int], None]  # runs n training steps
     trainer: Any = None  # shardrec's Trainer (for the breakdown)
     source: Any = None
+    model: Any = None  # the DistributedModelParallel, where there is one
 
 
 def make_source(shape: Shape, *, env: Any, device: str) -> Any:
@@ -203,8 +220,15 @@ def make_source(shape: Shape, *, env: Any, device: str) -> Any:
 
 
 def make_shardrec(
-    shape: Shape, *, env: Any, device: str, prefetch: bool, source: Any = None
+    shape: Shape,
+    *,
+    env: Any,
+    device: str,
+    prefetch: bool = False,
+    source: Any = None,
+    batches: list | None = None,
 ) -> Contender:
+    """The trainer; ``prefetch``: its batches drawn on a thread; ``batches``: drawn up front."""
     from tqdm import tqdm
 
     from trainer.build import build
@@ -216,11 +240,11 @@ def make_shardrec(
     built = build(cfg, env, source=source)
     run_dir = Path(tempfile.mkdtemp(prefix="shardrec-bench-"))
     logger = make_logger(cfg.logger, run_dir=run_dir, rank=env.rank, config={})
-    used = (
-        _PrefetchedSource(source, depth=2, num_threads=1 if device == "cpu" else None)
-        if prefetch
-        else source
-    )
+    used = source
+    if prefetch:
+        used = _PrefetchedSource(source, depth=2, num_threads=1 if device == "cpu" else None)
+    elif batches is not None:
+        used = _PregenSource(source, batches)
     trainer = Trainer(
         model=built.model,
         optimizer=built.optimizer,
@@ -232,8 +256,14 @@ def make_shardrec(
         model_fwd=built.converters.wrap_forward(built.model),
     )
     bar = tqdm(disable=True)
-    name = "shardrec_prefetch" if prefetch else "shardrec"
-    return Contender(name, lambda n: trainer.train_steps(n, bar), trainer=trainer, source=source)
+    name = "shardrec_prefetch" if prefetch else "shardrec_pregen" if batches else "shardrec"
+    return Contender(
+        name,
+        lambda n: trainer.train_steps(n, bar),
+        trainer=trainer,
+        source=source,
+        model=built.model,
+    )
 
 
 def draw_batches(source: Any, shape: Shape, *, rank: int, world_size: int, num: int) -> list:
@@ -298,7 +328,7 @@ def make_torchrec(shape: Shape, *, env: Any, batches: list) -> Contender:
         for _ in range(n):
             pipeline.progress(data)
 
-    return Contender("torchrec", step)
+    return Contender("torchrec", step, model=model)
 
 
 class PlainDLRM(nn.Module):
@@ -357,8 +387,10 @@ def make_pytorch(shape: Shape, *, env: Any, batches: list) -> Contender:
 
 def make_dense(shape: Shape, *, env: Any, batches: list) -> Contender:
     """The dense-only floor: the same MLPs and interaction, pooled embeddings given."""
-    from torchrec.models.dlrm import DenseArch, InteractionArch, InteractionDCNArch, OverArch
+    from torchrec.models.dlrm import DenseArch, InteractionDCNArch, OverArch
     from torchrec.modules.crossnet import LowRankCrossNet
+
+    from trainer.models.interaction import FlatInteractionArch
 
     num_features, d = len(shape.table_rows()), shape.embedding_dim
     dense_arch = DenseArch(shape.num_dense, shape.dense_arch, device=env.device)
@@ -370,7 +402,9 @@ def make_dense(shape: Shape, *, env: Any, batches: list) -> Contender:
         ).to(env.device)
         over_in = in_features
     else:
-        inter = InteractionArch(num_sparse_features=num_features)
+        # shardrec's interaction (torchrec's, bit for bit, gathered faster): the floor
+        # is the dense part of the model shardrec trains.
+        inter = FlatInteractionArch(num_sparse_features=num_features).to(env.device)
         over_in = d + num_features * (num_features + 1) // 2
     over_arch = OverArch(over_in, shape.over_arch, device=env.device)
     modules = nn.ModuleList([dense_arch, inter, over_arch])

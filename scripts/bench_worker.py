@@ -44,7 +44,7 @@ from bench_models import (  # noqa: E402
     make_torchrec,
 )
 
-CONTENDERS = ("shardrec", "shardrec_prefetch", "pytorch", "torchrec", "dense")
+CONTENDERS = ("shardrec", "shardrec_prefetch", "shardrec_pregen", "pytorch", "torchrec", "dense")
 
 
 def rss_mb() -> float:
@@ -180,7 +180,7 @@ def main() -> None:
         source = batches = None
         for name in names:
             rss_before = rss_mb()
-            if name.startswith("shardrec"):
+            if name in ("shardrec", "shardrec_prefetch"):
                 c = make_shardrec(
                     shape,
                     env=env,
@@ -196,8 +196,13 @@ def main() -> None:
                     batches = draw_batches(
                         source, shape, rank=env.rank, world_size=env.world_size, num=8
                     )
-                make = {"pytorch": make_pytorch, "torchrec": make_torchrec, "dense": make_dense}
-                c = make[name](shape, env=env, batches=batches)
+                if name == "shardrec_pregen":
+                    c = make_shardrec(
+                        shape, env=env, device=args.device, source=source, batches=batches
+                    )
+                else:
+                    make = {"pytorch": make_pytorch, "torchrec": make_torchrec, "dense": make_dense}
+                    c = make[name](shape, env=env, batches=batches)
             time_steps(c, args.warmup, env)
             contenders.append(c)
             result["contenders"][name] = {

@@ -2,8 +2,9 @@
 
 Both are torchrec's own modules (``torchrec.models.dlrm``): a bottom MLP over the
 dense features, an EmbeddingBagCollection pooling each sparse feature's bag of
-ids, an interaction (pairwise dots for DLRM; low-rank cross layers, as in the
-MLPerf DLRM-DCNv2 reference, for DCNv2), and a top MLP to one logit.
+ids, an interaction (pairwise dots for DLRM, torchrec's computed with a cheaper
+gather, see ``interaction.py``; low-rank cross layers, as in the MLPerf
+DLRM-DCNv2 reference, for DCNv2), and a top MLP to one logit.
 ``DLRMTrain`` wraps it with the BCE loss and returns ``(loss, (loss, logits,
 labels))``, the shape torchrec's train pipelines expect.
 
@@ -22,6 +23,8 @@ import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from trainer.models.interaction import FlatInteractionArch
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
@@ -79,6 +82,8 @@ def build_model(
     )
     if arch == "dlrm":
         dlrm = DLRM(**common)
+        # Same computation, bit for bit; the triangle gathered without 2-D indexing.
+        dlrm.inter_arch = FlatInteractionArch(num_sparse_features=dlrm.inter_arch.F)
     elif arch == "dlrm_dcnv2":
         dlrm = DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
     else:

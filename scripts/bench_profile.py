@@ -1,0 +1,134 @@
+"""Side-by-side op profile: shardrec's step against torchrec's golden loop, same batches.
+
+Builds ``shardrec_pregen`` (the trainer's real pipeline and model over batches
+drawn up front) and the ``torchrec`` contender (scripts/bench_models.py) in the
+same processes, warms both up, profiles ``--steps`` steps of each with
+torch.profiler, and writes on rank 0 one table comparing them op by op: calls
+and self CPU time per step, sorted by the difference. What shardrec's step does
+that torchrec's does not shows up at the top.
+
+Example::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 scripts/bench_profile.py \
+        --shape small --steps 10 --out /tmp/profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_models  # noqa: E402
+from bench_models import SHAPES, draw_batches, make_shardrec, make_source, make_torchrec  # noqa: E402
+from bench_worker import time_steps  # noqa: E402
+
+
+def profile_steps(contender: Any, *, steps: int, env: Any) -> tuple[float, dict[str, Any]]:
+    """Wall ms per step (unprofiled) and the profiler's per-op totals per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plain_ms = time_steps(contender, steps, env) * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_steps(contender, steps, env)
+    ops = {
+        e.key: {
+            "calls": e.count / steps,
+            "self_ms": e.self_cpu_time_total / 1e3 / steps,
+            "total_ms": e.cpu_time_total / 1e3 / steps,
+        }
+        for e in prof.key_averages()
+    }
+    return plain_ms, ops
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], *, top: int) -> str:
+    keys = sorted(
+        set(a) | set(b),
+        key=lambda k: -abs(a.get(k, {}).get("self_ms", 0) - b.get(k, {}).get("self_ms", 0)),
+    )
+    zero = {"calls": 0.0, "self_ms": 0.0, "total_ms": 0.0}
+    lines = [
+        "| op | shardrec calls | shardrec self ms | torchrec calls | torchrec self ms | diff ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for k in keys[:top]:
+        x, y = a.get(k, zero), b.get(k, zero)
+        lines.append(
+            f"| {k[:70]} | {x['calls']:.1f} | {x['self_ms']:.2f} | {y['calls']:.1f} "
+            f"| {y['self_ms']:.2f} | {x['self_ms'] - y['self_ms']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plan_summary(model: Any) -> str:
+    """Per table: sharding type, kernel and ranks, as '<type>/<kernel>@ranks'."""
+    parts = []
+    for module_plan in model.plan.plan.values():
+        for table, ps in module_plan.items():
+            parts.append(f"{table}: {ps.sharding_type}/{ps.compute_kernel}@{ps.ranks}")
+    return "; ".join(parts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--top", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=4, help="unprofiled alternating rounds")
+    p.add_argument("--shardrec-overrides", default="")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    from sharding import destroy_distributed, init_distributed
+    from sharding.quiet import quiet_libraries
+
+    quiet_libraries()
+    bench_models.EXTRA_OVERRIDES.extend(args.shardrec_overrides.split())
+    torch.set_num_threads(1)
+    env = init_distributed(device="cpu")
+    try:
+        shape = SHAPES[args.shape]
+        source = make_source(shape, env=env, device="cpu")
+        batches = draw_batches(source, shape, rank=env.rank, world_size=env.world_size, num=8)
+        shardrec = make_shardrec(shape, env=env, device="cpu", source=source, batches=batches)
+        torchrec = make_torchrec(shape, env=env, batches=batches)
+        for c in (shardrec, torchrec):
+            time_steps(c, args.warmup, env)
+        a_ms, a_ops = profile_steps(shardrec, steps=args.steps, env=env)
+        b_ms, b_ops = profile_steps(torchrec, steps=args.steps, env=env)
+        # Unprofiled rounds, alternating (the order flips each round), for the noise.
+        a_rounds, b_rounds = [a_ms], [b_ms]
+        for r in range(args.rounds):
+            pair = [(shardrec, a_rounds), (torchrec, b_rounds)]
+            for c, into in pair if r % 2 else reversed(pair):
+                into.append(time_steps(c, args.steps, env) * 1e3 / args.steps)
+        a2_ms, b2_ms = statistics.median(a_rounds), statistics.median(b_rounds)
+        if env.rank == 0:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            text = (
+                f"# {args.shape}: shardrec_pregen vs torchrec loop, {args.steps} steps\n\n"
+                f"ms per step (unprofiled, median of {len(a_rounds)} alternating rounds): "
+                f"shardrec {a2_ms:.1f} ({min(a_rounds):.1f}-{max(a_rounds):.1f}), "
+                f"torchrec {b2_ms:.1f} ({min(b_rounds):.1f}-{max(b_rounds):.1f})\n\n"
+                f"shardrec plan: {plan_summary(shardrec.model)}\n\n"
+                f"torchrec plan: {plan_summary(torchrec.model)}\n\n"
+                + compare(a_ops, b_ops, top=args.top)
+            )
+            (out / f"{args.shape}.md").write_text(text + "\n")
+            print(text)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,16 @@
 """Pruning: embedding rows at export, dense MLP weights by magnitude during training.
 
-**Rows** (:class:`RowPruning`, ``prune.row_min_norm``): at export, each table's
-rows whose L2 norm is below the threshold are dropped; the ids that pointed at
-them are remapped to one shared default row (the mean of the dropped rows), so
-the served table has ``kept + 1`` rows. The served model remaps ids in front of
-its sparse arch (:class:`RemapIds`); every kept id reads exactly its own row,
-so predictions of samples whose ids are all kept do not change. Rows of ids
-never seen in training keep their initial values, and rows that training
-pushed towards zero carry little signal: these are the ones that go.
+**Rows** (:class:`RowPruning`): at export, each table's rows below a threshold
+are dropped -- ``prune.rows_by=norm``: L2 norm below ``prune.row_min_norm``;
+``prune.rows_by=access``: looked up fewer than ``prune.min_access`` times in
+training (counted by compression/access_counts.py, checkpointed with the
+converter's state). The ids that pointed at dropped rows are remapped to one
+shared default row (the mean of the dropped rows), so the served table has
+``kept + 1`` rows. The served model remaps ids in front of its sparse arch
+(:class:`RemapIds`); every kept id reads exactly its own row, so predictions of
+samples whose ids are all kept do not change. Rows of ids never seen in
+training keep their initial values, and rows that training pushed towards
+zero carry little signal: these are the ones that go.
 
 **Dense** (:class:`DensePruning`, ``prune.dense_sparsity``): the Linear weights
 of the dense and over arches are pruned by magnitude (torch's
@@ -21,6 +24,7 @@ Example::
     converters = Converters([..., DensePruning(sparsity=0.5, start_step=0, end_step=1000,
                                                every_steps=100), RowPruning(min_norm=0.01)])
     served = RowPruning(min_norm=0.01).to_serving(dlrm)   # a pruned copy
+    by_access = RowPruning(min_access=1, feature_rows={"cat_0": 40, ...})  # counts in training
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch.nn.utils.prune import L1Unstructured
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compression.access_counts import AccessCounter
 from compression.converter import Converter, Forward
 from compression.dense_qat import dense_linears
 
@@ -68,11 +73,21 @@ class RemapIds(nn.Module):
 
 
 @torch.no_grad()
-def prune_rows(model: nn.Module, *, min_norm: float) -> tuple[nn.Module, dict[str, dict[str, int]]]:
-    """A copy of the unsharded ``model`` with low-norm rows dropped (module docstring).
+def prune_rows(
+    model: nn.Module,
+    *,
+    min_norm: float = 0.0,
+    access_counts: dict[str, Tensor] | None = None,
+    min_access: int = 0,
+) -> tuple[nn.Module, dict[str, dict[str, int]]]:
+    """A copy of the unsharded ``model`` with rows dropped (module docstring).
 
-    Returns the copy and, per pruned table, ``{"rows": ..., "rows_kept": ...}``.
-    The EmbeddingBagCollection is wrapped in :class:`RemapIds` where it sits.
+    Without ``access_counts`` a row goes when its L2 norm is below ``min_norm``;
+    with them (per feature, as :class:`compression.access_counts.AccessCounter`
+    gives them; a table's count is the sum over its features) when it was looked
+    up fewer than ``min_access`` times. Returns the copy and, per table,
+    ``{"rows", "rows_kept", "fp32_bytes", "fp32_bytes_kept"}`` (the last with the
+    default row). The EmbeddingBagCollection is wrapped in :class:`RemapIds`.
     """
     pruned = copy.deepcopy(model)
     report: dict[str, dict[str, int]] = {}
@@ -83,9 +98,19 @@ def prune_rows(model: nn.Module, *, min_norm: float) -> tuple[nn.Module, dict[st
             configs, weights, remaps = [], {}, {}
             for config in ebc.embedding_bag_configs():
                 weight = ebc.embedding_bags[config.name].weight
-                keep = weight.norm(dim=1) >= min_norm
+                if access_counts is None:
+                    keep = weight.norm(dim=1) >= min_norm
+                else:
+                    counts = sum(access_counts[f].cpu() for f in config.feature_names)
+                    keep = torch.as_tensor(counts) >= min_access
                 num_kept = int(keep.sum())
-                report[config.name] = {"rows": weight.shape[0], "rows_kept": num_kept}
+                row_bytes = weight.shape[1] * 4
+                report[config.name] = {
+                    "rows": weight.shape[0],
+                    "rows_kept": num_kept,
+                    "fp32_bytes": weight.shape[0] * row_bytes,
+                    "fp32_bytes_kept": min(num_kept + 1, weight.shape[0]) * row_bytes,
+                }
                 if num_kept == weight.shape[0]:
                     configs.append(config)
                     weights[config.name] = weight
@@ -107,28 +132,102 @@ def prune_rows(model: nn.Module, *, min_norm: float) -> tuple[nn.Module, dict[st
 
 
 class RowPruning(Converter):
-    """Export: drop rows whose L2 norm is below ``min_norm`` (before quantization)."""
+    """Export: drop rows by L2 norm (``min_norm``) or by training access count
+    (``min_access``, counting the features of ``feature_rows``), before quantization.
+
+    With ``min_access`` the converter counts each training step's ids
+    (``wrap_forward``; eval batches are not counted) and keeps the counts as
+    its checkpoint state (collective: the ranks' counts are summed).
+    """
 
     name = "row_pruning"
 
-    def __init__(self, *, min_norm: float) -> None:
+    def __init__(
+        self,
+        *,
+        min_norm: float = 0.0,
+        min_access: int = 0,
+        feature_rows: dict[str, int] | None = None,
+    ) -> None:
+        if (min_norm > 0) == (min_access > 0):
+            raise ValueError("RowPruning: give min_norm or min_access (one of them)")
+        if min_access and not feature_rows:
+            raise ValueError("RowPruning(min_access=...) needs feature_rows to count")
         self.min_norm = min_norm
+        self.min_access = min_access
+        self.counter = AccessCounter(feature_rows or {}) if min_access else None
+        self.model: nn.Module | None = None
+        self.process_group: Any = None
         self.report: dict[str, dict[str, int]] = {}
-        self.row_bytes: dict[str, int] = {}
+
+    def convert_sharded(
+        self, model: nn.Module, *, device: torch.device, process_group: Any
+    ) -> None:
+        self.model, self.process_group = model, process_group
+        if self.counter is not None:
+            self.counter.to(device)
+
+    def wrap_forward(self, forward: Forward) -> Forward:
+        counter = self.counter
+        if counter is None:
+            return forward
+
+        def counting(batch: Any) -> Any:
+            if self.model is None or self.model.training:  # training steps only
+                counter.add(batch.sparse_features)
+            return forward(batch)
+
+        return counting
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.counter is None:
+            return {}
+        # Collective: DCP saves one replicated tensor per feature, the global count.
+        synced = self.counter.synced(self.process_group)
+        return {f"access_{feature}": counts for feature, counts in synced.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.counter is None:
+            return
+        self.counter.load(
+            {f: state[f"access_{f}"] for f in self.counter.feature_rows if f"access_{f}" in state},
+            self.process_group,
+        )
+
+    def access_counts(self) -> dict[str, Tensor] | None:
+        """Collective: the global counts per feature (None when pruning by norm)."""
+        return None if self.counter is None else self.counter.synced(self.process_group)
 
     def to_serving(self, model: nn.Module) -> nn.Module:
-        pruned, self.report = prune_rows(model, min_norm=self.min_norm)
+        counts = None
+        if self.counter is not None:
+            # Export runs on rank 0 alone, after a checkpoint-style sync (see export_step):
+            # rank 0's counter then holds the totals.
+            counts = self.counter.local()
+        pruned, self.report = prune_rows(
+            model, min_norm=self.min_norm, access_counts=counts, min_access=self.min_access
+        )
         return pruned
 
     def export_summary(self) -> dict[str, Any]:
-        rows = sum(r["rows"] for r in self.report.values())
-        kept = sum(r["rows_kept"] for r in self.report.values())
+        r = self.report.values()
+        rows, kept = sum(t["rows"] for t in r), sum(t["rows_kept"] for t in r)
+        fp32_bytes, fp32_kept = (
+            sum(t["fp32_bytes"] for t in r),
+            sum(t["fp32_bytes_kept"] for t in r),
+        )
+        by = (
+            {"rows_by": "norm", "min_norm": self.min_norm}
+            if self.counter is None
+            else {"rows_by": "access", "min_access": self.min_access}
+        )
         return {
             "row_pruning": {
-                "min_norm": self.min_norm,
+                **by,
                 "rows": rows,
                 "rows_kept": kept,
                 "rows_kept_fraction": kept / max(rows, 1),
+                "fp32_bytes_saved": fp32_bytes - fp32_kept,
                 "tables": self.report,
             }
         }
@@ -248,8 +347,15 @@ def prune_converters(
     dense_start_step: int,
     dense_end_step: int,
     dense_every_steps: int,
+    rows_by: str = "norm",
+    min_access: int = 0,
+    feature_rows: dict[str, int] | None = None,
 ) -> list[Converter]:
-    """The pruning converters that are on (dense first: it acts in training)."""
+    """The pruning converters that are on (dense first: it acts in training).
+
+    ``rows_by``: ``norm`` (``row_min_norm`` > 0 turns row pruning on) or
+    ``access`` (``min_access`` > 0; ``feature_rows`` says what to count).
+    """
     out: list[Converter] = []
     if dense_sparsity > 0:
         out.append(
@@ -260,6 +366,8 @@ def prune_converters(
                 every_steps=dense_every_steps,
             )
         )
-    if row_min_norm > 0:
+    if rows_by == "norm" and row_min_norm > 0:
         out.append(RowPruning(min_norm=row_min_norm))
+    if rows_by == "access" and min_access > 0:
+        out.append(RowPruning(min_access=min_access, feature_rows=feature_rows))
     return out

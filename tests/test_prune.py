@@ -48,7 +48,12 @@ def test_row_pruning_leaves_predictions_of_kept_ids_unchanged() -> None:
     assert min_norm < float(weight[30:].norm(dim=1).min())  # only the scaled rows go
     pruned, report = prune_rows(model, min_norm=min_norm)
 
-    assert report["t_cat_1"] == {"rows": 100, "rows_kept": 70}
+    assert report["t_cat_1"] == {
+        "rows": 100,
+        "rows_kept": 70,
+        "fp32_bytes": 100 * 8 * 4,
+        "fp32_bytes_kept": 71 * 8 * 4,  # with the default row
+    }
     assert all(r["rows"] == r["rows_kept"] for name, r in report.items() if name != "t_cat_1")
     remap = pruned.sparse_arch.embedding_bag_collection
     assert isinstance(remap, RemapIds)

@@ -191,8 +191,11 @@ class DistillConfig:
 class PruneConfig:
     """Pruning (compression/prune.py); every field's zero turns its part off."""
 
-    # At export: table rows whose L2 norm is below this go to one shared default row.
+    # At export, rows go to one shared default row by rows_by: "norm" (L2 norm below
+    # row_min_norm) or "access" (looked up fewer than min_access times in training).
+    rows_by: str = "norm"
     row_min_norm: float = 0.0
+    min_access: int = 0
     # Dense: magnitude pruning (L1, per Linear) of the MLP weights to this sparsity,
     # raised in equal steps every dense_every_steps from dense_start_step to dense_end_step.
     dense_sparsity: float = 0.0

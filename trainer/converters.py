@@ -121,6 +121,10 @@ def build_converters(
         dense_start_step=p.dense_start_step,
         dense_end_step=p.dense_end_step,
         dense_every_steps=p.dense_every_steps,
+        rows_by=p.rows_by,
+        min_access=p.min_access,
+        # Counted per feature of the trained model's tables (the served ones read the same).
+        feature_rows={f: t.num_embeddings for t in tables for f in t.feature_names},
     )
     return Converters(converters)
 

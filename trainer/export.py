@@ -1,8 +1,8 @@
 """``python -m trainer.export <checkpoint_dir> [--bits 8|4|2] [--out PATH]``: serve a checkpoint.
 
 One process, no process group: rebuilds the unsharded model from the
-checkpoint's ``config.yaml``, reads every rank's table shards into it (DCP),
-and exports it as the end of that run would have (the same converters: the
+checkpoint's ``config.yaml``, reads every rank's table shards into it (DCP)
+and the converters' saved state (e.g. row pruning's access counts), and exports it as the end of that run would have (the same converters: the
 run's QAT bits, or ``--bits`` for every table). Saves ``--out`` (default
 ``<checkpoint>/exported_model.pt``) and the result next to it as ``.json``;
 prints the result. A missing or incomplete checkpoint is one line, exit 2.
@@ -18,8 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
 
 from trainer.checkpoint import is_complete, load_unsharded_model, missing_message, read_config
 from trainer.config import ConfigError, resolved_tables
@@ -40,6 +44,7 @@ def export_checkpoint(
     converters = build_converters(cfg, tables=tables, device_type="cpu", export_bits_override=bits)
     trained = build_trained(cfg, tables=tables, num_dense=source.num_dense, converters=converters)
     step = load_unsharded_model(checkpoint, trained)
+    converters.load_state_dict(_saved_converter_state(checkpoint))  # e.g. access counts
     out = out or checkpoint / EXPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     result = export_model(
@@ -52,6 +57,24 @@ def export_checkpoint(
     result["step"] = step
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _saved_converter_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's ``compression`` entry (one process), shaped from its metadata."""
+    metadata = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    template: dict[str, dict[str, torch.Tensor]] = {}
+    for key, meta in metadata.items():
+        parts = key.split(".")
+        if parts[0] != "compression" or len(parts) != 3 or not hasattr(meta, "size"):
+            continue
+        template.setdefault(parts[1], {})[parts[2]] = torch.empty(
+            meta.size, dtype=meta.properties.dtype
+        )
+    if template:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*single process")
+            dcp.load({"compression": template}, checkpoint_id=checkpoint, no_dist=True)
+    return template
 
 
 def main(argv: list[str] | None = None) -> None:

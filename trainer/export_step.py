@@ -78,6 +78,9 @@ def export_step(
     run_dir: Path,
 ) -> dict[str, Any]:
     """Collective: exports on rank 0; returns the ``"export"`` entry on every rank."""
+    # Collective, as at a checkpoint: state the ranks hold apart meets on rank 0
+    # (row pruning's access counts, summed), where to_serving reads it.
+    converters.state_dict()
     full_state = gather_full_state(model)
     result: Any = None
     if full_state is not None:

@@ -354,6 +354,21 @@ def _validate_prune(cfg: Config) -> None:
     p = cfg.prune
     _check(p.row_min_norm >= 0, f"prune.row_min_norm={p.row_min_norm} must be >= 0 (0: off)")
     _check(
+        p.rows_by in ("norm", "access"),
+        f"prune.rows_by={p.rows_by}: use norm (prune.row_min_norm) or access (prune.min_access)",
+    )
+    _check(p.min_access >= 0, f"prune.min_access={p.min_access} must be >= 0 (0: off)")
+    _check(
+        not (p.rows_by == "norm" and p.min_access > 0),
+        f"prune.min_access={p.min_access} has no effect with prune.rows_by=norm; "
+        "add prune.rows_by=access",
+    )
+    _check(
+        not (p.rows_by == "access" and p.row_min_norm > 0),
+        f"prune.row_min_norm={p.row_min_norm} has no effect with prune.rows_by=access; "
+        "use prune.min_access (or prune.rows_by=norm)",
+    )
+    _check(
         0 <= p.dense_sparsity < 1,
         f"prune.dense_sparsity={p.dense_sparsity} must be in [0, 1) (0: off)",
     )

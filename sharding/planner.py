@@ -4,7 +4,8 @@
 topology's memory and bandwidth model, among the sharding types torchrec itself
 offers on the compute device, less data_parallel (on CPU: table_wise,
 column_wise, table_column_wise; row_wise, table_row_wise, grid and
-data_parallel only when asked for);
+data_parallel only when asked for), and no column split for a table no wider
+than one column block (``sharding.column_shard_dim``, torchrec's 128 by default);
 any other strategy is passed to the same planner as a per-table constraint,
 so every plan, chosen or forced, comes out of one code path and is checked
 against the memory caps.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.constants import MIN_CW_DIM
 from torchrec.distributed.planner.storage_reservations import (
     FixedPercentageStorageReservation,
 )
@@ -46,6 +48,7 @@ from torchrec.distributed.sharding_plan import (
     table_wise,
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from sharding.sharders import auto_sharding_types
 
@@ -123,8 +126,16 @@ def make_topology(
     )
 
 
+# Column-split types; a table no wider than one block is one column shard.
+_COLUMN_SPLIT = ("column_wise", "table_column_wise")
+
+
+def _one_block(dim: int | None, column_shard_dim: int | None) -> bool:
+    return dim is not None and dim <= (column_shard_dim or MIN_CW_DIM)
+
+
 def _kernels_for(
-    strategy: str, compute_kernel: str, compute_device: str
+    strategy: str, compute_kernel: str, compute_device: str, *, one_block: bool = False
 ) -> tuple[list[str], list[str]]:
     # auto: the planner picks the strategy among those torchrec itself offers on
     # the device, less data_parallel (the CPU extras of sharding.sharders only
@@ -134,8 +145,14 @@ def _kernels_for(
     # device, and the dense kernel moves a table to the dense optimizer.
     # A single strategy: data-parallel tables are plain replicated tensors, so
     # only the dense kernel applies.
+    # A table no wider than one column block gets no column split under auto: it
+    # would be table_wise with extra permutes of its pooled output (and the cost
+    # model ties it with table_wise, so the pick varied from run to run).
     if strategy == "auto":
-        return auto_sharding_types(compute_device), [compute_kernel]
+        types = auto_sharding_types(compute_device)
+        if one_block:
+            types = [t for t in types if t not in _COLUMN_SPLIT]
+        return types, [compute_kernel]
     if strategy == "data_parallel":
         return [strategy], ["dense"]
     return [sharding_type(strategy)], [compute_kernel]
@@ -150,12 +167,16 @@ def _constraints(
     cache_load_factor: float,
     column_shard_dim: int | None = None,
     compute_device: str = "cpu",
+    table_dims: dict[str, int] | None = None,
 ) -> dict[str, ParameterConstraints]:
     constraints = {}
     for name in table_names:
         pin = overrides.get(name, TableOverride())
         sharding_types, kernels = _kernels_for(
-            pin.strategy or strategy, pin.compute_kernel or compute_kernel, compute_device
+            pin.strategy or strategy,
+            pin.compute_kernel or compute_kernel,
+            compute_device,
+            one_block=_one_block((table_dims or {}).get(name), column_shard_dim),
         )
         extra: dict = {"pooling_factors": pooling_factors[name]} if name in pooling_factors else {}
         if "fused_uvm_caching" in kernels:
@@ -225,6 +246,16 @@ def pin_ranks(
     return plan
 
 
+def _table_dims(model: nn.Module) -> dict[str, int]:
+    """Each embedding table's dim, by table name, from the model's collections."""
+    return {
+        config.name: config.embedding_dim
+        for module in model.modules()
+        if isinstance(module, EmbeddingBagCollection)
+        for config in module.embedding_bag_configs()
+    }
+
+
 def plan_sharding(
     model: nn.Module,
     *,
@@ -266,6 +297,7 @@ def plan_sharding(
             cache_load_factor,
             column_shard_dim,
             topology.compute_device,
+            _table_dims(model),
         ),
         storage_reservation=FixedPercentageStorageReservation(storage_reservation_percentage),
         stats=stats,

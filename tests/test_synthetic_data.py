@@ -423,8 +423,12 @@ def test_zipf_and_planted_move_devices_without_changing_draws() -> None:
 
 def _reference_jagged(data: SyntheticCriteo, split: str, start: int, size: int) -> Batch:
     """The straightforward construction: one slice per feature, then concatenated."""
-    _, ranks, mask = data._draw(split, torch.arange(start, start + size))
+    _, ranks, lengths = data._draw(split, torch.arange(start, start + size))
     ids = data._tables.ids(ranks, data._slot_features)
+    if lengths is None:
+        mask = torch.ones_like(ranks, dtype=torch.bool)
+    else:
+        mask = data._slot_positions < lengths[:, data._slot_features]
     ends = torch.tensor(data.hotness).cumsum(0).tolist()
     values = [ids[:, e - h : e][mask[:, e - h : e]] for e, h in zip(ends, data.hotness)]
     lengths = [mask[:, e - h : e].sum(1, dtype=torch.int32) for e, h in zip(ends, data.hotness)]
@@ -459,8 +463,8 @@ def test_chunked_train_batches_equal_single_step_batches(
     import trainer.data.synthetic as synthetic
 
     # Chunks of 3 steps, the last one partial: 7 steps from step 2.
-    monkeypatch.setattr(synthetic, "TRAIN_CHUNK_SAMPLES", 3 * 40)
     data = SyntheticCriteo(INPUT_PATH_CONFIGS[name])
+    monkeypatch.setattr(synthetic, "TRAIN_CHUNK_SLOTS", 3 * 40 * len(data._slot_features))
     got = list(data.train_batches(batch_size=40, rank=1, world_size=3, first_step=2, num_steps=7))
     assert len(got) == 7
     for step, batch in zip(range(2, 9), got, strict=True):

@@ -34,7 +34,7 @@ Example::
 
     tables = ZipfTables(cfg.cardinalities, exponent=1.2, seed=0)
     model = PlantedModel(cfg, tables, slot_features=torch.arange(26))   # single-hot
-    logits = model.logits(dense, ranks, mask)   # [size, D], [size, 26] x2
+    logits = model.logits(dense, ranks)   # [size, D], [size, 26]; full bags
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ class PlantedModel:
         # Samples come as [size, num_slots] with every feature's bag slots side
         # by side; slot_features names the feature of each column.
         self._slot_features = slot_features
+        # Position of each slot in its bag: 0, 1, .. hotness - 1 per feature.
+        starts = torch.searchsorted(slot_features, slot_features)
+        self._slot_positions = torch.arange(len(slot_features)) - starts
         self._slot_to_feature = torch.nn.functional.one_hot(slot_features, num_features).double()
         self._base_logit = cfg.base_logit
         self._decay_rank = cfg.effect_decay_rank
@@ -116,11 +119,32 @@ class PlantedModel:
         self._latent_slot_to_feature[
             torch.arange(len(latent_slot_positions)), latent_slot_positions
         ] = 1.0
-        means, whiteners = [], []
+        means, whiteners, heads = [], [], []
         for f in latent_features:
-            mean, whitener = self._latent_stats(f, tables.head_probabilities(f))
+            mean, whitener, head = self._latent_stats(f, tables.head_probabilities(f))
             means.append(mean)
             whiteners.append(whitener)
+            heads.append(head)
+        # v_f[r] of every tabulated rank of the latent features, looked up like w_f;
+        # indexed by feature (rows of other features are never read).
+        latent_lengths = torch.zeros(num_features, dtype=torch.int64)
+        for f, head in zip(latent_features, heads, strict=True):
+            latent_lengths[f] = head.shape[0]
+        self._latent_head_starts = latent_lengths.cumsum(0) - latent_lengths
+        self._latent_head_last = latent_lengths - 1
+        self._head_latent = (
+            torch.cat(heads) if heads else torch.zeros(0, cfg.latent_dim, dtype=torch.float64)
+        )
+        self._latent_has_tail = any(
+            cfg.cardinalities[f] > latent_lengths[f] for f in latent_features
+        )
+        # Full bags (fixed hotness): each slot's weight in its bag's mean, 1 / hotness.
+        self._full_bag_weights = (
+            1.0
+            / (torch.ones(len(slot_features), dtype=torch.float64) @ self._slot_to_feature).clamp(
+                min=1.0
+            )[slot_features]
+        )
         d = cfg.latent_dim
         self._latent_means = torch.stack(means) if means else torch.zeros(0, d, dtype=torch.float64)
         self._whiteners = (
@@ -149,7 +173,10 @@ class PlantedModel:
         vectors = normal(self._latent_key, features.unsqueeze(-1), ranks.unsqueeze(-1), dims)
         return vectors * self._rank_decay(ranks).unsqueeze(-1)
 
-    def _latent_stats(self, feature: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent_stats(
+        self, feature: int, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zipf-weighted mean, whitener and the raw vectors of the tabulated ranks."""
         probs = probs / probs.sum()
         v = self._raw_latent(torch.tensor(feature), torch.arange(probs.numel()))
         mean = probs @ v
@@ -161,47 +188,76 @@ class PlantedModel:
         inv_sqrt = torch.where(
             eigvals > 1e-9 * eigvals.max().clamp(min=1e-300), eigvals.clamp(min=1e-300).rsqrt(), 0.0
         )
-        return mean, eigvecs @ torch.diag(inv_sqrt) @ eigvecs.T
+        return mean, eigvecs @ torch.diag(inv_sqrt) @ eigvecs.T, v
 
     def _centre_first_order(self, features: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self._first_order_means[features]) * self._first_order_gains[features]
 
     def first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
         """Scalar effects ``w_f[r]``, the broadcast shape of ``features`` and ``ranks``."""
-        features, ranks = torch.broadcast_tensors(features, ranks)
-        effects = self._head_first_order[
-            self._head_starts[features] + torch.minimum(ranks, self._head_last[features])
-        ]
+        # Per-feature constants are indexed on ``features`` (small), then broadcast:
+        # one gather of the size of ``ranks``, not three.
+        last = self._head_last[features]
+        positions = torch.minimum(ranks, last) + self._head_starts[features]
+        effects = self._head_first_order.index_select(0, positions.reshape(-1))
+        effects = effects.view(positions.shape)
         if not self._has_tail:
             return effects
         # Ranks past a huge table's tabulated head are hashed as before.
-        in_tail = ranks > self._head_last[features]
+        in_tail = ranks > last
+        features = features.expand_as(in_tail)
         if ranks.device.type != "cpu":  # no host sync: compute everywhere
             raw = self._raw_first_order(features, ranks)
             return torch.where(in_tail, self._centre_first_order(features, raw), effects)
         if in_tail.any():
-            f, r = features[in_tail], ranks[in_tail]
+            f, r = features[in_tail], ranks.expand_as(in_tail)[in_tail]
             effects[in_tail] = self._centre_first_order(f, self._raw_first_order(f, r))
         return effects
 
-    def logits(self, dense: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def latent(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        """Raw latent vectors ``v_f[r]`` (before whitening) of latent features,
+        ``ranks.shape + (latent_dim,)``; ``features`` broadcasts against ``ranks``."""
+        last = self._latent_head_last[features]
+        positions = torch.minimum(ranks, last) + self._latent_head_starts[features]
+        vectors = self._head_latent.index_select(0, positions.reshape(-1))
+        vectors = vectors.view(*positions.shape, self._latent_dim)
+        if not self._latent_has_tail:
+            return vectors
+        in_tail = ranks > last
+        features = features.expand_as(in_tail)
+        if ranks.device.type != "cpu":  # no host sync: compute everywhere
+            raw = self._raw_latent(features, ranks)
+            return torch.where(in_tail.unsqueeze(-1), raw, vectors)
+        if in_tail.any():
+            r = ranks.expand_as(in_tail)[in_tail]
+            vectors[in_tail] = self._raw_latent(features[in_tail], r)
+        return vectors
+
+    def logits(
+        self, dense: torch.Tensor, ranks: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """True logits, float64 ``[size]``.
 
-        ``dense`` is ``[size, num_dense]``; ``ranks`` (int64) and ``mask`` (bool,
-        marks the slots that hold an id) are ``[size, num_slots]``.
+        ``dense`` is ``[size, num_dense]``; ``ranks`` (int64) is ``[size, num_slots]``;
+        ``lengths`` (int64 ``[size, num_features]``) are the bag lengths when they
+        vary, ``None`` when every bag is full (slot ``j`` of feature ``f`` holds an
+        id iff ``j < lengths[:, f]``).
         """
         dense = dense.to(torch.float64)
         logit = self._base_logit + dense @ self._dense_linear
         logit = logit + ((dense.square() - 1.0) * math.sqrt(0.5)) @ self._dense_square
         # Multi-hot bags contribute the mean over their ids.
-        weights = mask.to(torch.float64)
-        bag_lengths = (weights @ self._slot_to_feature).clamp(min=1.0)
-        weights = weights / bag_lengths[:, self._slot_features]
+        if lengths is None:
+            weights = self._full_bag_weights  # [num_slots], broadcast over samples
+        else:
+            per_slot = lengths[:, self._slot_features]
+            weights = (self._slot_positions < per_slot).to(torch.float64)
+            weights = weights / per_slot.clamp(min=1).to(torch.float64)
         logit = logit + (self.first_order(self._slot_features, ranks) * weights).sum(1)
         if self.pairs:
             slots = self._latent_slots
-            vectors = self._raw_latent(self._slot_features[slots], ranks[:, slots])
-            vectors = vectors * weights[:, slots].unsqueeze(-1)
+            vectors = self.latent(self._slot_features[slots], ranks[:, slots])
+            vectors = vectors * weights[..., slots].unsqueeze(-1)
             pooled = torch.einsum("bsd,sl->bld", vectors, self._latent_slot_to_feature)
             whitened = torch.einsum("lij,blj->bli", self._whiteners, pooled - self._latent_means)
             products = whitened[:, self._pair_left] * whitened[:, self._pair_right]

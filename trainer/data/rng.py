@@ -53,10 +53,13 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     # In place after the first add (which copies): the hashing is most of the
     # synthetic batch's cost, and fresh temporaries for every step of it showed.
     x = x + _GOLDEN_I64
-    for bits, multiplier in ((30, _MUL1_I64), (27, _MUL2_I64)):
-        x ^= _shr(x, bits)
-        x *= multiplier
-    x ^= _shr(x, 31)
+    shifted = torch.empty_like(x)  # one scratch buffer for the three shifts
+    for bits, multiplier in ((30, _MUL1_I64), (27, _MUL2_I64), (31, None)):
+        torch.bitwise_right_shift(x, bits, out=shifted)
+        shifted &= (1 << (64 - bits)) - 1  # logical shift: drop the copied sign bits
+        x ^= shifted
+        if multiplier is not None:
+            x *= multiplier
     return x
 
 
@@ -100,7 +103,13 @@ def hash_counters(key: int, *counters: torch.Tensor | int) -> torch.Tensor:
 
 def uniform(key: int, *counters: torch.Tensor | int) -> torch.Tensor:
     """float64 uniforms in the open interval (0, 1), 53 random bits each."""
-    bits = _shr(hash_counters(key, *counters), 11)
+    return to_uniform(hash_counters(key, *counters))
+
+
+def to_uniform(hashes: torch.Tensor) -> torch.Tensor:
+    """The uniforms ``uniform`` makes of int64 hashes (so that a caller can hash
+    its counters in stages: ``uniform(k, a, b) == to_uniform(mix64(hash_counters(k, a) ^ b))``)."""
+    bits = _shr(hashes, 11)
     return (bits.to(torch.float64) + 0.5) * 2.0**-53
 
 

@@ -32,6 +32,8 @@ import torch
 from trainer.data.rng import mix64_int, stream_key
 
 EXACT_RANKS = 1 << 16
+# Rank at which the guess of ``ZipfTables._search`` is fitted to the exact CDF.
+ANCHOR_RANK = 1024
 
 
 class ZipfTables:
@@ -55,9 +57,13 @@ class ZipfTables:
         ]
         total_masses = [h + t for h, t in zip(head_masses, tail_masses, strict=True)]
         self._head_probabilities = [w / m for w, m in zip(head_weights, total_masses, strict=True)]
-        self._shifted_cdf = torch.cat(
+        shifted_cdf = torch.cat(
             [f + torch.cumsum(p, 0) for f, p in enumerate(self._head_probabilities)]
         )
+        # Padded with -inf and +inf: position p + 1 holds the CDF's entry p, so the
+        # entry p lies between padded[p] (the one before) and padded[p + 1].
+        infinity = torch.tensor([math.inf], dtype=torch.float64)
+        self._padded_cdf = torch.cat([-infinity, shifted_cdf, infinity])
 
         def as_tensor(values: list[float] | list[int]) -> torch.Tensor:
             return torch.tensor(
@@ -79,6 +85,14 @@ class ZipfTables:
         self._multipliers = as_tensor([m for m, _ in bijections])
         self._offsets = as_tensor([b for _, b in bijections])
         self._cardinalities = as_tensor(cardinalities)
+        # The continuous law's inverse guesses a rank that one comparison with the
+        # CDF confirms (see ``_search``): sum_{k<=n} k^-s ~= offset + G(n + 1/2),
+        # the offset fitted at rank ANCHOR_RANK (or the table's last tabulated rank).
+        anchors = torch.clamp(self._head_lengths, max=ANCHOR_RANK) - 1
+        anchor_cdf = shifted_cdf[self._starts + anchors] - torch.arange(len(cardinalities))
+        self._guess_offsets = anchor_cdf * self._total_masses - self._antiderivative(
+            anchors.to(torch.float64) + 1.5
+        )
 
     def _integral(self, lo: float, hi: float) -> float:
         if hi <= lo:
@@ -87,6 +101,10 @@ class ZipfTables:
         if s == 1.0:
             return math.log(hi / lo)
         return (hi ** (1.0 - s) - lo ** (1.0 - s)) / (1.0 - s)
+
+    def _antiderivative(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.exponent
+        return x.log() if s == 1.0 else x.pow(1.0 - s) / (1.0 - s)
 
     def to(self, device: torch.device | str) -> ZipfTables:
         """Moves the sampling tables to ``device`` (in place; ``head_probabilities``
@@ -103,7 +121,11 @@ class ZipfTables:
     def ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Maps float64 uniforms in (0, 1) of the given tables to int64 ranks."""
         shifted = u + tables.to(torch.float64)
-        positions = torch.searchsorted(self._shifted_cdf, shifted.reshape(-1)).view(shifted.shape)
+        if u.device.type == "cpu":
+            positions = self._search(u, shifted, tables)
+        else:  # a GPU's binary search is fast and needs no host sync
+            positions = torch.searchsorted(self._padded_cdf, shifted.reshape(-1)) - 1
+            positions = positions.view(shifted.shape)
         ranks = positions - self._starts[tables]
         # Past the last tabulated rank: float rounding, or the tail of a huge table.
         ranks = torch.minimum(ranks, self._head_lengths[tables] - 1).clamp_(min=0)
@@ -118,6 +140,37 @@ class ZipfTables:
             tail_tables = tables.expand_as(ranks)[in_tail]
             ranks[in_tail] = self._tail_ranks(u[in_tail], tail_tables)
         return ranks
+
+    def _search(self, u: torch.Tensor, shifted: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """``torch.searchsorted`` of ``shifted`` in the concatenated CDFs, exactly, in
+        a few passes instead of a binary search per element.
+
+        On a CPU a binary search over the CDFs (megabytes) misses the cache at
+        every level for the tail ranks. Here the continuous law's inverse guesses
+        the rank, and one comparison with the two CDF entries around it confirms
+        it: ``padded[p] < shifted <= padded[p + 1]`` holds for exactly one ``p``,
+        the binary search's answer. The rare miss (tiny tables, rounding at an
+        entry) is searched the usual way.
+        """
+        s = self.exponent
+        target = u * self._total_masses[tables] - self._guess_offsets[tables]
+        if s == 1.0:
+            n = target.exp_()
+        else:  # G^-1(t) = ((1 - s) t)^(1 / (1 - s)), through exp/log (cheaper than pow)
+            n = target.mul_(1.0 - s).log_().mul_(1.0 / (1.0 - s)).exp_()
+        # n + 1/2 ids cover the target: the first rank reaching it is ceil(n - 1/2) - 1.
+        guess = torch.nan_to_num(n.sub_(1.5).ceil_(), nan=0.0).clamp_(0, EXACT_RANKS)
+        # Up to one past the last tabulated rank: where u falls in the tail.
+        positions = torch.minimum(guess.to(torch.int64), self._head_lengths[tables])
+        positions += self._starts[tables]
+        flat = positions.view(-1)
+        # index_select: several times faster than take() or [] on a 1-D gather.
+        ok = self._padded_cdf.index_select(0, flat) < shifted.reshape(-1)
+        ok &= shifted.reshape(-1) <= self._padded_cdf.index_select(0, flat + 1)
+        missed = ~ok
+        if missed.any():
+            flat[missed] = torch.searchsorted(self._padded_cdf, shifted.reshape(-1)[missed]) - 1
+        return positions
 
     def _tail_ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         s, lo = self.exponent, self._head_lengths[tables].to(torch.float64) + 0.5

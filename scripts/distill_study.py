@@ -56,7 +56,8 @@ def summarise(sweep_dir: Path) -> dict[str, dict[str, Any]]:
         head = "student." if "student.auc" in s else ""
         row.setdefault("auc", []).append(s[f"{head}auc"])
         row.setdefault("logloss", []).append(s[f"{head}logloss"])
-        row.setdefault("step_ms", []).append(1000 * s["global_batch_size"] / s["samples_per_sec"])
+        step_s = s.get("step_time_s", s["global_batch_size"] / s["samples_per_sec"])
+        row.setdefault("step_ms", []).append(1000 * step_s)
         if "teacher.auc" in s:
             row.setdefault("teacher_auc", []).append(s["teacher.auc"])
         if "export" in s:

@@ -13,6 +13,18 @@ requeues the job, which resumes from that checkpoint with ``trainer.resume=auto`
 A signal that arrives again while stopping is ignored (torchrun and SLURM may
 both forward one); SIGINT is left alone, so Ctrl-C still stops at once.
 
+**A rank stuck in a collective** cannot stop that way: Python runs a signal's
+handler only between bytecodes, and a rank blocked inside a collective whose
+peer has died (torchrun SIGTERMs the survivors when a worker fails; ``srun
+--kill-on-bad-exit`` does the same) never gets there. torchrun then waits its
+30 s grace and SIGKILLs it, which delays the restart by those 30 s (on NCCL a
+dead peer is not even reported). So a watchdog thread sees each signal as it
+arrives (``signal.set_wakeup_fd``, written by Python's C-level handler even
+while the main thread is blocked); if the main thread has not run the handler
+:data:`BLOCKED_EXIT_S` later, the process exits at once with ``128 + signal``
+(143 for SIGTERM): there is no step to finish, and the run resumes from its
+last checkpoint. A healthy rank runs the handler within a step (milliseconds).
+
 Example::
 
     with Preemption(device=env.device, world_size=env.world_size) as preemption:
@@ -23,8 +35,11 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any, Protocol
 
@@ -52,6 +67,12 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # step's kernels. Every 10 steps it is noise, and a stop comes at most 9 steps late,
 # far inside SLURM's warning.
 CHECK_EVERY_STEPS = {"cpu": 10, "cuda": 10}
+# A signal whose handler has not run this long after it arrived means the main
+# thread is stuck in one native call (a collective with a dead peer): exit at once.
+# A healthy rank waits in a collective at most for its peers' skew (a step, a
+# checkpoint's write, rank 0's export); over this, a preemption exits without its
+# checkpoint and the requeued run resumes from the previous one.
+BLOCKED_EXIT_S = 5.0
 
 
 class Preempted(SystemExit):
@@ -78,7 +99,9 @@ class Preemption:
         world_size: int,
         check_every_steps: int | None = None,
         signals: tuple[signal.Signals, ...] = SIGNALS,
+        blocked_exit_s: float | None = BLOCKED_EXIT_S,
     ) -> None:
+        """``blocked_exit_s``: see :data:`BLOCKED_EXIT_S`; None: no watchdog."""
         if check_every_steps is None:
             check_every_steps = CHECK_EVERY_STEPS.get(device.type, 1)
         if check_every_steps < 1:
@@ -89,6 +112,10 @@ class Preemption:
         self.signals = signals
         self.requested: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
+        self.blocked_exit_s = blocked_exit_s
+        self._handled_at = -math.inf  # when the main thread last ran the handler
+        self._wakeup: tuple[int, int] | None = None  # (read, write) ends of the pipe
+        self._previous_wakeup_fd = -1
 
     def install(self) -> Preemption:
         """Installs the handlers (main thread only; elsewhere it logs and does nothing)."""
@@ -97,6 +124,14 @@ class Preemption:
             return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self.blocked_exit_s is not None:
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
+            self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._wakeup = (read_fd, write_fd)
+            threading.Thread(
+                target=self._watch, args=(read_fd,), name="preemption-watchdog", daemon=True
+            ).start()
         return self
 
     def uninstall(self) -> None:
@@ -104,6 +139,46 @@ class Preemption:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            os.close(self._wakeup[1])  # the watchdog reads EOF and ends
+            self._wakeup = None
+
+    def _watch(self, read_fd: int) -> None:
+        """The watchdog thread: exits the process when a signal stays unhandled (see above)."""
+        watched = {int(sig) for sig in self.signals}
+        try:
+            while True:
+                # Each signal trips the handler once and writes one byte, so a handler run
+                # after this point answers a signal read below (or a later one): the main
+                # thread is not stuck. A run may come before the read returns.
+                waiting_since = time.monotonic()
+                data = os.read(read_fd, 64)  # blocks without the GIL
+                if not data:
+                    return
+                ours = [signum for signum in data if signum in watched]
+                if ours:
+                    self._exit_if_unhandled(ours[0], since=waiting_since)
+        finally:
+            os.close(read_fd)
+
+    def _exit_if_unhandled(self, signum: int, *, since: float) -> None:
+        deadline = time.monotonic() + (self.blocked_exit_s or 0.0)
+        while time.monotonic() < deadline:
+            if self._handled_at >= since:
+                return
+            time.sleep(0.05)
+        if self._handled_at >= since:
+            return
+        name = signal.Signals(signum).name
+        # os.write, not logging: the main thread may hold the logging lock.
+        os.write(
+            2,
+            f"shardrec: {name} not handled after {self.blocked_exit_s:g} s: the main thread "
+            f"is stuck (a collective with a dead peer?); exiting now with {128 + signum}, "
+            f"without a checkpoint (a restart resumes from the last one)\n".encode(),
+        )
+        os._exit(128 + signum)
 
     def __enter__(self) -> Preemption:
         return self.install()
@@ -112,6 +187,7 @@ class Preemption:
         self.uninstall()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self._handled_at = time.monotonic()
         if self.requested is None:
             self.requested = signal.Signals(signum)
             # Logging from a signal handler can deadlock on the handler's lock; keep it

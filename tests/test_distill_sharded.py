@@ -3,7 +3,8 @@
 One plan shards the teacher's and the student's tables; every eval reports both
 heads; the export is the student alone and serves what the student's eval
 computed; a checkpoint holds both models and a resumed run ends where an
-uninterrupted one does.
+uninterrupted one does; ``python -m trainer.export`` on the run's checkpoint
+serves the same student, byte for byte.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ TINY = [
 @pytest.mark.dist
 def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    torchrun_trainer(*TINY, run_dir=run)
+    torchrun_trainer(*TINY, "trainer.checkpoint_every_steps=8", run_dir=run)
     summary = json.loads((run / "summary.json").read_text())
     for head in ("teacher", "student"):
         assert 0.0 <= summary[f"{head}.auc"] <= 1.0
@@ -71,6 +72,34 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "teacher.auc" in r]
     assert [r["step"] for r in evals] == [4, 8]
+
+    # Offline, from the checkpoint (both models in it): the same student, the same numbers.
+    offline_path = tmp_path / "offline.pt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            str(run / "checkpoints" / "step_8"),
+            "--out",
+            str(offline_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert offline["step"] == 8 and offline["bits"] == export["bits"]
+    assert offline["max_abs_logit_diff"] <= 1e-3
+    assert offline["auc"] == pytest.approx(export["auc"], abs=1e-6)
+    assert offline["bytes"] == export["bytes"]
+    served_offline = load_exported(offline_path)
+    for name, value in served.state_dict().items():
+        # int4 rows are torchrec UInt4Tensors: compare their packed bytes.
+        other = served_offline.state_dict()[name]
+        assert torch.equal(getattr(other, "elem", other), getattr(value, "elem", value)), name
 
 
 @pytest.mark.dist

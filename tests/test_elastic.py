@@ -147,6 +147,43 @@ def test_a_lost_node_continues_on_fewer(tmp_path: Path) -> None:
     )
 
 
+# The default tier's shrink: few steps; B's rank kills its agent and itself after step
+# FAST_KILL_AT (trainer/faults.py), so the kill lands mid-run whatever the machine's speed.
+FAST_STEPS = 30
+FAST_KILL_AT = 15
+FAST_RUN = [*TINY, f"trainer.num_steps={FAST_STEPS}", "trainer.eval_every_steps=10"]
+FAST_RUN += ["trainer.checkpoint_every_steps=10", "trainer.progress_bar=false"]
+FAST_RUN += ["sharding=table_wise", "trainer.async_checkpoint=false"]
+
+
+@pytest.mark.dist
+def test_a_lost_host_continues_on_fewer_fast(tmp_path: Path) -> None:
+    """The shrink above in the default tier: killed after step 15, resumed on 1 rank at 10."""
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    # last call: B's agent must join A's first round within it; A's re-formed round
+    # (B gone) also waits for it.
+    a = agent(port, run_dir, logs[0], last_call_s=8, run=FAST_RUN)
+    time.sleep(1)  # A binds the rendezvous store
+    kill = {"SHARDREC_FAULT_KILL_HOST_AT_STEP": str(FAST_KILL_AT), "SHARDREC_FAULT_RANK": "any"}
+    b = agent(port, run_dir, logs[1], last_call_s=8, run=FAST_RUN, env=kill)
+    try:
+        assert a.wait(timeout=300) == 0, logs[0].read_text()[-3000:]
+        assert b.wait(timeout=60) == -signal.SIGKILL, logs[1].read_text()[-3000:]
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                kill_host(proc)
+    log = "".join(path.read_text() for path in logs)
+    assert "SIGKILLs its agent and itself" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["steps"] == FAST_STEPS
+    assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 1
+    assert re.search(r"resumed from \S*step_10 at step 10", log), log[-3000:]
+    steps = [r["step"] for r in records(run_dir) if "train_loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == FAST_STEPS
+
+
 GROW_STEPS = 600
 JOIN_AFTER_STEP = 200  # B joins once a checkpoint of this step or later is complete
 GROW_RUN = [*TINY, f"trainer.num_steps={GROW_STEPS}", "trainer.eval_every_steps=200"]

@@ -19,9 +19,12 @@ so a checkpoint is never written from non-finite weights.
 
 **Fault injection** (tests only, read from the environment; the faults are real):
 
-- ``SHARDREC_FAULT_KILL_AT_STEP=k``: rank ``SHARDREC_FAULT_RANK`` (default 1)
-  SIGKILLs itself after step ``k``, on the first attempt only
-  (``TORCHELASTIC_RESTART_COUNT`` unset or 0);
+- ``SHARDREC_FAULT_KILL_AT_STEP=k``: rank ``SHARDREC_FAULT_RANK`` (default 1;
+  ``any``: every rank that has these variables) SIGKILLs itself after step
+  ``k``, on the first attempt only (``TORCHELASTIC_RESTART_COUNT`` unset or 0);
+- ``SHARDREC_FAULT_KILL_HOST_AT_STEP=k``: the same, but it SIGKILLs its torchrun
+  agent (its parent) first: a lost host. Set on one agent's environment, with
+  ``SHARDREC_FAULT_RANK=any``;
 - ``SHARDREC_FAULT_RAISE_AT_STEP=k``: that rank raises ``RuntimeError`` after step ``k``;
 - ``SHARDREC_FAULT_NAN_AT_STEP=k``: that rank's batch of step ``k`` gets NaN
   dense features (the other ranks' losses stay finite).
@@ -243,24 +246,36 @@ class FaultInjection:
 
     rank: int
     kill_at_step: int | None = None
+    kill_host_at_step: int | None = None
     raise_at_step: int | None = None
     nan_at_step: int | None = None
-    fault_rank: int = 1
+    fault_rank: int | None = 1  # None: any rank
 
     @classmethod
     def from_env(cls, *, rank: int) -> FaultInjection:
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        fault_rank = os.environ.get("SHARDREC_FAULT_RANK", "1")
         return cls(
             rank=rank,
             kill_at_step=_env_step("SHARDREC_FAULT_KILL_AT_STEP") if first_attempt else None,
+            kill_host_at_step=(
+                _env_step("SHARDREC_FAULT_KILL_HOST_AT_STEP") if first_attempt else None
+            ),
             raise_at_step=_env_step("SHARDREC_FAULT_RAISE_AT_STEP") if first_attempt else None,
             nan_at_step=_env_step("SHARDREC_FAULT_NAN_AT_STEP"),
-            fault_rank=int(os.environ.get("SHARDREC_FAULT_RANK", "1")),
+            fault_rank=None if fault_rank == "any" else int(fault_rank),
         )
 
+    def _mine(self) -> bool:
+        return self.fault_rank is None or self.rank == self.fault_rank
+
     def after_step(self, step: int) -> None:
-        if self.rank != self.fault_rank:
+        if not self._mine():
             return
+        if step == self.kill_host_at_step:
+            log.warning("fault injection: rank %d SIGKILLs its agent and itself", self.rank)
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
         if step == self.kill_at_step:
             log.warning("fault injection: rank %d SIGKILLs itself after step %d", self.rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -269,7 +284,7 @@ class FaultInjection:
 
     def wrap_batches(self, batches: Iterator[Any], *, first_step: int) -> Iterator[Any]:
         """Steps ``first_step + 1, ...``'s batches; NaN dense features at ``nan_at_step``."""
-        if self.nan_at_step is None or self.rank != self.fault_rank:
+        if self.nan_at_step is None or not self._mine():
             yield from batches
             return
         for step, batch in enumerate(batches, start=first_step + 1):

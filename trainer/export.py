@@ -2,8 +2,9 @@
 
 One process, no process group: rebuilds the unsharded model from the
 checkpoint's ``config.yaml``, reads every rank's table shards into it (DCP)
-and the converters' saved state (e.g. row pruning's access counts), and exports it as the end of that run would have (the same converters: the
-run's QAT bits, or ``--bits`` for every table). Saves ``--out`` (default
+and the converters' saved state (e.g. row pruning's access counts), and
+exports it as the end of that run would have (the same converters: the run's
+QAT bits, or ``--bits`` for every table). Saves ``--out`` (default
 ``<checkpoint>/exported_model.pt``) and the result next to it as ``.json``;
 prints the result. A missing or incomplete checkpoint is one line, exit 2.
 

@@ -142,6 +142,13 @@ def test_full_bags_draw_without_a_host_sync(cfg: SyntheticDataConfig) -> None:
         assert batch.labels.shape == (32,) and batch.labels.device.type == "meta"
 
 
+def test_batch_and_eval_draw_on_the_source_device_without_a_host_sync() -> None:
+    data = SyntheticCriteo(HUGE).to(torch.device("meta"))
+    batch = data.batch("eval", 5, 33)
+    assert batch.labels.device.type == "meta" and batch.sparse_features.values().numel() == 33 * 15
+    assert len(list(data.eval_batches(batch_size=16, rank=0, world_size=2))) == 2
+
+
 def test_variable_bags_are_the_one_data_dependent_shape() -> None:
     # Packing bags of drawn lengths needs their total on the host: documented,
     # and the only place the CUDA path would sync.

@@ -271,7 +271,7 @@ class SyntheticSource:
         return self._oracle_auc
 
     def _indices(self, start: int, size: int) -> torch.Tensor:
-        return torch.arange(start, start + size, dtype=torch.int64)
+        return torch.arange(start, start + size, dtype=torch.int64, device=self.device)
 
     def _check_range(self, split: str, start: int, size: int) -> None:
         if split not in SPLITS:

@@ -80,21 +80,56 @@ class PrecisionConverter(Converter):
 
 
 class TableQAT(Converter):
-    """``bits``: the QAT tables (may be empty); ``export_bits``: every table's serving bits."""
+    """``bits``: the QAT tables (may be empty); ``export_bits``: every table's serving bits.
+
+    ``start_step``: fp32 training steps before the fake quantization starts (QAT
+    fine-tunes a warmed-up model); the step count is checkpoint state.
+    """
 
     name = "table_qat"
 
-    def __init__(self, *, bits: dict[str, int], export_bits: dict[str, int]) -> None:
+    def __init__(
+        self, *, bits: dict[str, int], export_bits: dict[str, int], start_step: int = 0
+    ) -> None:
         self.bits = dict(bits)
         self.export_bits = dict(export_bits)
+        self.start_step = start_step
+        self.step = 0
+        self.model: nn.Module | None = None
         self.handle: QATHandle | None = None
 
     def convert_sharded(
         self, model: nn.Module, *, device: torch.device, process_group: Any
     ) -> None:
         # Hooks the sharded kernels, so it comes after sharding.
-        if self.bits:
+        self.model = model
+        if self.bits and self.start_step == 0:
             self.handle = enable_embedding_qat(model, bits=self.bits)
+
+    def wrap_forward(self, forward: Forward) -> Forward:
+        if not self.bits or self.start_step == 0:
+            return forward
+
+        def warmed_up(batch: Any) -> Any:
+            assert self.model is not None, "convert_sharded comes first"
+            training = self.model.training
+            if training and self.handle is None and self.step >= self.start_step:
+                # Every rank counts the same steps, so all hook (and build the
+                # column-slice groups) at the same step. An eval before it is fp32.
+                self.handle = enable_embedding_qat(self.model, bits=self.bits)
+            out = forward(batch)
+            if training:
+                self.step += 1
+            return out
+
+        return warmed_up
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"step": torch.tensor(self.step)} if self.bits and self.start_step else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "step" in state:
+            self.step = int(state["step"])
 
     def as_trained_eval(self, model: nn.Module) -> None:
         fake_quantize_tables(model, table_bits=self.bits)

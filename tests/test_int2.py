@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -9,10 +13,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compression.export import fake_quantize_tables, quantize_for_serving, table_bytes
 from tests.test_sharding_equivalence import tiny_config
+from tests.test_train_e2e import TINY
 from trainer.build import build_unsharded
-from trainer.config import resolved_tables, to_config
+from trainer.config import ConfigError, resolved_tables, to_config
 from trainer.converters import export_bits
 from trainer.data import SyntheticCriteo
+from trainer.validate import validate
 
 
 @torch.no_grad()
@@ -63,3 +69,32 @@ def test_qat_int2_composes_and_exports_at_2_bits(compose_cfg) -> None:  # noqa: 
     cfg = to_config(compose_cfg(["qat=int2"]))
     tables = resolved_tables(cfg, cfg.data.features)
     assert set(export_bits(cfg, tables).values()) == {2}
+
+
+def test_qat_start_step_trains_fp32_first_then_serves_what_it_trained(
+    tmp_path: Path, compose_cfg
+) -> None:  # noqa: ANN001
+    """``qat.start_step=4``: steps 1-4 are the fp32 run's; QAT from step 5; export parity."""
+    from trainer.train import train  # in this process: a world of one
+
+    def run(name: str, *overrides: str) -> list[dict]:
+        cfg = to_config(
+            compose_cfg([*TINY, "trainer.progress_bar=false", "trainer.plot=false", *overrides])
+        )
+        summary = train(cfg, run_dir=tmp_path / name)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [summary] + [r for r in map(json.loads, lines) if "auc" in r]
+
+    warm, *warm_evals = run("warm", "qat=int2", "qat.start_step=4", "trainer.export=true")
+    _, *fp32_evals = run("fp32")
+    assert [r["step"] for r in warm_evals] == [4, 8]
+    assert warm_evals[0]["auc"] == fp32_evals[0]["auc"]  # not quantized yet
+    assert warm_evals[1]["auc"] != fp32_evals[1]["auc"]
+    assert warm["export"]["max_abs_logit_diff"] == 0.0  # QAT on at the end: served = eval
+    assert warm["export"]["auc"] == pytest.approx(warm["auc"], abs=1e-6)
+
+
+def test_qat_start_step_past_the_run_is_a_config_error(compose_cfg) -> None:  # noqa: ANN001
+    cfg = to_config(compose_cfg([*TINY, "qat=int2", "qat.start_step=8"]))
+    with pytest.raises(ConfigError, match="qat.start_step=8"):
+        validate(cfg, features=cfg.data.features)

@@ -155,6 +155,8 @@ class QATConfig:
     table_bits: dict[str, int] = field(default_factory=dict)
     # 0: off; 8: the dense MLPs' Linear weights train on their int8 per-channel values.
     dense_bits: int = 0
+    # Table QAT starts after this many fp32 steps (0: from the first step).
+    start_step: int = 0
 
 
 DistillName = _choices("DistillName", ("none", "online"))

@@ -106,7 +106,9 @@ def build_converters(
         PrecisionConverter(
             precision, device_type=device_type, dense_optimizer=cfg.optim.dense_optimizer
         ),
-        TableQAT(bits=trained_qat_bits(cfg, tables), export_bits=served),
+        TableQAT(
+            bits=trained_qat_bits(cfg, tables), export_bits=served, start_step=cfg.qat.start_step
+        ),
     ]
     if cfg.qat.dense_bits:
         converters.append(DenseQAT())

@@ -383,6 +383,11 @@ def _validate_prune(cfg: Config) -> None:
 
 def _validate_qat(cfg: Config, tables: Sequence[Any]) -> None:
     names = [t.name for t in tables]
+    _check(
+        0 <= cfg.qat.start_step < max(cfg.trainer.num_steps, 1),
+        f"qat.start_step={cfg.qat.start_step} must be in [0, trainer.num_steps="
+        f"{cfg.trainer.num_steps}): the fp32 steps before table QAT starts",
+    )
     for key, b in [("qat.bits", cfg.qat.bits)] + [
         (f"qat.table_bits.{n}", b) for n, b in cfg.qat.table_bits.items()
     ]:

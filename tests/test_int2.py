@@ -98,3 +98,18 @@ def test_qat_start_step_past_the_run_is_a_config_error(compose_cfg) -> None:  # 
     cfg = to_config(compose_cfg([*TINY, "qat=int2", "qat.start_step=8"]))
     with pytest.raises(ConfigError, match="qat.start_step=8"):
         validate(cfg, features=cfg.data.features)
+
+
+def test_compression_report_says_when_int2_is_no_smaller_than_int4(tmp_path: Path) -> None:
+    from tests.test_compression_report import EXPORT, _job, _report
+
+    base = {"auc": 0.75, "logloss": 0.38, "embedding_bytes": 300, "samples_per_sec": 1000.0}
+    for sweep, int2_table_bytes in ((tmp_path / "d16", 80), (tmp_path / "d128", 48)):
+        _job(sweep, 0, "fp32_ptq8", {**base, "export": EXPORT})
+        _job(sweep, 1, "int4_qat", {**base, "export": EXPORT})
+        int2 = {**EXPORT, "table_bytes": int2_table_bytes}
+        _job(sweep, 2, "int2_qat", {**base, "export": int2})
+        proc = _report(sweep)
+        assert proc.returncode == 0, proc.stderr
+    assert "no smaller than int4" in (tmp_path / "d16" / "compression.md").read_text()
+    assert "no smaller" not in (tmp_path / "d128" / "compression.md").read_text()

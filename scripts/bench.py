@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="shardrec vs PyTorch vs torchrec, side by side")
     p.add_argument("--quick", action="store_true", help="small shape only, few short rounds")
     p.add_argument("--shapes", default=None, help="comma list: small,mlperf_mlp,multihot,dcnv2")
-    p.add_argument("--contenders", default="shardrec,shardrec_prefetch,pytorch,torchrec,dense")
+    p.add_argument(
+        "--contenders", default="shardrec,shardrec_prefetch,shardrec_pregen,pytorch,torchrec,dense"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--world-size", type=int, default=None, help="default: 2 on CPU, 1 on CUDA")
     p.add_argument("--warmup", type=int, default=None)

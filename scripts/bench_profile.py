@@ -77,6 +77,15 @@ def plan_summary(model: Any) -> str:
     return "; ".join(parts)
 
 
+def with_torchrec_interaction(contender: Any) -> Any:
+    """``contender`` with torchrec's own InteractionArch in place of shardrec's."""
+    from torchrec.models.dlrm import InteractionArch
+
+    dlrm = contender.model.module.model
+    dlrm.inter_arch = InteractionArch(num_sparse_features=dlrm.inter_arch.F)
+    return contender
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
@@ -85,6 +94,11 @@ def main() -> None:
     p.add_argument("--top", type=int, default=60)
     p.add_argument("--rounds", type=int, default=4, help="unprofiled alternating rounds")
     p.add_argument("--shardrec-overrides", default="")
+    p.add_argument(
+        "--ab-interaction",
+        action="store_true",
+        help="also time shardrec with torchrec's InteractionArch put back (the change's A/B)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -105,21 +119,31 @@ def main() -> None:
             time_steps(c, args.warmup, env)
         a_ms, a_ops = profile_steps(shardrec, steps=args.steps, env=env)
         b_ms, b_ops = profile_steps(torchrec, steps=args.steps, env=env)
-        # Unprofiled rounds, alternating (the order flips each round), for the noise.
-        a_rounds, b_rounds = [a_ms], [b_ms]
+        timed = {"shardrec": shardrec, "torchrec": torchrec}
+        if args.ab_interaction:
+            timed["shardrec, torchrec's interaction"] = with_torchrec_interaction(
+                make_shardrec(shape, env=env, device="cpu", source=source, batches=batches)
+            )
+            time_steps(timed["shardrec, torchrec's interaction"], args.warmup, env)
+        # Unprofiled rounds, the order rotating each round, for the noise.
+        rounds: dict[str, list[float]] = {name: [] for name in timed}
+        rounds["shardrec"].append(a_ms)
+        rounds["torchrec"].append(b_ms)
+        names = list(timed)
         for r in range(args.rounds):
-            pair = [(shardrec, a_rounds), (torchrec, b_rounds)]
-            for c, into in pair if r % 2 else reversed(pair):
-                into.append(time_steps(c, args.steps, env) * 1e3 / args.steps)
-        a2_ms, b2_ms = statistics.median(a_rounds), statistics.median(b_rounds)
+            for i in range(len(names)):
+                name = names[(i + r) % len(names)]
+                rounds[name].append(time_steps(timed[name], args.steps, env) * 1e3 / args.steps)
         if env.rank == 0:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
+            medians = ", ".join(
+                f"{name} {statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+                for name, xs in rounds.items()
+            )
             text = (
                 f"# {args.shape}: shardrec_pregen vs torchrec loop, {args.steps} steps\n\n"
-                f"ms per step (unprofiled, median of {len(a_rounds)} alternating rounds): "
-                f"shardrec {a2_ms:.1f} ({min(a_rounds):.1f}-{max(a_rounds):.1f}), "
-                f"torchrec {b2_ms:.1f} ({min(b_rounds):.1f}-{max(b_rounds):.1f})\n\n"
+                f"ms per step (unprofiled, median (min-max) of rotating rounds): {medians}\n\n"
                 f"shardrec plan: {plan_summary(shardrec.model)}\n\n"
                 f"torchrec plan: {plan_summary(torchrec.model)}\n\n"
                 + compare(a_ops, b_ops, top=args.top)

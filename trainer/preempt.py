@@ -18,7 +18,7 @@ handler only between bytecodes, and a rank blocked inside a collective whose
 peer has died (torchrun SIGTERMs the survivors when a worker fails; ``srun
 --kill-on-bad-exit`` does the same) never gets there. torchrun then waits its
 30 s grace and SIGKILLs it, which delays the restart by those 30 s (on NCCL a
-dead peer is not even reported). So a watchdog thread sees each signal as it
+dead peer is not even reported). So a watchdog thread sees each SIGTERM as it
 arrives (``signal.set_wakeup_fd``, written by Python's C-level handler even
 while the main thread is blocked); if the main thread has not run the handler
 :data:`BLOCKED_EXIT_S` later, the process exits at once with ``128 + signal``
@@ -146,7 +146,10 @@ class Preemption:
 
     def _watch(self, read_fd: int) -> None:
         """The watchdog thread: exits the process when a signal stays unhandled (see above)."""
-        watched = {int(sig) for sig in self.signals}
+        # SIGTERM only: it is the signal a SIGKILL follows (torchrun's 30 s grace, SLURM's
+        # KillWait). USR1 is SLURM's early warning: a rank waiting on a long save or
+        # export then still has time to finish it and write its checkpoint.
+        watched = {int(sig) for sig in self.signals if sig == signal.SIGTERM}
         try:
             while True:
                 # Each signal trips the handler once and writes one byte, so a handler run

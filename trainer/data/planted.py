@@ -46,7 +46,7 @@ import torch
 
 from trainer.data.rng import hash_counters, normal, stream_key
 from trainer.data.synthetic_config import SyntheticDataConfig
-from trainer.data.zipf import ZipfTables
+from trainer.data.zipf import ZipfTables, broadcast_take, flat_nonzero
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ class PlantedModel:
             latent_lengths[f] = head.shape[0]
         self._latent_head_starts = latent_lengths.cumsum(0) - latent_lengths
         self._latent_head_last = latent_lengths - 1
+        # From a row's place in every table's head to its place among the latent rows.
+        self._latent_shift = self._latent_head_starts - self._head_starts
         self._head_latent = (
             torch.cat(heads) if heads else torch.zeros(0, cfg.latent_dim, dtype=torch.float64)
         )
@@ -193,55 +195,83 @@ class PlantedModel:
     def _centre_first_order(self, features: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self._first_order_means[features]) * self._first_order_gains[features]
 
-    def first_order(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-        """Scalar effects ``w_f[r]``, the broadcast shape of ``features`` and ``ranks``."""
-        # Per-feature constants are indexed on ``features`` (small), then broadcast:
-        # one gather of the size of ``ranks``, not three.
-        last = self._head_last[features]
-        positions = torch.minimum(ranks, last) + self._head_starts[features]
-        effects = self._head_first_order.index_select(0, positions.reshape(-1))
-        effects = effects.view(positions.shape)
+    def first_order(
+        self,
+        features: torch.Tensor,
+        ranks: torch.Tensor,
+        head: torch.Tensor | None = None,
+        tail_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar effects ``w_f[r]``, the broadcast shape of ``features`` and ``ranks``.
+
+        ``head`` and ``tail_at`` are ``ZipfTables.draw``'s head positions and tail
+        indices of these ranks (computed here when not given).
+        """
+        if head is None:
+            # Per-feature constants are indexed on ``features`` (small), then
+            # broadcast: one gather of the size of ``ranks``, not three.
+            head = torch.minimum(ranks, self._head_last[features]) + self._head_starts[features]
+        effects = self._head_first_order.index_select(0, head.reshape(-1)).view(head.shape)
         if not self._has_tail:
             return effects
         # Ranks past a huge table's tabulated head are hashed as before.
-        in_tail = ranks > last
-        features = features.expand_as(in_tail)
         if ranks.device.type != "cpu":  # no host sync: compute everywhere
+            in_tail = ranks > self._head_last[features]
+            features = features.expand_as(in_tail)
             raw = self._raw_first_order(features, ranks)
             return torch.where(in_tail, self._centre_first_order(features, raw), effects)
-        if in_tail.any():
-            f, r = features[in_tail], ranks.expand_as(in_tail)[in_tail]
-            effects[in_tail] = self._centre_first_order(f, self._raw_first_order(f, r))
+        if tail_at is None:
+            tail_at = flat_nonzero(ranks > self._head_last[features])
+        if tail_at.numel():
+            f = broadcast_take(features, effects.shape, tail_at)
+            r = ranks.expand(effects.shape).reshape(-1).index_select(0, tail_at)
+            effects.view(-1).index_copy_(
+                0, tail_at, self._centre_first_order(f, self._raw_first_order(f, r))
+            )
         return effects
 
-    def latent(self, features: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    def latent(
+        self, features: torch.Tensor, ranks: torch.Tensor, head: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw latent vectors ``v_f[r]`` (before whitening) of latent features,
-        ``ranks.shape + (latent_dim,)``; ``features`` broadcasts against ``ranks``."""
+        ``ranks.shape + (latent_dim,)``; ``features`` broadcasts against ``ranks``;
+        ``head``: their head positions from ``ZipfTables.draw`` (optional)."""
         last = self._latent_head_last[features]
-        positions = torch.minimum(ranks, last) + self._latent_head_starts[features]
+        if head is None:
+            positions = torch.minimum(ranks, last) + self._latent_head_starts[features]
+        else:  # the same rows, laid out for the latent features only
+            positions = head + self._latent_shift[features]
         vectors = self._head_latent.index_select(0, positions.reshape(-1))
         vectors = vectors.view(*positions.shape, self._latent_dim)
         if not self._latent_has_tail:
             return vectors
         in_tail = ranks > last
-        features = features.expand_as(in_tail)
         if ranks.device.type != "cpu":  # no host sync: compute everywhere
+            features = features.expand_as(in_tail)
             raw = self._raw_latent(features, ranks)
             return torch.where(in_tail.unsqueeze(-1), raw, vectors)
-        if in_tail.any():
-            r = ranks.expand_as(in_tail)[in_tail]
-            vectors[in_tail] = self._raw_latent(features[in_tail], r)
+        at = flat_nonzero(in_tail)
+        if at.numel():
+            f = broadcast_take(features, in_tail.shape, at)
+            r = ranks.expand(in_tail.shape).reshape(-1).index_select(0, at)
+            vectors.view(-1, self._latent_dim).index_copy_(0, at, self._raw_latent(f, r))
         return vectors
 
     def logits(
-        self, dense: torch.Tensor, ranks: torch.Tensor, lengths: torch.Tensor | None = None
+        self,
+        dense: torch.Tensor,
+        ranks: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        head: torch.Tensor | None = None,
+        tail_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """True logits, float64 ``[size]``.
 
         ``dense`` is ``[size, num_dense]``; ``ranks`` (int64) is ``[size, num_slots]``;
         ``lengths`` (int64 ``[size, num_features]``) are the bag lengths when they
         vary, ``None`` when every bag is full (slot ``j`` of feature ``f`` holds an
-        id iff ``j < lengths[:, f]``).
+        id iff ``j < lengths[:, f]``). ``head`` and ``tail_at``: the ranks' head
+        positions and tail indices from ``ZipfTables.draw``, saving their lookups.
         """
         dense = dense.to(torch.float64)
         logit = self._base_logit + dense @ self._dense_linear
@@ -253,10 +283,15 @@ class PlantedModel:
             per_slot = lengths[:, self._slot_features]
             weights = (self._slot_positions < per_slot).to(torch.float64)
             weights = weights / per_slot.clamp(min=1).to(torch.float64)
-        logit = logit + (self.first_order(self._slot_features, ranks) * weights).sum(1)
+        effects = self.first_order(self._slot_features, ranks, head, tail_at)
+        logit = logit + (effects * weights).sum(1)
         if self.pairs:
             slots = self._latent_slots
-            vectors = self.latent(self._slot_features[slots], ranks[:, slots])
+            vectors = self.latent(
+                self._slot_features[slots],
+                ranks[:, slots],
+                None if head is None else head[:, slots],
+            )
             vectors = vectors * weights[..., slots].unsqueeze(-1)
             pooled = torch.einsum("bsd,sl->bld", vectors, self._latent_slot_to_feature)
             whitened = torch.einsum("lij,blj->bli", self._whiteners, pooled - self._latent_means)

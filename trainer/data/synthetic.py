@@ -199,8 +199,8 @@ class SyntheticSource:
             # Moved piecemeal (e.g. by an older caller setting the slot tensors):
             # bring the rest along.
             self.to(self.device)
-        dense, ranks, lengths = self._draw(split, indices)
-        probs = torch.sigmoid(self._planted.logits(dense, ranks, lengths))
+        dense, ranks, lengths, head, tail_at = self._draw_with_head(split, indices)
+        probs = torch.sigmoid(self._planted.logits(dense, ranks, lengths, head, tail_at))
         u_label = uniform(stream_key(self.cfg.seed, split, "label"), indices)
         labels = (u_label < probs).to(torch.float32)
         dense = dense.to(torch.float32)
@@ -257,7 +257,8 @@ class SyntheticSource:
     def click_probability(self, split: str, start: int, size: int) -> torch.Tensor:
         """True click probabilities (float64 ``[size]``) of the samples ``batch`` returns."""
         self._check_range(split, start, size)
-        return torch.sigmoid(self._planted.logits(*self._draw(split, self._indices(start, size))))
+        draw = self._draw_with_head(split, self._indices(start, size))
+        return torch.sigmoid(self._planted.logits(*draw))
 
     def oracle_auc(self) -> float:
         """AUC of the true probabilities against the drawn labels on the whole eval set."""
@@ -290,6 +291,13 @@ class SyntheticSource:
         """Dense features ``[n, D]`` (float64), ranks ``[n, num_slots]`` and bag
         lengths ``[n, F]`` (``None`` when every bag is full) of the samples
         ``indices`` (int64 ``[n]``)."""
+        return self._draw_with_head(split, indices)[:3]
+
+    def _draw_with_head(
+        self, split: str, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``_draw``'s dense features, ranks and lengths, then the ranks' head
+        positions and tail indices (``ZipfTables.draw``) for the planted model."""
         seed = self.cfg.seed
         idx = indices.unsqueeze(1)
         dense = normal(stream_key(seed, split, "dense"), idx, self._dense_columns)
@@ -304,12 +312,12 @@ class SyntheticSource:
         else:
             per_slot = per_feature.index_select(1, self._slot_features)
         u = to_uniform(mix64(per_slot ^ self._slot_positions))
-        ranks = self._tables.ranks(u, self._slot_features)
+        ranks, head, tail_at = self._tables.draw(u, self._slot_features)
         if not self.cfg.variable_hotness:
-            return dense, ranks, None
+            return dense, ranks, None, head, tail_at
         u_length = uniform(stream_key(seed, split, "bag_length"), idx, self._feature_columns)
         lengths = 1 + torch.floor(u_length * self._hotness_f64).to(torch.int64)
-        return dense, ranks, lengths
+        return dense, ranks, lengths, head, tail_at
 
 
 # The name the tests and scripts have used since the first issue.

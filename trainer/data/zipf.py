@@ -36,6 +36,8 @@ import torch
 from trainer.data.rng import mix64_int, stream_key
 
 EXACT_RANKS = 1 << 16
+# ``ZipfTables.draw``'s tail indices when no table has a tail.
+_NO_TAIL = torch.zeros(0, dtype=torch.int64)
 # Rank at which the guess of ``ZipfTables._search`` is fitted to the exact CDF.
 ANCHOR_RANK = 1024
 
@@ -92,11 +94,21 @@ class ZipfTables:
         # The continuous law's inverse guesses a rank that one comparison with the
         # CDF confirms (see ``_search``): sum_{k<=n} k^-s ~= offset + G(n + 1/2),
         # the offset fitted at rank ANCHOR_RANK (or the table's last tabulated rank).
+        self._head_lengths_f64 = self._head_lengths.to(torch.float64)
+        self._head_last = self._head_lengths - 1
+        self._zero_f64 = torch.zeros((), dtype=torch.float64)
+        self._starts_f64 = self._starts.to(torch.float64)
+        # Uniforms above this fall in the tail: 2 (above any uniform) without one.
+        self._tail_fractions = torch.where(self._has_tail, self._head_fractions, 2.0)
         anchors = torch.clamp(self._head_lengths, max=ANCHOR_RANK) - 1
         anchor_cdf = shifted_cdf[self._starts + anchors] - torch.arange(len(cardinalities))
         self._guess_offsets = anchor_cdf * self._total_masses - self._antiderivative(
             anchors.to(torch.float64) + 1.5
         )
+        # The guess's affine step with (1 - s) folded in (see ``_search``).
+        fold = 1.0 if exponent == 1.0 else 1.0 - exponent
+        self._scaled_masses = self._total_masses * fold
+        self._scaled_offsets = -self._guess_offsets * fold
 
     def _integral(self, lo: float, hi: float) -> float:
         if hi <= lo:
@@ -124,26 +136,39 @@ class ZipfTables:
 
     def ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Maps float64 uniforms in (0, 1) of the given tables to int64 ranks."""
+        return self.draw(u, tables)[0]
+
+    def draw(
+        self, u: torch.Tensor, tables: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``ranks(u, tables)``, plus what per-rank lookups need: each rank's head
+        position (its index in the concatenated tabulated heads, where
+        ``trainer.data.planted`` keeps per-row effects; a tail rank's is its table's
+        last tabulated rank) and, on a CPU, the flat indices of the tail ranks
+        (``None`` on other devices, where callers compute the tail everywhere)."""
         shifted = u + tables.to(torch.float64)
         if u.device.type == "cpu":
             positions = self._search(u, shifted, tables)
         else:  # a GPU's binary search is fast and needs no host sync
             positions = torch.searchsorted(self._padded_cdf, shifted.reshape(-1)) - 1
             positions = positions.view(shifted.shape)
-        ranks = positions - self._starts[tables]
         # Past the last tabulated rank: float rounding, or the tail of a huge table.
-        ranks = torch.minimum(ranks, self._head_lengths[tables] - 1).clamp_(min=0)
+        starts = self._starts[tables]
+        head = torch.clamp(positions, starts, starts + self._head_last[tables])
+        ranks = head - starts
         if not self._any_tail:  # every table tabulated whole: no tail, no host sync
-            return ranks
-        in_tail = self._has_tail[tables] & (u > self._head_fractions[tables])
+            return ranks, head, _NO_TAIL if u.device.type == "cpu" else None
         if u.device.type != "cpu":
             # No host sync, no data-dependent shapes: compute the tail everywhere.
+            in_tail = self._has_tail[tables] & (u > self._head_fractions[tables])
             tail = self._tail_ranks(u, tables.expand_as(ranks))
-            return torch.where(in_tail, tail, ranks)
-        if in_tail.any():
-            tail_tables = tables.expand_as(ranks)[in_tail]
-            ranks[in_tail] = self._tail_ranks(u[in_tail], tail_tables)
-        return ranks
+            return torch.where(in_tail, tail, ranks), head, None
+        # Tables without a tail have a fraction above any uniform: one comparison.
+        at = flat_nonzero(u > self._tail_fractions[tables])
+        if at.numel():
+            tail = self._tail_ranks(u.reshape(-1)[at], broadcast_take(tables, u.shape, at))
+            ranks.view(-1).index_copy_(0, at, tail)
+        return ranks, head, at
 
     def _search(self, u: torch.Tensor, shifted: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """``torch.searchsorted`` of ``shifted`` in the concatenated CDFs, exactly, in
@@ -154,26 +179,31 @@ class ZipfTables:
         the rank, and one comparison with the two CDF entries around it confirms
         it: ``padded[p] < shifted <= padded[p + 1]`` holds for exactly one ``p``,
         the binary search's answer. The rare miss (tiny tables, rounding at an
-        entry) is searched the usual way.
+        entry) is searched the usual way. The guess is only a guess: how it is
+        rounded changes how often it misses, never the answer.
         """
         s = self.exponent
-        target = u * self._total_masses[tables] - self._guess_offsets[tables]
         if s == 1.0:
-            n = target.exp_()
-        else:  # G^-1(t) = ((1 - s) t)^(1 / (1 - s)), through exp/log (cheaper than pow)
-            n = target.mul_(1.0 - s).log_().mul_(1.0 / (1.0 - s)).exp_()
-        # n + 1/2 ids cover the target: the first rank reaching it is ceil(n - 1/2) - 1.
-        guess = torch.nan_to_num(n.sub_(1.5).ceil_(), nan=0.0).clamp_(0, EXACT_RANKS)
-        # Up to one past the last tabulated rank: where u falls in the tail.
-        positions = torch.minimum(guess.to(torch.int64), self._head_lengths[tables])
-        positions += self._starts[tables]
-        flat = positions.view(-1)
-        # index_select: several times faster than take() or [] on a 1-D gather.
-        ok = self._padded_cdf.index_select(0, flat) < shifted.reshape(-1)
-        ok &= shifted.reshape(-1) <= self._padded_cdf.index_select(0, flat + 1)
-        missed = ~ok
-        if missed.any():
-            flat[missed] = torch.searchsorted(self._padded_cdf, shifted.reshape(-1)[missed]) - 1
+            n = torch.addcmul(-self._guess_offsets[tables], u, self._total_masses[tables]).exp_()
+        else:
+            # G^-1(t) = ((1 - s) t)^(1 / (1 - s)), through exp/log (cheaper than pow),
+            # with (1 - s) folded into the per-table constants. A negative argument
+            # (past the continuum's reach) becomes 0: log gives -inf, not NaN.
+            scaled = torch.addcmul(self._scaled_offsets[tables], u, self._scaled_masses[tables])
+            n = scaled.clamp_(min=0.0).log_().mul_(1.0 / (1.0 - s)).exp_()
+        # n + 1/2 ids cover the target: the first rank reaching it is ceil(n - 1/2) - 1;
+        # up to one past the last tabulated rank (where u falls in the tail).
+        guess = torch.clamp(n.sub_(1.5).ceil_(), self._zero_f64, self._head_lengths_f64[tables])
+        positions = guess.add_(self._starts_f64[tables]).to(torch.int64)
+        flat, wanted = positions.view(-1), shifted.reshape(-1)
+        # index_select: several times faster than take() or [] on a 1-D gather; the
+        # entry after p is read through a view shifted by one (no index + 1 pass).
+        missed = self._padded_cdf.index_select(0, flat) >= wanted
+        missed |= wanted > self._padded_cdf[1:].index_select(0, flat)
+        at = flat_nonzero(missed)
+        if at.numel():
+            found = torch.searchsorted(self._padded_cdf, wanted.index_select(0, at)) - 1
+            flat.index_copy_(0, at, found)
         return positions
 
     def _tail_ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -205,3 +235,16 @@ def _affine_bijection(cardinality: int, key: int) -> tuple[int, int]:
     while math.gcd(multiplier, cardinality) != 1:
         multiplier = multiplier % (cardinality - 1) + 1
     return multiplier, offset
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the set elements: one pass that also counts them, where
+    ``mask.any()`` and each ``x[mask]`` would be a pass (and a nonzero) apiece."""
+    return mask.view(-1).nonzero().squeeze(1)
+
+
+def broadcast_take(tables: torch.Tensor, shape: torch.Size, at: torch.Tensor) -> torch.Tensor:
+    """The element of ``tables`` (broadcast to ``shape``) at each flat index ``at``."""
+    if tables.dim() == 1 and tables.numel() == shape[-1]:  # one per column
+        return tables.index_select(0, at % shape[-1])
+    return tables.expand(shape).reshape(-1).index_select(0, at)

@@ -92,21 +92,20 @@ class SyntheticSource:
         self._hotness_f64 = hotness.to(torch.float64)
         self._hotness_i32 = hotness.to(torch.int32)
         self._single_hot = all(h == 1 for h in self.hotness)
-        # Runs of features with the same hotness, as (first slot, end slot, hotness):
-        # a full bag's ids reach the KJT's feature-major layout by one transpose per run.
-        self._runs: list[tuple[int, int, int]] = []
+        # Runs of features with the same hotness, as (first slot, end slot, hotness,
+        # first feature, end feature): a run's ids reach the KJT's feature-major
+        # layout by one transpose.
+        self._runs: list[tuple[int, int, int, int, int]] = []
         slot = 0
-        for h in self.hotness:
+        for f, h in enumerate(self.hotness):
             if self._runs and self._runs[-1][2] == h:
-                self._runs[-1] = (self._runs[-1][0], slot + h, h)
+                lo, _, _, f_lo, _ = self._runs[-1]
+                self._runs[-1] = (lo, slot + h, h, f_lo, f + 1)
             else:
-                self._runs.append((slot, slot + h, h))
+                self._runs.append((slot, slot + h, h, f, f + 1))
             slot += h
-        # Feature f's bag slots padded to the longest bag: [F, H_max] slot indices.
-        ends = hotness.cumsum(0)
-        positions = torch.arange(max(self.hotness, default=1))
-        valid = positions < hotness.unsqueeze(1)
-        self._pad_slots = torch.where(valid, (ends - hotness).unsqueeze(1) + positions, 0)
+        # Positions in a bag, 0 .. longest bag - 1.
+        self._bag_positions = torch.arange(max(self.hotness, default=1))
         self._tables = ZipfTables(self.cardinalities, exponent=cfg.zipf_exponent, seed=cfg.seed)
         self._planted = PlantedModel(cfg, self._tables, self._slot_features)
         self._oracle_auc: float | None = None
@@ -229,22 +228,25 @@ class SyntheticSource:
         size depends on the data (one sync on CUDA).
         """
         size, num_features = ids.shape[0], len(self.hotness)
+        # [size, run features * h] -> [run features, size, h], runs concatenated.
+        parts = [
+            ids[:, lo:hi].reshape(size, f_hi - f_lo, h).transpose(0, 1).reshape(-1)
+            for lo, hi, h, f_lo, f_hi in self._runs
+        ]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts)
         if lengths is None:
-            # [size, run features * h] -> [run features, size, h], runs concatenated.
-            parts = [
-                ids[:, lo:hi].reshape(size, (hi - lo) // h, h).transpose(0, 1).reshape(-1)
-                for lo, hi, h in self._runs
-            ]
-            values = parts[0] if len(parts) == 1 else torch.cat(parts)
             kjt_lengths = self._hotness_i32.unsqueeze(1).expand(num_features, size).reshape(-1)
             length_per_key: list[int] | None = [h * size for h in self.hotness]
         else:
-            # Bags padded to the longest, [F, size, H_max], then the real ids kept.
-            kjt_lengths = lengths.T.to(torch.int32).reshape(-1)
-            padded_ids = ids[:, self._pad_slots].transpose(0, 1)
-            positions = torch.arange(self._pad_slots.shape[1], device=ids.device)
-            padded_mask = positions < lengths.T.unsqueeze(2)
-            values = padded_ids[padded_mask]
+            # The same layout's mask of the ids each bag keeps: slot j of a bag iff
+            # j < its length.
+            by_feature = lengths.T
+            keep = [
+                (self._bag_positions[:h] < by_feature[f_lo:f_hi].unsqueeze(2)).reshape(-1)
+                for _, _, h, f_lo, f_hi in self._runs
+            ]
+            values = values[keep[0] if len(keep) == 1 else torch.cat(keep)]
+            kjt_lengths = by_feature.to(torch.int32).reshape(-1)
             length_per_key = None
         return KeyedJaggedTensor(
             keys=self.feature_names,

@@ -4,8 +4,9 @@ The batch drawing of ``trainer.data.synthetic`` takes shortcuts (a guessed
 Zipf rank confirmed against the CDF instead of a binary search, a staged hash,
 looked-up latent vectors, a static KJT layout); each is checked here against the
 straightforward computation it replaces, bit for bit. The CUDA path is checked
-for host syncs without a GPU: every device but the CPU takes the same code path,
-and on the ``meta`` device tensors carry shapes but no data, so any op whose
+for host syncs without a GPU (variable bags too: their lengths are also drawn on
+the host, for the totals that size the packed ids): every device but the CPU
+takes the same code path, and on the ``meta`` device tensors carry shapes but no data, so any op whose
 result needs the data on the host (``.item()``, ``.tolist()``, ``nonzero``, a
 boolean mask, ``torch.unique``) raises. (A fake ``cuda`` device under
 ``FakeTensorMode`` would be closer, but on a CPU-only build advanced indexing
@@ -22,6 +23,7 @@ import torch
 
 from trainer.data import SyntheticCriteo, SyntheticDataConfig
 from trainer.data.rng import hash_counters, mix64, to_uniform, uniform
+from trainer.data.synthetic import pack_kept
 from trainer.data.zipf import EXACT_RANKS, ZipfTables
 
 SMALL = SyntheticDataConfig(
@@ -149,12 +151,43 @@ def test_batch_and_eval_draw_on_the_source_device_without_a_host_sync() -> None:
     assert len(list(data.eval_batches(batch_size=16, rank=0, world_size=2))) == 2
 
 
-def test_variable_bags_are_the_one_data_dependent_shape() -> None:
-    # Packing bags of drawn lengths needs their total on the host: documented,
-    # and the only place the CUDA path would sync.
-    cfg = dataclasses.replace(SMALL, hotness=[3], variable_hotness=True)
-    with pytest.raises(NotImplementedError, match="nonzero"):
-        _draw_on_meta(cfg, batch_size=32)
+@pytest.mark.parametrize("cfg", [dataclasses.replace(SMALL, hotness=[3]), HUGE], ids=str)
+def test_variable_bags_draw_without_a_host_sync(cfg: SyntheticDataConfig) -> None:
+    # Bag lengths are drawn on the host too: the per-key totals size the packed
+    # ids, so the device never has to be read; they equal the CPU's draw.
+    cfg = dataclasses.replace(cfg, variable_hotness=True)
+    on_meta = _draw_on_meta(cfg, batch_size=32)
+    on_cpu = list(
+        SyntheticCriteo(cfg).train_batches(
+            batch_size=32, rank=1, world_size=2, first_step=3, num_steps=3
+        )
+    )
+    for meta, cpu in zip(on_meta, on_cpu, strict=True):
+        kjt = meta.sparse_features
+        assert kjt.values().device.type == "meta"
+        assert kjt.length_per_key() == cpu.sparse_features.length_per_key()
+        assert kjt.values().shape == cpu.sparse_features.values().shape
+    batch = SyntheticCriteo(cfg).to(torch.device("meta")).batch("eval", 5, 33)
+    expected = SyntheticCriteo(cfg).batch("eval", 5, 33).sparse_features.length_per_key()
+    assert batch.sparse_features.length_per_key() == expected
+
+
+def test_device_packing_of_variable_bags_equals_the_boolean_mask() -> None:
+    # The device path (pack_kept, sized by host totals) run on the CPU's data.
+    cfg = dataclasses.replace(HUGE, variable_hotness=True)
+    data = SyntheticCriteo(cfg)
+    _, ranks, lengths = data._draw("train", torch.arange(100, 164))
+    assert lengths is not None
+    ids = data._tables.ids(ranks, data._slot_features)
+    masked = data._jagged(ids, lengths)
+    totals = lengths.sum(0).tolist()
+    packed = data._jagged(ids, lengths, totals)
+    assert torch.equal(packed.values(), masked.values())
+    assert torch.equal(packed.lengths(), masked.lengths())
+    assert packed.length_per_key() == masked.length_per_key() == totals
+    keep = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.6
+    values = torch.arange(1000) * 7
+    assert torch.equal(pack_kept(values, keep, int(keep.sum())), values[keep])
 
 
 def test_meta_tensors_refuse_every_host_read() -> None:

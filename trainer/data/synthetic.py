@@ -90,6 +90,7 @@ class SyntheticSource:
         self._dense_columns = torch.arange(self.num_dense)
         self._feature_columns = torch.arange(len(self.cardinalities))
         self._hotness_f64 = hotness.to(torch.float64)
+        self._host_bag_constants = (self._feature_columns, self._hotness_f64)
         self._hotness_i32 = hotness.to(torch.int32)
         self._single_hot = all(h == 1 for h in self.hotness)
         # Runs of features with the same hotness, as (first slot, end slot, hotness,
@@ -123,8 +124,10 @@ class SyntheticSource:
         """Draws on ``device`` from now on, bit-identical ids and dense features
         (labels up to the last bit of a float64 ``exp``); returns ``self``.
 
-        On CUDA a batch of full bags (fixed hotness) costs no host sync: every
-        shape is known from the config and the batch size (see
+        On CUDA a batch costs no host sync: with full bags (fixed hotness) every
+        shape is known from the config and the batch size; variable bags also draw
+        their lengths on the host (an ``[n, F]`` hash, about 1/40 of the draw) for
+        the per-key totals that size the packed ids (see
         ``tests/test_synthetic_no_sync.py``).
         """
         for name, value in vars(self).items():
@@ -153,7 +156,13 @@ class SyntheticSource:
             steps = torch.arange(chunk_first, chunk_end, device=self.device)
             starts = (steps * world_size + rank) * batch_size
             indices = (starts.unsqueeze(1) + within).reshape(-1)
-            yield from self._batches("train", indices, batch_size)
+            host = None
+            if self._host_lengths:  # the same indices, on the host
+                host_starts = (
+                    torch.arange(chunk_first, chunk_end) * world_size + rank
+                ) * batch_size
+                host = (host_starts.unsqueeze(1) + torch.arange(batch_size)).reshape(-1)
+            yield from self._batches("train", indices, batch_size, host)
 
     def eval_batches(self, *, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
         return eval_batches(self, batch_size=batch_size, rank=rank, world_size=world_size)
@@ -188,12 +197,26 @@ class SyntheticSource:
     def batch(self, split: str, start: int, size: int) -> Batch:
         """Samples ``[start, start + size)`` of ``split`` ("train" or "eval")."""
         self._check_range(split, start, size)
-        (batch,) = self._batches(split, self._indices(start, size), size)
+        host = torch.arange(start, start + size) if self._host_lengths else None
+        (batch,) = self._batches(split, self._indices(start, size), size, host)
         return batch
 
-    def _batches(self, split: str, indices: torch.Tensor, batch_size: int) -> list[Batch]:
+    @property
+    def _host_lengths(self) -> bool:
+        """Whether bag lengths are also drawn on the host: variable bags on a device,
+        where the KJT's per-key totals must be known without reading the device."""
+        return self.cfg.variable_hotness and self.device.type != "cpu"
+
+    def _batches(
+        self,
+        split: str,
+        indices: torch.Tensor,
+        batch_size: int,
+        host_indices: torch.Tensor | None = None,
+    ) -> list[Batch]:
         """The samples ``indices`` (int64 ``[k * batch_size]``), drawn in one go, as
-        ``k`` batches of ``batch_size`` in order."""
+        ``k`` batches of ``batch_size`` in order; ``host_indices``: the same indices
+        on the CPU (needed when ``_host_lengths``)."""
         if self._dense_columns.device != self.device:
             # Moved piecemeal (e.g. by an older caller setting the slot tensors):
             # bring the rest along.
@@ -204,28 +227,44 @@ class SyntheticSource:
         labels = (u_label < probs).to(torch.float32)
         dense = dense.to(torch.float32)
         ids = self._tables.ids(ranks, self._slot_features)
+        totals = None
+        if self._host_lengths:
+            if host_indices is None:
+                raise ValueError("variable bags on a device need the indices on the host too")
+            # The same lengths as the device's (integer hash, one exactly rounded
+            # product): their per-key totals size the packed values without a sync.
+            host_lengths = self._bag_lengths(split, host_indices.unsqueeze(1), torch.device("cpu"))
+            totals = host_lengths.view(-1, batch_size, host_lengths.shape[1]).sum(1).tolist()
         batches = []
-        for lo in range(0, indices.numel(), batch_size):
+        for k, lo in enumerate(range(0, indices.numel(), batch_size)):
             rows = slice(lo, lo + batch_size)
             batches.append(
                 Batch(
                     dense_features=dense[rows],
                     sparse_features=self._jagged(
-                        ids[rows], None if lengths is None else lengths[rows]
+                        ids[rows],
+                        None if lengths is None else lengths[rows],
+                        None if totals is None else totals[k],
                     ),
                     labels=labels[rows],
                 )
             )
         return batches
 
-    def _jagged(self, ids: torch.Tensor, lengths: torch.Tensor | None) -> KeyedJaggedTensor:
+    def _jagged(
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor | None,
+        length_per_key: list[int] | None = None,
+    ) -> KeyedJaggedTensor:
         """``[size, num_slots]`` ids and bag lengths (``None``: full bags) as a
         feature-major KJT.
 
         Full bags: every shape and length is known from the config, so values are
         a transpose per run of equally hot features and the lengths a constant: no
-        host sync on CUDA. Variable bags pack the kept ids with a boolean mask, whose
-        size depends on the data (one sync on CUDA).
+        host sync on CUDA. Variable bags keep a bag's first ``length`` ids: by a
+        boolean mask without ``length_per_key`` (the CPU), else by ``pack_kept``,
+        sized by those host-known totals (a device: no sync).
         """
         size, num_features = ids.shape[0], len(self.hotness)
         # [size, run features * h] -> [run features, size, h], runs concatenated.
@@ -236,7 +275,7 @@ class SyntheticSource:
         values = parts[0] if len(parts) == 1 else torch.cat(parts)
         if lengths is None:
             kjt_lengths = self._hotness_i32.unsqueeze(1).expand(num_features, size).reshape(-1)
-            length_per_key: list[int] | None = [h * size for h in self.hotness]
+            length_per_key = [h * size for h in self.hotness]
         else:
             # The same layout's mask of the ids each bag keeps: slot j of a bag iff
             # j < its length.
@@ -245,9 +284,12 @@ class SyntheticSource:
                 (self._bag_positions[:h] < by_feature[f_lo:f_hi].unsqueeze(2)).reshape(-1)
                 for _, _, h, f_lo, f_hi in self._runs
             ]
-            values = values[keep[0] if len(keep) == 1 else torch.cat(keep)]
+            keep_all = keep[0] if len(keep) == 1 else torch.cat(keep)
+            if length_per_key is None:
+                values = values[keep_all]  # a boolean mask: fastest on a CPU
+            else:
+                values = pack_kept(values, keep_all, sum(length_per_key))
             kjt_lengths = by_feature.to(torch.int32).reshape(-1)
-            length_per_key = None
         return KeyedJaggedTensor(
             keys=self.feature_names,
             values=values,
@@ -317,9 +359,28 @@ class SyntheticSource:
         ranks, head, tail_at = self._tables.draw(u, self._slot_features)
         if not self.cfg.variable_hotness:
             return dense, ranks, None, head, tail_at
-        u_length = uniform(stream_key(seed, split, "bag_length"), idx, self._feature_columns)
-        lengths = 1 + torch.floor(u_length * self._hotness_f64).to(torch.int64)
-        return dense, ranks, lengths, head, tail_at
+        return dense, ranks, self._bag_lengths(split, idx, self.device), head, tail_at
+
+    def _bag_lengths(self, split: str, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Bag lengths ``[n, F]`` (int64, uniform in 1 .. hotness) of the samples
+        ``idx`` (``[n, 1]``), drawn on ``device`` (bit-identical on every device)."""
+        if device == self.device:
+            columns, hotness = self._feature_columns, self._hotness_f64
+        else:  # the host's copies (a tuple: ``to()`` leaves them on the CPU)
+            columns, hotness = self._host_bag_constants
+        u_length = uniform(stream_key(self.cfg.seed, split, "bag_length"), idx, columns)
+        return 1 + torch.floor(u_length * hotness).to(torch.int64)
+
+
+def pack_kept(values: torch.Tensor, keep: torch.Tensor, total: int) -> torch.Tensor:
+    """``values[keep]`` when the number kept, ``total``, is known on the host: a
+    scatter to each kept element's rank among the kept (a cumulative sum), the
+    dropped ones to one spare slot past the end. No data-dependent shape, so no
+    host sync on a GPU (a boolean mask needs one)."""
+    destination = torch.cumsum(keep, 0).sub_(1)
+    destination.masked_fill_(~keep, total)
+    packed = values.new_empty(total + 1).scatter_(0, destination, values)
+    return packed[:total]
 
 
 # The name the tests and scripts have used since the first issue.

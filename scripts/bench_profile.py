@@ -77,12 +77,15 @@ def plan_summary(model: Any) -> str:
     return "; ".join(parts)
 
 
-def with_torchrec_interaction(contender: Any) -> Any:
-    """``contender`` with torchrec's own InteractionArch in place of shardrec's."""
+def with_torchrec_parts(contender: Any, *, interaction: bool) -> Any:
+    """``contender`` with torchrec's DLRM forward order put back (``DLRM.forward``: the
+    bottom MLP before the lookup) and, if ``interaction``, torchrec's InteractionArch."""
     from torchrec.models.dlrm import InteractionArch
 
     dlrm = contender.model.module.model
-    dlrm.inter_arch = InteractionArch(num_sparse_features=dlrm.inter_arch.F)
+    dlrm.__class__ = dlrm.__class__.__mro__[2]  # SparseFirstDLRM -> _SparseFirst -> DLRM
+    if interaction:
+        dlrm.inter_arch = InteractionArch(num_sparse_features=dlrm.inter_arch.F)
     return contender
 
 
@@ -95,9 +98,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="unprofiled alternating rounds")
     p.add_argument("--shardrec-overrides", default="")
     p.add_argument(
-        "--ab-interaction",
+        "--ab",
         action="store_true",
-        help="also time shardrec with torchrec's InteractionArch put back (the change's A/B)",
+        help="also time shardrec with torchrec's forward order, and with its interaction too",
     )
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -120,11 +123,11 @@ def main() -> None:
         a_ms, a_ops = profile_steps(shardrec, steps=args.steps, env=env)
         b_ms, b_ops = profile_steps(torchrec, steps=args.steps, env=env)
         timed = {"shardrec": shardrec, "torchrec": torchrec}
-        if args.ab_interaction:
-            timed["shardrec, torchrec's interaction"] = with_torchrec_interaction(
-                make_shardrec(shape, env=env, device="cpu", source=source, batches=batches)
-            )
-            time_steps(timed["shardrec, torchrec's interaction"], args.warmup, env)
+        if args.ab:
+            for name, interaction in (("torchrec order", False), ("torchrec order+inter", True)):
+                c = make_shardrec(shape, env=env, device="cpu", source=source, batches=batches)
+                timed[f"shardrec, {name}"] = with_torchrec_parts(c, interaction=interaction)
+                time_steps(c, args.warmup, env)
         # Unprofiled rounds, the order rotating each round, for the noise.
         rounds: dict[str, list[float]] = {name: [] for name in timed}
         rounds["shardrec"].append(a_ms)
@@ -145,8 +148,16 @@ def main() -> None:
                 f"# {args.shape}: shardrec_pregen vs torchrec loop, {args.steps} steps\n\n"
                 f"ms per step (unprofiled, median (min-max) of rotating rounds): {medians}\n\n"
                 f"shardrec plan: {plan_summary(shardrec.model)}\n\n"
+                "shardrec's pipelined (input dist overlapped) modules: "
+                f"{len(shardrec.trainer.pipeline._pipelined_modules)}\n\n"
                 f"torchrec plan: {plan_summary(torchrec.model)}\n\n"
                 + compare(a_ops, b_ops, top=args.top)
+                + "\n\nshardrec's own ops by self CPU time (ms per step):\n\n"
+                + ", ".join(
+                    f"{k} {v['self_ms']:.2f}"
+                    for k, v in sorted(a_ops.items(), key=lambda kv: -kv[1]["self_ms"])[:25]
+                    if not k.startswith("##")
+                )
             )
             (out / f"{args.shape}.md").write_text(text + "\n")
             print(text)

@@ -23,10 +23,49 @@ import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.models.interaction import FlatInteractionArch
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+class _SparseFirst:
+    """DLRM's forward with the tables' lookup started before the bottom MLP.
+
+    torchrec's ``DLRM.forward`` runs the bottom MLP, then the sparse arch, whose
+    sharded collection returns a ``LazyAwaitable``: the pooled all-to-all is in
+    flight from the lookup until the first use of its result. torchrec uses it
+    at once (``SparseArch`` splits it), so nothing overlaps the exchange. Here
+    the lookup comes first and the bottom MLP runs while its all-to-all is in
+    flight; in backward (autograd runs the most recently created ready node
+    first) the bottom MLP's backward then runs between sending the pooled
+    gradients and waiting for them. Same modules, same ops on the same inputs,
+    so the same numbers bit for bit; only independent work is reordered.
+    """
+
+    def forward(
+        self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
+    ) -> torch.Tensor:
+        sparse_arch = self.sparse_arch
+        pooled = sparse_arch.embedding_bag_collection(sparse_features)  # may be in flight
+        embedded_dense = self.dense_arch(dense_features)
+        # SparseArch.forward's own steps after its lookup (the first use waits).
+        by_name = pooled.to_dict()
+        values = [by_name[name] for name in sparse_arch.sparse_feature_names]
+        embedded_sparse = torch.cat(values, dim=1).reshape(-1, sparse_arch.F, sparse_arch.D)
+        concatenated = self.inter_arch(
+            dense_features=embedded_dense, sparse_features=embedded_sparse
+        )
+        return self.over_arch(concatenated)
+
+
+class SparseFirstDLRM(_SparseFirst, DLRM):
+    """torchrec's DLRM; the lookup's all-to-all overlaps the bottom MLP (see _SparseFirst)."""
+
+
+class SparseFirstDLRM_DCN(_SparseFirst, DLRM_DCN):  # noqa: N801 (torchrec's name)
+    """torchrec's DLRM_DCN; the lookup's all-to-all overlaps the bottom MLP."""
 
 
 class TableSpec(Protocol):
@@ -81,11 +120,13 @@ def build_model(
         dense_device=device,
     )
     if arch == "dlrm":
-        dlrm = DLRM(**common)
+        dlrm = SparseFirstDLRM(**common)
         # Same computation, bit for bit; the triangle gathered without 2-D indexing.
         dlrm.inter_arch = FlatInteractionArch(num_sparse_features=dlrm.inter_arch.F)
     elif arch == "dlrm_dcnv2":
-        dlrm = DLRM_DCN(**common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim)
+        dlrm = SparseFirstDLRM_DCN(
+            **common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim
+        )
     else:
         raise ValueError(f"model.arch={arch!r} is not known; use dlrm or dlrm_dcnv2")
     return DLRMTrain(dlrm)

@@ -5,7 +5,9 @@ one thread each on CPU) builds every contender in the same processes, warms
 them up, and times them in interleaved rounds; see ``scripts/bench_models.py``
 for what each contender is. Printed per shape: samples/s (median and min-max
 over the rounds), the RSS each contender added, the ratios shardrec/pytorch,
-shardrec/torchrec and shardrec/dense, and where shardrec's step goes. The last
+shardrec/torchrec and shardrec/dense (a: shardrec, a': with the prefetcher,
+p: on batches drawn up front), and where shardrec's step goes.
+``scripts/bench_profile.py`` compares shardrec's step with torchrec's op by op. The last
 line carries the ratios of every shape. JSON and a Markdown table land in
 ``--out``.
 

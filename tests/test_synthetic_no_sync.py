@@ -6,9 +6,9 @@ looked-up latent vectors, a static KJT layout); each is checked here against the
 straightforward computation it replaces, bit for bit. The CUDA path is checked
 for host syncs without a GPU (variable bags too: their lengths are also drawn on
 the host, for the totals that size the packed ids): every device but the CPU
-takes the same code path, and on the ``meta`` device tensors carry shapes but no data, so any op whose
-result needs the data on the host (``.item()``, ``.tolist()``, ``nonzero``, a
-boolean mask, ``torch.unique``) raises. (A fake ``cuda`` device under
+takes the same code path, and on the ``meta`` device tensors carry shapes but no
+data, so any op whose result needs the data on the host (``.item()``,
+``.tolist()``, ``nonzero``, a boolean mask, ``torch.unique``) raises. (A fake ``cuda`` device under
 ``FakeTensorMode`` would be closer, but on a CPU-only build advanced indexing
 there tries to initialise CUDA.)
 """

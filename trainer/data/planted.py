@@ -170,7 +170,7 @@ class PlantedModel:
         # Whitened vectors have identity covariance: <u_i, u_j> has variance latent_dim.
         self._pair_scale = cfg.interaction_scale / math.sqrt(max(len(self.pairs), 1)) / math.sqrt(d)
 
-    def _per_slot(self, per_feature: torch.Tensor) -> torch.Tensor:
+    def per_slot(self, per_feature: torch.Tensor) -> torch.Tensor:
         """``[size, F]`` -> ``[size, num_slots]``, each feature's value over its bag's
         slots (``per_feature[:, slot_features]`` by a broadcast per run of equally
         hot features: a gather along rows costs several times more)."""
@@ -314,8 +314,8 @@ class PlantedModel:
             # 1 / length on [size, F], then spread over the slots: the same bits as
             # dividing a 0/1 mask by the length per slot, in fewer passes.
             inverse = 1.0 / lengths.clamp(min=1).to(torch.float64)
-            dropped = self._slot_positions >= self._per_slot(lengths)
-            weights = self._per_slot(inverse).masked_fill_(dropped, 0.0)
+            dropped = self._slot_positions >= self.per_slot(lengths)
+            weights = self.per_slot(inverse).masked_fill_(dropped, 0.0)
         effects = self.first_order(self._slot_features, ranks, head, tail_at)
         logit = logit + (effects * weights).sum(1)
         if self.pairs:

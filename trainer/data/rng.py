@@ -110,7 +110,7 @@ def to_uniform(hashes: torch.Tensor) -> torch.Tensor:
     """The uniforms ``uniform`` makes of int64 hashes (so that a caller can hash
     its counters in stages: ``uniform(k, a, b) == to_uniform(mix64(hash_counters(k, a) ^ b))``)."""
     bits = _shr(hashes, 11)
-    return (bits.to(torch.float64) + 0.5) * 2.0**-53
+    return bits.to(torch.float64).add_(0.5).mul_(2.0**-53)  # in place: the same bits
 
 
 def normal(key: int, *counters: torch.Tensor | int) -> torch.Tensor:

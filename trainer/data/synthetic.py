@@ -354,7 +354,7 @@ class SyntheticSource:
         if self._single_hot:
             per_slot = per_feature  # slot f is feature f, position 0
         else:
-            per_slot = per_feature.index_select(1, self._slot_features)
+            per_slot = self._planted.per_slot(per_feature)  # per run, not a row gather
         u = to_uniform(mix64(per_slot ^ self._slot_positions))
         ranks, head, tail_at = self._tables.draw(u, self._slot_features)
         if not self.cfg.variable_hotness:

@@ -94,10 +94,9 @@ class ZipfTables:
         # The continuous law's inverse guesses a rank that one comparison with the
         # CDF confirms (see ``_search``): sum_{k<=n} k^-s ~= offset + G(n + 1/2),
         # the offset fitted at rank ANCHOR_RANK (or the table's last tabulated rank).
-        self._head_lengths_f64 = self._head_lengths.to(torch.float64)
+        self._head_lengths32 = self._head_lengths.to(torch.float32)
         self._head_last = self._head_lengths - 1
-        self._zero_f64 = torch.zeros((), dtype=torch.float64)
-        self._starts_f64 = self._starts.to(torch.float64)
+        self._zero32 = torch.zeros((), dtype=torch.float32)
         # Uniforms above this fall in the tail: 2 (above any uniform) without one.
         self._tail_fractions = torch.where(self._has_tail, self._head_fractions, 2.0)
         anchors = torch.clamp(self._head_lengths, max=ANCHOR_RANK) - 1
@@ -107,8 +106,8 @@ class ZipfTables:
         )
         # The guess's affine step with (1 - s) folded in (see ``_search``).
         fold = 1.0 if exponent == 1.0 else 1.0 - exponent
-        self._scaled_masses = self._total_masses * fold
-        self._scaled_offsets = -self._guess_offsets * fold
+        self._guess_masses32 = (self._total_masses * fold).to(torch.float32)
+        self._guess_offsets32 = (-self._guess_offsets * fold).to(torch.float32)
 
     def _integral(self, lo: float, hi: float) -> float:
         if hi <= lo:
@@ -183,18 +182,22 @@ class ZipfTables:
         rounded changes how often it misses, never the answer.
         """
         s = self.exponent
+        # In float32: half the bytes per pass, and the guess misses barely more often
+        # (0.84% of the draws instead of 0.74% for the multi-hot bench shape).
+        scaled = torch.addcmul(
+            self._guess_offsets32[tables], u.to(torch.float32), self._guess_masses32[tables]
+        )
         if s == 1.0:
-            n = torch.addcmul(-self._guess_offsets[tables], u, self._total_masses[tables]).exp_()
+            n = scaled.exp_()
         else:
             # G^-1(t) = ((1 - s) t)^(1 / (1 - s)), through exp/log (cheaper than pow),
             # with (1 - s) folded into the per-table constants. A negative argument
             # (past the continuum's reach) becomes 0: log gives -inf, not NaN.
-            scaled = torch.addcmul(self._scaled_offsets[tables], u, self._scaled_masses[tables])
             n = scaled.clamp_(min=0.0).log_().mul_(1.0 / (1.0 - s)).exp_()
         # n + 1/2 ids cover the target: the first rank reaching it is ceil(n - 1/2) - 1;
         # up to one past the last tabulated rank (where u falls in the tail).
-        guess = torch.clamp(n.sub_(1.5).ceil_(), self._zero_f64, self._head_lengths_f64[tables])
-        positions = guess.add_(self._starts_f64[tables]).to(torch.int64)
+        guess = torch.clamp(n.sub_(1.5).ceil_(), self._zero32, self._head_lengths32[tables])
+        positions = guess.to(torch.int64).add_(self._starts[tables])
         flat, wanted = positions.view(-1), shifted.reshape(-1)
         # index_select: several times faster than take() or [] on a 1-D gather; the
         # entry after p is read through a view shifted by one (no index + 1 pass).

@@ -175,11 +175,13 @@ class PlantedModel:
         slots (``per_feature[:, slot_features]`` by a broadcast per run of equally
         hot features: a gather along rows costs several times more)."""
         size = per_feature.shape[0]
-        parts = [
-            per_feature[:, lo:hi].unsqueeze(2).expand(size, hi - lo, h).reshape(size, -1)
-            for lo, hi, h in self._feature_runs
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        out = per_feature.new_empty(size, len(self._slot_features))
+        slot = 0
+        for lo, hi, h in self._feature_runs:  # one copy per run, straight into place
+            run = out[:, slot : slot + (hi - lo) * h].view(size, hi - lo, h)
+            run.copy_(per_feature[:, lo:hi].unsqueeze(2).expand(size, hi - lo, h))
+            slot += (hi - lo) * h
+        return out
 
     def _latent_columns(self, x: torch.Tensor) -> torch.Tensor:
         """``x[..., latent_slots]``, by slices of its runs."""

@@ -268,11 +268,10 @@ class SyntheticSource:
         """
         size, num_features = ids.shape[0], len(self.hotness)
         # [size, run features * h] -> [run features, size, h], runs concatenated.
-        parts = [
-            ids[:, lo:hi].reshape(size, f_hi - f_lo, h).transpose(0, 1).reshape(-1)
-            for lo, hi, h, f_lo, f_hi in self._runs
-        ]
-        values = parts[0] if len(parts) == 1 else torch.cat(parts)
+        values = ids.new_empty(ids.numel())
+        for lo, hi, _, f_lo, f_hi in self._runs:  # one copy per run, straight into place
+            run = values[lo * size : hi * size].view(f_hi - f_lo, size, -1)
+            run.copy_(ids[:, lo:hi].view(size, f_hi - f_lo, -1).transpose(0, 1))
         if lengths is None:
             kjt_lengths = self._hotness_i32.unsqueeze(1).expand(num_features, size).reshape(-1)
             length_per_key = [h * size for h in self.hotness]

@@ -223,9 +223,8 @@ class ZipfTables:
 
     def ids(self, ranks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Scatters ranks over ``[0, cardinality)`` with each table's fixed bijection."""
-        return (ranks * self._multipliers[tables] + self._offsets[tables]) % self._cardinalities[
-            tables
-        ]
+        ids = ranks * self._multipliers[tables]  # then in place: no fresh temporaries
+        return ids.add_(self._offsets[tables]).remainder_(self._cardinalities[tables])
 
 
 def _affine_bijection(cardinality: int, key: int) -> tuple[int, int]:

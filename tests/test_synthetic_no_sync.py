@@ -102,6 +102,20 @@ def test_latent_lookup_equals_hashing() -> None:
     torch.testing.assert_close(planted.latent(features, ranks), hashed, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variable", [False, True], ids=["full_bags", "variable_bags"])
+def test_lookups_by_the_draws_head_positions_equal_lookups_by_rank(variable: bool) -> None:
+    # ZipfTables.draw hands the planted model each rank's head position and the
+    # tail indices; the logits must equal those computed from the ranks alone.
+    data = SyntheticCriteo(dataclasses.replace(HUGE, variable_hotness=variable))
+    dense, ranks, lengths, head, tail_at = data._draw_with_head("train", torch.arange(700))
+    assert tail_at is not None and tail_at.numel() > 0  # the 40M-row table's tail
+    planted = data._planted
+    fast = planted.logits(dense, ranks, lengths, head, tail_at)
+    assert torch.equal(fast, planted.logits(dense, ranks, lengths))
+    per_feature = torch.arange(700 * 4).view(700, 4)
+    assert torch.equal(planted.per_slot(per_feature), per_feature[:, data._slot_features])
+
+
 def test_full_bags_build_a_static_kjt() -> None:
     data = SyntheticCriteo(HUGE)
     kjt = data.batch("train", 64, 10).sparse_features

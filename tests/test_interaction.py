@@ -86,6 +86,9 @@ def test_model_matches_torchrecs_dlrm_bit_for_bit(arch: str) -> None:
     assert type(theirs.model).forward is not type(inner).forward
     theirs.load_state_dict(ours.state_dict())
     batch = data.batch("train", 0, 16)
+    # The sparse arch is still called (hooks on it see the pooled embeddings).
+    seen: list[torch.Size] = []
+    inner.sparse_arch.register_forward_hook(lambda _m, _a, out: seen.append(out.shape))
     grads = []
     for model in (ours, theirs):
         model.zero_grad(set_to_none=True)
@@ -93,6 +96,7 @@ def test_model_matches_torchrecs_dlrm_bit_for_bit(arch: str) -> None:
         loss.backward()
         named = {n: p.grad for n, p in model.named_parameters()}
         grads.append((loss.detach(), logits.detach(), named))
+    assert seen == [torch.Size([16, 3, 4])]
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
     assert grads[0][2].keys() == grads[1][2].keys()
     for name, grad in grads[0][2].items():

@@ -17,10 +17,10 @@ The sparse input is a KeyedJaggedTensor; for two features and a batch of two::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, SparseArch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -28,6 +28,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from trainer.models.interaction import FlatInteractionArch
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+class SparseArchAfterLookup(SparseArch):
+    """torchrec's SparseArch, which can be handed its collection's (lazy) output."""
+
+    def forward(self, features: KeyedJaggedTensor, pooled: Any = None) -> torch.Tensor:
+        if pooled is None:
+            return super().forward(features)
+        # SparseArch.forward's own steps after its lookup (the first use waits).
+        by_name = pooled.to_dict()
+        values = [by_name[name] for name in self.sparse_feature_names]
+        return torch.cat(values, dim=1).reshape(-1, self.F, self.D)
 
 
 class _SparseFirst:
@@ -40,20 +52,21 @@ class _SparseFirst:
     the lookup comes first and the bottom MLP runs while its all-to-all is in
     flight; in backward (autograd runs the most recently created ready node
     first) the bottom MLP's backward then runs between sending the pooled
-    gradients and waiting for them. Same modules, same ops on the same inputs,
-    so the same numbers bit for bit; only independent work is reordered.
+    gradients and waiting for them. Same modules (the sparse arch is still
+    called, hooks on it still fire), same ops on the same inputs, so the same
+    numbers bit for bit; only independent work is reordered.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sparse_arch = SparseArchAfterLookup(self.sparse_arch.embedding_bag_collection)
 
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
     ) -> torch.Tensor:
-        sparse_arch = self.sparse_arch
-        pooled = sparse_arch.embedding_bag_collection(sparse_features)  # may be in flight
+        pooled = self.sparse_arch.embedding_bag_collection(sparse_features)  # may be in flight
         embedded_dense = self.dense_arch(dense_features)
-        # SparseArch.forward's own steps after its lookup (the first use waits).
-        by_name = pooled.to_dict()
-        values = [by_name[name] for name in sparse_arch.sparse_feature_names]
-        embedded_sparse = torch.cat(values, dim=1).reshape(-1, sparse_arch.F, sparse_arch.D)
+        embedded_sparse = self.sparse_arch(sparse_features, pooled=pooled)
         concatenated = self.inter_arch(
             dense_features=embedded_dense, sparse_features=embedded_sparse
         )

@@ -42,7 +42,7 @@ tail -n 25 "$OUT/pytest.log"
 
 echo "== bench: DLRM-DCNv2 shape, one device"
 timeout ${GPU_BENCH_S:-220} $PY scripts/bench.py --device cuda --world-size 1 --shapes dcnv2 \
-  --contenders shardrec,shardrec_prefetch,torchrec,dense --batch-size "$BATCH" \
+  --contenders shardrec,shardrec_pregen,torchrec,dense --batch-size "$BATCH" \
   --max-rows "$MAX_ROWS" --warmup 3 --steps 10 --repeats 5 --breakdown-steps 5 \
   --timeout-s 215 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 bench_rc=$?

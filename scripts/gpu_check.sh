@@ -60,7 +60,7 @@ from pathlib import Path
 out, pytest_rc, bench_rc, bw_rc = sys.argv[1], *sys.argv[2:]
 print("\n| check | result |\n| --- | --- |")
 log = Path(out, "pytest.log").read_text() if Path(out, "pytest.log").exists() else ""
-m = re.findall(r"=+ (.*?) in [\d.]+s", log)
+m = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error).*?) in [\d.]+s", log, re.M)
 print(f"| pytest -m gpu (rc {pytest_rc}) | {m[-1] if m else 'no summary'} |")
 try:
     r = json.loads(Path(out, "bench", "dcnv2.json").read_text())

@@ -52,26 +52,9 @@ def test_model_matches_torchrecs_dlrm_bit_for_bit(arch: str) -> None:
     """shardrec's DLRM (flat interaction, lookup first) against torchrec's own."""
     from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
-    from trainer.data import SyntheticCriteo, SyntheticDataConfig
+    from tests.test_models import tiny_model
 
-    data = SyntheticCriteo(
-        SyntheticDataConfig(num_dense=3, cardinalities=[10, 20, 5], hotness=[1, 2, 1])
-    )
-    tables = [
-        TableConfig(name=f"t_{f}", num_embeddings=rows, embedding_dim=4, feature_names=[f])
-        for f, rows in zip(data.feature_names, data.cardinalities, strict=True)
-    ]
-    torch.manual_seed(0)
-    ours = build_model(
-        arch=arch,
-        tables=tables,
-        num_dense=3,
-        dense_arch_layer_sizes=[8, 4],
-        over_arch_layer_sizes=[8, 1],
-        dcn_num_layers=2,
-        dcn_low_rank_dim=4,
-        device=torch.device("cpu"),
-    )
+    data, ours = tiny_model(arch)
     inner = ours.model
     common = dict(
         embedding_bag_collection=inner.sparse_arch.embedding_bag_collection,

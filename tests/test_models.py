@@ -10,17 +10,20 @@ from trainer.data import SyntheticCriteo, SyntheticDataConfig
 from trainer.models import build_model
 
 
-@pytest.mark.parametrize("arch", ["dlrm", "dlrm_dcnv2"])
-def test_forward_backward_tiny(arch: str) -> None:
+def tiny_model(arch: str, num_interactions: int = 2):
+    """A 3-feature synthetic source (hotness 1, 2, 1) and a dim-4 model of ``arch`` on it."""
     torch.manual_seed(0)
     data = SyntheticCriteo(
         SyntheticDataConfig(
-            num_dense=3, cardinalities=[10, 20, 5], hotness=[1, 2, 1], num_interactions=2
+            num_dense=3,
+            cardinalities=[10, 20, 5],
+            hotness=[1, 2, 1],
+            num_interactions=num_interactions,
         )
     )
     tables = [
         TableConfig(name=f"t_{f}", num_embeddings=rows, embedding_dim=4, feature_names=[f])
-        for f, rows in zip(data.feature_names, data.cardinalities)
+        for f, rows in zip(data.feature_names, data.cardinalities, strict=True)
     ]
     model = build_model(
         arch=arch,
@@ -32,6 +35,12 @@ def test_forward_backward_tiny(arch: str) -> None:
         dcn_low_rank_dim=4,
         device=torch.device("cpu"),
     )
+    return data, model
+
+
+@pytest.mark.parametrize("arch", ["dlrm", "dlrm_dcnv2"])
+def test_forward_backward_tiny(arch: str) -> None:
+    data, model = tiny_model(arch)
     batch = data.batch("train", 0, 6)
     loss, (loss_detached, logits, labels) = model(batch)
     assert loss.dim() == 0 and torch.isfinite(loss)

@@ -83,6 +83,8 @@ class Converter:
         return forward
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (checkpointed through DCP). Called on every rank together: a
+        converter may reduce across ranks here (row pruning sums its access counts)."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

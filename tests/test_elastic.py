@@ -237,3 +237,58 @@ def test_a_run_grows_when_a_node_joins(tmp_path: Path) -> None:
     assert steps == sorted(set(steps)) and steps[-1] == GROW_STEPS
     assert any(step <= resumed_at for step in steps) and any(step > resumed_at for step in steps)
     print("resumed at step", resumed_at, "loss by step:", [(s, round(v, 4)) for s, v in train])
+
+
+# The default tier's grow: a tiny run would end before B joins, so A's ranks hold after
+# step FAST_HOLD_AT (SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP, trainer/faults.py) until the
+# membership change SIGTERMs them; the hold is at a multiple of the preemption's
+# agreement interval (10), so they stop, checkpoint and resume at that very step.
+FAST_GROW_STEPS = 30
+FAST_HOLD_AT = 20
+FAST_GROW_RUN = [*TINY, f"trainer.num_steps={FAST_GROW_STEPS}", "trainer.eval_every_steps=30"]
+FAST_GROW_RUN += ["trainer.checkpoint_every_steps=10", "trainer.progress_bar=false"]
+FAST_GROW_RUN += ["sharding=table_wise", "trainer.async_checkpoint=false"]
+
+
+@pytest.mark.dist
+def test_a_run_grows_when_a_node_joins_fast(tmp_path: Path) -> None:
+    """The grow above in the default tier: 2 ranks held at step 20, B joins, 4 ranks finish."""
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    hold = {
+        "SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP": f"{FAST_HOLD_AT}:{tmp_path / 'never'}",
+        "SHARDREC_FAULT_RANK": "any",
+    }
+    a = agent(
+        port, run_dir, logs[0], nproc=2, last_call_s=2, run=FAST_GROW_RUN,
+        env={**NO_SHARED_STORE, **hold},
+    )  # fmt: skip
+    b = None
+    try:
+        held = f"waits at step {FAST_HOLD_AT}"
+        _wait_for(lambda: held in logs[0].read_text() or a.poll() is not None, timeout_s=180)
+        assert a.poll() is None, logs[0].read_text()[-3000:]
+        assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
+        assert _newest(run_dir) == FAST_HOLD_AT - 10  # the scheduled one before the hold
+        b = agent(
+            port, run_dir, logs[1], nproc=2, last_call_s=2, run=FAST_GROW_RUN, env=NO_SHARED_STORE
+        )
+        assert a.wait(timeout=240) == 0, logs[0].read_text()[-3000:]
+        assert b.wait(timeout=60) == 0, logs[1].read_text()[-3000:]
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                kill_host(proc)
+    log = "".join(path.read_text() for path in logs)
+    assert "goes on after step 20 (a stop signal)" in log, log[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["steps"] == FAST_GROW_STEPS
+    assert summary["global_batch_size"] == 4 * 256  # per-rank batch kept (trainer=smoke)
+    assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 4  # planned again
+    # the stopped ranks checkpointed the held step, and that checkpoint is the one resumed
+    stopped = re.findall(r"stopped at step (\d+) \(SIGTERM\); checkpoint \S*step_(\d+)", log)
+    assert stopped == [(str(FAST_HOLD_AT), str(FAST_HOLD_AT))], log[-3000:]
+    assert re.search(rf"resumed from \S*step_{FAST_HOLD_AT} at step {FAST_HOLD_AT}", log)
+    steps = [r["step"] for r in records(run_dir) if "train_loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == FAST_GROW_STEPS
+    assert FAST_HOLD_AT in steps  # logged by the 2-rank attempt, kept once

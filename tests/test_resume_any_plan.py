@@ -1,8 +1,7 @@
 """Resume onto any plan: a 2-rank ``table_wise`` checkpoint continues on other plans.
 
 One checkpoint (module fixture: 2 torchrun ranks, ``table_wise``, 8 steps,
-``step_4`` kept) is resumed on 1 rank (in this process; ``table_wise``: on CPU ``auto`` now
-plans small tables ``data_parallel`` on one rank, a move that is refused), 4 ranks
+``step_4`` kept) is resumed on 1 rank ``auto`` (in this process), 4 ranks
 ``row_wise`` and 4 ranks as 2 hosts ``table_row_wise``
 (``topology.local_world_size=2``), each with the same global batch (per-rank
 batch x world size = 512). DCP reshards the tables and their fused row-wise
@@ -71,16 +70,14 @@ def test_resume_on_one_rank(saved: Path, compose_cfg, tmp_path: Path) -> None:
         compose_cfg,
         [
             *SAVED,
-            # Pinned: on CPU, sharding=auto now plans small tables data_parallel on one
-            # rank, which a fused checkpoint cannot move into (refused, test below).
-            "sharding=table_wise",
+            "sharding=auto",  # never data_parallel: the fused tables stay fused
             f"trainer.batch_size={GLOBAL_BATCH}",
             f"trainer.resume={saved}/checkpoints/step_4",
         ],
         tmp_path,
     )
     assert summary["world_size"] == 1
-    _compare(saved, tmp_path, "1 rank table_wise")
+    _compare(saved, tmp_path, "1 rank auto")
 
 
 @pytest.mark.dist

@@ -41,6 +41,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from tests.distributed import free_port
 from tests.test_faults_kill import records
 from tests.test_train_e2e import TINY
 from trainer.checkpoint import checkpoint_step, complete_checkpoints
+from trainer.faults import FaultInjection
 
 NUM_STEPS = 2000
 KILL_AFTER_STEP = 300  # B is killed once a checkpoint of this step or later is complete
@@ -292,3 +294,39 @@ def test_a_run_grows_when_a_node_joins_fast(tmp_path: Path) -> None:
     steps = [r["step"] for r in records(run_dir) if "train_loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == FAST_GROW_STEPS
     assert FAST_HOLD_AT in steps  # logged by the 2-rank attempt, kept once
+
+
+def test_the_hold_ends_on_its_file_or_a_stop_signal(tmp_path: Path, monkeypatch) -> None:
+    """The hold the fast grow relies on, in-process: file, signal, first attempt only."""
+    monkeypatch.setenv("SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP", f"2:{tmp_path / 'go'}")
+    monkeypatch.setenv("SHARDREC_FAULT_RANK", "any")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert FaultInjection.from_env(rank=0).wait_for_file is None  # a restart does not hold
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    seen: list[int] = []
+    previous_term = signal.getsignal(signal.SIGTERM)  # the hold chains onto both
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: seen.append(signum))
+    try:
+        # released by its file
+        faults = FaultInjection.from_env(rank=3)
+        threading.Timer(0.3, (tmp_path / "go").touch).start()
+        start = time.monotonic()
+        faults.after_step(1)
+        faults.after_step(2)
+        assert (tmp_path / "go").exists() and 0.25 < time.monotonic() - start < 10
+        # released by a stop signal; the handler that was there still runs
+        (tmp_path / "go").unlink()
+        faults = FaultInjection.from_env(rank=3)
+        faults.after_step(1)  # chains onto SIGUSR1's handler
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        backstop = threading.Timer(10, (tmp_path / "go").touch)  # a failure, not a hang
+        backstop.start()
+        faults.after_step(2)
+        backstop.cancel()
+        assert seen == [signal.SIGUSR1] and not (tmp_path / "go").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGUSR1, previous)
+    monkeypatch.setenv("SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP", "twenty")
+    with pytest.raises(ValueError, match="SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP='twenty'"):
+        FaultInjection.from_env(rank=0)

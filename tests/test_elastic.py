@@ -24,7 +24,9 @@ agent B joins with 2 more. A's agent sees a node waiting, stops its ranks
 (SIGTERM: the preemption handler checkpoints the step they agree on) and the
 new round forms a world of 4, which plans again, reshards the newest
 checkpoint and trains to the end. The per-rank batch is kept, so the global
-batch doubles (512 -> 1024).
+batch doubles (512 -> 1024). The default tier's version holds A's two ranks after
+step 20 (``SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP``) so that a 30-step run is still
+training when B joins; the SIGTERM of the membership change ends the hold.
 
 Example (the plot in the README)::
 

@@ -13,10 +13,11 @@ the end.
 What a resumed-on-fewer run does with the data: the per-rank batch is kept
 (``trainer.batch_size``), so the global batch shrinks with the world (512 ->
 256 here) and the steps go on from the checkpoint's; the learning rate is not
-rescaled. ``metrics.jsonl`` holds each step once. Elastic runs need a strategy
-that keeps every table's kernel kind on every world size (``table_wise``,
-``row_wise``): ``auto`` may plan a small table ``data_parallel`` on one world
-size and fused on another, which the resume refuses with a ConfigError.
+rescaled. ``metrics.jsonl`` holds each step once. Elastic runs need every
+table's kernel kind kept on every world size (a fused table cannot become
+``data_parallel``: the resume refuses it with a ConfigError); ``auto`` never
+plans ``data_parallel``, and these tests pin ``table_wise`` so the plans they
+reshard between are known.
 
 Grow: agent A (``--nnodes=1:2 --nproc_per_node=2``) starts alone once the
 rendezvous' last call has passed and trains on 2 ranks; after a checkpoint,
@@ -60,9 +61,7 @@ NUM_STEPS = 2000
 KILL_AFTER_STEP = 300  # B is killed once a checkpoint of this step or later is complete
 RUN = [*TINY, f"trainer.num_steps={NUM_STEPS}", "trainer.eval_every_steps=500"]
 RUN += ["trainer.checkpoint_every_steps=20", "trainer.progress_bar=false"]
-# A strategy whose tables are fused on every world size: under ``auto`` the planner
-# makes small tables data_parallel on 2 ranks and fused on 1, and moving a table
-# between the two is refused (their optimizer state differs).
+# Pinned so the plans resharded between are known (every table fused on every world).
 RUN += ["sharding=table_wise"]
 
 

@@ -147,7 +147,7 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> Path:
     fig = Figure(figsize=(10.5, 4.4))
     ax, ax_t = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     names = list(rows)
-    labels = [CONFIGS[n].replace(" (", "\n(") for n in names]
+    labels = [CONFIGS[n].replace(" (", "\n(").replace("student ", "student\n") for n in names]
     xs = range(len(names))
     means = [rows[n]["auc"]["mean"] for n in names]
     sds = [rows[n]["auc"]["sd"] for n in names]
@@ -157,6 +157,7 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> Path:
         seeds = rows[n]["auc"]["values"]
         ax.scatter([x + 0.08] * len(seeds), seeds, color="black", s=12, zorder=3)
     ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_xlim(-0.5, len(names) - 0.5)
     low = min(min(rows[n]["auc"]["values"]) for n in names)
     high = max(max(rows[n]["auc"]["values"]) for n in names)
     ax.set_ylim(low - (high - low) * 0.5 - 1e-4, high + (high - low) * 0.3 + 1e-4)

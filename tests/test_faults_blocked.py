@@ -101,3 +101,34 @@ def test_a_rank_briefly_waiting_for_a_peer_only_sets_the_flag(tmp_path: Path) ->
     code, _elapsed, stderr = _rank0_under_sigterm(tmp_path, join_after_s=0.3)
     assert code == 0, stderr[-2000:]
     assert (tmp_path / "requested").read_text() == "SIGTERM"
+
+
+FLOOD = textwrap.dedent(
+    """
+    import os, signal, time
+    import torch
+    from trainer.preempt import Preemption
+
+    with Preemption(device=torch.device("cpu"), world_size=1, blocked_exit_s=0.5):
+        for _ in range(300):  # signals back to back: the handler often runs before the
+            os.kill(os.getpid(), signal.SIGUSR1)  # watchdog has read the bytes
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.001)
+        time.sleep(1.5)
+    print("alive")
+    """
+)
+
+
+def test_a_responsive_rank_is_never_taken_for_a_stuck_one() -> None:
+    """A handler that ran before the watchdog read the signal's byte still counts.
+
+    Regression: the watchdog took "now" before each read as the time a later
+    handler run had to beat, so a SIGTERM whose handler ran while the watchdog was
+    still busy with the USR1 before it looked unhandled and exited a healthy
+    process (it ended `make test` once, 5 s after test_slurm_preempt).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", FLOOD], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "alive" in proc.stdout, proc.stderr[-2000:]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import signal
 import threading
 import time
@@ -127,6 +128,7 @@ class Preemption:
         if self.blocked_exit_s is not None:
             read_fd, write_fd = os.pipe()
             os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
+            os.set_blocking(read_fd, False)  # the watchdog drains it, then waits in select
             self._previous_wakeup_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
             self._wakeup = (read_fd, write_fd)
             threading.Thread(
@@ -150,28 +152,41 @@ class Preemption:
         # KillWait). USR1 is SLURM's early warning: a rank waiting on a long save or
         # export then still has time to finish it and write its checkpoint.
         watched = {int(sig) for sig in self.signals if sig == signal.SIGTERM}
+        # Python's C-level handler writes a signal's byte before the main thread runs
+        # its handler, so a handler run after the moment the pipe was last seen empty
+        # answers every byte read since (a run before that moment answers an older
+        # byte, which is why "empty" is taken before the read that finds it empty).
+        empty_since = time.monotonic()
         try:
             while True:
-                # Each signal trips the handler once and writes one byte, so a handler run
-                # after this point answers a signal read below (or a later one): the main
-                # thread is not stuck. A run may come before the read returns.
-                waiting_since = time.monotonic()
-                data = os.read(read_fd, 64)  # blocks without the GIL
-                if not data:
-                    return
+                select.select([read_fd], [], [])  # blocks without the GIL
+                data, closed = b"", False
+                while True:  # drain: everything written so far
+                    before = time.monotonic()
+                    try:
+                        chunk = os.read(read_fd, 64)
+                    except BlockingIOError:
+                        break
+                    if not chunk:
+                        closed = True
+                        break
+                    data += chunk
+                since, empty_since = empty_since, before
                 ours = [signum for signum in data if signum in watched]
                 if ours:
-                    self._exit_if_unhandled(ours[0], since=waiting_since)
+                    self._exit_if_unhandled(ours[0], since=since)
+                if closed:
+                    return
         finally:
             os.close(read_fd)
 
     def _exit_if_unhandled(self, signum: int, *, since: float) -> None:
         deadline = time.monotonic() + (self.blocked_exit_s or 0.0)
         while time.monotonic() < deadline:
-            if self._handled_at >= since:
+            if self._handled_at >= since or self._wakeup is None:  # handled, or uninstalled
                 return
             time.sleep(0.05)
-        if self._handled_at >= since:
+        if self._handled_at >= since or self._wakeup is None:
             return
         name = signal.Signals(signum).name
         # os.write, not logging: the main thread may hold the logging lock.

@@ -58,3 +58,49 @@ def test_every_rank_stops_when_one_is_signalled(tmp_path: Path) -> None:
     )
     assert (tmp_path / "rank0").read_text() == "[True, True]"
     assert (tmp_path / "rank1").read_text() == "[True, True]"
+
+
+def test_a_stop_at_an_interval_end_evaluates_and_checkpoints_first(tmp_path: Path) -> None:
+    """A stop that falls on an eval step keeps that eval: a requeued run logs every one.
+
+    Regression (found by tests/test_slurm.py under load): the stop was checked inside
+    the interval's last step, before its eval, so a run stopped at step 50 of a
+    50-step eval interval resumed at 50 without the step-50 eval. The run is held
+    at step 10 (``SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP``) and sent SIGUSR1 there.
+    """
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from tests.test_train_e2e import TINY
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", *TINY, "trainer.num_steps=20"]
+    cmd += ["trainer.eval_every_steps=10", "trainer.checkpoint_every_steps=10"]
+    cmd += ["trainer.progress_bar=false", "trainer.plot=false", f"hydra.run.dir={run_dir}"]
+    hold = {"SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP": f"10:{tmp_path / 'never'}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDREC_FAULT_RANK": "0"}
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**env, **hold}, stdout=out, stderr=out)
+        deadline = time.monotonic() + 120
+        while "waits at step 10" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
+    assert "stopped at step 10 (SIGUSR1)" in log.read_text()
+    evals = [r["step"] for r in _records(run_dir) if "auc" in r]
+    assert evals == [10], "the step-10 eval ran before the stop"
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr + again.stdout
+    evals = [r["step"] for r in _records(run_dir) if "auc" in r]
+    assert evals == [10, 20]  # each eval once, none lost
+
+
+def _records(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

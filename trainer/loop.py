@@ -131,6 +131,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         while self.step < s.num_steps:
             self.train_steps(self._next_stop() - self.step, bar)
+            saved = None
             if self.step % s.eval_every_steps == 0 or self.step == s.num_steps:
                 last_eval = self.evaluate()
                 self.log({"step": self.step, **last_eval})
@@ -143,7 +144,16 @@ class Trainer:
                     checkpoint_dir=self.checkpointer.directory,
                     before_stop=self.checkpointer.wait,
                 )
-                self.checkpointer.save(step=self.step, states=self.states())
+                saved = self.checkpointer.save(step=self.step, states=self.states())
+            # A stop asked for during the interval is honoured here, after its end's
+            # eval and checkpoint, so a requeued run logs every eval of one that never
+            # stopped (train_steps leaves the interval's last step to this check).
+            if (
+                self.preemption is not None
+                and self.step < s.num_steps
+                and self.preemption.should_stop(self.step)
+            ):
+                self.preemption.checkpoint_and_exit(self, saved=saved)
         if self.checkpointer:
             self.checkpointer.wait()  # an async save in flight finishes before the summary
         if not last_eval:  # resumed from the last step: nothing trained, still report
@@ -193,7 +203,11 @@ class Trainer:
                 bar.set_postfix(self.status, refresh=False)
                 loss_sum.zero_()
                 loss_count = 0
-            if self.preemption is not None and self.preemption.should_stop(self.step):
+            if (
+                self.preemption is not None
+                and self.step != last_step  # the interval's end: fit() checks, after eval
+                and self.preemption.should_stop(self.step)
+            ):
                 self.preemption.checkpoint_and_exit(self)
         self.train_time_s += time.perf_counter() - start
 

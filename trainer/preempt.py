@@ -224,13 +224,17 @@ class Preemption:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def checkpoint_and_exit(self, trainer: Stoppable) -> None:
-        """Saves the trainer's state at its current step and raises :class:`Preempted`."""
+    def checkpoint_and_exit(self, trainer: Stoppable, *, saved: Any = None) -> None:
+        """Saves the trainer's state at its current step and raises :class:`Preempted`.
+
+        ``saved``: the checkpoint the trainer has just written at this step, if any
+        (it is waited for instead of written twice).
+        """
         reason = self.requested.name if self.requested else "another rank's signal"
         if trainer.checkpointer is None:
             log.warning("stopping at step %d (%s) without a checkpoint", trainer.step, reason)
         else:
-            path = trainer.checkpointer.save(step=trainer.step, states=trainer.states())
+            path = saved or trainer.checkpointer.save(step=trainer.step, states=trainer.states())
             wait = getattr(trainer.checkpointer, "wait", None)
             if wait is not None:  # an async save must be on disk before the process exits
                 wait()

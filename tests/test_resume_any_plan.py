@@ -81,11 +81,10 @@ def test_resume_on_one_rank(saved: Path, compose_cfg, tmp_path: Path) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("label", "overrides"),
     [
-        ("4 ranks row_wise", ["sharding=row_wise"]),
+        ("4 ranks row_wise", ["sharding=row_wise"]),  # about 17 s each on 2 cores
         (
             "4 ranks (2 hosts) table_row_wise",
             ["sharding=table_row_wise", "topology.local_world_size=2"],

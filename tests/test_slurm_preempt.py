@@ -73,6 +73,7 @@ def test_a_stop_at_an_interval_end_evaluates_and_checkpoints_first(tmp_path: Pat
     import time
 
     from tests.conftest import REPO
+    from tests.test_faults_kill import records
     from tests.test_train_e2e import TINY
 
     run_dir = tmp_path / "run"
@@ -91,16 +92,10 @@ def test_a_stop_at_an_interval_end_evaluates_and_checkpoints_first(tmp_path: Pat
         os.kill(proc.pid, signal.SIGUSR1)
         assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
     assert "stopped at step 10 (SIGUSR1)" in log.read_text()
-    evals = [r["step"] for r in _records(run_dir) if "auc" in r]
+    evals = [r["step"] for r in records(run_dir) if "auc" in r]
     assert evals == [10], "the step-10 eval ran before the stop"
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr + again.stdout
-    evals = [r["step"] for r in _records(run_dir) if "auc" in r]
+    evals = [r["step"] for r in records(run_dir) if "auc" in r]
     assert evals == [10, 20]  # each eval once, none lost
-
-
-def _records(run_dir: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

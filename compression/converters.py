@@ -84,16 +84,24 @@ class TableQAT(Converter):
 
     ``start_step``: fp32 training steps before the fake quantization starts (QAT
     fine-tunes a warmed-up model); the step count is checkpoint state.
+    ``row_range``: each row's range in QAT and in the export, ``"minmax"`` or
+    ``"mse"`` (compression/row_range.py; also for post-training export).
     """
 
     name = "table_qat"
 
     def __init__(
-        self, *, bits: dict[str, int], export_bits: dict[str, int], start_step: int = 0
+        self,
+        *,
+        bits: dict[str, int],
+        export_bits: dict[str, int],
+        start_step: int = 0,
+        row_range: str = "minmax",
     ) -> None:
         self.bits = dict(bits)
         self.export_bits = dict(export_bits)
         self.start_step = start_step
+        self.row_range = row_range
         self.step = 0
         self.model: nn.Module | None = None
         self.handle: QATHandle | None = None
@@ -104,7 +112,7 @@ class TableQAT(Converter):
         # Hooks the sharded kernels, so it comes after sharding.
         self.model = model
         if self.bits and self.start_step == 0:
-            self.handle = enable_embedding_qat(model, bits=self.bits)
+            self.handle = enable_embedding_qat(model, bits=self.bits, row_range=self.row_range)
 
     def wrap_forward(self, forward: Forward) -> Forward:
         if not self.bits or self.start_step == 0:
@@ -116,7 +124,9 @@ class TableQAT(Converter):
             if training and self.handle is None and self.step >= self.start_step:
                 # Every rank counts the same steps, so all hook (and build the
                 # column-slice groups) at the same step. An eval before it is fp32.
-                self.handle = enable_embedding_qat(self.model, bits=self.bits)
+                self.handle = enable_embedding_qat(
+                    self.model, bits=self.bits, row_range=self.row_range
+                )
             out = forward(batch)
             if training:
                 self.step += 1
@@ -132,16 +142,16 @@ class TableQAT(Converter):
             self.step = int(state["step"])
 
     def as_trained_eval(self, model: nn.Module) -> None:
-        fake_quantize_tables(model, table_bits=self.bits)
+        fake_quantize_tables(model, table_bits=self.bits, row_range=self.row_range)
 
     def to_serving(self, model: nn.Module) -> nn.Module:
-        return quantize_for_serving(model, table_bits=self.export_bits)
+        return quantize_for_serving(model, table_bits=self.export_bits, row_range=self.row_range)
 
     def summary(self) -> dict[str, Any]:
-        return {"qat_bits": max(self.bits.values(), default=0)}
+        return {"qat_bits": max(self.bits.values(), default=0), "row_range": self.row_range}
 
     def export_summary(self) -> dict[str, Any]:
-        return {"bits": self.export_bits}
+        return {"bits": self.export_bits, "row_range": self.row_range}
 
 
 class DenseQAT(Converter):

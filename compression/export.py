@@ -58,6 +58,7 @@ from torchrec.quant.embedding_modules import (
 )
 
 from compression.fake_quant import SERVING_DTYPES, check_bits, fake_quantize_rows
+from compression.row_range import check_range, clamp_rows, fit_row_range
 from sharding.state import assemble, local_shards
 
 # Where FBGEMM's inference TBE keeps its quantized rows (plain attributes, not
@@ -97,12 +98,17 @@ def gather_full_state(model: nn.Module) -> dict[str, Tensor] | None:
     return full
 
 
-def quantize_for_serving(model: nn.Module, *, table_bits: dict[str, int]) -> nn.Module:
+def quantize_for_serving(
+    model: nn.Module, *, table_bits: dict[str, int], row_range: str = "minmax"
+) -> nn.Module:
     """A quantized copy of an unsharded fp32 model (``model`` is left unchanged).
 
     ``table_bits``: per table name, 8, 4 or 2 (torchrec's INT8 / INT4 / INT2
-    row-wise formats); tables left out are served in fp32.
+    row-wise formats); tables left out are served in fp32. ``row_range="mse"``:
+    each row's scale and bias come from its fitted range instead of its min/max
+    (the copy's rows are clamped to it first, see compression/row_range.py).
     """
+    check_range(row_range)
     ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
     if not ebcs:
         raise ValueError(
@@ -119,7 +125,10 @@ def quantize_for_serving(model: nn.Module, *, table_bits: dict[str, int]) -> nn.
         name: SERVING_DTYPES[table_bits[name]] if name in table_bits else torch.float
         for name in names
     }
-    served = quantize_inference_model(copy.deepcopy(model), per_table_weight_dtype=dtypes)
+    model = copy.deepcopy(model)
+    if row_range != "minmax":
+        _clamp_tables(model, table_bits=table_bits)
+    served = quantize_inference_model(model, per_table_weight_dtype=dtypes)
     for ebc in served.modules():
         if isinstance(ebc, QuantEmbeddingBagCollection):
             # torchrec keeps the unaligned quantized rows it built the TBE from: a
@@ -130,7 +139,20 @@ def quantize_for_serving(model: nn.Module, *, table_bits: dict[str, int]) -> nn.
 
 
 @torch.no_grad()
-def fake_quantize_tables(model: nn.Module, *, table_bits: dict[str, int]) -> None:
+def _clamp_tables(model: nn.Module, *, table_bits: dict[str, int]) -> None:
+    """In place: each listed table's rows clamped to their fitted ranges."""
+    for ebc in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
+        for name, bag in ebc.embedding_bags.items():
+            if name in table_bits:
+                bag.weight.copy_(
+                    clamp_rows(bag.weight, *fit_row_range(bag.weight, table_bits[name]))
+                )
+
+
+@torch.no_grad()
+def fake_quantize_tables(
+    model: nn.Module, *, table_bits: dict[str, int], row_range: str = "minmax"
+) -> None:
     """In place: each listed table of an unsharded model holds the rows serving reads.
 
     The fp32 model then computes what its quantized export computes (and what
@@ -139,7 +161,8 @@ def fake_quantize_tables(model: nn.Module, *, table_bits: dict[str, int]) -> Non
     for ebc in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
         for name, bag in ebc.embedding_bags.items():
             if name in table_bits:
-                bag.weight.copy_(fake_quantize_rows(bag.weight, table_bits[name]))
+                served = fake_quantize_rows(bag.weight, table_bits[name], row_range=row_range)
+                bag.weight.copy_(served)
 
 
 def model_bytes(module: nn.Module) -> int:

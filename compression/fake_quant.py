@@ -19,6 +19,8 @@ Example::
     rows = table[ids]                          # (num_ids, dim) fp32
     served = fake_quantize_rows(rows, bits=4)  # what the int4 model will look up
     ste = fake_quantize_ste(weight, bits=4)    # same forward, gradient passes straight
+    # int2 against each row's fitted range (compression/row_range.py), not its min/max:
+    served2 = fake_quantize_rows(rows, bits=2, row_range="mse")
     # A column slice of rows whose other columns live elsewhere (column-wise shards):
     part = fake_quantize_columns(rows[:, :8], row_min, row_max, bits=4)
 """
@@ -28,6 +30,8 @@ from __future__ import annotations
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from torch import Tensor
+
+from compression.row_range import check_range, clamp_rows, fit_row_range
 
 # The row-wise formats torchrec serves (DataType.INT8 / INT4 / INT2), and the
 # dtype that asks torchrec's quantize_embeddings / quantize_inference_model for each
@@ -53,28 +57,34 @@ def dequantize_rows(quantized: Tensor, bits: int) -> Tensor:
 
 
 @torch.no_grad()
-def fake_quantize_rows(rows: Tensor, bits: int) -> Tensor:
+def fake_quantize_rows(rows: Tensor, bits: int, *, row_range: str = "minmax") -> Tensor:
     """``dequantize(quantize(rows))`` per row, bit for bit as the served model sees it.
 
-    No autograd: callers apply it to the rows of a lookup and keep the gradient
+    ``row_range``: ``"minmax"`` (FBGEMM's own range) or ``"mse"`` (each row
+    clamped to its fitted range first, see compression/row_range.py). No
+    autograd: callers apply it to the rows of a lookup and keep the gradient
     straight-through (the fused optimizer updates the fp32 master rows).
     """
     if rows.dim() != 2:
         raise ValueError(f"fake_quantize_rows takes (num_rows, dim), got shape {tuple(rows.shape)}")
+    check_range(row_range)
     if rows.shape[0] == 0:
         return rows.clone()
+    if row_range == "mse":
+        rows = clamp_rows(rows, *fit_row_range(rows, bits))
     # FBGEMM's CPU and CUDA ops both exist; the round trip stays on rows.device.
     return dequantize_rows(quantize_rows(rows, bits), bits).to(rows.dtype)
 
 
-def fake_quantize_ste(weight: Tensor, bits: int) -> Tensor:
+def fake_quantize_ste(weight: Tensor, bits: int, *, row_range: str = "minmax") -> Tensor:
     """Forward: exactly ``fake_quantize_rows(weight)``; backward: the identity.
 
     For a whole (small, unsharded) table, e.g. an unsharded reference of QAT.
     ``weight - weight.detach()`` is exactly zero, so the forward value is not
     perturbed by a rounding of ``w + (fq - w)``.
     """
-    return fake_quantize_rows(weight.detach(), bits) + (weight - weight.detach())
+    served = fake_quantize_rows(weight.detach(), bits, row_range=row_range)
+    return served + (weight - weight.detach())
 
 
 # Width the padded slice is rounded up to: FBGEMM needs each fused row's byte
@@ -88,7 +98,8 @@ def fake_quantize_columns(cols: Tensor, row_min: Tensor, row_max: Tensor, bits: 
 
     ``cols`` is ``(num_rows, width)``, some columns of each row; ``row_min`` and
     ``row_max`` (``(num_rows,)``) are the whole rows' minimum and maximum, which
-    are all the row-wise format depends on besides an element's own value. The
+    are all the row-wise format depends on besides an element's own value (for
+    a fitted range: the columns clamped to ``[lo, hi]``, passed as min/max). The
     slice is extended by ``[row_min, row_max]`` (and ``row_min`` padding), so
     FBGEMM's own quantizer sees the whole row's range and quantizes every slice
     element exactly as it would in the whole row; the extra columns are dropped.

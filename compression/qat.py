@@ -27,7 +27,10 @@ takes the looked-up rows' min/max over the local columns, then one all-reduce
 (``MIN`` over ``[min, -max]``) among the ranks holding the other column slices
 of the same rows (a process group per table and row block, made once from the
 plan), and quantizes the local columns against the whole row's range with
-:func:`fake_quantize_columns` (FBGEMM's own quantizer, bit for bit). All column
+:func:`fake_quantize_columns` (FBGEMM's own quantizer, bit for bit). With
+``row_range="mse"`` the range is then fitted to the whole row (compression/
+row_range.py) from per-row sums all-reduced (``SUM``) among the same ranks,
+once per fit step, and the columns are clamped to it. All column
 slices of a table receive the same ids in the same order (the input
 distribution sends a feature to each of its table's column shards alike), so
 the all-reduced rows line up. The all-reduces run in one order on every rank
@@ -71,6 +74,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compression.fake_quant import check_bits, fake_quantize_columns, fake_quantize_rows
+from compression.row_range import check_range, clamp_rows, fit_row_range
 
 # Shards holding a slice of each row's columns: serving's per-row min/max spans
 # columns other ranks may hold.
@@ -106,6 +110,7 @@ class LookupFakeQuant:
         feature_table_map: list[int],
         slices: list[SliceKey | None] | None = None,
         groups: dict[SliceKey, ProcessGroup | None] | None = None,
+        row_range: str = "minmax",
     ) -> None:
         # .data: same storage, own version counter. FBGEMM saves its weights for
         # backward; writes through the views it hands out would fail autograd's
@@ -115,6 +120,7 @@ class LookupFakeQuant:
         self._feature_table_map = feature_table_map
         self._slices = slices or [None] * len(weights)
         self._groups = groups or {}
+        self._row_range = row_range
         self._saved: list[tuple[Tensor, Tensor, Tensor]] = []
 
     @torch.no_grad()
@@ -133,12 +139,16 @@ class LookupFakeQuant:
             if ids.numel() > 0:
                 masters[table] = (ids, self._weights[table].index_select(0, ids))
         ranges = self._row_ranges(masters)
+        if self._row_range == "mse":
+            ranges = self._fitted_ranges(masters, ranges)
         for table, (ids, master) in masters.items():
             bits, key = self._bits[table], self._slices[table]
             if key is None:
-                served = fake_quantize_rows(master, bits)
+                served = fake_quantize_rows(master, bits, row_range=self._row_range)
             else:
-                served = fake_quantize_columns(master, *ranges[key], bits=bits)
+                lo, hi = ranges[key]
+                cols = clamp_rows(master, lo, hi) if self._row_range == "mse" else master
+                served = fake_quantize_columns(cols, lo, hi, bits=bits)
             weight = self._weights[table]
             weight.index_copy_(0, ids, served)
             self._saved.append((weight, ids, master))
@@ -162,6 +172,40 @@ class LookupFakeQuant:
                 dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
                 ranges[key] = (both[0], -both[1])
         return ranges
+
+    def _fitted_ranges(
+        self, masters: dict[int, tuple[Tensor, Tensor]], ranges: dict[SliceKey, Any]
+    ) -> dict[SliceKey, Any]:
+        """Whole-row fitted ``(lo, hi)`` of every column-sliced table's looked-up rows.
+
+        The fit's per-row sums are all-reduced among the slices' ranks (and this
+        rank's slices of the same rows are fitted together), so every slice gets
+        the range a whole row gives.
+        """
+        columns: dict[SliceKey, list[Tensor]] = defaultdict(list)
+        bits: dict[SliceKey, int] = {}
+        for table, (_ids, master) in masters.items():
+            key = self._slices[table]
+            if key is not None:
+                columns[key].append(master)
+                bits[key] = self._bits[table]  # type: ignore[assignment]
+        fitted: dict[SliceKey, Any] = {}
+        for key in sorted(columns):  # one order on every rank
+            group = self._groups.get(key)
+
+            def reduce(sums: Tensor, group: ProcessGroup | None = group) -> None:
+                if group is not None:
+                    dist.all_reduce(sums, group=group)
+
+            row_min, row_max = ranges[key]
+            fitted[key] = fit_row_range(
+                torch.cat(columns[key], dim=1),
+                bits[key],
+                row_min=row_min,
+                row_max=row_max,
+                reduce=reduce,
+            )
+        return fitted
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -188,18 +232,23 @@ class QATHandle:
         self._hooks.clear()
 
 
-def enable_embedding_qat(model: nn.Module, *, bits: int | dict[str, int]) -> QATHandle:
+def enable_embedding_qat(
+    model: nn.Module, *, bits: int | dict[str, int], row_range: str = "minmax"
+) -> QATHandle:
     """Fake-quantizes looked-up rows of the sharded tables; ``bits`` for all, or per table.
 
-    Tables missing from a ``bits`` dict stay fp32. Call after sharding, on every rank.
+    Tables missing from a ``bits`` dict stay fp32. ``row_range``: each row's
+    quantization range, ``"minmax"`` or ``"mse"`` (compression/row_range.py).
+    Call after sharding, on every rank.
     """
+    check_range(row_range)
     sharding_types = _sharding_types(model)
     bits_by_table = _bits_by_table(bits, sharding_types)
     column_sliced = sorted(t for t in bits_by_table if sharding_types[t] in _COLUMN_SLICED)
     groups = _slice_groups(model, column_sliced)
     handle = QATHandle(bits=bits_by_table)
     for kernel in _kernels(model):
-        hooks = _hook_kernel(kernel, bits_by_table, groups)
+        hooks = _hook_kernel(kernel, bits_by_table, groups, row_range)
         if hooks:
             handle._hooks += hooks
             handle.local_tables += [
@@ -277,6 +326,7 @@ def _hook_kernel(
     kernel: BaseBatchedEmbeddingBag,
     bits: dict[str, int],
     groups: dict[SliceKey, ProcessGroup | None],
+    row_range: str,
 ) -> list[RemovableHandle]:
     tables = kernel.config.embedding_tables
     table_bits = [bits.get(t.name) for t in tables]
@@ -291,7 +341,7 @@ def _hook_kernel(
         key = (t.name, t.local_metadata.shard_offsets[0]) if t.local_metadata else None
         slices.append(key if key in groups else None)
     swap = LookupFakeQuant(
-        kernel.split_embedding_weights(), table_bits, feature_table_map, slices, groups
+        kernel.split_embedding_weights(), table_bits, feature_table_map, slices, groups, row_range
     )
 
     def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -47,10 +47,13 @@ ATOL = 1e-6
 # about a quantization step (measured: 1e-3 int8, 1.6e-2 int4), its logits less.
 MIN_POOLED_SHIFT = 1e-4
 MIN_LOGIT_SHIFT = 1e-5
+# case -> (bits per table, row range)
 BITS_CASES = {
-    "int8": dict.fromkeys(TABLES, 8),
-    "int4": dict.fromkeys(TABLES, 4),
-    "int4-int8-fp32": {"t_cat_0": 4, "t_cat_1": 8, "t_cat_3": 4},  # t_cat_2 stays fp32
+    "int8": (dict.fromkeys(TABLES, 8), "minmax"),
+    "int4": (dict.fromkeys(TABLES, 4), "minmax"),
+    "int4-int8-fp32": ({"t_cat_0": 4, "t_cat_1": 8, "t_cat_3": 4}, "minmax"),  # t_cat_2 fp32
+    # Rows clamped to their fitted ranges (compression/row_range.py) before quantizing.
+    "int2-int4-fp32-mse": ({"t_cat_0": 2, "t_cat_1": 4, "t_cat_3": 2}, "mse"),
 }
 
 
@@ -62,19 +65,22 @@ def _logits_and_pooled(dlrm: torch.nn.Module, batch) -> tuple[torch.Tensor, torc
 
 @pytest.mark.parametrize("case", list(BITS_CASES))
 def test_quantized_export_equals_fake_quantized_fp32(case: str, tmp_path: Path) -> None:
-    bits = BITS_CASES[case]
+    bits, row_range = BITS_CASES[case]
     cfg = tiny_config("table_wise")
     torch.manual_seed(0)
     dlrm = build_unsharded(cfg, device=torch.device("cpu")).model.eval()
     before = {k: v.clone() for k, v in dlrm.state_dict().items()}
     batch = SyntheticCriteo(cfg.data).batch("eval", 0, 256)
 
-    served = quantize_for_serving(dlrm, table_bits=bits)
+    served = quantize_for_serving(dlrm, table_bits=bits, row_range=row_range)
     served_logits, served_pooled = _logits_and_pooled(served, batch)
     fp32_logits, fp32_pooled = _logits_and_pooled(dlrm, batch)
     # The export works on a copy: the fp32 model is untouched.
     assert all(torch.equal(v, before[k]) for k, v in dlrm.state_dict().items())
-    fake_quantize_tables(dlrm, table_bits=bits)
+    if row_range != "minmax":  # the range reached the export: other rows than min/max's
+        minmax_pooled = _logits_and_pooled(quantize_for_serving(dlrm, table_bits=bits), batch)[1]
+        assert (served_pooled - minmax_pooled).abs().max() > MIN_POOLED_SHIFT
+    fake_quantize_tables(dlrm, table_bits=bits, row_range=row_range)
     want_logits, want_pooled = _logits_and_pooled(dlrm, batch)
 
     ebc = served.sparse_arch.embedding_bag_collection
@@ -131,10 +137,11 @@ def test_quantize_for_serving_names_bad_tables_and_bits() -> None:
     "sharding",
     [
         ["sharding=row_wise"],
-        # Every table's columns split over both ranks: QAT all-reduces each row's range.
-        ["sharding=column_wise", "sharding.column_shard_dim=8"],
+        # Every table's columns split over both ranks: QAT all-reduces each row's
+        # range, here the sums of its fitted range (compression/row_range.py).
+        ["sharding=column_wise", "sharding.column_shard_dim=8", "qat.range=mse"],
     ],
-    ids=["row_wise", "column_wise"],
+    ids=["row_wise", "column_wise-mse"],
 )
 def test_torchrun_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
     torchrun_trainer(*sharding, "qat=int4", "trainer.export=true", *TINY, run_dir=tmp_path)
@@ -145,6 +152,7 @@ def test_torchrun_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
         assert all(t["ranks"] == [0, 1] for t in tables.values())
     export = summary["export"]
     assert export["bits"] == {f"t_cat_{i}": 4 for i in range(26)}
+    assert export["row_range"] == ("mse" if "qat.range=mse" in sharding else "minmax")
     # Serving sees exactly the rows QAT trained and evaluated on (measured: 0).
     assert export["max_abs_logit_diff"] <= 1e-5
     # The tables gathered from both ranks score the eval set as the sharded

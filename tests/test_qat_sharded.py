@@ -67,30 +67,37 @@ ROW_ATOL = 1e-4
 MIN_QAT_SHIFT = 1e-4
 # t_cat_2 stays fp32: tables missing from the dict are left alone.
 MIXED_BITS = {"t_cat_0": 4, "t_cat_1": 8, "t_cat_3": 4}
-# (id, strategy, bits): all run in one pair of processes (starting one costs ~10 s).
+# int2 with fitted row ranges (compression/row_range.py) on some tables.
+INT2_BITS = {"t_cat_0": 2, "t_cat_1": 4, "t_cat_3": 2}
+# (id, strategy, bits, row range): all run in one pair of processes (starting one
+# costs ~10 s).
 CASES = [
-    ("table_wise-int8", "table_wise", 8),
-    ("row_wise-int4-int8-fp32", "row_wise", MIXED_BITS),
-    ("data_parallel-int4", "data_parallel", 4),  # the dense kernel, DDP-wrapped lookups
+    ("table_wise-int8", "table_wise", 8, "minmax"),
+    ("row_wise-int4-int8-fp32", "row_wise", MIXED_BITS, "minmax"),
+    ("data_parallel-int4", "data_parallel", 4, "minmax"),  # the dense kernel, DDP-wrapped
     # Each rank holds half of every row's columns: the rows' min/max is all-reduced.
-    ("column_wise-int4-int8-fp32", "column_wise", MIXED_BITS),
+    ("column_wise-int4-int8-fp32", "column_wise", MIXED_BITS, "minmax"),
+    ("row_wise-int2-int4-fp32-mse", "row_wise", INT2_BITS, "mse"),
+    # The fitted range's per-row sums are all-reduced as well.
+    ("column_wise-int2-int4-fp32-mse", "column_wise", INT2_BITS, "mse"),
 ]
 # Four ranks as two hosts of two: column blocks on one host, or (grid) each
 # column block row-split over a host's ranks, so rows are all-reduced per row block.
 CASES_4 = [
-    ("table_column_wise-int8", "table_column_wise", 8),
-    ("grid-int4-int8-fp32", "grid", MIXED_BITS),
+    ("table_column_wise-int8", "table_column_wise", 8, "minmax"),
+    ("grid-int4-int8-fp32", "grid", MIXED_BITS, "minmax"),
+    ("grid-int2-int4-fp32-mse", "grid", INT2_BITS, "mse"),
 ]
 WORLD_SIZES = {**{c[0]: 2 for c in CASES}, **{c[0]: 4 for c in CASES_4}}
 
 
 def _train_case(
-    rank: int, env: DistEnv, strategy: str, bits: int | dict[str, int], init: dict
+    rank: int, env: DistEnv, strategy: str, bits: int | dict[str, int], row_range: str, init: dict
 ) -> dict[str, Any]:
     cfg = tiny_config(strategy)
     built = build(cfg, env)
     load_unsharded(built.model, init)
-    qat = enable_embedding_qat(built.model, bits=bits)
+    qat = enable_embedding_qat(built.model, bits=bits, row_range=row_range)
     pipeline = TrainPipelineSparseDist(built.model, built.optimizer, env.device)
     source = SyntheticCriteo(cfg.data)
     sparse_arch = next(m for m in built.model.modules() if isinstance(m, SparseArch))
@@ -141,7 +148,8 @@ def _worker(rank: int, init_path: str, out: str, cases: list[tuple]) -> None:
     try:
         init = torch.load(init_path)
         results = {
-            case: _train_case(rank, env, strategy, bits, init) for case, strategy, bits in cases
+            case: _train_case(rank, env, strategy, bits, row_range, init)
+            for case, strategy, bits, row_range in cases
         }
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -149,12 +157,13 @@ def _worker(rank: int, init_path: str, out: str, cases: list[tuple]) -> None:
 
 
 class _StraightThrough(nn.Module):
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, row_range: str) -> None:
         super().__init__()
         self.bits = bits
+        self.row_range = row_range
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_ste(weight, self.bits)
+        return fake_quantize_ste(weight, self.bits, row_range=self.row_range)
 
 
 Tables = dict[str, torch.Tensor]  # table name -> full (unsharded) rows
@@ -180,6 +189,7 @@ def _reference(
     starts: list[Tables] | None = None,
     *,
     world_size: int,
+    row_range: str = "minmax",
 ) -> dict[str, Any]:
     """Losses, eval loss, pooled embeddings per forward, rows after each step.
 
@@ -194,7 +204,7 @@ def _reference(
     width = block_width(sharding_type(cfg.sharding.strategy), cfg.sharding.column_shard_dim)
     masters = {name: table_parameters(bag, width=width) for name, bag in bags.items()}
     for table, b in bits.items():  # on top: sees whole (concatenated) rows
-        parametrize.register_parametrization(bags[table], "weight", _StraightThrough(b))
+        parametrize.register_parametrization(bags[table], "weight", _StraightThrough(b, row_range))
     # Data-parallel tables are replicated dense parameters in torchrec: DDP averages
     # their gradients and the dense optimizer (not the fused one) updates them.
     data_parallel = cfg.sharding.strategy == "data_parallel"
@@ -256,10 +266,16 @@ def runs_two_hosts(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list
 
 @pytest.mark.dist
 @pytest.mark.parametrize(
-    ("case", "strategy", "bits"), CASES + CASES_4, ids=[c[0] for c in CASES + CASES_4]
+    ("case", "strategy", "bits", "row_range"),
+    CASES + CASES_4,
+    ids=[c[0] for c in CASES + CASES_4],
 )
 def test_qat_sharded_matches_straight_through_reference(
-    request: pytest.FixtureRequest, case: str, strategy: str, bits: int | dict[str, int]
+    request: pytest.FixtureRequest,
+    case: str,
+    strategy: str,
+    bits: int | dict[str, int],
+    row_range: str,
 ) -> None:
     world_size = WORLD_SIZES[case]
     runs = request.getfixturevalue("runs" if world_size == 2 else "runs_two_hosts")
@@ -275,7 +291,12 @@ def test_qat_sharded_matches_straight_through_reference(
     ]
     init_tables = {t: init[k] for t, k in keys.items()}
     ref = _reference(
-        cfg, init, bits_by_table, starts=[init_tables, *sharded], world_size=world_size
+        cfg,
+        init,
+        bits_by_table,
+        starts=[init_tables, *sharded],
+        world_size=world_size,
+        row_range=row_range,
     )
     fp32 = _reference(cfg, init, {}, world_size=world_size)
     # Per forward (5 steps, then eval): the global batch's pooled embeddings.

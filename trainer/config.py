@@ -24,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from compression.precision import PRECISIONS
+from compression.row_range import RANGES
 from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
@@ -46,6 +47,7 @@ DenseOptimizer = _choices("DenseOptimizer", ("adam", "adagrad", "sgd"))
 PipelineName = _choices("PipelineName", ("sparse_dist", "base"))
 PrecisionName = _choices("PrecisionName", PRECISIONS)
 Device = _choices("Device", ("auto", "cpu", "cuda"))
+RowRange = _choices("RowRange", RANGES)
 ComputeDevice = _choices("ComputeDevice", ("cuda", "cpu"))
 LoggerName = _choices("LoggerName", LOGGER_NAMES)
 WandbMode = _choices("WandbMode", WANDB_MODES)
@@ -157,6 +159,9 @@ class QATConfig:
     dense_bits: int = 0
     # Table QAT starts after this many fp32 steps (0: from the first step).
     start_step: int = 0
+    # Each quantized row's range, in QAT and in the export (post-training too):
+    # minmax (FBGEMM's) | mse (fitted to the row's rounding error; compression/row_range.py).
+    range: RowRange = RowRange.minmax
 
 
 DistillName = _choices("DistillName", ("none", "online"))

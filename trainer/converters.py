@@ -107,7 +107,10 @@ def build_converters(
             precision, device_type=device_type, dense_optimizer=cfg.optim.dense_optimizer
         ),
         TableQAT(
-            bits=trained_qat_bits(cfg, tables), export_bits=served, start_step=cfg.qat.start_step
+            bits=trained_qat_bits(cfg, tables),
+            export_bits=served,
+            start_step=cfg.qat.start_step,
+            row_range=str(cfg.qat.range),
         ),
     ]
     if cfg.qat.dense_bits:

@@ -85,7 +85,8 @@ class TableQAT(Converter):
     ``start_step``: fp32 training steps before the fake quantization starts (QAT
     fine-tunes a warmed-up model); the step count is checkpoint state.
     ``row_range``: each row's range in QAT and in the export, ``"minmax"`` or
-    ``"mse"`` (compression/row_range.py; also for post-training export).
+    ``"mse"`` (compression/row_range.py; also for post-training export);
+    ``export_row_range``: another range for the export only (re-exporting a run).
     """
 
     name = "table_qat"
@@ -97,11 +98,13 @@ class TableQAT(Converter):
         export_bits: dict[str, int],
         start_step: int = 0,
         row_range: str = "minmax",
+        export_row_range: str | None = None,
     ) -> None:
         self.bits = dict(bits)
         self.export_bits = dict(export_bits)
         self.start_step = start_step
         self.row_range = row_range
+        self.export_row_range = export_row_range or row_range
         self.step = 0
         self.model: nn.Module | None = None
         self.handle: QATHandle | None = None
@@ -145,13 +148,15 @@ class TableQAT(Converter):
         fake_quantize_tables(model, table_bits=self.bits, row_range=self.row_range)
 
     def to_serving(self, model: nn.Module) -> nn.Module:
-        return quantize_for_serving(model, table_bits=self.export_bits, row_range=self.row_range)
+        return quantize_for_serving(
+            model, table_bits=self.export_bits, row_range=self.export_row_range
+        )
 
     def summary(self) -> dict[str, Any]:
         return {"qat_bits": max(self.bits.values(), default=0), "row_range": self.row_range}
 
     def export_summary(self) -> dict[str, Any]:
-        return {"bits": self.export_bits, "row_range": self.row_range}
+        return {"bits": self.export_bits, "row_range": self.export_row_range}
 
 
 class DenseQAT(Converter):

@@ -85,7 +85,11 @@ def rows_from(jobs: list[Job]) -> list[dict]:
         # At dim 16 int2 rows are no smaller than int4 ones: 4 bytes of codes and
         # 4 of fp16 scale and bias are padded to FBGEMM's 16-byte row alignment.
         ("int2-PTQ", "fp32_ptq2"),
+        # Each row's range fitted to its rounding error (qat.range=mse).
+        ("int2-PTQ-mse", "fp32_ptq2_mse"),
         ("int2-QAT", "int2_qat"),
+        # The int2 student of an online distillation from its fp32 twin.
+        ("int2-QAT-KD", "int2_qat_distill"),
     ]:
         if key in runs:
             add(label, runs[key], served=runs[key]["export"])
@@ -97,7 +101,7 @@ def rows_from(jobs: list[Job]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'config':<10} {'AUC':>8} {'vs fp32':>8} {'log loss':>9} {'emb bytes':>11} "
+        f"{'config':<12} {'AUC':>8} {'vs fp32':>8} {'log loss':>9} {'emb bytes':>11} "
         f"{'exported':>11} {'tables':>7} {'samples/s':>10}"
     )
     lines = [head, "-" * len(head)]
@@ -106,7 +110,7 @@ def format_table(rows: list[dict]) -> str:
         delta = f"{r['auc_vs_fp32']:>+8.4f}" if r["auc_vs_fp32"] is not None else f"{'-':>8}"
         ratio = f"{r['table_ratio']:>6.2f}x" if r["table_ratio"] else f"{'-':>7}"
         lines.append(
-            f"{r['config']:<10} {r['auc']:>8.4f} {delta} {r['logloss']:>9.4f} "
+            f"{r['config']:<12} {r['auc']:>8.4f} {delta} {r['logloss']:>9.4f} "
             f"{r['embedding_bytes']:>11,} {exported} {ratio} {r['samples_per_sec']:>10,.0f}"
         )
     return "\n".join(lines)

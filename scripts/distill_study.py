@@ -47,7 +47,7 @@ CONFIGS = {
 INT4_TARGET_AUC = 0.002
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def seed_stats(values: list[float]) -> dict[str, Any]:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return {
         "mean": statistics.fmean(values),
@@ -83,7 +83,7 @@ def summarise(*sweep_dirs: Path) -> dict[str, dict[str, Any]]:
     if not per:
         where = ", ".join(str(d) for d in sweep_dirs)
         raise SystemExit(f"no distill_study job finished under {where} (no */summary.json)")
-    return {name: {k: _stats(v) for k, v in per[name].items()} for name in CONFIGS if name in per}
+    return {name: {k: seed_stats(v) for k, v in per[name].items()} for name in CONFIGS if name in per}
 
 
 def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:

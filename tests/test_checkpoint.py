@@ -178,6 +178,25 @@ def test_python_m_trainer_export_matches_the_runs_own_export(
     assert result["max_abs_logit_diff"] > 0
 
 
+@pytest.mark.dist
+def test_python_m_trainer_export_re_exports_with_another_row_range(
+    run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--bits 2 --range mse``: the same checkpoint served with fitted row ranges."""
+    results = {}
+    for row_range in ("minmax", "mse"):
+        out = tmp_path / f"{row_range}.pt"
+        checkpoint = str(run_a / "checkpoints" / "step_8")
+        export_main([checkpoint, "--bits", "2", "--range", row_range, "--out", str(out)])
+        results[row_range] = json.loads(capsys.readouterr().out)
+    for row_range, result in results.items():
+        assert result["row_range"] == row_range
+        assert set(result["bits"].values()) == {2}
+    # Same bytes, other rows: the scale and bias of every row come from another range.
+    assert results["mse"]["bytes"] == results["minmax"]["bytes"]
+    assert results["mse"]["logloss"] != results["minmax"]["logloss"]
+
+
 def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     ckpts = tmp_path / "checkpoints"
     for step in (9, 10):

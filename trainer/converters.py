@@ -86,10 +86,12 @@ def build_converters(
     tables: Sequence[TableConfig],
     device_type: str,
     export_bits_override: int | None = None,
+    export_range_override: str | None = None,
 ) -> Converters:
     """The ordered converter list of ``cfg`` on ``device_type`` (see the module docstring).
 
-    ``export_bits_override``: serve every table at these bits (offline export).
+    ``export_bits_override``: serve every table at these bits (offline export);
+    ``export_range_override``: with this row range (``minmax`` | ``mse``).
     """
     try:
         precision = resolve_precision(
@@ -111,6 +113,7 @@ def build_converters(
             export_bits=served,
             start_step=cfg.qat.start_step,
             row_range=str(cfg.qat.range),
+            export_row_range=export_range_override,
         ),
     ]
     if cfg.qat.dense_bits:

@@ -1,16 +1,20 @@
-"""``python -m trainer.export <checkpoint_dir> [--bits 8|4|2] [--out PATH]``: serve a checkpoint.
+"""``python -m trainer.export <checkpoint_dir> [--bits 8|4|2] [--range R] [--out PATH]``.
+
+Serves a checkpoint.
 
 One process, no process group: rebuilds the unsharded model from the
 checkpoint's ``config.yaml``, reads every rank's table shards into it (DCP)
 and the converters' saved state (e.g. row pruning's access counts), and
 exports it as the end of that run would have (the same converters: the run's
-QAT bits, or ``--bits`` for every table). Saves ``--out`` (default
+QAT bits, or ``--bits`` for every table; the run's ``qat.range``, or
+``--range minmax|mse``). Saves ``--out`` (default
 ``<checkpoint>/exported_model.pt``) and the result next to it as ``.json``;
 prints the result. A missing or incomplete checkpoint is one line, exit 2.
 
 Example::
 
     python -m trainer.export outputs/run/checkpoints/step_2000 --bits 4 --out served.pt
+    python -m trainer.export outputs/run/checkpoints/step_2000 --bits 2 --range mse
     result = export_checkpoint(Path("outputs/run/checkpoints/step_2000"), bits=4)
 """
 
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from compression.row_range import RANGES
 from trainer.checkpoint import is_complete, load_unsharded_model, missing_message, read_config
 from trainer.config import ConfigError, resolved_tables
 from trainer.converters import build_converters
@@ -34,7 +39,11 @@ from trainer.validate import open_source
 
 
 def export_checkpoint(
-    checkpoint: Path, *, bits: int | None = None, out: Path | None = None
+    checkpoint: Path,
+    *,
+    bits: int | None = None,
+    row_range: str | None = None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     """The serving model of a saved checkpoint; raises FileNotFoundError when it is not one."""
     if not is_complete(checkpoint):
@@ -42,7 +51,13 @@ def export_checkpoint(
     cfg = read_config(checkpoint)
     source = open_source(cfg.data)
     tables = resolved_tables(cfg, source.features)
-    converters = build_converters(cfg, tables=tables, device_type="cpu", export_bits_override=bits)
+    converters = build_converters(
+        cfg,
+        tables=tables,
+        device_type="cpu",
+        export_bits_override=bits,
+        export_range_override=row_range,
+    )
     trained = build_trained(cfg, tables=tables, num_dense=source.num_dense, converters=converters)
     step = load_unsharded_model(checkpoint, trained)
     converters.load_state_dict(_saved_converter_state(checkpoint))  # e.g. access counts
@@ -92,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         help="bits for every table (default: the run's QAT bits, else trainer.export_bits)",
     )
     parser.add_argument(
+        "--range",
+        choices=RANGES,
+        help="each row's quantization range (default: the run's qat.range); mse fits it to "
+        "the row's rounding error, which helps int2 post-training export",
+    )
+    parser.add_argument(
         "--out", type=Path, help="where to save (default: <checkpoint_dir>/exported_model.pt)"
     )
     args = parser.parse_args(argv)
@@ -99,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     try:
-        result = export_checkpoint(args.checkpoint_dir, bits=args.bits, out=args.out)
+        result = export_checkpoint(
+            args.checkpoint_dir, bits=args.bits, row_range=args.range, out=args.out
+        )
     except (FileNotFoundError, ConfigError) as err:
         print(f"shardrec: {err}", file=sys.stderr)
         sys.exit(2)

@@ -83,7 +83,9 @@ def summarise(*sweep_dirs: Path) -> dict[str, dict[str, Any]]:
     if not per:
         where = ", ".join(str(d) for d in sweep_dirs)
         raise SystemExit(f"no distill_study job finished under {where} (no */summary.json)")
-    return {name: {k: seed_stats(v) for k, v in per[name].items()} for name in CONFIGS if name in per}
+    return {
+        name: {k: seed_stats(v) for k, v in per[name].items()} for name in CONFIGS if name in per
+    }
 
 
 def verdicts(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:

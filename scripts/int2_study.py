@@ -2,8 +2,10 @@
 
 The sweep (conf/sweep/int2_study.yaml) runs, per seed, the fp32 model exported
 to int2 with FBGEMM's min/max row range (``fp32_ptq2``) and with fitted ranges
-(``fp32_ptq2_mse``, qat.range=mse), int2 QAT (``int2_qat``) and int2 QAT
-distilled online from its fp32 twin (``int2_qat_distill``). This prints each
+(``fp32_ptq2_mse``, qat.range=mse), int2 QAT (``int2_qat``), int2 QAT
+distilled online from its fp32 twin (``int2_qat_distill``), and PTQ and QAT
+with the tables under 1000 rows at int8 (``fp32_ptq2_small8``,
+``int2_qat_small8``; measured against each other). This prints each
 arm's served AUC and log loss (mean ± sd over seeds), the seed-by-seed AUC
 losses against the same seed's fp32 model, and how much of each post-training
 loss the QAT arms win back, per seed and of the mean loss (the issue's target:
@@ -39,9 +41,27 @@ ARMS = {
     "ptq_mse": "int2 PTQ, fitted range",
     "qat": "int2 QAT",
     "qat_kd": "int2 QAT, distilled from fp32",
+    "ptq_small8": "int2 PTQ, small tables int8",
+    "qat_small8": "int2 QAT, small tables int8",
 }
-PTQ_BASELINES = ("ptq", "ptq_mse")
-QAT_ARMS = ("qat", "qat_kd")
+# Each sweep experiment's arm (the fp32 row comes from the PTQ jobs' own eval).
+EXPERIMENTS = {
+    "fp32_ptq2": "ptq",
+    "fp32_ptq2_mse": "ptq_mse",
+    "int2_qat": "qat",
+    "int2_qat_distill": "qat_kd",
+    "fp32_ptq2_small8": "ptq_small8",
+    "int2_qat_small8": "qat_small8",
+}
+# (QAT arm, the PTQ arm it is measured against): the same tables at the same bits.
+PAIRS = (
+    ("qat", "ptq"),
+    ("qat", "ptq_mse"),
+    ("qat_kd", "ptq"),
+    ("qat_kd", "ptq_mse"),
+    ("qat_small8", "ptq_small8"),
+)
+QAT_ARMS = ("qat", "qat_kd", "qat_small8")
 TARGET_RECOVERED = 2 / 3  # of what min/max int2 PTQ loses
 
 
@@ -58,13 +78,11 @@ def served_by_seed(*sweep_dirs: Path) -> dict[str, dict[int, dict[str, float]]]:
             "logloss": s["export"]["logloss"],
             "export_diff": s["export"]["max_abs_logit_diff"],
         }
-        if name in ("fp32_ptq2", "fp32_ptq2_mse"):
+        if name not in EXPERIMENTS:
+            continue
+        arms[EXPERIMENTS[name]][seed] = export
+        if name.startswith("fp32_"):
             arms["fp32"][seed] = {"auc": s["auc"], "logloss": s["logloss"]}
-            arms["ptq" if name == "fp32_ptq2" else "ptq_mse"][seed] = export
-        elif name == "int2_qat":
-            arms["qat"][seed] = export
-        elif name == "int2_qat_distill":
-            arms["qat_kd"][seed] = export
     if not arms["fp32"]:
         where = ", ".join(str(d) for d in sweep_dirs)
         raise SystemExit(f"no int2_study PTQ job finished under {where} (no */summary.json)")
@@ -84,11 +102,9 @@ def summarise(arms: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
         if arm != "fp32"
     }
     recovered: dict[str, dict[str, Any]] = {}
-    for qat in (a for a in QAT_ARMS if a in loss):
-        for base in (b for b in PTQ_BASELINES if b in loss):
-            seeds = sorted(set(loss[qat]) & set(loss[base]))
-            if not seeds:
-                continue
+    for qat, base in PAIRS:
+        seeds = sorted(set(loss.get(qat, {})) & set(loss.get(base, {})))
+        if seeds:
             base_mean = statistics.fmean(loss[base][s] for s in seeds)
             qat_mean = statistics.fmean(loss[qat][s] for s in seeds)
             recovered[f"{qat}_vs_{base}"] = {

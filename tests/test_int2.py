@@ -113,3 +113,42 @@ def test_compression_report_says_when_int2_is_no_smaller_than_int4(tmp_path: Pat
         assert proc.returncode == 0, proc.stderr
     assert "no smaller than int4" in (tmp_path / "d16" / "compression.md").read_text()
     assert "no smaller" not in (tmp_path / "d128" / "compression.md").read_text()
+
+
+# The default job's tables under 1000 rows (data/synthetic.yaml's cardinalities).
+SMALL = {f"t_cat_{i}" for i in (1, 4, 5, 7, 8, 13, 16, 19, 21, 22, 24)}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["qat=int2"],  # QAT: trained and served at these bits
+        ["trainer.export_bits=2"],  # post-training export
+        # a distilled student's own tables (the teacher stays fp32)
+        ["distill=online", "distill.student_qat_bits=2"],
+    ],
+    ids=["qat", "ptq", "distill-student"],
+)
+def test_tables_under_small_table_rows_take_small_table_bits(
+    compose_cfg,  # noqa: ANN001
+    overrides: list[str],
+) -> None:
+    cfg = to_config(compose_cfg([*overrides, "qat.small_table_rows=1000"]))
+    validate(cfg, features=cfg.data.features)
+    bits = export_bits(cfg, resolved_tables(cfg, cfg.data.features))
+    assert len(bits) == 26
+    assert {t.removeprefix("s_") for t, b in bits.items() if b == 8} == SMALL
+    assert {b for t, b in bits.items() if t.removeprefix("s_") not in SMALL} == {2}
+    # qat.table_bits still wins over the small-table rule.
+    cfg = to_config(
+        compose_cfg(["qat=int2", "qat.small_table_rows=1000", "+qat.table_bits={t_cat_8:4}"])
+    )
+    assert export_bits(cfg, resolved_tables(cfg, cfg.data.features))["t_cat_8"] == 4
+
+
+def test_small_table_bits_must_be_a_served_format(compose_cfg) -> None:  # noqa: ANN001
+    cfg = to_config(
+        compose_cfg(["qat=int2", "qat.small_table_rows=1000", "qat.small_table_bits=3"])
+    )
+    with pytest.raises(ConfigError, match="qat.small_table_bits=3"):
+        validate(cfg, features=cfg.data.features)

@@ -27,6 +27,10 @@ def test_the_int2_study_sweep_composes_every_job(compose_cfg) -> None:  # noqa: 
     assert cfgs["fp32_ptq2"].trainer.export_bits == cfgs["fp32_ptq2_mse"].trainer.export_bits == 2
     assert (cfgs["fp32_ptq2"].qat.range, cfgs["fp32_ptq2_mse"].qat.range) == ("minmax", "mse")
     assert cfgs["int2_qat"].qat.bits == 2
+    # The small-table arms: the same rule in training (QAT) and after it (PTQ).
+    for name in ("fp32_ptq2_small8", "int2_qat_small8"):
+        assert (cfgs[name].qat.small_table_rows, cfgs[name].qat.small_table_bits) == (1000, 8)
+    assert cfgs["int2_qat_small8"].qat.bits == 2
     # The distilled int2 student is the model itself (the teacher's own shape).
     kd = cfgs["int2_qat_distill"]
     assert kd.distill.name == "online" and kd.distill.student_qat_bits == 2

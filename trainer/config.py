@@ -162,6 +162,12 @@ class QATConfig:
     # Each quantized row's range, in QAT and in the export (post-training too):
     # minmax (FBGEMM's) | mse (fitted to the row's rounding error; compression/row_range.py).
     range: RowRange = RowRange.minmax
+    # Tables with fewer rows than this take small_table_bits instead of the bits
+    # every table gets (qat.bits, trainer.export_bits, distill.student_qat_bits,
+    # `trainer.export --bits`); table_bits still wins. 0: off. Small tables are
+    # looked up by almost every sample and cost almost nothing to keep wider.
+    small_table_rows: int = 0
+    small_table_bits: int = 8
 
 
 DistillName = _choices("DistillName", ("none", "online"))
@@ -339,9 +345,18 @@ def resolved_tables(cfg: Config, features: Sequence[FeatureSpec]) -> list[TableC
     ]
 
 
+def uniform_bits(cfg: Config, tables: Sequence[TableConfig], bits: int) -> dict[str, int]:
+    """``bits`` for every table, but ``qat.small_table_bits`` under ``qat.small_table_rows``."""
+    q = cfg.qat
+    return {
+        t.name: q.small_table_bits if t.num_embeddings < q.small_table_rows else bits
+        for t in tables
+    }
+
+
 def qat_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
     """Per table, the bits its QAT fake-quant uses; tables left out train in fp32."""
-    bits = {t.name: cfg.qat.bits for t in tables} if cfg.qat.bits else {}
+    bits = uniform_bits(cfg, tables, cfg.qat.bits) if cfg.qat.bits else {}
     bits.update(cfg.qat.table_bits)
     return {name: b for name, b in bits.items() if b}
 

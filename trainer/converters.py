@@ -45,7 +45,7 @@ from compression.converters import DenseQAT, LossScaling, PrecisionConverter, Ta
 from compression.distill import DistillConverter
 from compression.precision import resolve_precision
 from compression.prune import prune_converters
-from trainer.config import Config, ConfigError, TableConfig, qat_bits
+from trainer.config import Config, ConfigError, TableConfig, qat_bits, uniform_bits
 from trainer.models.distill import make_pair, student_tables
 
 
@@ -68,7 +68,7 @@ def trained_qat_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, in
     everything = model_tables(cfg, tables)
     bits = qat_bits(cfg, everything)
     if cfg.distill.name != "none" and cfg.distill.student_qat_bits:
-        bits.update({t.name: cfg.distill.student_qat_bits for t in served_tables(cfg, tables)})
+        bits.update(uniform_bits(cfg, served_tables(cfg, tables), cfg.distill.student_qat_bits))
     return bits
 
 
@@ -77,7 +77,7 @@ def export_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
     served = served_tables(cfg, tables)
     bits = trained_qat_bits(cfg, tables)
     qat = {t.name: bits[t.name] for t in served if t.name in bits}
-    return qat or {t.name: cfg.trainer.export_bits for t in served}
+    return qat or uniform_bits(cfg, served, cfg.trainer.export_bits)
 
 
 def build_converters(
@@ -100,7 +100,7 @@ def build_converters(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     served = (
-        {t.name: export_bits_override for t in served_tables(cfg, tables)}
+        uniform_bits(cfg, served_tables(cfg, tables), export_bits_override)
         if export_bits_override
         else export_bits(cfg, tables)
     )

@@ -392,6 +392,15 @@ def _validate_qat(cfg: Config, tables: Sequence[Any]) -> None:
         (f"qat.table_bits.{n}", b) for n, b in cfg.qat.table_bits.items()
     ]:
         _check(b in (0, 2, 4, 8), f"{key}={b}: use 8 or 4 (2 also works), or 0 for off")
+    _check(
+        cfg.qat.small_table_bits in (2, 4, 8),
+        f"qat.small_table_bits={cfg.qat.small_table_bits}: the bits of tables under "
+        f"qat.small_table_rows; use 8, 4 or 2",
+    )
+    _check(
+        cfg.qat.small_table_rows >= 0,
+        f"qat.small_table_rows={cfg.qat.small_table_rows}: a row count (0: off)",
+    )
     for name in cfg.qat.table_bits:
         _check(name in names, f"qat.table_bits.{name}: no such table")
     _check(

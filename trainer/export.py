@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         "--bits",
         type=int,
         choices=(8, 4, 2),
-        help="bits for every table (default: the run's QAT bits, else trainer.export_bits)",
+        help="bits for every table but those under qat.small_table_rows (default: the run's "
+        "QAT bits, else trainer.export_bits)",
     )
     parser.add_argument(
         "--range",

@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +159,10 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], out: Path) -> Path:
     """AUC and log loss per arm: mean ± sd, each seed a dot."""
-    fig = Figure(figsize=(10.5, 4.4))
-    axes = fig.subplots(1, 2)
     names = list(result["rows"])
-    labels = [ARMS[n].replace(", ", ",\n") for n in names]
+    fig = Figure(figsize=(4 + 1.5 * len(names), 4.8))
+    axes = fig.subplots(1, 2)
+    labels = [textwrap.fill(ARMS[n], 13) for n in names]
     for ax, key, title in zip(axes, ("auc", "logloss"), ("eval AUC", "eval log loss")):
         stats = [result["rows"][n][key] for n in names]
         xs = range(len(names))
@@ -170,7 +171,7 @@ def plot(result: dict[str, Any], out: Path) -> Path:
         )
         for x, s in zip(xs, stats):
             ax.scatter([x + 0.08] * s["n"], s["values"], color="black", s=12, zorder=3)
-        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_xticks(list(xs), labels, fontsize=7)
         ax.set_title(f"int2 at dim 16: {title} (square: mean ± sd; dots: seeds)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -65,13 +65,9 @@ class PlantedModel:
         starts = torch.searchsorted(slot_features, slot_features)
         self._slot_positions = torch.arange(len(slot_features)) - starts
         self._slot_to_feature = torch.nn.functional.one_hot(slot_features, num_features).double()
-        # Runs of equally hot features (slot_features is sorted), as (first, end, hotness).
-        self._feature_runs: list[tuple[int, int, int]] = []
-        for f, h in enumerate(torch.bincount(slot_features, minlength=num_features).tolist()):
-            if self._feature_runs and self._feature_runs[-1][2] == h:
-                self._feature_runs[-1] = (self._feature_runs[-1][0], f + 1, h)
-            else:
-                self._feature_runs.append((f, f + 1, h))
+        # Runs of equally hot features (slot_features is sorted; see hotness_runs).
+        hotness = torch.bincount(slot_features, minlength=num_features).tolist()
+        self.feature_runs = hotness_runs(hotness)
         self._base_logit = cfg.base_logit
         self._decay_rank = cfg.effect_decay_rank
         self._latent_dim = cfg.latent_dim
@@ -176,11 +172,9 @@ class PlantedModel:
         hot features: a gather along rows costs several times more)."""
         size = per_feature.shape[0]
         out = per_feature.new_empty(size, len(self._slot_features))
-        slot = 0
-        for lo, hi, h in self._feature_runs:  # one copy per run, straight into place
-            run = out[:, slot : slot + (hi - lo) * h].view(size, hi - lo, h)
-            run.copy_(per_feature[:, lo:hi].unsqueeze(2).expand(size, hi - lo, h))
-            slot += (hi - lo) * h
+        for lo, hi, h, f_lo, f_hi in self.feature_runs:  # one copy per run, into place
+            run = out[:, lo:hi].view(size, f_hi - f_lo, h)
+            run.copy_(per_feature[:, f_lo:f_hi].unsqueeze(2).expand(size, f_hi - f_lo, h))
         return out
 
     def _latent_columns(self, x: torch.Tensor) -> torch.Tensor:
@@ -399,3 +393,19 @@ def select_pairs(cfg: SyntheticDataConfig, num_features: int) -> list[tuple[int,
     order = [int(hash_counters(key, i, j)) for i, j in candidates]
     chosen = sorted(range(len(candidates)), key=order.__getitem__)[: cfg.num_interactions]
     return sorted(candidates[c] for c in chosen)
+
+
+def hotness_runs(hotness: list[int]) -> list[tuple[int, int, int, int, int]]:
+    """Runs of consecutive features with the same hotness (ids per bag), as
+    ``(first slot, end slot, hotness, first feature, end feature)``: a run's bags
+    are one ``[size, features, hotness]`` block of a ``[size, num_slots]`` tensor."""
+    runs: list[tuple[int, int, int, int, int]] = []
+    slot = 0
+    for f, h in enumerate(hotness):
+        if runs and runs[-1][2] == h:
+            lo, _, _, f_lo, _ = runs[-1]
+            runs[-1] = (lo, slot + h, h, f_lo, f + 1)
+        else:
+            runs.append((slot, slot + h, h, f, f + 1))
+        slot += h
+    return runs

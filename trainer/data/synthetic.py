@@ -94,22 +94,13 @@ class SyntheticSource:
         self._host_bag_constants = (self._feature_columns, self._hotness_f64)
         self._hotness_i32 = hotness.to(torch.int32)
         self._single_hot = all(h == 1 for h in self.hotness)
-        # Runs of features with the same hotness, as (first slot, end slot, hotness,
-        # first feature, end feature): a run's ids reach the KJT's feature-major
-        # layout by one transpose.
-        self._runs: list[tuple[int, int, int, int, int]] = []
-        slot = 0
-        for f, h in enumerate(self.hotness):
-            if self._runs and self._runs[-1][2] == h:
-                lo, _, _, f_lo, _ = self._runs[-1]
-                self._runs[-1] = (lo, slot + h, h, f_lo, f + 1)
-            else:
-                self._runs.append((slot, slot + h, h, f, f + 1))
-            slot += h
         # Positions in a bag, 0 .. longest bag - 1.
         self._bag_positions = torch.arange(max(self.hotness, default=1))
         self._tables = ZipfTables(self.cardinalities, exponent=cfg.zipf_exponent, seed=cfg.seed)
         self._planted = PlantedModel(cfg, self._tables, self._slot_features)
+        # Runs of features with the same hotness (planted.hotness_runs): a run's ids
+        # reach the KJT's feature-major layout by one transpose.
+        self._runs = self._planted.feature_runs
         self._oracle_auc: float | None = None
 
     @property

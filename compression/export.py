@@ -41,6 +41,7 @@ never imports ``trainer``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 
@@ -58,7 +59,7 @@ from torchrec.quant.embedding_modules import (
 )
 
 from compression.fake_quant import SERVING_DTYPES, check_bits, fake_quantize_rows
-from compression.row_range import check_range, clamp_rows, fit_row_range
+from compression.row_range import check_range, clamp_to_fitted
 from sharding.state import assemble, local_shards
 
 # Where FBGEMM's inference TBE keeps its quantized rows (plain attributes, not
@@ -127,7 +128,7 @@ def quantize_for_serving(
     }
     model = copy.deepcopy(model)
     if row_range != "minmax":
-        _clamp_tables(model, table_bits=table_bits)
+        _rewrite_tables(model, table_bits, clamp_to_fitted)
     served = quantize_inference_model(model, per_table_weight_dtype=dtypes)
     for ebc in served.modules():
         if isinstance(ebc, QuantEmbeddingBagCollection):
@@ -139,17 +140,6 @@ def quantize_for_serving(
 
 
 @torch.no_grad()
-def _clamp_tables(model: nn.Module, *, table_bits: dict[str, int]) -> None:
-    """In place: each listed table's rows clamped to their fitted ranges."""
-    for ebc in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
-        for name, bag in ebc.embedding_bags.items():
-            if name in table_bits:
-                bag.weight.copy_(
-                    clamp_rows(bag.weight, *fit_row_range(bag.weight, table_bits[name]))
-                )
-
-
-@torch.no_grad()
 def fake_quantize_tables(
     model: nn.Module, *, table_bits: dict[str, int], row_range: str = "minmax"
 ) -> None:
@@ -158,11 +148,20 @@ def fake_quantize_tables(
     The fp32 model then computes what its quantized export computes (and what
     QAT's eval forward computes), with plain fp32 kernels.
     """
+    _rewrite_tables(
+        model, table_bits, lambda rows, bits: fake_quantize_rows(rows, bits, row_range=row_range)
+    )
+
+
+@torch.no_grad()
+def _rewrite_tables(
+    model: nn.Module, table_bits: dict[str, int], rewrite: Callable[[Tensor, int], Tensor]
+) -> None:
+    """In place: each listed table's rows become ``rewrite(rows, its bits)``."""
     for ebc in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
         for name, bag in ebc.embedding_bags.items():
             if name in table_bits:
-                served = fake_quantize_rows(bag.weight, table_bits[name], row_range=row_range)
-                bag.weight.copy_(served)
+                bag.weight.copy_(rewrite(bag.weight, table_bits[name]))
 
 
 def model_bytes(module: nn.Module) -> int:

@@ -31,7 +31,7 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from torch import Tensor
 
-from compression.row_range import check_range, clamp_rows, fit_row_range
+from compression.row_range import check_range, clamp_to_fitted
 
 # The row-wise formats torchrec serves (DataType.INT8 / INT4 / INT2), and the
 # dtype that asks torchrec's quantize_embeddings / quantize_inference_model for each
@@ -71,7 +71,7 @@ def fake_quantize_rows(rows: Tensor, bits: int, *, row_range: str = "minmax") ->
     if rows.shape[0] == 0:
         return rows.clone()
     if row_range == "mse":
-        rows = clamp_rows(rows, *fit_row_range(rows, bits))
+        rows = clamp_to_fitted(rows, bits)
     # FBGEMM's CPU and CUDA ops both exist; the round trip stays on rows.device.
     return dequantize_rows(quantize_rows(rows, bits), bits).to(rows.dtype)
 

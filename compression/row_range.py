@@ -28,6 +28,7 @@ Example::
 
     lo, hi = fit_row_range(rows, bits=2)       # (num_rows,) each
     served = fake_quantize_rows(clamp_rows(rows, lo, hi), bits=2)
+    # the same: fake_quantize_rows(clamp_to_fitted(rows, 2), 2)
 """
 
 from __future__ import annotations
@@ -97,3 +98,8 @@ def fit_row_range(
 def clamp_rows(rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Each row clamped to its ``[lo, hi]``: FBGEMM's min/max quantizer then uses that range."""
     return torch.minimum(torch.maximum(rows, lo[:, None]), hi[:, None])
+
+
+def clamp_to_fitted(rows: Tensor, bits: int) -> Tensor:
+    """Whole rows clamped to their :func:`fit_row_range` ranges."""
+    return clamp_rows(rows, *fit_row_range(rows, bits))

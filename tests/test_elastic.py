@@ -154,9 +154,22 @@ def test_a_lost_node_continues_on_fewer(tmp_path: Path) -> None:
 # FAST_KILL_AT (trainer/faults.py), so the kill lands mid-run whatever the machine's speed.
 FAST_STEPS = 30
 FAST_KILL_AT = 15
-FAST_RUN = [*TINY, f"trainer.num_steps={FAST_STEPS}", "trainer.eval_every_steps=10"]
-FAST_RUN += ["trainer.checkpoint_every_steps=10", "trainer.progress_bar=false"]
-FAST_RUN += ["sharding=table_wise", "trainer.async_checkpoint=false"]
+
+
+def _fast_run(num_steps: int, eval_every: int) -> list[str]:
+    """A tiny table-wise run that checkpoints every 10 steps, synchronously."""
+    return [
+        *TINY,
+        f"trainer.num_steps={num_steps}",
+        f"trainer.eval_every_steps={eval_every}",
+        "trainer.checkpoint_every_steps=10",
+        "trainer.progress_bar=false",
+        "sharding=table_wise",
+        "trainer.async_checkpoint=false",
+    ]
+
+
+FAST_RUN = _fast_run(FAST_STEPS, eval_every=10)
 
 
 @pytest.mark.dist
@@ -248,9 +261,7 @@ def test_a_run_grows_when_a_node_joins(tmp_path: Path) -> None:
 # agreement interval (10), so they stop, checkpoint and resume at that very step.
 FAST_GROW_STEPS = 30
 FAST_HOLD_AT = 20
-FAST_GROW_RUN = [*TINY, f"trainer.num_steps={FAST_GROW_STEPS}", "trainer.eval_every_steps=30"]
-FAST_GROW_RUN += ["trainer.checkpoint_every_steps=10", "trainer.progress_bar=false"]
-FAST_GROW_RUN += ["sharding=table_wise", "trainer.async_checkpoint=false"]
+FAST_GROW_RUN = _fast_run(FAST_GROW_STEPS, eval_every=30)
 
 
 @pytest.mark.dist

@@ -26,10 +26,10 @@ from torchrec.modules.embedding_configs import DataType
 
 from compression.converter import Converter, Forward
 from compression.dense_qat import enable_dense_qat, quantize_dense_for_serving
-from compression.export import fake_quantize_tables, quantize_for_serving
 from compression.grad_scale import LossScale, enable_loss_scaling
 from compression.precision import Precision, autocast_forward
 from compression.qat import QATHandle, enable_embedding_qat
+from compression.serving import fake_quantize_tables, quantize_for_serving
 
 
 class PrecisionConverter(Converter):

@@ -138,8 +138,8 @@ def compose_config(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from trainer.config import register_configs, to_config
-    from trainer.run_dir import register_resolvers
+    from trainer.config.run_dir import register_resolvers
+    from trainer.config.schema import register_configs, to_config
 
     register_configs()
     register_resolvers()
@@ -213,7 +213,7 @@ class Contender:
 
 def make_source(shape: Shape, *, env: Any, device: str) -> Any:
     """The synthetic source shardrec reads for ``shape`` (on ``env.device``)."""
-    from trainer.validate import open_source
+    from trainer.config.validate import open_source
 
     cfg = compose_config(shardrec_overrides(shape, device=device))
     return source_on_device(open_source(cfg.data), env.device)
@@ -231,9 +231,9 @@ def make_shardrec(
     """The trainer; ``prefetch``: its batches drawn on a thread; ``batches``: drawn up front."""
     from tqdm import tqdm
 
-    from trainer.build import build
-    from trainer.logger import make_logger
-    from trainer.loop import Trainer
+    from trainer.build.model import build
+    from trainer.loop.trainer import Trainer
+    from trainer.report.logger import make_logger
 
     cfg = compose_config(shardrec_overrides(shape, device=device))
     source = source or make_source(shape, env=env, device=device)

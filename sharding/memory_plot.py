@@ -31,7 +31,7 @@ def plot_rank_memory(ranks: list[RankEstimate], out_path: Path, *, title: str = 
             used = [getattr(r, f"{key}_used_bytes") / _GIB for r in ranks]
             budget = getattr(ranks[0], f"{key}_budget_bytes") / _GIB
             tiers.append((label, used, cap_bytes / _GIB, budget, color))
-    # Bare Figure on the Agg canvas (as trainer/plots.py): no display, no pyplot state.
+    # Bare Figure on the Agg canvas (as trainer/report/plots.py): no display, no pyplot state.
     fig = Figure(
         figsize=(max(7.0, min(16.0, 0.12 * len(ranks) + 6)), 3.2 * len(tiers)), layout="constrained"
     )

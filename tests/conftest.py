@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from trainer.config import register_configs
-from trainer.run_dir import register_resolvers
+from trainer.config.run_dir import register_resolvers
+from trainer.config.schema import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 REPO = CONF_DIR.parent

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from trainer.config import OptimConfig
+from trainer.config.schema import OptimConfig
 
 # Sharding types whose shards hold some of each row's columns.
 COLUMN_SPLIT = {"column_wise", "table_column_wise", "grid_shard"}

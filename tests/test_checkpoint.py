@@ -31,17 +31,17 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.distributed import torchrun_trainer
 from tests.test_train_e2e import TINY
-from trainer.checkpoint import (
+from trainer.checkpoint.load import (
     CONFIG_FILE,
     check_resumable,
     complete_checkpoints,
     resolve_resume,
     restore_records,
 )
-from trainer.config import Config, ConfigError, to_config
+from trainer.config.schema import Config, ConfigError, to_config
+from trainer.config.validate import validate
 from trainer.data.synthetic_config import SyntheticDataConfig
-from trainer.export import main as export_main
-from trainer.validate import validate
+from trainer.export.offline import main as export_main
 
 CHECKPOINTED = [*TINY, "sharding=row_wise", "trainer.checkpoint_every_steps=4"]
 # Resharded into one process, sums run in another order (measured: 1.2e-7).

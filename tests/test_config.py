@@ -8,13 +8,13 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from tests.conftest import CONF_DIR
-from trainer.config import (
+from trainer.config.schema import (
     Config,
     ConfigError,
     TableConfig,
     to_config,
 )
-from trainer.validate import open_source, validate, validate_for_device
+from trainer.config.validate import open_source, validate, validate_for_device
 
 GROUPS = ["model", "data", "sharding", "topology", "precision", "qat", "optim", "trainer", "logger"]
 

@@ -24,13 +24,13 @@ from compression.dense_qat import (
     fake_quantize_linear_weight,
     quantize_dense_for_serving,
 )
-from compression.export import load_exported, model_bytes
+from compression.serving import load_exported, model_bytes
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
-from trainer.build import build_unsharded
-from trainer.config import ConfigError, to_config
+from trainer.build.model import build_unsharded
+from trainer.config.schema import ConfigError, to_config
+from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
-from trainer.validate import validate
 
 
 def _weight() -> torch.Tensor:

@@ -19,8 +19,9 @@ from torch import nn
 from compression.distill import DistillConverter, distill_loss
 from tests.conftest import REPO
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build import build_unsharded
-from trainer.config import (
+from trainer.build.compression import build_converters, export_bits, model_tables, trained_qat_bits
+from trainer.build.model import build_unsharded
+from trainer.config.schema import (
     Config,
     ConfigError,
     DistillConfig,
@@ -28,10 +29,9 @@ from trainer.config import (
     resolved_tables,
     to_config,
 )
-from trainer.converters import build_converters, export_bits, model_tables, trained_qat_bits
+from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
 from trainer.models.distill import DistillTrain, _logits, make_pair
-from trainer.validate import validate
 
 
 def distill_config(**distill: object) -> Config:

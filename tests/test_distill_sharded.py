@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression.export import load_exported
+from compression.serving import load_exported
 from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
 

@@ -24,12 +24,12 @@ from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
 from tests.reference import reference_optimizers, reference_step
 from tests.test_distill import distill_config
-from trainer.build import build, build_unsharded
-from trainer.config import Config, resolved_tables
-from trainer.converters import build_converters
+from trainer.build.compression import build_converters
+from trainer.build.model import build, build_unsharded
+from trainer.config.schema import Config, resolved_tables
 from trainer.data import SyntheticCriteo, rank_batches
-from trainer.export_step import export_step
-from trainer.pipeline import drain, make_pipeline
+from trainer.export.step import export_step
+from trainer.loop.train_pipeline import drain, make_pipeline
 
 BATCH_SIZE = 16  # per rank
 NUM_STEPS = 4

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONF_DIR
-from trainer.config import Config, to_config
+from trainer.config.schema import Config, to_config
 from trainer.train import train
 
 EXPERIMENTS = sorted(

@@ -25,7 +25,7 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 
-from compression.export import (
+from compression.serving import (
     fake_quantize_tables,
     load_exported,
     model_bytes,
@@ -36,7 +36,7 @@ from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
-from trainer.build import build_unsharded
+from trainer.build.model import build_unsharded
 from trainer.data import SyntheticCriteo, SyntheticDataConfig, eval_batches
 
 TABLES = ["t_cat_0", "t_cat_1", "t_cat_2", "t_cat_3"]

@@ -3,7 +3,7 @@
 Real processes: two gloo ranks; rank 0 enters an all-reduce, the parent SIGTERMs
 it while it waits there. When rank 1 never joins (a dead peer whose socket is
 still open; on NCCL any dead peer looks like this), Python's handler cannot run,
-and the preemption watchdog (trainer/preempt.py) exits the process with 143
+and the preemption watchdog (trainer/resilience/preempt.py) exits the process with 143
 ``blocked_exit_s`` after the signal, instead of torchrun's SIGKILL after 30 s.
 When rank 1 joins a moment later (a healthy group, a peer a little behind),
 the handler runs as soon as the all-reduce returns and only sets the flag.
@@ -29,7 +29,7 @@ RANK = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch, torch.distributed as dist
-    from trainer.preempt import Preemption
+    from trainer.resilience.preempt import Preemption
 
     rank, store_path, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
@@ -107,7 +107,7 @@ FLOOD = textwrap.dedent(
     """
     import os, signal, time
     import torch
-    from trainer.preempt import Preemption
+    from trainer.resilience.preempt import Preemption
 
     with Preemption(device=torch.device("cpu"), world_size=1, blocked_exit_s=0.5):
         for _ in range(300):  # signals back to back: the handler often runs before the

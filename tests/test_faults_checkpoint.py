@@ -30,9 +30,9 @@ from torch import nn
 from tests.test_checkpoint import _tensors
 from tests.test_faults_kill import torchrun
 from tests.test_train_e2e import TINY
-from trainer.async_checkpoint import CheckpointSaveError
-from trainer.checkpoint import CONFIG_FILE, complete_checkpoints, load_unsharded_model
-from trainer.config import ConfigError, to_config
+from trainer.checkpoint.load import CONFIG_FILE, complete_checkpoints, load_unsharded_model
+from trainer.checkpoint.save import CheckpointSaveError
+from trainer.config.schema import ConfigError, to_config
 
 RUN = [*TINY, "trainer.checkpoint_every_steps=4", "trainer.progress_bar=false"]
 RUN += ["trainer.plot=false"]

@@ -2,7 +2,7 @@
 
 Real processes: ``torchrun --standalone --max-restarts=1`` with checkpoints
 every 4 steps; rank 1 SIGKILLs itself after step 6 on the first attempt
-(``SHARDREC_FAULT_KILL_AT_STEP``, trainer/faults.py: the injection point is
+(``SHARDREC_FAULT_KILL_AT_STEP``, trainer/resilience/fault_injection.py: the injection point is
 in the loop, the kill is a real SIGKILL). torchrun tears the group down and
 starts it again; the new ranks find ``checkpoints/step_4`` in the same run
 directory (``trainer.resume`` defaults to ``auto``) and train steps 5-12.
@@ -21,7 +21,7 @@ step, 18 s with 2 ranks and 26 s with 4. torchrun sees the dead rank within
 0.3 s; the survivors get gloo's "Connection closed by peer" and are gone 0.2-3 s
 later; the rest is starting the new processes (imports, build). A survivor that
 stays blocked (NCCL does not report a dead peer) exits 5 s after torchrun's
-SIGTERM instead of after its 30 s grace (trainer/preempt.py, test_faults_blocked.py).
+SIGTERM instead of after its 30 s grace (trainer/resilience/preempt.py, test_faults_blocked.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Poisoned steps: a NaN loss stops the run (naming the step) or is skipped on every rank.
 
 The NaN is real: ``SHARDREC_FAULT_NAN_AT_STEP=6`` gives one rank's batch of
-step 6 NaN dense features (trainer/faults.py), so that rank's loss is NaN.
+step 6 NaN dense features (trainer/resilience/fault_injection.py), so that rank's loss is NaN.
 
 - ``stop`` (default), one process: the run raises ``NonfiniteError`` naming
   step 6 and the last good checkpoint (``step_4``); no checkpoint is written
@@ -21,9 +21,9 @@ import pytest
 
 from tests.test_faults_kill import records, torchrun
 from tests.test_train_e2e import TINY
-from trainer.checkpoint import complete_checkpoints
-from trainer.config import to_config
-from trainer.faults import NonfiniteError
+from trainer.checkpoint.load import complete_checkpoints
+from trainer.config.schema import to_config
+from trainer.resilience.nonfinite import NonfiniteError
 
 RUN = [*TINY, "trainer.checkpoint_every_steps=4", "trainer.progress_bar=false"]
 RUN += ["trainer.plot=false"]

@@ -57,9 +57,9 @@ def _gpu_worker(rank: int, cases: list[str], out_dir: str) -> None:
     from sharding import destroy_distributed, init_distributed
     from sharding.state import local_shards
     from tests.test_sharding_equivalence import BATCH_SIZE, NUM_STEPS
-    from trainer.build import build
+    from trainer.build.model import build
     from trainer.data import SyntheticCriteo, rank_batches
-    from trainer.pipeline import drain, make_pipeline
+    from trainer.loop.train_pipeline import drain, make_pipeline
 
     env = init_distributed(device="cuda")
     try:
@@ -106,7 +106,7 @@ def _gpu_worker(rank: int, cases: list[str], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def nccl_runs(tmp_path_factory) -> Path:
     from tests.distributed import run_ranks
-    from trainer.build import build_unsharded
+    from trainer.build.model import build_unsharded
 
     out_dir = tmp_path_factory.mktemp("gpu-eq")
     for case in CASES:

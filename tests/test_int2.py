@@ -11,14 +11,14 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from compression.export import fake_quantize_tables, quantize_for_serving, table_bytes
+from compression.serving import fake_quantize_tables, quantize_for_serving, table_bytes
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
-from trainer.build import build_unsharded
-from trainer.config import ConfigError, resolved_tables, to_config
-from trainer.converters import export_bits
+from trainer.build.compression import export_bits
+from trainer.build.model import build_unsharded
+from trainer.config.schema import ConfigError, resolved_tables, to_config
+from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
-from trainer.validate import validate
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO
-from trainer.config import to_config
-from trainer.validate import validate
+from trainer.config.schema import to_config
+from trainer.config.validate import validate
 
 
 def test_the_int2_study_sweep_composes_every_job(compose_cfg) -> None:  # noqa: ANN001

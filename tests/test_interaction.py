@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchrec.models.dlrm import InteractionArch
 
-from trainer.config import TableConfig
+from trainer.config.schema import TableConfig
 from trainer.models import build_model
 from trainer.models.interaction import FlatInteractionArch
 

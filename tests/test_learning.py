@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from tests.test_synthetic_data import one_hot_features
-from trainer.config import to_config
+from trainer.config.schema import to_config
 from trainer.data import SyntheticCriteo
 from trainer.train import train
 

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.distributed import torchrun_trainer
-from trainer.logger import (
+from trainer.report.logger import (
     METRICS_FILE,
     LoggerConfig,
     hydra_run_labels,
@@ -17,7 +17,7 @@ from trainer.logger import (
     plan_rows,
     wandb_mode,
 )
-from trainer.plots import plot_curves
+from trainer.report.plots import plot_curves
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "logger"
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, roc_auc_score
 
-from trainer.metrics import EvalMetrics
+from trainer.report.metrics import EvalMetrics
 
 BATCH_SIZE = 128
 FLOAT64_REL = 1e-9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import TableConfig
+from trainer.config.schema import TableConfig
 from trainer.data import SyntheticCriteo, SyntheticDataConfig
 from trainer.models import build_model
 

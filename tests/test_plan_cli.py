@@ -17,8 +17,8 @@ import pytest
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.report import format_ranks
 from tests.conftest import REPO
-from trainer.config import ConfigError, pooling_factors, resolved_tables, to_config
-from trainer.plan import plan_cluster
+from trainer.config.schema import ConfigError, pooling_factors, resolved_tables, to_config
+from trainer.plan.cluster import plan_cluster
 
 EBC = "model.sparse_arch.embedding_bag_collection"
 

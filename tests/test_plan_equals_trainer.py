@@ -3,7 +3,7 @@
 For a config with per-table overrides (a strategy, pinned ranks for a
 table-wise and a column-wise table), 16-bit tables and, in the second test,
 the UVM-caching kernel, the ``plan`` section of the planner's ``plan.json``
-(:func:`trainer.plan.plan_cluster`, what ``python -m trainer.plan`` runs after
+(:func:`trainer.plan.cluster.plan_cluster`, what ``python -m trainer.plan`` runs after
 composing) equals the plan the trainer makes for the same world size:
 
 - a real 2-rank ``torchrun -m trainer`` (1 step) on CPU writes its plan.json;
@@ -22,12 +22,12 @@ import torch
 
 from sharding import destroy_distributed, init_distributed, save_plan
 from tests.distributed import run_ranks, torchrun_trainer
-from trainer.build import plan_meta_model
-from trainer.config import Config, resolved_tables, to_config
-from trainer.converters import build_converters
-from trainer.plan import plan_cluster
-from trainer.planning import World
-from trainer.validate import open_source
+from trainer.build.compression import build_converters
+from trainer.build.model import plan_meta_model
+from trainer.config.schema import Config, resolved_tables, to_config
+from trainer.config.validate import open_source
+from trainer.plan.cluster import plan_cluster
+from trainer.plan.run_plan import World
 
 EBC = "model.sparse_arch.embedding_bag_collection"
 OVERRIDES = [

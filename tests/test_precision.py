@@ -11,9 +11,9 @@ from compression.precision import resolve_precision
 from sharding import destroy_distributed, init_distributed
 from sharding.state import local_table_bytes
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build import build
+from trainer.build.model import build
 from trainer.data import SyntheticCriteo, rank_batches
-from trainer.pipeline import drain, make_pipeline
+from trainer.loop.train_pipeline import drain, make_pipeline
 
 
 def test_resolution_per_device() -> None:
@@ -76,7 +76,7 @@ def test_fp16_tables_halve_bytes_and_still_learn() -> None:
 
 def test_16bit_data_parallel_tables_with_adam_are_refused(compose_cfg, tmp_path) -> None:
     """Measured: bf16 data-parallel tables under Adam turn nan by step 2; refused at build."""
-    from trainer.config import ConfigError, to_config
+    from trainer.config.schema import ConfigError, to_config
     from trainer.train import train
 
     cfg = to_config(compose_cfg(["trainer=smoke", "sharding=data_parallel", "precision=bf16"]))

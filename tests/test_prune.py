@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compression.export import quantize_for_serving
 from compression.prune import DensePruning, RemapIds, RowPruning, prune_rows
+from compression.serving import quantize_for_serving
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build import build_unsharded
-from trainer.config import ConfigError
+from trainer.build.model import build_unsharded
+from trainer.config.schema import ConfigError
+from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
-from trainer.validate import validate
 
 PRUNED_IDS = torch.arange(0, 30)  # of t_cat_1 (100 rows)
 

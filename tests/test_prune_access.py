@@ -22,12 +22,12 @@ from compression.converter import Converters
 from compression.prune import RowPruning, prune_rows
 from tests.distributed import torchrun_trainer
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build import build_unsharded
-from trainer.checkpoint import read_config
-from trainer.config import ConfigError
+from trainer.build.model import build_unsharded
+from trainer.checkpoint.load import read_config
+from trainer.config.schema import ConfigError
+from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
-from trainer.export import _saved_converter_state, export_checkpoint
-from trainer.validate import validate
+from trainer.export.offline import _saved_converter_state, export_checkpoint
 
 FEATURE_ROWS = {"cat_0": 40, "cat_1": 100, "cat_2": 7, "cat_3": 64}
 

@@ -49,10 +49,10 @@ from tests.reference import (
     table_parameters,
 )
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build import build, build_unsharded
-from trainer.config import Config
+from trainer.build.model import build, build_unsharded
+from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
-from trainer.pipeline import drain
+from trainer.loop.train_pipeline import drain
 
 NUM_STEPS = 5
 # Float32 with other reduction orders, as in the equivalence test; row-wise

@@ -24,7 +24,7 @@ import pytest
 
 from tests.test_faults_kill import records, torchrun
 from tests.test_train_e2e import TINY
-from trainer.config import ConfigError, to_config
+from trainer.config.schema import ConfigError, to_config
 
 SAVED = [*TINY, "trainer.eval_every_steps=4", "trainer.checkpoint_every_steps=4"]
 SAVED += ["trainer.progress_bar=false", "trainer.plot=false", "trainer.checkpoint_keep=2"]

@@ -33,8 +33,8 @@ from tests.reference import (
     reference_step,
     table_parameters,
 )
-from trainer.build import build, build_unsharded
-from trainer.config import (
+from trainer.build.model import build, build_unsharded
+from trainer.config.schema import (
     Config,
     ModelConfig,
     OptimConfig,
@@ -43,7 +43,7 @@ from trainer.config import (
     TrainConfig,
 )
 from trainer.data import SyntheticCriteo, SyntheticDataConfig, rank_batches
-from trainer.pipeline import drain
+from trainer.loop.train_pipeline import drain
 
 BATCH_SIZE = 16  # per rank
 NUM_STEPS = 5

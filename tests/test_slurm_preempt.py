@@ -1,4 +1,4 @@
-"""trainer/preempt.py without SLURM: signals set a flag, every rank agrees on it.
+"""trainer/resilience/preempt.py without SLURM: signals set a flag, every rank agrees on it.
 
 The end-to-end path (a real job stopped, requeued and resumed) is in test_slurm.py.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
+from trainer.resilience.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
 
 
 def test_signal_sets_flag_checked_every_k_steps() -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.config import resolved_tables, to_config
-from trainer.converters import build_converters
+from trainer.build.compression import build_converters
+from trainer.config.schema import resolved_tables, to_config
 
 
 def test_default_config_wraps_no_forward(compose_cfg) -> None:

@@ -23,9 +23,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import CONF_DIR, REPO
 from tests.test_logger_plots import read_wandb_run
-from trainer.config import register_configs, to_config
-from trainer.run_dir import register_resolvers
-from trainer.validate import validate
+from trainer.config.run_dir import register_resolvers
+from trainer.config.schema import register_configs, to_config
+from trainer.config.validate import validate
 
 _spec = importlib.util.spec_from_file_location("sweep_report", REPO / "scripts/sweep_report.py")
 sweep_report = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
@@ -99,7 +99,7 @@ def test_error_lines_from_the_job_log_and_from_slurm(tmp_path: Path) -> None:
         "[2026-11-29 18:00:00,000][trainer][INFO] - sharding plan (auto):\n"
         "[2026-11-29 18:00:01,000][trainer][ERROR] - job failed\n"
         "Traceback (most recent call last):\n"
-        '  File "trainer/loop.py", line 1, in fit\n'
+        '  File "trainer/loop/trainer.py", line 1, in fit\n'
         "RuntimeError: CUDA out of memory\n"
     )
     _write_job(tmp_path, 1, ["optim.embedding_lr=0.1", "trainer=smoke"], log=traceback)

@@ -331,7 +331,7 @@ def test_too_few_qualifying_pairs_plant_fewer(caplog: pytest.LogCaptureFixture) 
 
 
 def test_invalid_configs_name_the_key() -> None:
-    from trainer.validate import validate_synthetic  # the one place that checks config
+    from trainer.config.validate import validate_synthetic  # the one place that checks config
 
     with pytest.raises(ValueError, match="data.hotness"):
         validate_synthetic(dataclasses.replace(SMALL, hotness=[1, 2]))

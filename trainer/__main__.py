@@ -4,7 +4,7 @@ Composes conf/, converts it to typed dataclasses, trains, prints the summary.
 A configuration mistake ends in one line naming the key and the fix (``shardrec:
 config error: ...``, exit status 2), not a traceback: compose mistakes (unknown
 key, wrong type, unknown choice) are caught before Hydra runs the job
-(trainer/cli.py); cross-field ones by trainer/validate.py before any process
+(trainer/config/compose.py); cross-field ones by trainer/config/validate.py before any process
 group exists; the few that need the device or the plan on every rank alike.
 
 Example::
@@ -27,9 +27,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sharding.quiet import quiet_libraries
-from trainer.cli import CONF_DIR, EXIT_CONFIG_ERROR, config_error_line, exit_on_compose_error
-from trainer.config import ConfigError, register_configs, to_config
-from trainer.run_dir import register_resolvers
+from trainer.config.compose import (
+    CONF_DIR,
+    EXIT_CONFIG_ERROR,
+    config_error_line,
+    exit_on_compose_error,
+)
+from trainer.config.run_dir import register_resolvers
+from trainer.config.schema import ConfigError, register_configs, to_config
 
 log = logging.getLogger("trainer")
 EXPORT_KEYS = ["auc", "logloss", "bytes", "fp32_bytes", "max_abs_logit_diff"]

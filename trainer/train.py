@@ -5,10 +5,10 @@ The order matters and is the same on every rank:
 1. the data source (``data=``; its features give the tables), then the whole
    config validated, before any process starts talking;
 2. process group and device from the launcher's environment;
-3. the compression converters (trainer/converters.py), then the model on the
+3. the compression converters (trainer/build/compression.py), then the model on the
    ``meta`` device, so no rank ever holds a whole table;
 4. the tables' optimizer attached to be fused into backward;
-5. plan (one planning path, trainer/planning.py), logged and saved;
+5. plan (one planning path, trainer/plan/run_plan.py), logged and saved;
 6. DistributedModelParallel: tables sharded and materialised, dense part in
    DDP; the converters act on it and on the optimizer;
 7. resume (``trainer.resume``): every Stateful entry from a checkpoint;
@@ -35,23 +35,24 @@ from sharding import destroy_distributed, format_plan, init_distributed, save_pl
 from sharding.collectives import all_gather_object
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.state import local_table_bytes
-from trainer.async_checkpoint import Checkpointer
-from trainer.build import build
-from trainer.checkpoint import (
+from trainer.build.model import build
+from trainer.checkpoint.load import (
     CHECKPOINT_DIR,
     check_resumable,
     load_checkpoint,
     resolve_resume,
     restore_records,
 )
-from trainer.config import Config
-from trainer.export_step import export_step
-from trainer.faults import FaultInjection, NonfiniteGuard
-from trainer.logger import METRICS_FILE, make_logger
-from trainer.loop import Trainer
-from trainer.preempt import Preemption
-from trainer.run_dir import agree_on_run_dir
-from trainer.validate import open_source, validate
+from trainer.checkpoint.save import Checkpointer
+from trainer.config.run_dir import agree_on_run_dir
+from trainer.config.schema import Config
+from trainer.config.validate import open_source, validate
+from trainer.export.step import export_step
+from trainer.loop.trainer import Trainer
+from trainer.report.logger import METRICS_FILE, make_logger
+from trainer.resilience.fault_injection import FaultInjection
+from trainer.resilience.nonfinite import NonfiniteGuard
+from trainer.resilience.preempt import Preemption
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from trainer.data.rng import hash_counters, mix64, normal, stream_key, to_unifor
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.zipf import ZipfTables
-from trainer.metrics import binary_auc
+from trainer.report.metrics import binary_auc
 
 SPLITS = ("train", "eval")
 _EVAL_CHUNK = 1 << 16
@@ -73,7 +73,7 @@ class SyntheticSource:
     """Deterministic, index-addressable synthetic click data (train and eval streams).
 
     A :class:`trainer.data.source.DataSource`; the config is checked beforehand by
-    ``trainer.validate`` (``validate_synthetic``).
+    ``trainer.config.validate`` (``validate_synthetic``).
     """
 
     def __init__(self, cfg: SyntheticDataConfig) -> None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torchrec.models.dlrm import DLRMTrain
 
 from compression.distill import distill_loss
-from trainer.config import DistillConfig, ModelConfig, TableConfig
+from trainer.config.schema import DistillConfig, ModelConfig, TableConfig
 from trainer.models.dlrm import build_model
 
 STUDENT_PREFIX = "s_"

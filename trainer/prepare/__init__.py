@@ -27,7 +27,7 @@ from pathlib import Path
 from trainer.data.data_configs import CriteoDataConfig, PreparedDataConfig, TableDataConfig
 from trainer.data.shard_format import METADATA_FILE, PartInfo, ShardMetadata, SplitInfo
 from trainer.prepare.common import PrepareError, check_inputs
-from trainer.prepare.pipeline import VOCAB_DIR, PipelineOutput
+from trainer.prepare.output import VOCAB_DIR, PipelineOutput
 
 __all__ = ["PrepareError", "PrepareResult", "prepare", "settings_fingerprint"]
 

@@ -30,9 +30,9 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    from trainer.config import register_configs
+    from trainer.config.run_dir import register_resolvers
+    from trainer.config.schema import register_configs
     from trainer.prepare import PrepareError, prepare
-    from trainer.run_dir import register_resolvers
 
     register_configs()
     register_resolvers()
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
             cfg = compose(config_name="config", overrides=argv)
         data = OmegaConf.to_object(cfg.data)
     except (HydraException, OmegaConfBaseException) as err:
-        from trainer.cli import explain  # names the key and the allowed values
+        from trainer.config.compose import explain  # names the key and the allowed values
 
         print(f"shardrec: config error: {_one_line(explain(err, argv))}", file=sys.stderr)
         return 2

@@ -32,8 +32,8 @@ from trainer.prepare.common import (
     index_tasks,
     per_feature,
 )
+from trainer.prepare.output import PipelineOutput, vocab_path, write_vocabularies
 from trainer.prepare.parallel import default_workers, report_progress, run_tasks
-from trainer.prepare.pipeline import PipelineOutput, vocab_path, write_vocabularies
 from trainer.prepare.writer import PartWriter
 
 _MAX_RANGE_BYTES = 1 << 30

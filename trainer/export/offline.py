@@ -31,11 +31,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from compression.row_range import RANGES
-from trainer.checkpoint import is_complete, load_unsharded_model, missing_message, read_config
-from trainer.config import ConfigError, resolved_tables
-from trainer.converters import build_converters
-from trainer.export_step import EXPORT_FILE, build_trained, export_model
-from trainer.validate import open_source
+from trainer.build.compression import build_converters
+from trainer.checkpoint.load import is_complete, load_unsharded_model, missing_message, read_config
+from trainer.config.schema import ConfigError, resolved_tables
+from trainer.config.validate import open_source
+from trainer.export.step import EXPORT_FILE, build_trained, export_model
 
 
 def export_checkpoint(
@@ -128,7 +128,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shardrec: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()

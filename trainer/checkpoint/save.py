@@ -1,6 +1,6 @@
 """Saving checkpoints: atomic, optionally asynchronous, and safe when a save fails.
 
-The layout and the loading side are in trainer/checkpoint.py. A save writes
+The layout and the loading side are in trainer/checkpoint/load.py. A save writes
 DCP's files into ``.tmp-step_N``; once every rank's files and DCP's metadata
 are written, rank 0 adds ``config.yaml`` and renames the directory to
 ``step_N`` (the only moment a checkpoint becomes visible), then prunes to the
@@ -51,8 +51,8 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.stateful import Stateful
 
 from sharding.collectives import barrier, broadcast_object, is_main
-from trainer.checkpoint import _TMP_PREFIX, CONFIG_FILE, complete_checkpoints
-from trainer.config import Config
+from trainer.checkpoint.load import _TMP_PREFIX, CONFIG_FILE, complete_checkpoints
+from trainer.config.schema import Config
 
 log = logging.getLogger(__name__)
 

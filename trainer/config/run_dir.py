@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sharding.collectives import all_gather_object
-from trainer.config import ConfigError
+from trainer.config.schema import ConfigError
 
 
 def run_name() -> str:

@@ -33,17 +33,18 @@ from tqdm import tqdm
 
 from sharding import DistEnv
 from sharding.collectives import global_mean
-from trainer.async_checkpoint import Checkpointer
-from trainer.checkpoint import ModelState, OptimizerState
-from trainer.config import TrainConfig
+from trainer.checkpoint.load import ModelState, OptimizerState
+from trainer.checkpoint.save import Checkpointer
+from trainer.config.schema import TrainConfig
 from trainer.data.loader import eval_slices
 from trainer.data.source import DataSource
-from trainer.faults import FaultInjection, NonfiniteGuard, check_finite_state
-from trainer.logger import MetricsLogger
-from trainer.metrics import EvalMetrics
-from trainer.pipeline import drain, make_pipeline
-from trainer.plots import plot_curves
-from trainer.preempt import Preemption
+from trainer.loop.train_pipeline import drain, make_pipeline
+from trainer.report.logger import MetricsLogger
+from trainer.report.metrics import EvalMetrics
+from trainer.report.plots import plot_curves
+from trainer.resilience.fault_injection import FaultInjection
+from trainer.resilience.nonfinite import NonfiniteGuard, check_finite_state
+from trainer.resilience.preempt import Preemption
 
 LOG_EVERY_STEPS = 25
 
@@ -75,7 +76,7 @@ class Trainer:
         self.settings = settings
         self.logger = logger
         self.run_dir = run_dir
-        # NaN/Inf policy (trainer/faults.py): under skip it wraps the forward and optimizer.
+        # NaN/Inf policy (trainer/resilience/nonfinite.py): under skip it wraps the forward and optimizer.
         self.nonfinite = nonfinite or NonfiniteGuard(policy="stop", model=model, device=env.device)
         self.faults = faults or FaultInjection(rank=env.rank)
         self.pipeline = make_pipeline(

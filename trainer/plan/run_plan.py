@@ -35,7 +35,7 @@ from sharding.collectives import broadcast_object, is_main
 from sharding.dmp import fuse_embedding_optimizer
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.planner import TableOverride, pin_ranks
-from trainer.config import Config, ConfigError, TableConfig, pooling_factors
+from trainer.config.schema import Config, ConfigError, TableConfig, pooling_factors
 from trainer.data.source import FeatureSpec
 
 

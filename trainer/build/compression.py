@@ -45,7 +45,7 @@ from compression.converters import DenseQAT, LossScaling, PrecisionConverter, Ta
 from compression.distill import DistillConverter
 from compression.precision import resolve_precision
 from compression.prune import prune_converters
-from trainer.config import Config, ConfigError, TableConfig, qat_bits, uniform_bits
+from trainer.config.schema import Config, ConfigError, TableConfig, qat_bits, uniform_bits
 from trainer.models.distill import make_pair, student_tables
 
 

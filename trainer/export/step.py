@@ -24,7 +24,7 @@ The summary gets a nested ``"export"`` entry::
 post-training quantization error without it. Rank 0 broadcasts the result (or
 its error) so all ranks return, or raise, together.
 
-``trainer/export.py`` (``python -m trainer.export <run_dir>/checkpoints/step_N``)
+``trainer/export/offline.py`` (``python -m trainer.export <run_dir>/checkpoints/step_N``)
 does steps 1-3 in one process from a saved checkpoint instead, reading the
 table shards with DCP rather than gathering them.
 
@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.converter import Converters
-from compression.export import gather_full_state, model_bytes, save_exported, table_bytes
+from compression.serving import gather_full_state, model_bytes, save_exported, table_bytes
 from sharding.collectives import broadcast_object
-from trainer.build import build_unsharded
-from trainer.config import Config, TableConfig
+from trainer.build.model import build_unsharded
+from trainer.config.schema import Config, TableConfig
 from trainer.data.source import DataSource
-from trainer.metrics import binary_auc
+from trainer.report.metrics import binary_auc
 
 log = logging.getLogger(__name__)
 

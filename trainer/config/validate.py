@@ -5,7 +5,7 @@ names the key and the fix. :func:`open_source` checks the ``data=`` settings and
 opens the source (its features give the tables); :func:`validate` then checks
 the rest, before any process talks to another; :func:`validate_for_device`
 once the rank knows its device. Choices (strategy, kernel, precision, logger,
-...) are enums in the schema (trainer/config.py), so a typo fails at compose.
+...) are enums in the schema (trainer/config/schema.py), so a typo fails at compose.
 
 Example::
 
@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from sharding.planner import HIERARCHICAL
-from trainer.checkpoint import is_complete, missing_message
-from trainer.config import (
+from trainer.build.compression import model_tables
+from trainer.checkpoint.load import is_complete, missing_message
+from trainer.config.schema import (
     STRATEGIES,
     Config,
     ConfigError,
     qat_bits,
     resolved_tables,
 )
-from trainer.converters import model_tables
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import MAX_CARDINALITY, SyntheticDataConfig
-from trainer.logger import _has_wandb_credentials, wandb_mode
+from trainer.report.logger import _has_wandb_credentials, wandb_mode
 
 
 def _check(ok: bool, message: str) -> None:

@@ -28,7 +28,7 @@ from compression.row_range import RANGES
 from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
-from trainer.logger import LOGGER_NAMES, WANDB_MODES, LoggerConfig
+from trainer.report.logger import LOGGER_NAMES, WANDB_MODES, LoggerConfig
 
 
 def _choices(name: str, values: Sequence[str]) -> type[StrEnum]:
@@ -245,7 +245,7 @@ class TrainConfig:
     # export_bits for every table when QAT is off) and save exported_model.pt.
     export: bool = False
     export_bits: int = 8
-    # Sharded checkpoints under run_dir/checkpoints/step_N (trainer/checkpoint.py),
+    # Sharded checkpoints under run_dir/checkpoints/step_N (trainer/checkpoint/load.py),
     # every N steps and at the end; 0: off. The newest checkpoint_keep are kept.
     checkpoint_every_steps: int = 0
     checkpoint_keep: int = 2

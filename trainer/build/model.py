@@ -21,12 +21,12 @@ from torchrec.modules.embedding_configs import DataType
 from compression.converter import Converters
 from sharding import DistEnv, shard_model
 from sharding.dmp import combined_optimizer
-from trainer.config import Config, TableConfig, resolved_tables
-from trainer.converters import build_converters, model_tables
+from trainer.config.schema import Config, TableConfig, resolved_tables
+from trainer.build.compression import build_converters, model_tables
 from trainer.data.source import DataSource
 from trainer.models import build_model
-from trainer.planning import Planned, World, plan_model
-from trainer.validate import open_source, validate_for_device
+from trainer.plan.run_plan import Planned, World, plan_model
+from trainer.config.validate import open_source, validate_for_device
 
 
 @dataclass

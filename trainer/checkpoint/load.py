@@ -15,7 +15,7 @@ on load, so a checkpoint loads into another plan or world size, or into one
 process with plain tensors (:func:`load_unsharded_model`, used by ``python -m
 trainer.export``). Sources address samples by step, so the step restores the
 data position; a source with more state keeps it in its own entry. Saving
-(atomic, async, failure policy) is trainer/async_checkpoint.py.
+(atomic, async, failure policy) is trainer/checkpoint/save.py.
 
 Layout, written atomically (DCP writes into ``.tmp-step_N``; rank 0 renames it
 once every rank has finished and the config is in), so a job killed mid-save
@@ -30,7 +30,7 @@ Example::
     states = {"model": ModelState(dmp), "optimizer": OptimizerState(opt), "trainer": trainer,
               "data": source, "compression": converters}
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, every_steps=500, keep=2, config=cfg)
-    ckpt.save(step=500, states=states)       # trainer/async_checkpoint.py
+    ckpt.save(step=500, states=states)       # trainer/checkpoint/save.py
     path = resolve_resume("auto", run_dir=run_dir)          # newest complete one, or None
     load_checkpoint(path, states=states)                    # each entry's load_state_dict
 """
@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
-from trainer.config import Config, ConfigError, config_from_yaml
+from trainer.config.schema import Config, ConfigError, config_from_yaml
 
 log = logging.getLogger(__name__)
 

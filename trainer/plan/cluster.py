@@ -40,14 +40,14 @@ from sharding.fit import explain_no_fit, table_bytes
 from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
-from trainer.build import plan_meta_model
-from trainer.cli import config_error_line, exit_on_compose_error
-from trainer.config import Config, ConfigError, register_configs, resolved_tables, to_config
-from trainer.converters import build_converters, model_tables
-from trainer.planning import World
-from trainer.run_dir import register_resolvers
-from trainer.validate import open_source
-from trainer.validate import validate as validate_config
+from trainer.build.compression import build_converters, model_tables
+from trainer.build.model import plan_meta_model
+from trainer.config.compose import CONF_DIR, config_error_line, exit_on_compose_error
+from trainer.config.run_dir import register_resolvers
+from trainer.config.schema import Config, ConfigError, register_configs, resolved_tables, to_config
+from trainer.config.validate import open_source
+from trainer.config.validate import validate as validate_config
+from trainer.plan.run_plan import World
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 3
@@ -172,7 +172,7 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
     )
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _run(dict_cfg: DictConfig) -> None:
     quiet_libraries(level=logging.ERROR)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -194,7 +194,3 @@ def main() -> None:
     register_resolvers()
     exit_on_compose_error(sys.argv[1:])  # one line and exit 2, before Hydra's report
     _run()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Configuration: the Hydra schema, command-line composition, validation, the run directory."""

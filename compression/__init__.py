@@ -13,6 +13,6 @@ This package never imports ``trainer``.
 """
 
 from compression.fake_quant import BITS, SERVING_DTYPES, fake_quantize_rows
-from compression.qat import QATHandle, enable_embedding_qat
+from compression.qat_kernels import QATHandle, enable_embedding_qat
 
 __all__ = ["BITS", "SERVING_DTYPES", "QATHandle", "enable_embedding_qat", "fake_quantize_rows"]

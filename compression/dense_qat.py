@@ -30,12 +30,15 @@ Example::
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchrec.models.dlrm import DenseArch, OverArch
+
+from compression.converter import Converter
 
 QMAX = 127
 # Floor of a scale, so that an all-zero row quantizes to zeros instead of nan.
@@ -127,3 +130,29 @@ def quantize_dense_for_serving(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(served.get_submodule(parent_name), child, Int8WeightOnlyLinear.from_linear(linear))
     return served
+
+
+class DenseQAT(Converter):
+    name = "dense_qat"
+
+    def convert_sharded(
+        self, model: nn.Module, *, device: torch.device, process_group: Any
+    ) -> None:
+        # Parametrizes the Linears DDP already holds (the same Parameters, so DDP's
+        # gradient hooks still fire); not on the meta model: torch's fake
+        # quantization has no meta kernel, and DMP's reset_parameters would
+        # initialize the computed weight instead of the master.
+        enable_dense_qat(model)
+
+    def prepare_trained(self, model: nn.Module) -> None:
+        # The trained state names each weight ``parametrizations.weight.original``.
+        enable_dense_qat(model)
+
+    def to_serving(self, model: nn.Module) -> nn.Module:
+        return quantize_dense_for_serving(model)
+
+    def summary(self) -> dict[str, Any]:
+        return {"dense_bits": 8}
+
+    def export_summary(self) -> dict[str, Any]:
+        return {"dense_bits": 8}

@@ -43,6 +43,8 @@ from torch import nn
 from torchrec.models.dlrm import SparseArch
 from torchrec.optim.keyed import CombinedOptimizer
 
+from compression.converter import Converter, Forward
+
 
 class LossScale:
     """torch's ``GradScaler`` plus the table boundary's overflow flag for one model."""
@@ -222,3 +224,53 @@ def enable_loss_scaling(
     if fused is not None:
         table_side += list(fused.params.values())
     return LossScaledOptimizer(optimizer, loss_scale=loss_scale, table_side_params=table_side)
+
+
+class LossScaling(Converter):
+    """fp16: the pipeline backpropagates the scaled loss; the optimizer unscales."""
+
+    name = "loss_scaling"
+
+    def __init__(self, *, init_scale: float) -> None:
+        self.init_scale = init_scale
+        self.loss_scale: LossScale | None = None
+
+    def wrap_optimizer(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        process_group: Any,
+    ) -> torch.optim.Optimizer:
+        scaled = enable_loss_scaling(
+            model,
+            optimizer,  # type: ignore[arg-type]
+            device=device,
+            init_scale=self.init_scale,
+            process_group=process_group,
+        )
+        self.loss_scale = scaled.loss_scale
+        return scaled
+
+    def wrap_forward(self, forward: Forward) -> Forward:
+        assert self.loss_scale is not None, "wrap_optimizer comes first"
+        return self.loss_scale.forward(forward)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        assert self.loss_scale is not None
+        scaler = self.loss_scale.scaler.state_dict()
+        return {
+            "scale_and_tracker": torch.tensor(
+                [scaler["scale"], scaler["_growth_tracker"]], dtype=torch.float64
+            )
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.loss_scale is None:  # an offline export: nothing trains, nothing to scale
+            return
+        scaler = self.loss_scale.scaler
+        scale, tracker = state["scale_and_tracker"].tolist()
+        scaler.load_state_dict(
+            {**scaler.state_dict(), "scale": scale, "_growth_tracker": int(tracker)}
+        )

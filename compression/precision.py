@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
+
+from compression.converter import Converter, Forward
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,48 @@ def autocast_forward(
     return forward
 
 
-def maybe_autocast(precision: Precision, *, device_type: str) -> Any:
-    """A context for code outside the pipeline (reference runs, export parity)."""
-    if precision.autocast_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=precision.autocast_dtype)
+class PrecisionConverter(Converter):
+    name = "precision"
+
+    def __init__(self, precision: Precision, *, device_type: str, dense_optimizer: str) -> None:
+        self.precision = precision
+        self.device_type = device_type
+        self.dense_optimizer = dense_optimizer
+
+    def table_data_type(self) -> DataType | None:
+        return self.precision.table_data_type
+
+    def fused_params(self) -> dict[str, Any]:
+        return self.precision.fused_params
+
+    def check_plan(self, plan: ShardingPlan) -> None:
+        """Data-parallel tables are dense parameters: the dense optimizer updates them in 16 bits.
+
+        Adam's (and Adagrad's) state then lives in fp16/bf16, its eps rounds to 0 and
+        the rows turn nan within a few steps (measured on CPU); the fused kernels keep
+        their optimizer state in fp32 and round stochastically, the dense path does not.
+        Plain SGD has no such state and is allowed.
+        """
+        if self.precision.table_data_type == DataType.FP32 or self.dense_optimizer == "sgd":
+            return
+        data_parallel = sorted(
+            table
+            for module_plan in plan.plan.values()
+            for table, ps in module_plan.items()  # type: ignore[union-attr]
+            if ps.sharding_type == "data_parallel"
+        )
+        if data_parallel:
+            raise ValueError(
+                f"precision={self.precision.name} stores tables in 16 bits, but tables "
+                f"{data_parallel} are data_parallel, updated by the dense optimizer without "
+                f"stochastic rounding with optim.dense_optimizer={self.dense_optimizer} (they "
+                f"diverge to nan); shard them (e.g. sharding=table_wise, or "
+                f"'+sharding.tables={{{data_parallel[0]}:{{strategy:table_wise}}}}') "
+                f"or use precision=fp32"
+            )
+
+    def wrap_forward(self, forward: Forward) -> Forward:
+        return autocast_forward(forward, self.precision, device_type=self.device_type) or forward
+
+    def summary(self) -> dict[str, Any]:
+        return {"precision": self.precision.name}

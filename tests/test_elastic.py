@@ -151,7 +151,8 @@ def test_a_lost_node_continues_on_fewer(tmp_path: Path) -> None:
 
 
 # The default tier's shrink: few steps; B's rank kills its agent and itself after step
-# FAST_KILL_AT (trainer/resilience/fault_injection.py), so the kill lands mid-run whatever the machine's speed.
+# FAST_KILL_AT (trainer/resilience/fault_injection.py), so the kill lands mid-run
+# whatever the machine's speed.
 FAST_STEPS = 30
 FAST_KILL_AT = 15
 
@@ -256,7 +257,8 @@ def test_a_run_grows_when_a_node_joins(tmp_path: Path) -> None:
 
 
 # The default tier's grow: a tiny run would end before B joins, so A's ranks hold after
-# step FAST_HOLD_AT (SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP, trainer/resilience/fault_injection.py) until the
+# step FAST_HOLD_AT (SHARDREC_FAULT_WAIT_FOR_FILE_AT_STEP, trainer/resilience/
+# fault_injection.py) until the
 # membership change SIGTERMs them; the hold is at a multiple of the preemption's
 # agreement interval (10), so they stop, checkpoint and resume at that very step.
 FAST_GROW_STEPS = 30

@@ -35,7 +35,7 @@ from compression.fake_quant import (
     fake_quantize_rows,
     fake_quantize_ste,
 )
-from compression.qat import LookupFakeQuant
+from compression.qat_kernels import LookupFakeQuant
 
 DIM = 8
 

@@ -41,7 +41,10 @@ import functools
 from collections.abc import Sequence
 
 from compression.converter import Converter, Converters
-from compression.converters import DenseQAT, LossScaling, PrecisionConverter, TableQAT
+from compression.dense_qat import DenseQAT
+from compression.grad_scale import LossScaling
+from compression.precision import PrecisionConverter
+from compression.table_qat import TableQAT
 from compression.distill import DistillConverter
 from compression.precision import resolve_precision
 from compression.prune import prune_converters

@@ -54,13 +54,7 @@ WandbMode = _choices("WandbMode", WANDB_MODES)
 OnNonfinite = _choices("OnNonfinite", ("stop", "skip"))
 OnCheckpointError = _choices("OnCheckpointError", ("stop", "warn"))
 
-ARCHS = tuple(Arch)
-POOLINGS = tuple(Pooling)
 STRATEGIES = tuple(Strategy)
-COMPUTE_KERNELS = tuple(ComputeKernel)
-COMM_PRECISIONS = tuple(CommPrecision)
-DENSE_OPTIMIZERS = tuple(DenseOptimizer)
-PIPELINES = tuple(PipelineName)
 
 
 class ConfigError(ValueError):

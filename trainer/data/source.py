@@ -85,8 +85,3 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; raises ``ValueError`` naming the mismatch."""
         ...
-
-
-def pooling_factors(features: list[FeatureSpec]) -> dict[str, float]:
-    """Mean ids per sample by feature name (what the planner's estimates need)."""
-    return {f.name: f.ids_per_sample for f in features}

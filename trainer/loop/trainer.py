@@ -76,7 +76,8 @@ class Trainer:
         self.settings = settings
         self.logger = logger
         self.run_dir = run_dir
-        # NaN/Inf policy (trainer/resilience/nonfinite.py): under skip it wraps the forward and optimizer.
+        # NaN/Inf policy (trainer/resilience/nonfinite.py): under skip it wraps the
+        # forward and optimizer.
         self.nonfinite = nonfinite or NonfiniteGuard(policy="stop", model=model, device=env.device)
         self.faults = faults or FaultInjection(rank=env.rank)
         self.pipeline = make_pipeline(

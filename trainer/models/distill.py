@@ -41,7 +41,6 @@ from trainer.config.schema import DistillConfig, ModelConfig, TableConfig
 from trainer.models.dlrm import build_model
 
 STUDENT_PREFIX = "s_"
-HEADS = ("student", "teacher")
 
 
 def student_tables(tables: Sequence[TableConfig], *, embedding_dim: int) -> list[TableConfig]:

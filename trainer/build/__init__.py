@@ -1,0 +1,1 @@
+"""Building a run: the model on ``meta``, the compression converters, the sharded model."""

@@ -42,18 +42,18 @@ test-slow: $(STAMP)  ## the slow tier: e.g. the default job reaches the oracle A
 	$(BIN)/python -m pytest -m slow -s $(ARGS)
 
 bench: $(STAMP)  ## shardrec vs plain PyTorch, torchrec's loop and the dense floor (ARGS="--quick")
-	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 # The report is written even when a job failed (it shows the job's error line);
 # make still exits with the sweep's status.
 REPORT_DIR := outputs/compression-report
 compression-report: $(STAMP)  ## sweep=precision_qat (fp32, bf16, int8/int4 PTQ and QAT): table + PNGs
 	$(BIN)/python -m trainer -m +sweep=precision_qat hydra.sweep.dir=$(REPORT_DIR) $(ARGS); \
-	  status=$$?; $(BIN)/python scripts/compression_report.py $(REPORT_DIR) && exit $$status
+	  status=$$?; $(BIN)/python -m trainer.report.compression $(REPORT_DIR) && exit $$status
 
 sweep-report: $(STAMP)  ## any multirun directory (DIR=multirun/...) as report.md, report.csv, pareto.png
 	@test -n "$(DIR)" || { echo "usage: make sweep-report DIR=multirun/<sweep>/<date_time>"; exit 2; }
-	$(BIN)/python scripts/sweep_report.py $(DIR)
+	$(BIN)/python -m trainer.report $(DIR)
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check .

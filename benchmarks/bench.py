@@ -1,21 +1,21 @@
 """``make bench``: shardrec against plain PyTorch, torchrec's own loop and the dense floor.
 
-For each shape, one torchrun job (``scripts/bench_worker.py``; 2 gloo ranks of
+For each shape, one torchrun job (``benchmarks.worker``; 2 gloo ranks of
 one thread each on CPU) builds every contender in the same processes, warms
-them up, and times them in interleaved rounds; see ``scripts/bench_models.py``
+them up, and times them in interleaved rounds; see ``benchmarks.models``
 for what each contender is. Printed per shape: samples/s (median and min-max
 over the rounds), the RSS each contender added, the ratios shardrec/pytorch,
 shardrec/torchrec and shardrec/dense (a: shardrec, a': with the prefetcher,
 p: on batches drawn up front), and where shardrec's step goes.
-``scripts/bench_profile.py`` compares shardrec's step with torchrec's op by op. The last
+``benchmarks.op_profile`` compares shardrec's step with torchrec's op by op. The last
 line carries the ratios of every shape. JSON and a Markdown table land in
 ``--out``.
 
 Example::
 
-    python scripts/bench.py --quick                   # a minute or two
-    python scripts/bench.py                           # the full run, about 10 minutes
-    python scripts/bench.py --device cuda --world-size 1 --shapes dcnv2 \
+    python -m benchmarks.bench --quick                # a minute or two
+    python -m benchmarks.bench                        # the full run, about 10 minutes
+    python -m benchmarks.bench --device cuda --world-size 1 --shapes dcnv2 \
         --contenders shardrec,torchrec,dense --batch-size 16384
 """
 
@@ -81,7 +81,8 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={args.world_size}",
-        str(REPO / "scripts" / "bench_worker.py"),
+        "-m",
+        "benchmarks.worker",
         f"--shape={shape}",
         f"--contenders={args.contenders}",
         f"--warmup={args.warmup}",
@@ -98,7 +99,6 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     print(f"bench: {shape} ({args.world_size} ranks, {args.device}) ...", flush=True)
     with open(log, "w") as f:
         done = subprocess.run(
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"# make bench ({datetime.date.today()})\n\n"
         f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; "
-        f"{versions()}\ncommand: python scripts/bench.py {' '.join(sys.argv[1:])}\n"
+        f"{versions()}\ncommand: python -m benchmarks.bench {' '.join(sys.argv[1:])}\n"
     )
     text = header + "\n".join(format_shape(r) for r in results)
     print(text)

@@ -8,7 +8,7 @@ time, the step time and their ratio (from each run's ``summary.json``:
 
 Example::
 
-    .venv/bin/python scripts/bench_checkpoint.py --steps 200 --every 50 --out outputs/bench-ckpt
+    .venv/bin/python -m benchmarks.checkpoint --steps 200 --every 50 --out outputs/bench-ckpt
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ resumed from (the newest ``resumed from ... at step N`` of the agents' logs, or
 
 Example::
 
-    python scripts/elastic_plot.py /tmp/grow/test_a_run_grows_when_a_node_j0/run \\
+    python -m benchmarks.elastic_plot /tmp/grow/test_a_run_grows_when_a_node_j0/run \\
         benchmarks/elastic_grow.png --title "2 ranks -> 4 ranks" --resumed-at 200
 """
 

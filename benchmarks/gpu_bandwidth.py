@@ -11,19 +11,16 @@ misses the caches: the honest case) and Zipf (as the synthetic data draws them).
 
 Example::
 
-    python scripts/bench_gpu.py --batch-size 16384 --max-rows 4000000 --out bw.json
+    python -m benchmarks.gpu_bandwidth --batch-size 16384 --max-rows 4000000 --out bw.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def cuda_time_ms(fn, *, iters: int) -> float:
@@ -50,9 +47,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu: needs CUDA (this measures GPU memory bandwidth)")
+        raise SystemExit("gpu_bandwidth: needs CUDA (this measures GPU memory bandwidth)")
 
-    from bench_models import dcnv2_shape
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
         ComputeDevice,
@@ -63,6 +59,7 @@ def main() -> None:
         SplitTableBatchedEmbeddingBagsCodegen,
     )
 
+    from benchmarks.models import dcnv2_shape
     from trainer.data.zipf import ZipfTables
 
     device = torch.device("cuda")

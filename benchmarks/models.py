@@ -1,5 +1,8 @@
 """The contenders of ``make bench``, each a ``step()`` closure over its own model.
 
+The shapes and shardrec's contenders are here; the baselines (``pytorch``,
+``torchrec``, ``dense``) in ``benchmarks.baselines``.
+
 - ``shardrec``: the real trainer path. Hydra composes ``conf/`` with the shape's
   overrides, ``trainer.build.build`` plans and shards, and ``Trainer.train_steps``
   runs the configured torchrec pipeline over the synthetic source, which draws
@@ -23,8 +26,10 @@ same synthetic source), so only the training loop differs.
 Example::
 
     shape = SHAPES["small"]
-    step = make_contender("torchrec", shape, env=env, batches=batches)
-    step(10)        # ten training steps
+    shardrec = make_shardrec(shape, env=env, device="cpu")
+    batches = draw_batches(shardrec.source, shape, rank=env.rank, world_size=env.world_size, num=8)
+    torchrec = make_torchrec(shape, env=env, batches=batches)   # benchmarks.baselines
+    torchrec.step(10)        # ten training steps
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torchrec.datasets.utils import Batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,25 +154,6 @@ def compose_config(overrides: list[str]) -> Any:
     return to_config(dict_cfg)
 
 
-def source_on_device(source: Any, device: torch.device) -> Any:
-    """Moves the synthetic generator's state to ``device`` (it then draws there).
-
-    ``trainer.data.rng`` follows its counters' device and ZipfTables /
-    PlantedModel have ``to()``; what is left is the source's own index tensors.
-    (Belongs in SyntheticSource itself; kept here until it has a device.)
-    """
-    if device.type == "cpu":
-        return source
-    source._slot_features = source._slot_features.to(device)
-    source._slot_positions = source._slot_positions.to(device)
-    source._tables.to(device)
-    source._planted.to(device)
-    source._indices = lambda start, size: torch.arange(
-        start, start + size, dtype=torch.int64, device=device
-    )
-    return source
-
-
 class _PrefetchedSource:
     """A DataSource whose train batches are built ahead on a background thread."""
 
@@ -216,7 +201,8 @@ def make_source(shape: Shape, *, env: Any, device: str) -> Any:
     from trainer.config.validate import open_source
 
     cfg = compose_config(shardrec_overrides(shape, device=device))
-    return source_on_device(open_source(cfg.data), env.device)
+    source = open_source(cfg.data)
+    return source.to(env.device) if env.device.type != "cpu" else source
 
 
 def make_shardrec(
@@ -272,161 +258,6 @@ def draw_batches(source: Any, shape: Shape, *, rank: int, world_size: int, num: 
         batch_size=shape.batch_size, rank=rank, world_size=world_size, first_step=0, num_steps=num
     )
     return list(it)
-
-
-def _feature_names(shape: Shape) -> list[str]:
-    return [f"cat_{i}" for i in range(len(shape.table_rows()))]
-
-
-def make_torchrec(shape: Shape, *, env: Any, batches: list) -> Contender:
-    """torchrec's examples/golden_training/train_dlrm.py, written as it writes it."""
-    from torchrec import EmbeddingBagCollection
-    from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.keyed import KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
-    eb_configs = [
-        EmbeddingBagConfig(
-            name=f"t_{feature}",
-            embedding_dim=shape.embedding_dim,
-            num_embeddings=rows,
-            feature_names=[feature],
-        )
-        for feature, rows in zip(_feature_names(shape), shape.table_rows(), strict=True)
-    ]
-    common = dict(
-        embedding_bag_collection=EmbeddingBagCollection(
-            tables=eb_configs, device=torch.device("meta")
-        ),
-        dense_in_features=shape.num_dense,
-        dense_arch_layer_sizes=shape.dense_arch,
-        over_arch_layer_sizes=shape.over_arch,
-        dense_device=env.device,
-    )
-    if shape.arch == "dlrm_dcnv2":
-        dlrm = DLRM_DCN(**common, dcn_num_layers=3, dcn_low_rank_dim=512)
-    else:
-        dlrm = DLRM(**common)
-    train_model = DLRMTrain(dlrm)
-    apply_optimizer_in_backward(
-        RowWiseAdagrad, train_model.model.sparse_arch.parameters(), {"lr": 0.05}
-    )
-    model = DistributedModelParallel(module=train_model, device=env.device)
-    optimizer = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(model.named_parameters())),
-        lambda params: torch.optim.Adagrad(params, lr=0.01),
-    )
-    pipeline = TrainPipelineSparseDist(model, optimizer, env.device)
-    data = itertools.cycle(batches)
-
-    def step(n: int) -> None:
-        for _ in range(n):
-            pipeline.progress(data)
-
-    return Contender("torchrec", step, model=model)
-
-
-class PlainDLRM(nn.Module):
-    """DLRM from plain PyTorch: one EmbeddingBag per table, sparse gradients."""
-
-    def __init__(self, shape: Shape, device: torch.device) -> None:
-        from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
-
-        super().__init__()
-        num_features = len(shape.table_rows())
-        self.tables = nn.ModuleList(
-            nn.EmbeddingBag(rows, shape.embedding_dim, mode="sum", sparse=True, device=device)
-            for rows in shape.table_rows()
-        )
-        self.dense_arch = DenseArch(shape.num_dense, shape.dense_arch, device=device)
-        self.inter_arch = InteractionArch(num_sparse_features=num_features)
-        d = shape.embedding_dim
-        over_in = d + num_features * (num_features + 1) // 2
-        self.over_arch = OverArch(over_in, shape.over_arch, device=device)
-
-    def forward(self, dense: torch.Tensor, bags: list[tuple[torch.Tensor, torch.Tensor]]):
-        pooled = torch.stack([t(v, o) for t, (v, o) in zip(self.tables, bags, strict=True)], 1)
-        x = self.inter_arch(dense_features=self.dense_arch(dense), sparse_features=pooled)
-        return self.over_arch(x).squeeze(-1)
-
-
-def _plain_inputs(batch: Batch, device: torch.device) -> tuple:
-    kjt = batch.sparse_features
-    bags = []
-    for jt in kjt.to_dict().values():
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(jt.lengths())[:-1]
-        bags.append((jt.values().to(device), offsets.to(device)))
-    return batch.dense_features.to(device), bags, batch.labels.to(device)
-
-
-def make_pytorch(shape: Shape, *, env: Any, batches: list) -> Contender:
-    if shape.arch != "dlrm":
-        raise ValueError(f"the plain PyTorch DLRM has no {shape.arch!r}; use a dlrm shape")
-    model = PlainDLRM(shape, env.device)
-    ddp = nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device] if env.device.type == "cuda" else None
-    )
-    optimizer = torch.optim.Adagrad(ddp.parameters(), lr=0.01)
-    data = itertools.cycle([_plain_inputs(b, env.device) for b in batches])
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    def step(n: int) -> None:
-        for _ in range(n):
-            dense, bags, labels = next(data)
-            optimizer.zero_grad()
-            loss_fn(ddp(dense, bags), labels).backward()
-            optimizer.step()
-
-    return Contender("pytorch", step)
-
-
-def make_dense(shape: Shape, *, env: Any, batches: list) -> Contender:
-    """The dense-only floor: the same MLPs and interaction, pooled embeddings given."""
-    from torchrec.models.dlrm import DenseArch, InteractionDCNArch, OverArch
-    from torchrec.modules.crossnet import LowRankCrossNet
-
-    from trainer.models.interaction import FlatInteractionArch
-
-    num_features, d = len(shape.table_rows()), shape.embedding_dim
-    dense_arch = DenseArch(shape.num_dense, shape.dense_arch, device=env.device)
-    if shape.arch == "dlrm_dcnv2":
-        in_features = (num_features + 1) * d
-        inter = InteractionDCNArch(
-            num_sparse_features=num_features,
-            crossnet=LowRankCrossNet(in_features=in_features, num_layers=3, low_rank=512),
-        ).to(env.device)
-        over_in = in_features
-    else:
-        # shardrec's interaction (torchrec's, bit for bit, gathered faster): the floor
-        # is the dense part of the model shardrec trains.
-        inter = FlatInteractionArch(num_sparse_features=num_features).to(env.device)
-        over_in = d + num_features * (num_features + 1) // 2
-    over_arch = OverArch(over_in, shape.over_arch, device=env.device)
-    modules = nn.ModuleList([dense_arch, inter, over_arch])
-    optimizer = torch.optim.Adagrad(modules.parameters(), lr=0.01)
-    gen = torch.Generator(device=env.device).manual_seed(env.rank)
-    pooled = torch.randn(shape.batch_size, num_features, d, device=env.device, generator=gen).mul_(
-        0.1
-    )
-    data = itertools.cycle(
-        [(b.dense_features.to(env.device), b.labels.to(env.device)) for b in batches]
-    )
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    def step(n: int) -> None:
-        for _ in range(n):
-            dense, labels = next(data)
-            optimizer.zero_grad()
-            x = inter(dense_features=dense_arch(dense), sparse_features=pooled)
-            loss_fn(over_arch(x).squeeze(-1), labels).backward()
-            optimizer.step()
-
-    return Contender("dense", step)
 
 
 def barrier(env: Any) -> None:

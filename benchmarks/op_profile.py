@@ -1,7 +1,7 @@
 """Side-by-side op profile: shardrec's step against torchrec's golden loop, same batches.
 
 Builds ``shardrec_pregen`` (the trainer's real pipeline and model over batches
-drawn up front) and the ``torchrec`` contender (scripts/bench_models.py) in the
+drawn up front) and the ``torchrec`` contender (``benchmarks.baselines``) in the
 same processes, warms both up, profiles ``--steps`` steps of each with
 torch.profiler, and writes on rank 0 one table comparing them op by op: calls
 and self CPU time per step, sorted by the difference. What shardrec's step does
@@ -9,7 +9,7 @@ that torchrec's does not shows up at the top.
 
 Example::
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 scripts/bench_profile.py \
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m benchmarks.op_profile \
         --shape small --steps 10 --out /tmp/profile
 """
 
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_models  # noqa: E402
-from bench_models import SHAPES, draw_batches, make_shardrec, make_source, make_torchrec  # noqa: E402
-from bench_worker import time_steps  # noqa: E402
+from benchmarks import models
+from benchmarks.baselines import make_torchrec
+from benchmarks.models import SHAPES, draw_batches, make_shardrec, make_source
+from benchmarks.worker import time_steps
 
 
 def profile_steps(contender: Any, *, steps: int, env: Any) -> tuple[float, dict[str, Any]]:
@@ -109,7 +106,7 @@ def main() -> None:
     from sharding.quiet import quiet_libraries
 
     quiet_libraries()
-    bench_models.EXTRA_OVERRIDES.extend(args.shardrec_overrides.split())
+    models.EXTRA_OVERRIDES.extend(args.shardrec_overrides.split())
     torch.set_num_threads(1)
     env = init_distributed(device="cpu")
     try:

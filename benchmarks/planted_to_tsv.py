@@ -24,7 +24,7 @@ and the commands to prepare and train.
 
 Example::
 
-    python scripts/planted_to_tsv.py outputs/planted --num-train 2048000
+    python -m benchmarks.planted_to_tsv outputs/planted --num-train 2048000
     python -m trainer.prepare data=criteo 'data.raw=[outputs/planted/train.tsv]' \\
         'data.eval_raw=[outputs/planted/eval.tsv]' 'data.table_rows=[1461,...]' \\
         data.dir=outputs/planted/shards           # the exact line is in planted.json

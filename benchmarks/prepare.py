@@ -9,8 +9,8 @@ largest worker process (``RUSAGE_CHILDREN``).
 
 Example::
 
-    .venv/bin/python scripts/bench_prepare.py                    # 200k and 1M rows
-    .venv/bin/python scripts/bench_prepare.py --rows 200000 --workers 2
+    .venv/bin/python -m benchmarks.prepare                    # 200k and 1M rows
+    .venv/bin/python -m benchmarks.prepare --rows 200000 --workers 2
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def run_child(tool: str, tsv: str, out: str, workers: int) -> None:
 def measure(tool: str, tsv: Path, out: Path, workers: int) -> dict:
     child = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.prepare",
         "--child",
         tool,
         str(tsv),

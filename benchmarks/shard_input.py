@@ -1,6 +1,6 @@
 """Input cost of training from prepared shards against the synthetic source.
 
-Writes the planted clicks as Criteo TSV (``scripts/planted_to_tsv.py``),
+Writes the planted clicks as Criteo TSV (``benchmarks.planted_to_tsv``),
 prepares them into shards, then on the default model and batch:
 
 1. times building ``--batches`` training batches alone (shuffled, per-rank
@@ -11,7 +11,7 @@ prepares them into shards, then on the default model and batch:
 
 Example::
 
-    python scripts/bench_shard_input.py outputs/bench-shards --rows 262144 --steps 300
+    python -m benchmarks.shard_input outputs/bench-shards --rows 262144 --steps 300
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 BATCH = 1024
 
@@ -57,8 +56,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from planted_to_tsv import prepare_overrides, write_planted_tsv
 
+    from benchmarks.planted_to_tsv import prepare_overrides, write_planted_tsv
     from trainer.data import SyntheticCriteo, SyntheticDataConfig
     from trainer.data.shards import ShardSource
 

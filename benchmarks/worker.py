@@ -1,14 +1,14 @@
 """One rank of ``make bench``: every contender of one shape, in the same processes.
 
-Launched by ``scripts/bench.py`` under torchrun (gloo on CPU, NCCL on CUDA).
+Launched by ``benchmarks.bench`` under torchrun (gloo on CPU, NCCL on CUDA).
 All contenders are built in each process, warmed up, then timed in interleaved
 rounds (each round runs every contender once, in a rotated order), so that the
 noise of a shared machine hits them alike. A round's time is the slowest rank's,
-between barriers. Rank 0 writes the JSON that bench.py reads.
+between barriers. Rank 0 writes the JSON that ``benchmarks.bench`` reads.
 
 Example::
 
-    torchrun --standalone --nproc_per_node=2 scripts/bench_worker.py \
+    torchrun --standalone --nproc_per_node=2 -m benchmarks.worker \
         --shape small --steps 20 --repeats 5 --out /tmp/small.json
 """
 
@@ -19,7 +19,6 @@ import json
 import os
 import re
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,21 +26,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_models  # noqa: E402
-from bench_models import (  # noqa: E402
+from benchmarks import models
+from benchmarks.baselines import make_dense, make_pytorch, make_torchrec
+from benchmarks.models import (
     SHAPES,
     Contender,
     barrier,
     dcnv2_shape,
     draw_batches,
-    make_dense,
-    make_pytorch,
     make_shardrec,
     make_source,
-    make_torchrec,
 )
 
 CONTENDERS = ("shardrec", "shardrec_prefetch", "shardrec_pregen", "pytorch", "torchrec", "dense")
@@ -146,7 +140,7 @@ def main() -> None:
     from sharding.quiet import quiet_libraries
 
     quiet_libraries()
-    bench_models.EXTRA_OVERRIDES.extend(args.shardrec_overrides.split())
+    models.EXTRA_OVERRIDES.extend(args.shardrec_overrides.split())
     if args.device == "cpu":
         torch.set_num_threads(1)
     else:

@@ -4,8 +4,8 @@
 #   run carry [.gpu/p2]            command: true
 #   run carry [.gpu/p3]            command: bash .gpu/kit/install.sh && . .gpu/env.sh && bash scripts/gpu_check.sh
 # Runs the gpu test tier, the DLRM-DCNv2 shape (scaled to one device) through
-# scripts/bench.py, and the fused embedding forward against a device-to-device
-# copy (scripts/bench_gpu.py). Logs go to $OUT (default outputs/gpu-check); the
+# python -m benchmarks.bench, and the fused embedding forward against a device-to-device
+# copy (python -m benchmarks.gpu_bandwidth). Logs go to $OUT (default outputs/gpu-check); the
 # last lines printed are a short table. Each part has its own time limit, so a
 # hang in one still leaves the others' results.
 set -uo pipefail
@@ -41,7 +41,7 @@ pytest_rc=$?
 tail -n 25 "$OUT/pytest.log"
 
 echo "== bench: DLRM-DCNv2 shape, one device"
-timeout ${GPU_BENCH_S:-220} $PY scripts/bench.py --device cuda --world-size 1 --shapes dcnv2 \
+timeout ${GPU_BENCH_S:-220} $PY -m benchmarks.bench --device cuda --world-size 1 --shapes dcnv2 \
   --contenders shardrec,shardrec_pregen,torchrec,dense --batch-size "$BATCH" \
   --max-rows "$MAX_ROWS" --warmup 3 --steps 10 --repeats 5 --breakdown-steps 5 \
   --timeout-s 215 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
@@ -49,7 +49,7 @@ bench_rc=$?
 tail -n 22 "$OUT/bench.log"
 
 echo "== fused embedding forward vs device-to-device copy"
-timeout ${GPU_BW_S:-70} $PY scripts/bench_gpu.py --batch-size 16384 --max-rows "$MAX_ROWS" \
+timeout ${GPU_BW_S:-70} $PY -m benchmarks.gpu_bandwidth --batch-size 16384 --max-rows "$MAX_ROWS" \
   --out "$OUT/bandwidth.json" > /tmp/bandwidth.log 2>&1
 bw_rc=$?
 tail -n 5 /tmp/bandwidth.log

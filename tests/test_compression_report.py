@@ -32,7 +32,7 @@ def _job(sweep: Path, num: int, experiment: str, summary: dict | None, log: str 
 
 def _report(sweep: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "scripts/compression_report.py", str(sweep)],
+        [sys.executable, "-m", "trainer.report.compression", str(sweep)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -228,8 +227,7 @@ def test_the_study_sweep_composes_every_job(compose_cfg) -> None:  # noqa: ANN00
 
 
 def test_study_script_reports_mean_sd_and_targets(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from distill_study import main
+    from benchmarks.studies.distill import main
 
     aucs = {
         "student": [0.70, 0.71, 0.72],

@@ -52,7 +52,7 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
         assert 0.0 <= summary[f"{head}.auc"] <= 1.0
     assert summary["auc"] == summary["student.auc"]
     assert summary["distill"]["alpha"] == 0.3
-    # The pair's step time (scripts/distill_study.py sets it against teacher-alone runs).
+    # The pair's step time (benchmarks/studies/distill.py sets it against teacher-alone runs).
     assert summary["step_time_s"] == pytest.approx(summary["train_time_s"] / 8)
 
     plan = json.loads((run / "plan.json").read_text())["plan"]

@@ -32,7 +32,7 @@ training when B joins; the SIGTERM of the membership change ends the hold.
 Example (the plot in the README)::
 
     pytest tests/test_elastic.py -m slow -k grow -s --basetemp=/tmp/grow
-    python scripts/elastic_plot.py /tmp/grow/test_a_run_grows_when_a_node_j0/run \
+    python -m benchmarks.elastic_plot /tmp/grow/test_a_run_grows_when_a_node_j0/run \
         benchmarks/elastic_grow.png --title "2 ranks -> 4 ranks"
 """
 

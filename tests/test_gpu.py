@@ -218,16 +218,11 @@ def test_qat_export_parity_on_cuda(tmp_path: Path) -> None:
 
 
 def test_generator_draws_the_same_samples_on_the_gpu() -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from bench_models import source_on_device
-
     from trainer.data import SyntheticCriteo, SyntheticDataConfig
 
     cfg = SyntheticDataConfig(cardinalities=[7, 50, 1000, 40_000_000], hotness=[1, 3, 1, 20])
     cpu = SyntheticCriteo(cfg).batch("train", 4096, 512)
-    gpu = source_on_device(SyntheticCriteo(cfg), torch.device("cuda")).batch("train", 4096, 512)
+    gpu = SyntheticCriteo(cfg).to(torch.device("cuda")).batch("train", 4096, 512)
     assert gpu.labels.is_cuda and gpu.sparse_features.values().is_cuda
     torch.testing.assert_close(gpu.dense_features.cpu(), cpu.dense_features, rtol=0, atol=1e-6)
     assert torch.equal(gpu.sparse_features.values().cpu(), cpu.sparse_features.values())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,8 +48,7 @@ def _job(root: Path, experiment: str, seed: int, summary: dict) -> None:
 
 
 def test_study_script_reports_the_share_won_back(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from int2_study import main
+    from benchmarks.studies.int2 import main
 
     fp32 = [0.80, 0.81, 0.80]
     served = {  # AUC lost per seed: PTQ 0.009/0.006/0.003, QAT 0.003/0.003/0.003

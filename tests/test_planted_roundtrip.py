@@ -1,4 +1,4 @@
-"""The planted round trip: synthetic clicks -> Criteo TSV (scripts/planted_to_tsv.py)
+"""The planted round trip: synthetic clicks -> Criteo TSV (benchmarks/planted_to_tsv.py)
 -> ``trainer.prepare`` -> shards -> :class:`ShardSource` -> ``python -m trainer``.
 
 Fast: the shards hold exactly the synthetic samples (labels, ids, dense up to
@@ -8,7 +8,6 @@ Slow: the whole default run reaches AUC within 0.01 of the planted oracle.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,15 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import planted_to_tsv
 from tests.conftest import REPO
 from trainer.data import SyntheticCriteo, SyntheticDataConfig
 from trainer.data.data_configs import CriteoDataConfig
 from trainer.data.shards import ShardSource
 from trainer.prepare import prepare
-
-_spec = importlib.util.spec_from_file_location("planted_to_tsv", REPO / "scripts/planted_to_tsv.py")
-planted_to_tsv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(planted_to_tsv)
 
 
 def write_and_prepare(out: Path, *, num_train: int, num_eval: int, blank: float) -> dict:

@@ -2,7 +2,7 @@
 
 With ``precision=fp32``, ``qat=none``, no distillation or pruning, no converter
 wraps the forward: the pipeline calls the DMP directly, so the step does what
-torchrec's golden loop does for the same model (scripts/bench_profile.py
+torchrec's golden loop does for the same model (benchmarks/op_profile.py
 compares the two op by op; the interaction is tests/test_interaction.py's).
 """
 

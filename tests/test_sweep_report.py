@@ -1,4 +1,4 @@
-"""Sweeps as config (conf/sweep/) and the sweep report (scripts/sweep_report.py).
+"""Sweeps as config (conf/sweep/) and the sweep report (``python -m trainer.report``).
 
 Every sweep file composes into jobs that validate; a real local multirun with a
 failing job is reported with the failure's error line beside the finished
@@ -9,7 +9,6 @@ named by its overrides.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import os
@@ -26,11 +25,7 @@ from tests.test_logger_plots import read_wandb_run
 from trainer.config.run_dir import register_resolvers
 from trainer.config.schema import register_configs, to_config
 from trainer.config.validate import validate
-
-_spec = importlib.util.spec_from_file_location("sweep_report", REPO / "scripts/sweep_report.py")
-sweep_report = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["sweep_report"] = sweep_report  # its dataclasses look their module up
-_spec.loader.exec_module(sweep_report)  # type: ignore[union-attr]
+from trainer.report import sweep as sweep_report
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 
@@ -140,7 +135,7 @@ def test_pareto_front() -> None:
 
 def test_report_of_an_empty_directory_says_how_to_sweep(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "scripts/sweep_report.py", str(tmp_path)],
+        [sys.executable, "-m", "trainer.report", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -196,7 +191,7 @@ def test_a_real_sweep_with_a_failed_job(tmp_path: Path) -> None:
     assert jobs[1].summary["steps"] == 3 and 0 < jobs[1].summary["auc"] < 1
 
     report = subprocess.run(
-        [sys.executable, "scripts/sweep_report.py", str(sweep)],
+        [sys.executable, "-m", "trainer.report", str(sweep)],
         cwd=REPO,
         capture_output=True,
         text=True,

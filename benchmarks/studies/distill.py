@@ -19,7 +19,7 @@ their jobs are pooled per configuration.
 Example::
 
     python -m trainer -m +sweep=distill_study trainer.num_steps=1000
-    python scripts/distill_study.py multirun/distill_study/<date_time> [more dirs] [--out DIR]
+    python -m benchmarks.studies.distill multirun/distill_study/<date_time> [more dirs] [--out DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
-from sweep_report import collect_jobs  # noqa: E402
+
+from trainer.report.sweep import collect_jobs  # noqa: E402
 
 CONFIGS = {
     "student": "student alone",

@@ -16,7 +16,7 @@ two thirds of the min/max PTQ loss). Writes ``int2_study.md``,
 Example::
 
     python -m trainer -m +sweep=int2_study
-    python scripts/int2_study.py multirun/int2_study/<date_time> [more dirs] [--out DIR]
+    python -m benchmarks.studies.int2 multirun/int2_study/<date_time> [more dirs] [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-from distill_study import seed_stats  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from sweep_report import collect_jobs  # noqa: E402
+
+from benchmarks.studies.distill import seed_stats  # noqa: E402
+from trainer.report.sweep import collect_jobs  # noqa: E402
 
 ARMS = {
     "fp32": "fp32 (no quantization)",

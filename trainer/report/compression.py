@@ -2,15 +2,15 @@
 
 ``make compression-report`` runs the sweep (``python -m trainer -m
 +sweep=precision_qat``: the ``conf/experiment/compression/*`` jobs, same data,
-seed and steps) and then this script. It writes the generic sweep report
-(``scripts/sweep_report.py``: ``report.md``, ``report.csv``, ``pareto.png``,
+seed and steps) and then this module. It writes the generic sweep report
+(``trainer.report.sweep``: ``report.md``, ``report.csv``, ``pareto.png``,
 failed jobs with their error line) and the compression table, where the fp32
 run's post-training int8/int4 exports are the PTQ rows (``compression.md``,
 ``compression.json``, ``auc_vs_bytes.png``).
 
 Example::
 
-    python scripts/compression_report.py outputs/compression-report
+    python -m trainer.report.compression outputs/compression-report
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
-from sweep_report import Job, collect_jobs, to_markdown, write_report  # noqa: E402
+
+from trainer.report.sweep import Job, collect_jobs, to_markdown, write_report  # noqa: E402
 
 # The generic report's columns for this sweep.
 METRICS = [
@@ -172,10 +173,12 @@ def padding_note(rows: list[dict]) -> str | None:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.report.compression", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the precision_qat sweep's directory")
+    args = parser.parse_args(argv)
     sweep_dir = args.sweep_dir
     if not collect_jobs(sweep_dir):
         raise SystemExit(f"no Hydra jobs under {sweep_dir}; run `make compression-report`")

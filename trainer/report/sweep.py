@@ -14,7 +14,7 @@ samples/s; the Pareto front joined) into the sweep directory.
 Example::
 
     python -m trainer -m +sweep=lr_batch trainer.num_steps=300
-    python scripts/sweep_report.py multirun/lr_batch/2026-11-29_18-47-04
+    python -m trainer.report multirun/lr_batch/2026-11-29_18-47-04
     make sweep-report DIR=multirun/lr_batch/2026-11-29_18-47-04
 """
 
@@ -312,7 +312,9 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.report", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory")
     parser.add_argument(
         "--metrics",

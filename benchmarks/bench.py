@@ -37,7 +37,10 @@ RATIOS = (("pytorch", "a/b"), ("torchrec", "a/c"), ("dense", "a/d"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="shardrec vs PyTorch vs torchrec, side by side")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description="shardrec vs PyTorch vs torchrec, side by side",
+    )
     p.add_argument("--quick", action="store_true", help="small shape only, few short rounds")
     p.add_argument("--shapes", default=None, help="comma list: small,mlperf_mlp,multihot,dcnv2")
     p.add_argument(

@@ -182,7 +182,9 @@ def plot(rows: dict[str, dict[str, Any]], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.studies.distill", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("sweep_dirs", type=Path, nargs="+", metavar="sweep_dir")
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write (default: the first sweep_dir)"

@@ -1,6 +1,17 @@
 """Mixed precision: dense compute under autocast, tables stored in 16 bits.
 
-``precision=fp32|bf16|fp16`` resolves, per device, into a :class:`Precision`:
+``precision=fp32|bf16|fp16`` (the dense autocast dtype) and ``precision.tables``
+(the table storage) resolve, per device, into a :class:`Precision`.
+``precision.tables=auto`` (the default) stores tables as ``precision`` names
+them -- except when table QAT quantizes any table (``qat.bits``,
+``qat.table_bits``, ``distill.student_qat_bits``): then *every* table keeps
+fp32 master rows, since 16-bit storage would round the fake-quantized rows
+again and training would not see the served values. So ``precision=bf16``
+alone is bf16 dense + 16-bit tables, and ``precision=bf16 qat=int4`` is bf16
+dense autocast + fp32 master tables that QAT fake-quantizes. All tables, not
+only the QAT'd ones: the model is built with one table dtype (``Converters.
+table_data_type``); a per-table dtype would need the model builders to take
+one per table. An explicit 16-bit ``precision.tables`` with QAT is refused.
 
 - dense layers run under ``torch.autocast``: bf16 anywhere; fp16 on CUDA, with a
   dynamic loss scale (``loss_scaling``). The fused table optimizer runs *inside*
@@ -20,7 +31,7 @@ the autocast forward is handed to the train pipeline.
 
 Example::
 
-    p = resolve_precision("bf16", device_type="cpu")
+    p = resolve_precision("bf16", device_type="cpu", qat=True)  # bf16 dense, fp32 tables
     tables = [dataclasses.replace(t, data_type=p.table_data_type) for t in tables]
     pipeline = make_pipeline(..., model_fwd=autocast_forward(model, p, device_type="cpu"))
 """
@@ -41,6 +52,8 @@ from compression.converter import Converter, Forward
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# precision.tables: "auto" follows precision.name, but keeps fp32 when QAT is on.
+TABLE_PRECISIONS = ("auto", *PRECISIONS)
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TABLE_TYPES = {"fp32": DataType.FP32, "bf16": DataType.BF16, "fp16": DataType.FP16}
 
@@ -60,33 +73,70 @@ class Precision:
             return {}
         return {"stochastic_rounding": True}
 
+    @property
+    def tables(self) -> str:
+        """The table storage as a precision name (``fp32``, ``fp16``, ``bf16``)."""
+        return {v: k for k, v in _TABLE_TYPES.items()}[self.table_data_type]
 
-def resolve_precision(name: str, *, device_type: str, fp16_on_cpu: bool = False) -> Precision:
-    """What ``name`` means on this device, warning where a fallback applies.
+
+def table_precision(name: str, tables: str = "auto", *, qat: bool = False) -> str:
+    """``precision.tables`` resolved (before any device fallback); raises ValueError
+    for an unknown value, or 16-bit tables asked for explicitly together with QAT."""
+    if tables not in TABLE_PRECISIONS:
+        raise ValueError(
+            f"precision.tables={tables!r} is not known; use one of {', '.join(TABLE_PRECISIONS)}"
+        )
+    if tables == "auto":
+        # QAT's fake-quantized rows must reach the kernel unrounded: fp32 master rows.
+        return "fp32" if qat else name
+    if qat and tables != "fp32":
+        raise ValueError(
+            f"precision.tables={tables} with table QAT: 16-bit tables would round the "
+            f"fake-quantized rows again, so training would not see the served values; "
+            f"use precision.tables=auto (or fp32): QAT tables keep fp32 master rows while "
+            f"precision={name} still sets the dense autocast"
+        )
+    return tables
+
+
+def resolve_precision(
+    name: str,
+    *,
+    device_type: str,
+    fp16_on_cpu: bool = False,
+    tables: str = "auto",
+    qat: bool = False,
+) -> Precision:
+    """What ``name`` (dense) and ``tables`` (storage) mean on this device, warning
+    where a fallback applies.
 
     ``fp16_on_cpu`` runs fp16 on CPU as on CUDA (fp16 autocast and loss scaling)
     instead of falling back to bf16 dense compute: slow, but the same numerics.
+    ``qat``: some table is fake-quantized, so ``tables="auto"`` means fp32.
     """
     if name not in PRECISIONS:
         raise ValueError(f"precision={name!r} is not known; use one of {', '.join(PRECISIONS)}")
-    dense, tables = name, name
+    dense, stored = name, table_precision(name, tables, qat=qat)
     if name == "fp16" and device_type != "cuda" and not fp16_on_cpu:
         log.warning(
             "precision=fp16: dense layers run bf16 autocast on CPU (pass "
             "precision.fp16_on_cpu=true for fp16 with loss scaling, as on CUDA); tables "
-            "are stored in fp16"
+            "are stored in %s",
+            stored,
         )
         dense = "bf16"
-    if device_type == "cpu" and name == "bf16":
+    if device_type == "cpu" and stored == "bf16":
         log.warning(
-            "precision=bf16: FBGEMM's CPU kernel has no bf16 tables; storing them in fp16 "
-            "(dense layers run bf16)"
+            "precision=%s: FBGEMM's CPU kernel has no bf16 tables; storing them in fp16 "
+            "(dense layers run %s)",
+            name,
+            dense,
         )
-        tables = "fp16"
+        stored = "fp16"
     return Precision(
         name=name,
         autocast_dtype=_DTYPES[dense],
-        table_data_type=_TABLE_TYPES[tables],
+        table_data_type=_TABLE_TYPES[stored],
         loss_scaling=dense == "fp16",
     )
 
@@ -137,16 +187,24 @@ class PrecisionConverter(Converter):
         )
         if data_parallel:
             raise ValueError(
-                f"precision={self.precision.name} stores tables in 16 bits, but tables "
+                f"precision.tables={self.precision.tables} stores tables in 16 bits, but tables "
                 f"{data_parallel} are data_parallel, updated by the dense optimizer without "
                 f"stochastic rounding with optim.dense_optimizer={self.dense_optimizer} (they "
                 f"diverge to nan); shard them (e.g. sharding=table_wise, or "
                 f"'+sharding.tables={{{data_parallel[0]}:{{strategy:table_wise}}}}') "
-                f"or use precision=fp32"
+                f"or use precision.tables=fp32 (dense autocast stays precision="
+                f"{self.precision.name})"
             )
 
     def wrap_forward(self, forward: Forward) -> Forward:
         return autocast_forward(forward, self.precision, device_type=self.device_type) or forward
 
     def summary(self) -> dict[str, Any]:
-        return {"precision": self.precision.name}
+        return {"precision": self.precision.name, "table_precision": self.precision.tables}
+
+    def export_summary(self) -> dict[str, Any]:
+        # The served dense layers run fp32 whatever the training autocast was
+        # (trainer/export/step.py: the parity check compares against fp32 dense).
+        dtype = self.precision.autocast_dtype
+        trained = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        return {"dense_dtype": "fp32", "train_autocast": trained}

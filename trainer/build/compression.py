@@ -97,8 +97,14 @@ def build_converters(
     ``export_range_override``: with this row range (``minmax`` | ``mse``).
     """
     try:
+        # With precision.tables=auto, any QAT table keeps every table fp32 master rows
+        # (compression/precision.py); the autocast dtype is precision.name's either way.
         precision = resolve_precision(
-            cfg.precision.name, device_type=device_type, fp16_on_cpu=cfg.precision.fp16_on_cpu
+            cfg.precision.name,
+            device_type=device_type,
+            fp16_on_cpu=cfg.precision.fp16_on_cpu,
+            tables=cfg.precision.tables,
+            qat=bool(trained_qat_bits(cfg, tables)),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err

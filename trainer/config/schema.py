@@ -135,8 +135,13 @@ class ShardingConfig:
 
 @dataclass
 class PrecisionConfig:
-    # fp32 | bf16 | fp16: dense autocast dtype and table storage (compression/precision.py).
+    # fp32 | bf16 | fp16: dense autocast dtype, and table storage unless `tables` says
+    # otherwise (compression/precision.py).
     name: PrecisionName = PrecisionName.fp32
+    # auto | fp32 | fp16 | bf16: table storage. auto: as `name`, but fp32 master rows when
+    # table QAT is on (QAT's fake-quantized rows must not be rounded to 16 bits again).
+    # A plain str, checked in validate_qat (compression.precision.TABLE_PRECISIONS).
+    tables: str = "auto"
     # fp16 only: initial loss scale; dynamic (halved on overflow, doubled after 2000 clean steps).
     loss_scale: float = 65536.0
     # fp16 on CPU runs dense layers in bf16 unless this is true (fp16 + loss scaling, as on CUDA).

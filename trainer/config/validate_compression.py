@@ -1,4 +1,5 @@
-"""Validation of the compression settings: ``distill``, ``prune``, ``qat``.
+"""Validation of the compression settings: ``distill``, ``prune``, ``qat`` (with
+``precision.tables``, the table storage QAT constrains).
 
 Called by :func:`trainer.config.validate.validate`; every check raises
 :class:`trainer.config.schema.ConfigError` naming the key and the fix.
@@ -10,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from compression.precision import table_precision
 from trainer.checkpoint.load import is_complete, missing_message
 from trainer.config.checks import check, layer_sizes, positive
-from trainer.config.schema import Config, qat_bits
+from trainer.config.schema import Config, ConfigError, qat_bits
 
 
 def validate_distill(cfg: Config) -> None:
@@ -117,14 +119,16 @@ def validate_qat(cfg: Config, tables: Sequence[Any]) -> None:
         f"qat.dense_bits={cfg.qat.dense_bits}: the dense layers train against int8 weights "
         f"only; use qat.dense_bits=8, or 0 for off",
     )
-    quantized = qat_bits(cfg, tables)
+    # Table storage is checked here, beside the QAT it depends on; the student's QAT
+    # (distill.student_qat_bits) quantizes tables too.
+    student_qat = cfg.distill.name != "none" and bool(cfg.distill.student_qat_bits)
+    quantized = bool(qat_bits(cfg, tables)) or student_qat
+    try:
+        table_precision(str(cfg.precision.name), cfg.precision.tables, qat=quantized)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if not quantized:
         return
-    check(
-        cfg.precision.name == "fp32",
-        f"qat with precision={cfg.precision.name}: 16-bit tables would round the "
-        f"fake-quantized rows again; use precision=fp32 (dense autocast is a later step)",
-    )
     kernel = cfg.sharding.compute_kernel
     check(
         kernel != "fused_uvm_caching",

@@ -21,7 +21,19 @@ The summary gets a nested ``"export"`` entry::
                "path": "exported_model.pt"}
 
 ``max_abs_logit_diff`` is ~0 with QAT (serving sees what training saw) and the
-post-training quantization error without it. Rank 0 broadcasts the result (or
+post-training quantization error without it.
+
+The dense layers are served in fp32, whatever dtype training's autocast ran them
+in (``precision=bf16``/``fp16``): the served model is the fp32 dense weights
+plus the quantized tables (``"dense_dtype": "fp32"`` and ``"train_autocast"`` in
+the entry), and the trained eval of step 3 runs without autocast too, so the
+parity check compares like with like: fp32 dense on both sides, the QAT tables
+fake-quantized on one and quantized on the other. ``max_abs_logit_diff`` thus
+stays <= 1e-5 for QAT tables under any ``precision`` (tests/test_precision_qat.py).
+Training's own evals ran under autocast: the export's AUC may differ from the
+summary's by what bf16 (8 significant bits, relative error <= 2**-8 per
+operation) changes in the logits -- a difference of the dense dtype, not of the
+quantization, and not part of the parity check. Rank 0 broadcasts the result (or
 its error) so all ranks return, or raise, together.
 
 ``trainer/export/offline.py`` (``python -m trainer.export <run_dir>/checkpoints/step_N``)

@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from trainer.config.schema import OptimConfig
+from trainer.build.model import build_unsharded
+from trainer.config.schema import Config, OptimConfig
+from trainer.config.tables import RunTables, run_tables
 
 # Sharding types whose shards hold some of each row's columns.
 COLUMN_SPLIT = {"column_wise", "table_column_wise", "grid_shard"}
@@ -102,3 +104,15 @@ def reference_step(
     for opt in optimizers:
         opt.step()
     return float(loss.detach())
+
+
+def synthetic_tables(cfg: Config) -> RunTables:
+    """The run's tables of a ``data=synthetic`` config (known from ``cfg.data`` alone)."""
+    return run_tables(cfg, features=cfg.data.features)
+
+
+def unsharded_model(cfg: Config, *, device: torch.device) -> nn.Module:
+    """The unsharded model of a ``data=synthetic`` config, on ``device``."""
+    return build_unsharded(
+        cfg.model, tables=synthetic_tables(cfg), num_dense=cfg.data.num_dense, device=device
+    )

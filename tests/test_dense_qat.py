@@ -25,9 +25,9 @@ from compression.dense_qat import (
     quantize_dense_for_serving,
 )
 from compression.serving import load_exported, model_bytes
+from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
-from trainer.build.model import build_unsharded
 from trainer.config.schema import ConfigError, to_config
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
@@ -75,8 +75,8 @@ def test_gradient_is_straight_through() -> None:
     # fake-quantized weights gives the same loss and gradients.
     cfg = tiny_config("table_wise")
     torch.manual_seed(0)
-    qat = build_unsharded(cfg, device=torch.device("cpu"))
-    plain = build_unsharded(cfg, device=torch.device("cpu"))
+    qat = unsharded_model(cfg, device=torch.device("cpu"))
+    plain = unsharded_model(cfg, device=torch.device("cpu"))
     plain.load_state_dict(qat.state_dict())
     names = enable_dense_qat(qat)
     assert names == [name for name, _ in dense_linears(plain)] and len(names) == 4
@@ -129,7 +129,7 @@ def test_qat_int4_dense_int8_run_serves_what_it_trained(tmp_path: Path, compose_
     served = load_exported(tmp_path / "exported_model.pt")
     linears = [m for m in served.modules() if isinstance(m, nn.Linear)]
     int8 = [m for m in served.modules() if isinstance(m, Int8WeightOnlyLinear)]
-    num_linears = len(dense_linears(build_unsharded(cfg, device=torch.device("meta"))))
+    num_linears = len(dense_linears(unsharded_model(cfg, device=torch.device("meta"))))
     assert not linears and len(int8) == num_linears == 5  # smoke: dense arch 2, over arch 3
     # The export's bytes count the int8 codes (1 B per weight) and fp32 scales and biases.
     dense_bytes = sum(m.codes.numel() + 4 * (m.scale.numel() + m.bias.numel()) for m in int8)

@@ -17,15 +17,14 @@ from torch import nn
 
 from compression.distill import DistillConverter, distill_loss
 from tests.conftest import REPO
+from tests.reference import synthetic_tables, unsharded_model
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.compression import build_converters, export_bits, model_tables, trained_qat_bits
-from trainer.build.model import build_unsharded
+from trainer.build.compression import build_converters
 from trainer.config.schema import (
     Config,
     ConfigError,
     DistillConfig,
     TableConfig,
-    resolved_tables,
     to_config,
 )
 from trainer.config.validate import validate
@@ -45,7 +44,7 @@ def distill_config(**distill: object) -> Config:
 
 def pair_of(cfg: Config) -> DistillTrain:
     torch.manual_seed(0)
-    teacher = build_unsharded(cfg, device=torch.device("cpu"))
+    teacher = unsharded_model(cfg, device=torch.device("cpu"))
     return make_pair(teacher, tables=_tables(cfg), distill=cfg.distill, model=cfg.model)
 
 
@@ -61,7 +60,7 @@ def a_batch(cfg: Config, batch_size: int = 64):  # noqa: ANN201
 
 
 def _tables(cfg: Config) -> list[TableConfig]:
-    return resolved_tables(cfg, cfg.data.features)
+    return synthetic_tables(cfg).model
 
 
 def grads(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -141,13 +140,14 @@ def test_shared_tables_are_looked_up_once_and_get_both_gradients() -> None:
 def test_student_tables_are_named_and_quantized_by_name() -> None:
     cfg = distill_config(student_qat_bits=4)
     cfg.qat.table_bits = {"t_cat_0": 8}
-    tables = model_tables(cfg, _tables(cfg))
+    run = synthetic_tables(cfg)
+    tables = run.trained
     assert [t.name for t in tables][-4:] == ["s_t_cat_0", "s_t_cat_1", "s_t_cat_2", "s_t_cat_3"]
     assert {t.embedding_dim for t in tables[4:]} == {4}
-    bits = trained_qat_bits(cfg, _tables(cfg))
+    bits = run.qat_bits
     assert bits == {"t_cat_0": 8, **{f"s_t_cat_{i}": 4 for i in range(4)}}
     # The export serves the student alone, at its QAT bits.
-    assert export_bits(cfg, _tables(cfg)) == {f"s_t_cat_{i}": 4 for i in range(4)}
+    assert run.export_bits == {f"s_t_cat_{i}": 4 for i in range(4)}
     validate(cfg)
     # Per-table settings address student tables by name.
     cfg.qat.table_bits = {"s_t_cat_1": 2}
@@ -179,8 +179,8 @@ def test_bad_distill_settings_name_the_key(change: dict, match: str) -> None:
 
 def test_warmup_switches_the_soft_term_on_and_is_checkpoint_state() -> None:
     cfg = distill_config(warmup_steps=2)
-    converters = build_converters(cfg, tables=_tables(cfg), device_type="cpu")
-    teacher = build_unsharded(cfg, device=torch.device("cpu"))
+    converters = build_converters(cfg, tables=synthetic_tables(cfg), device_type="cpu")
+    teacher = unsharded_model(cfg, device=torch.device("cpu"))
     model = converters.wrap_model(teacher)
     assert isinstance(model, DistillTrain)
     converters.convert_sharded(model, device=torch.device("cpu"), process_group=None)

@@ -22,11 +22,11 @@ import torch.distributed as dist
 from sharding.dist import destroy_distributed, init_distributed
 from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
-from tests.reference import reference_optimizers, reference_step
+from tests.reference import reference_optimizers, reference_step, synthetic_tables, unsharded_model
 from tests.test_distill import distill_config
 from trainer.build.compression import build_converters
-from trainer.build.model import build, build_unsharded
-from trainer.config.schema import Config, resolved_tables
+from trainer.build.model import build
+from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.export.step import export_step
 from trainer.loop.train_pipeline import drain, make_pipeline
@@ -70,11 +70,12 @@ def _worker(rank: int, out_dir: str) -> None:
         momentum = {k: v for k, v in built.optimizer.state_dict()["state"].items() if "t_cat_" in k}
         shards = local_shards(built.model)
         result = export_step(
-            cfg,
-            model=built.model,
+            built.model,
+            model_config=cfg.model,
             converters=built.converters,
             tables=built.tables,
             source=source,
+            eval_batch_size=cfg.trainer.eval_batch_size,
             run_dir=Path(out_dir),
         )
         torch.save(
@@ -92,9 +93,9 @@ def _worker(rank: int, out_dir: str) -> None:
 
 
 def _reference(cfg: Config, init: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
-    tables = resolved_tables(cfg, cfg.data.features)
+    tables = synthetic_tables(cfg)
     converters = build_converters(cfg, tables=tables, device_type="cpu")
-    pair = converters.wrap_model(build_unsharded(cfg, device=torch.device("cpu")))
+    pair = converters.wrap_model(unsharded_model(cfg, device=torch.device("cpu")))
     pair.load_state_dict(init)
     bags = dict(pair.teacher.sparse_arch.embedding_bag_collection.embedding_bags.items())
     table_params = [b.weight for b in bags.values()]
@@ -110,10 +111,10 @@ def _reference(cfg: Config, init: dict) -> tuple[list[float], dict[str, torch.Te
 @pytest.mark.dist
 def test_shared_tables_sharded_update_once_per_step_and_export(tmp_path: Path) -> None:
     cfg = _config()
-    tables = resolved_tables(cfg, cfg.data.features)
+    tables = synthetic_tables(cfg)
     converters = build_converters(cfg, tables=tables, device_type="cpu")
     torch.manual_seed(0)
-    init = converters.wrap_model(build_unsharded(cfg, device=torch.device("cpu"))).state_dict()
+    init = converters.wrap_model(unsharded_model(cfg, device=torch.device("cpu"))).state_dict()
     assert not any(k.startswith("student.sparse_arch") for k in init)  # one set of tables
     torch.save(init, tmp_path / "init.pt")
     run_ranks(_worker, str(tmp_path), world_size=2)

@@ -34,9 +34,9 @@ from compression.serving import (
 )
 from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
+from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
-from trainer.build.model import build_unsharded
 from trainer.data import SyntheticCriteo, SyntheticDataConfig, eval_batches
 
 TABLES = ["t_cat_0", "t_cat_1", "t_cat_2", "t_cat_3"]
@@ -68,7 +68,7 @@ def test_quantized_export_equals_fake_quantized_fp32(case: str, tmp_path: Path) 
     bits, row_range = BITS_CASES[case]
     cfg = tiny_config("table_wise")
     torch.manual_seed(0)
-    dlrm = build_unsharded(cfg, device=torch.device("cpu")).model.eval()
+    dlrm = unsharded_model(cfg, device=torch.device("cpu")).model.eval()
     before = {k: v.clone() for k, v in dlrm.state_dict().items()}
     batch = SyntheticCriteo(cfg.data).batch("eval", 0, 256)
 
@@ -125,7 +125,7 @@ def _small_buffer_bytes(served: torch.nn.Module) -> int:
 
 
 def test_quantize_for_serving_names_bad_tables_and_bits() -> None:
-    dlrm = build_unsharded(tiny_config("table_wise"), device=torch.device("cpu")).model
+    dlrm = unsharded_model(tiny_config("table_wise"), device=torch.device("cpu")).model
     with pytest.raises(ValueError, match="t_nope"):
         quantize_for_serving(dlrm, table_bits={"t_nope": 8})
     with pytest.raises(ValueError, match="t_cat_0.*=3"):

@@ -106,12 +106,12 @@ def _gpu_worker(rank: int, cases: list[str], out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def nccl_runs(tmp_path_factory) -> Path:
     from tests.distributed import run_ranks
-    from trainer.build.model import build_unsharded
+    from tests.reference import unsharded_model
 
     out_dir = tmp_path_factory.mktemp("gpu-eq")
     for case in CASES:
         torch.manual_seed(0)
-        init = build_unsharded(_gpu_config(case), device=torch.device("cpu")).state_dict()
+        init = unsharded_model(_gpu_config(case), device=torch.device("cpu")).state_dict()
         torch.save(init, out_dir / f"{case}-init.pt")
     run_ranks(_gpu_worker, list(CASES), str(out_dir), world_size=NUM_GPU_RANKS)
     return out_dir

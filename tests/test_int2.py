@@ -12,11 +12,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compression.serving import fake_quantize_tables, quantize_for_serving, table_bytes
+from tests.reference import synthetic_tables, unsharded_model
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
-from trainer.build.compression import export_bits
-from trainer.build.model import build_unsharded
-from trainer.config.schema import ConfigError, resolved_tables, to_config
+from trainer.config.schema import ConfigError, to_config
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
 
@@ -25,7 +24,7 @@ from trainer.data import SyntheticCriteo
 def test_int2_export_serves_the_fake_quantized_rows_exactly() -> None:
     cfg = tiny_config("table_wise")
     torch.manual_seed(0)
-    model = build_unsharded(cfg, device=torch.device("cpu")).model.eval()
+    model = unsharded_model(cfg, device=torch.device("cpu")).model.eval()
     bits = {f"t_cat_{i}": 2 for i in range(4)}
     served = quantize_for_serving(model, table_bits=bits)
     fake_quantize_tables(model, table_bits=bits)
@@ -67,8 +66,7 @@ def test_int2_is_no_smaller_than_int4_at_dim_16_but_is_at_dim_128() -> None:
 
 def test_qat_int2_composes_and_exports_at_2_bits(compose_cfg) -> None:  # noqa: ANN001
     cfg = to_config(compose_cfg(["qat=int2"]))
-    tables = resolved_tables(cfg, cfg.data.features)
-    assert set(export_bits(cfg, tables).values()) == {2}
+    assert set(synthetic_tables(cfg).export_bits.values()) == {2}
 
 
 def test_qat_start_step_trains_fp32_first_then_serves_what_it_trained(
@@ -135,7 +133,7 @@ def test_tables_under_small_table_rows_take_small_table_bits(
 ) -> None:
     cfg = to_config(compose_cfg([*overrides, "qat.small_table_rows=1000"]))
     validate(cfg, features=cfg.data.features)
-    bits = export_bits(cfg, resolved_tables(cfg, cfg.data.features))
+    bits = synthetic_tables(cfg).export_bits
     assert len(bits) == 26
     assert {t.removeprefix("s_") for t, b in bits.items() if b == 8} == SMALL
     assert {b for t, b in bits.items() if t.removeprefix("s_") not in SMALL} == {2}
@@ -143,7 +141,7 @@ def test_tables_under_small_table_rows_take_small_table_bits(
     cfg = to_config(
         compose_cfg(["qat=int2", "qat.small_table_rows=1000", "+qat.table_bits={t_cat_8:4}"])
     )
-    assert export_bits(cfg, resolved_tables(cfg, cfg.data.features))["t_cat_8"] == 4
+    assert synthetic_tables(cfg).export_bits["t_cat_8"] == 4
 
 
 def test_small_table_bits_must_be_a_served_format(compose_cfg) -> None:  # noqa: ANN001

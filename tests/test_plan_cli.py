@@ -17,7 +17,8 @@ import pytest
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.report import format_ranks
 from tests.conftest import REPO
-from trainer.config.schema import ConfigError, pooling_factors, resolved_tables, to_config
+from trainer.config.schema import ConfigError, to_config
+from trainer.config.tables import run_tables
 from trainer.plan.cluster import plan_cluster
 
 EBC = "model.sparse_arch.embedding_bag_collection"
@@ -106,7 +107,7 @@ def test_mlperf_dcnv2_composes_and_plans_for_64_gpus(compose_cfg, tmp_path: Path
     assert cfg.model.arch == "dlrm_dcnv2" and cfg.model.embedding_dim == 128
     assert max(cfg.data.cardinalities) == 40_000_000 and len(cfg.data.cardinalities) == 26
     features = cfg.data.features
-    assert pooling_factors(resolved_tables(cfg, features), features)["t_cat_20"] == [100.0]
+    assert run_tables(cfg, features=features).pooling_factors()["t_cat_20"] == [100.0]
 
     result = plan_cluster(cfg, run_dir=tmp_path)
     saved = json.loads((tmp_path / "plan.json").read_text())

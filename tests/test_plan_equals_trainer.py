@@ -24,7 +24,8 @@ from sharding import destroy_distributed, init_distributed, save_plan
 from tests.distributed import run_ranks, torchrun_trainer
 from trainer.build.compression import build_converters
 from trainer.build.model import plan_meta_model
-from trainer.config.schema import Config, resolved_tables, to_config
+from trainer.config.schema import Config, to_config
+from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.plan.cluster import plan_cluster
 from trainer.plan.run_plan import World
@@ -84,12 +85,12 @@ def _plan_for_cuda(rank: int, cfg: Config, out_dir: str) -> None:
     env = init_distributed(device="cpu")
     try:
         source = open_source(cfg.data)
-        tables = resolved_tables(cfg, source.features)
+        tables = run_tables(cfg, features=source.features)
         converters = build_converters(cfg, tables=tables, device_type="cuda")
         _, planned = plan_meta_model(
             cfg,
-            source=source,
             tables=tables,
+            num_dense=source.num_dense,
             converters=converters,
             world=World(world_size=2, local_world_size=2, device=torch.device("cuda")),
             pg=env.pg,

@@ -7,8 +7,8 @@ import torch
 
 from compression.prune import DensePruning, RemapIds, RowPruning, prune_rows
 from compression.serving import quantize_for_serving
+from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.model import build_unsharded
 from trainer.config.schema import ConfigError
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo
@@ -19,7 +19,7 @@ PRUNED_IDS = torch.arange(0, 30)  # of t_cat_1 (100 rows)
 def _model_and_batch():  # noqa: ANN202
     cfg = tiny_config("table_wise")
     torch.manual_seed(0)
-    model = build_unsharded(cfg, device=torch.device("cpu")).model.eval()
+    model = unsharded_model(cfg, device=torch.device("cpu")).model.eval()
     weight = model.sparse_arch.embedding_bag_collection.embedding_bags["t_cat_1"].weight
     with torch.no_grad():
         weight[PRUNED_IDS] *= 1e-3
@@ -85,7 +85,7 @@ def test_row_pruning_converter_reports_rows_kept() -> None:
 def test_dense_pruning_reaches_its_sparsity_on_schedule() -> None:
     cfg = tiny_config("table_wise")
     torch.manual_seed(0)
-    model = build_unsharded(cfg, device=torch.device("cpu"))
+    model = unsharded_model(cfg, device=torch.device("cpu"))
     pruning = DensePruning(sparsity=0.5, start_step=2, end_step=6, every_steps=2)
     assert [pruning.target(s) for s in range(8)] == [0, 0, 0, 0, 0.25, 0.25, 0.5, 0.5]
     pruning.convert_sharded(model, device=torch.device("cpu"), process_group=None)
@@ -115,7 +115,7 @@ def test_dense_pruning_reaches_its_sparsity_on_schedule() -> None:
     # A checkpoint restores the masks, and they are applied at once.
     state = pruning.state_dict()
     other = DensePruning(sparsity=0.5, start_step=2, end_step=6, every_steps=2)
-    fresh = build_unsharded(cfg, device=torch.device("cpu"))
+    fresh = unsharded_model(cfg, device=torch.device("cpu"))
     other.convert_sharded(fresh, device=torch.device("cpu"), process_group=None)
     other.load_state_dict(state)
     assert other.step == 8 and other.sparsity_reached() == pytest.approx(0.5, abs=0.01)

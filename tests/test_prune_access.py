@@ -21,8 +21,8 @@ from compression.access_counts import AccessCounter
 from compression.converter import Converters
 from compression.prune import RowPruning, prune_rows
 from tests.distributed import torchrun_trainer
+from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.model import build_unsharded
 from trainer.checkpoint.load import read_config
 from trainer.config.schema import ConfigError
 from trainer.config.validate import validate
@@ -67,7 +67,7 @@ def test_counter_counts_each_features_ids() -> None:
 def test_rows_never_accessed_go_and_seen_ids_keep_their_predictions() -> None:
     cfg = tiny_config("table_wise")
     torch.manual_seed(0)
-    model = build_unsharded(cfg, device=torch.device("cpu"))
+    model = unsharded_model(cfg, device=torch.device("cpu"))
     pruning = RowPruning(min_access=1, feature_rows=FEATURE_ROWS)
     pruning.convert_sharded(model, device=torch.device("cpu"), process_group=None)
     forward = pruning.wrap_forward(model)

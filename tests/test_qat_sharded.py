@@ -47,9 +47,10 @@ from tests.reference import (
     reference_optimizers,
     reference_step,
     table_parameters,
+    unsharded_model,
 )
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.model import build, build_unsharded
+from trainer.build.model import build
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain
@@ -195,7 +196,7 @@ def _reference(
 
     ``starts``: the rows to load before each step and before the eval forward.
     """
-    model = build_unsharded(cfg, device=torch.device("cpu"))
+    model = unsharded_model(cfg, device=torch.device("cpu"))
     model.load_state_dict(init)
     pooled = _record_output(model.model.sparse_arch)
     bags = model.model.sparse_arch.embedding_bag_collection.embedding_bags
@@ -241,7 +242,7 @@ def _table_name(key: str) -> str:
 def _run(out: Path, cases: list[tuple], world_size: int) -> tuple[dict, list[dict]]:
     """The initial weights, and each rank's results for every case."""
     torch.manual_seed(0)
-    init = build_unsharded(tiny_config("table_wise"), device=torch.device("cpu")).state_dict()
+    init = unsharded_model(tiny_config("table_wise"), device=torch.device("cpu")).state_dict()
     torch.save(init, out / "init.pt")
     run_ranks(
         _worker,

@@ -32,8 +32,9 @@ from tests.reference import (
     reference_optimizers,
     reference_step,
     table_parameters,
+    unsharded_model,
 )
-from trainer.build.model import build, build_unsharded
+from trainer.build.model import build
 from trainer.config.schema import (
     Config,
     ModelConfig,
@@ -151,7 +152,7 @@ def _train_case(rank: int, env: DistEnv, case: str, out_dir: Path) -> None:
 def _reference(
     cfg: Config, init: dict, world_size: int, plan: dict[str, tuple[str, list[int]]]
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = build_unsharded(cfg, device=torch.device("cpu"))
+    model = unsharded_model(cfg, device=torch.device("cpu"))
     model.load_state_dict(init)
     named_tables = dict(model.model.sparse_arch.embedding_bag_collection.embedding_bags.items())
     # Data-parallel tables are replicated dense parameters in torchrec: DDP averages
@@ -178,7 +179,7 @@ def _reference(
 def _run_cases(out_dir: Path, cases: list[str], *, world_size: int, local_world_size: int) -> Path:
     for case in cases:
         torch.manual_seed(0)
-        init = build_unsharded(_case_config(case), device=torch.device("cpu")).state_dict()
+        init = unsharded_model(_case_config(case), device=torch.device("cpu")).state_dict()
         torch.save(init, out_dir / f"{case}-init.pt")
     run_ranks(
         _sharded_worker,

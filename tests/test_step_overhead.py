@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from tests.reference import synthetic_tables
 from trainer.build.compression import build_converters
-from trainer.config.schema import resolved_tables, to_config
+from trainer.config.schema import to_config
 
 
 def test_default_config_wraps_no_forward(compose_cfg) -> None:
     cfg = to_config(compose_cfg([]))
-    tables = resolved_tables(cfg, cfg.data.features)
+    tables = synthetic_tables(cfg)
     converters = build_converters(cfg, tables=tables, device_type="cpu")
     model = torch.nn.Linear(1, 1)
     assert converters.wrap_forward(model) is None, [c.name for c in converters]
@@ -25,6 +26,6 @@ def test_default_config_wraps_no_forward(compose_cfg) -> None:
 def test_bf16_does_wrap_it(compose_cfg) -> None:
     # The check above can fail: a converter that acts does wrap the forward.
     cfg = to_config(compose_cfg(["precision=bf16"]))
-    tables = resolved_tables(cfg, cfg.data.features)
+    tables = synthetic_tables(cfg)
     converters = build_converters(cfg, tables=tables, device_type="cpu")
     assert converters.wrap_forward(torch.nn.Linear(1, 1)) is not None

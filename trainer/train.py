@@ -151,11 +151,12 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             summary.update(checkpointer.stats())
         if cfg.trainer.export:  # the quantized serving model, on rank 0
             summary["export"] = export_step(
-                cfg,
-                model=built.model,
+                built.model,
+                model_config=cfg.model,
                 converters=built.converters,
                 tables=built.tables,
                 source=source,
+                eval_batch_size=cfg.trainer.eval_batch_size,
                 run_dir=run_dir,
             )
         if env.is_main:

@@ -32,6 +32,7 @@ Nothing else in the trainer names a technique.
 
 Example::
 
+    tables = run_tables(cfg, features=source.features)
     converters = build_converters(cfg, tables=tables, device_type="cpu")
 """
 
@@ -42,59 +43,28 @@ from collections.abc import Sequence
 
 from compression.converter import Converter, Converters
 from compression.dense_qat import DenseQAT
-from compression.grad_scale import LossScaling
-from compression.precision import PrecisionConverter
-from compression.table_qat import TableQAT
 from compression.distill import DistillConverter
-from compression.precision import resolve_precision
+from compression.grad_scale import LossScaling
+from compression.precision import PrecisionConverter, resolve_precision
 from compression.prune import prune_converters
-from trainer.config.schema import Config, ConfigError, TableConfig, qat_bits, uniform_bits
-from trainer.models.distill import make_pair, student_tables
-
-
-def model_tables(cfg: Config, tables: Sequence[TableConfig]) -> list[TableConfig]:
-    """Every table the trained model holds: ``tables`` (the model's), plus the
-    distillation student's own tables (``s_<name>``) with ``distill=online``."""
-    d = cfg.distill
-    if d.name == "none" or d.share_tables:
-        return list(tables)
-    return list(tables) + student_tables(tables, embedding_dim=d.embedding_dim)
-
-
-def served_tables(cfg: Config, tables: Sequence[TableConfig]) -> list[TableConfig]:
-    """The tables of the model that is exported (the student's when distilling)."""
-    return [t for t in model_tables(cfg, tables) if t not in tables] or list(tables)
-
-
-def trained_qat_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
-    """QAT bits of every table of the trained model (``distill.student_qat_bits`` too)."""
-    everything = model_tables(cfg, tables)
-    bits = qat_bits(cfg, everything)
-    if cfg.distill.name != "none" and cfg.distill.student_qat_bits:
-        bits.update(uniform_bits(cfg, served_tables(cfg, tables), cfg.distill.student_qat_bits))
-    return bits
-
-
-def export_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
-    """The QAT bits per served table, or ``trainer.export_bits`` for all when QAT was off."""
-    served = served_tables(cfg, tables)
-    bits = trained_qat_bits(cfg, tables)
-    qat = {t.name: bits[t.name] for t in served if t.name in bits}
-    return qat or uniform_bits(cfg, served, cfg.trainer.export_bits)
+from compression.table_qat import TableQAT
+from trainer.checkpoint.safe_reader import SafeReader
+from trainer.config.schema import Config, ConfigError, TableConfig
+from trainer.config.tables import RunTables
+from trainer.models.distill import make_pair
 
 
 def build_converters(
     cfg: Config,
     *,
-    tables: Sequence[TableConfig],
+    tables: RunTables,
     device_type: str,
-    export_bits_override: int | None = None,
     export_range_override: str | None = None,
 ) -> Converters:
     """The ordered converter list of ``cfg`` on ``device_type`` (see the module docstring).
 
-    ``export_bits_override``: serve every table at these bits (offline export);
-    ``export_range_override``: with this row range (``minmax`` | ``mse``).
+    ``tables``: the run's (their QAT and export bits included);
+    ``export_range_override``: serve with this row range (``minmax`` | ``mse``).
     """
     try:
         # With precision.tables=auto, any QAT table keeps every table fp32 master rows
@@ -104,22 +74,17 @@ def build_converters(
             device_type=device_type,
             fp16_on_cpu=cfg.precision.fp16_on_cpu,
             tables=cfg.precision.tables,
-            qat=bool(trained_qat_bits(cfg, tables)),
+            qat=bool(tables.qat_bits),
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    served = (
-        uniform_bits(cfg, served_tables(cfg, tables), export_bits_override)
-        if export_bits_override
-        else export_bits(cfg, tables)
-    )
     converters: list[Converter] = [
         PrecisionConverter(
             precision, device_type=device_type, dense_optimizer=cfg.optim.dense_optimizer
         ),
         TableQAT(
-            bits=trained_qat_bits(cfg, tables),
-            export_bits=served,
+            bits=tables.qat_bits,
+            export_bits=tables.export_bits,
             start_step=cfg.qat.start_step,
             row_range=str(cfg.qat.range),
             export_row_range=export_range_override,
@@ -130,7 +95,7 @@ def build_converters(
     if precision.loss_scaling:
         converters.append(LossScaling(init_scale=cfg.precision.loss_scale))
     if cfg.distill.name != "none":
-        converters.append(_distill_converter(cfg, tables))
+        converters.append(_distill_converter(cfg, tables.model))
     p = cfg.prune
     converters += prune_converters(
         row_min_norm=p.row_min_norm,
@@ -140,8 +105,8 @@ def build_converters(
         dense_every_steps=p.dense_every_steps,
         rows_by=p.rows_by,
         min_access=p.min_access,
-        # Counted per feature of the trained model's tables (the served ones read the same).
-        feature_rows={f: t.num_embeddings for t in tables for f in t.feature_names},
+        # Counted per feature of the model's tables (the served ones read the same).
+        feature_rows=tables.feature_rows(),
     )
     return Converters(converters)
 
@@ -152,6 +117,7 @@ def _distill_converter(cfg: Config, tables: Sequence[TableConfig]) -> DistillCon
         make_pair=functools.partial(make_pair, tables=list(tables), distill=d, model=cfg.model),
         warmup_steps=d.warmup_steps,
         teacher_checkpoint=d.teacher_checkpoint,
+        teacher_reader=SafeReader,  # never unpickles the teacher's .metadata
         settings={
             "alpha": d.alpha,
             "temperature": d.temperature,

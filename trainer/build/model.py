@@ -8,7 +8,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +20,13 @@ from torchrec.modules.embedding_configs import DataType
 from compression.converter import Converters
 from sharding import DistEnv, shard_model
 from sharding.dmp import combined_optimizer
-from trainer.config.schema import Config, TableConfig, resolved_tables
-from trainer.build.compression import build_converters, model_tables
+from trainer.build.compression import build_converters
+from trainer.config.schema import Config, ModelConfig
+from trainer.config.tables import RunTables, run_tables
+from trainer.config.validate import open_source, validate_for_device
 from trainer.data.source import DataSource
 from trainer.models import build_model
 from trainer.plan.run_plan import Planned, World, plan_model
-from trainer.config.validate import open_source, validate_for_device
 
 
 @dataclass
@@ -34,34 +34,27 @@ class Built:
     model: DistributedModelParallel
     optimizer: torch.optim.Optimizer
     plan: ShardingPlan
-    tables: list[TableConfig]
+    tables: RunTables
     converters: Converters
 
 
 def build_unsharded(
-    cfg: Config,
+    model: ModelConfig,
     *,
+    tables: RunTables,
+    num_dense: int,
     device: torch.device,
-    tables: Sequence[TableConfig] | None = None,
-    num_dense: int | None = None,
     table_data_type: DataType = DataType.FP32,
 ) -> torch.nn.Module:
-    """The model as configured, on ``device`` (``meta`` before sharding).
-
-    ``tables`` / ``num_dense``: from the data source; default: the synthetic
-    source's, known from ``cfg.data`` alone.
-    """
-    if tables is None or num_dense is None:
-        tables, num_dense = resolved_tables(cfg, cfg.data.features), cfg.data.num_dense
-    m = cfg.model
+    """The model as configured over the run's tables, on ``device`` (``meta`` before sharding)."""
     return build_model(
-        arch=m.arch,
-        tables=tables,
+        arch=model.arch,
+        tables=tables.model,
         num_dense=num_dense,
-        dense_arch_layer_sizes=m.dense_arch_layer_sizes,
-        over_arch_layer_sizes=m.over_arch_layer_sizes,
-        dcn_num_layers=m.dcn_num_layers,
-        dcn_low_rank_dim=m.dcn_low_rank_dim,
+        dense_arch_layer_sizes=model.dense_arch_layer_sizes,
+        over_arch_layer_sizes=model.over_arch_layer_sizes,
+        dcn_num_layers=model.dcn_num_layers,
+        dcn_low_rank_dim=model.dcn_low_rank_dim,
         device=device,
         table_data_type=table_data_type,
     )
@@ -70,8 +63,8 @@ def build_unsharded(
 def plan_meta_model(
     cfg: Config,
     *,
-    source: DataSource,
-    tables: Sequence[TableConfig],
+    tables: RunTables,
+    num_dense: int,
     converters: Converters,
     world: World,
     pg: Any,
@@ -84,18 +77,20 @@ def plan_meta_model(
     distillation student) is built before planning, so it is planned and sharded with it.
     """
     model = build_unsharded(
-        cfg,
+        cfg.model,
         tables=tables,
-        num_dense=source.num_dense,
+        num_dense=num_dense,
         device=torch.device("meta"),
         table_data_type=converters.table_data_type(),
     )
     model = converters.wrap_model(model)
     planned = plan_model(
-        cfg,
-        model=model,
-        tables=model_tables(cfg, tables),
-        features=source.features,
+        model,
+        tables=tables,
+        sharding=cfg.sharding,
+        topology=cfg.topology,
+        optim=cfg.optim,
+        batch_size=cfg.trainer.batch_size,
         converters=converters,
         world=world,
         pg=pg,
@@ -111,12 +106,12 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
     """
     validate_for_device(cfg, env.device.type)
     source = source or open_source(cfg.data, seed=cfg.trainer.seed)
-    tables = resolved_tables(cfg, source.features)
+    tables = run_tables(cfg, features=source.features)
     converters = build_converters(cfg, tables=tables, device_type=env.device.type)
     model, planned = plan_meta_model(
         cfg,
-        source=source,
         tables=tables,
+        num_dense=source.num_dense,
         converters=converters,
         world=World(
             world_size=env.world_size,

@@ -26,7 +26,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from compression.precision import PRECISIONS
 from compression.row_range import RANGES
 from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
-from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.report.logger import LOGGER_NAMES, WANDB_MODES, LoggerConfig
 
@@ -317,52 +316,3 @@ def config_from_yaml(text: str) -> Config:
 def to_config(cfg: DictConfig) -> Config:
     """Converts a composed Hydra config into plain dataclasses (Hydra stops here)."""
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
-def resolved_tables(cfg: Config, features: Sequence[FeatureSpec]) -> list[TableConfig]:
-    """The tables the model builds: the explicit list, or one per categorical feature."""
-    if cfg.model.tables:
-        return [
-            TableConfig(
-                name=t.name,
-                num_embeddings=t.num_embeddings,
-                embedding_dim=t.embedding_dim or cfg.model.embedding_dim,
-                feature_names=list(t.feature_names),
-                pooling=t.pooling,
-            )
-            for t in cfg.model.tables
-        ]
-    return [
-        TableConfig(
-            name=f"t_{f.name}",
-            num_embeddings=f.num_embeddings,
-            embedding_dim=cfg.model.embedding_dim,
-            feature_names=[f.name],
-            pooling=cfg.model.pooling,
-        )
-        for f in features
-    ]
-
-
-def uniform_bits(cfg: Config, tables: Sequence[TableConfig], bits: int) -> dict[str, int]:
-    """``bits`` for every table, but ``qat.small_table_bits`` under ``qat.small_table_rows``."""
-    q = cfg.qat
-    return {
-        t.name: q.small_table_bits if t.num_embeddings < q.small_table_rows else bits
-        for t in tables
-    }
-
-
-def qat_bits(cfg: Config, tables: Sequence[TableConfig]) -> dict[str, int]:
-    """Per table, the bits its QAT fake-quant uses; tables left out train in fp32."""
-    bits = uniform_bits(cfg, tables, cfg.qat.bits) if cfg.qat.bits else {}
-    bits.update(cfg.qat.table_bits)
-    return {name: b for name, b in bits.items() if b}
-
-
-def pooling_factors(
-    tables: Sequence[TableConfig], features: Sequence[FeatureSpec]
-) -> dict[str, list[float]]:
-    """Per table, the mean ids per sample of each of its features (from the source)."""
-    by_feature = {f.name: f.ids_per_sample for f in features}
-    return {t.name: [by_feature[f] for f in t.feature_names] for t in tables}

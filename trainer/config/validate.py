@@ -20,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from sharding.planner import HIERARCHICAL
-from trainer.build.compression import model_tables
-from trainer.checkpoint.load import is_complete, missing_message
+from trainer.checkpoint.load import check_checkpoint
 from trainer.config.checks import check, layer_sizes, positive
 from trainer.config.schema import (
     STRATEGIES,
     Config,
     ConfigError,
-    resolved_tables,
+    ModelConfig,
+    TableConfig,
 )
+from trainer.config.tables import run_tables
 from trainer.config.validate_compression import validate_distill, validate_prune, validate_qat
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
@@ -134,16 +135,16 @@ def validate(
         f"model.over_arch_layer_sizes must end in 1 (one click logit), got "
         f"{list(m.over_arch_layer_sizes)}; e.g. model.over_arch_layer_sizes=[64,32,1]",
     )
-    _validate_tables(cfg, features)
+    tables = run_tables(cfg, features=features)
+    _validate_tables(cfg.model, tables.model, features)
     if m.arch == "dlrm_dcnv2":
         positive("model.dcn_num_layers", m.dcn_num_layers)
         positive("model.dcn_low_rank_dim", m.dcn_low_rank_dim)
     validate_distill(cfg)
     validate_prune(cfg)
     # With distill=online, the student's own tables too (s_t_cat_0, ...).
-    tables = model_tables(cfg, resolved_tables(cfg, features))
-    _validate_sharding(cfg, tables, world_size, local_world_size or world_size)
-    validate_qat(cfg, tables)
+    _validate_sharding(cfg, tables.trained, world_size, local_world_size or world_size)
+    validate_qat(cfg, tables.trained)
     if s.strategy in ("row_wise", "column_wise") and world_size < 2:
         raise ConfigError(
             f"sharding.strategy={s.strategy} splits tables across ranks and needs "
@@ -156,7 +157,7 @@ def validate(
             f"sharding.column_shard_dim={s.column_shard_dim}: use a positive multiple of 4 "
             f"(FBGEMM's row alignment), or null for torchrec's default (128)",
         )
-        for table in tables:
+        for table in tables.trained:
             check(
                 table.embedding_dim % s.column_shard_dim == 0,
                 f"sharding.column_shard_dim={s.column_shard_dim} does not divide table "
@@ -200,7 +201,7 @@ def _validate_checkpoints(cfg: Config) -> None:
         f"(to keep none, set trainer.checkpoint_every_steps=0)",
     )
     if t.resume not in (None, "auto"):
-        check(is_complete(Path(t.resume)), missing_message(Path(t.resume), key="trainer.resume"))
+        check_checkpoint(Path(t.resume), key="trainer.resume")
 
 
 def _validate_sharding(
@@ -242,8 +243,9 @@ def _validate_sharding(
         )
 
 
-def _validate_tables(cfg: Config, source_features: Sequence[FeatureSpec]) -> None:
-    tables = resolved_tables(cfg, source_features)
+def _validate_tables(
+    model: ModelConfig, tables: Sequence[TableConfig], source_features: Sequence[FeatureSpec]
+) -> None:
     names = [t.name for t in tables]
     dupes = sorted({n for n in names if names.count(n) > 1})
     check(not dupes, f"model.tables: table names must be unique, repeated: {dupes}")
@@ -268,7 +270,7 @@ def _validate_tables(cfg: Config, source_features: Sequence[FeatureSpec]) -> Non
     )
     rows_needed = {f.name: f.num_embeddings for f in source_features}
     for i, t in enumerate(tables):
-        key = f"model.tables[{i}]" if cfg.model.tables else f"table {t.name}"
+        key = f"model.tables[{i}]" if model.tables else f"table {t.name}"
         check(bool(t.feature_names), f"{key}.feature_names is empty")
         positive(f"{key}.num_embeddings", t.num_embeddings)
         positive(f"{key}.embedding_dim", t.embedding_dim)
@@ -280,7 +282,7 @@ def _validate_tables(cfg: Config, source_features: Sequence[FeatureSpec]) -> Non
         )
     # DLRM's dot interaction (and DLRM-DCN's cross layers, as torchrec builds them)
     # stack the dense projection with every pooled embedding, so dims must agree.
-    bottom = cfg.model.dense_arch_layer_sizes[-1]
+    bottom = model.dense_arch_layer_sizes[-1]
     for t in tables:
         check(
             t.embedding_dim == bottom,

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from compression.precision import table_precision
-from trainer.checkpoint.load import is_complete, missing_message
+from trainer.checkpoint.load import check_checkpoint
 from trainer.config.checks import check, layer_sizes, positive
-from trainer.config.schema import Config, ConfigError, qat_bits
+from trainer.config.schema import Config, ConfigError
+from trainer.config.tables import qat_bits
 
 
 def validate_distill(cfg: Config) -> None:
@@ -53,7 +54,7 @@ def validate_distill(cfg: Config) -> None:
     )
     if d.teacher_checkpoint is not None:
         path = Path(d.teacher_checkpoint)
-        check(is_complete(path), missing_message(path, key="distill.teacher_checkpoint"))
+        check_checkpoint(path, key="distill.teacher_checkpoint")
     check(
         not d.freeze_teacher or d.teacher_checkpoint is not None,
         "distill.freeze_teacher=true without distill.teacher_checkpoint would keep an "
@@ -122,7 +123,7 @@ def validate_qat(cfg: Config, tables: Sequence[Any]) -> None:
     # Table storage is checked here, beside the QAT it depends on; the student's QAT
     # (distill.student_qat_bits) quantizes tables too.
     student_qat = cfg.distill.name != "none" and bool(cfg.distill.student_qat_bits)
-    quantized = bool(qat_bits(cfg, tables)) or student_qat
+    quantized = bool(qat_bits(cfg.qat, tables)) or student_qat
     try:
         table_precision(str(cfg.precision.name), cfg.precision.tables, qat=quantized)
     except ValueError as err:

@@ -32,8 +32,16 @@ import torch.distributed.checkpoint as dcp
 
 from compression.row_range import RANGES
 from trainer.build.compression import build_converters
-from trainer.checkpoint.load import is_complete, load_unsharded_model, missing_message, read_config
-from trainer.config.schema import ConfigError, resolved_tables
+from trainer.checkpoint.load import (
+    check_checkpoint,
+    is_complete,
+    load_unsharded_model,
+    missing_message,
+    read_config,
+)
+from trainer.checkpoint.safe_reader import SafeReader, read_checkpoint_metadata
+from trainer.config.schema import ConfigError
+from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.export.step import EXPORT_FILE, build_trained, export_model
 
@@ -45,20 +53,20 @@ def export_checkpoint(
     row_range: str | None = None,
     out: Path | None = None,
 ) -> dict[str, Any]:
-    """The serving model of a saved checkpoint; raises FileNotFoundError when it is not one."""
+    """The serving model of a saved checkpoint; raises FileNotFoundError when it is not one,
+    ConfigError when it would not load safely (trainer/checkpoint/safe_reader.py)."""
     if not is_complete(checkpoint):
         raise FileNotFoundError(missing_message(checkpoint, key="checkpoint_dir"))
+    check_checkpoint(checkpoint, key="checkpoint_dir")  # before any data or model is built
     cfg = read_config(checkpoint)
     source = open_source(cfg.data)
-    tables = resolved_tables(cfg, source.features)
+    tables = run_tables(cfg, features=source.features, export_bits_override=bits)
     converters = build_converters(
-        cfg,
-        tables=tables,
-        device_type="cpu",
-        export_bits_override=bits,
-        export_range_override=row_range,
+        cfg, tables=tables, device_type="cpu", export_range_override=row_range
     )
-    trained = build_trained(cfg, tables=tables, num_dense=source.num_dense, converters=converters)
+    trained = build_trained(
+        cfg.model, tables=tables, num_dense=source.num_dense, converters=converters
+    )
     step = load_unsharded_model(checkpoint, trained)
     converters.load_state_dict(_saved_converter_state(checkpoint))  # e.g. access counts
     out = out or checkpoint / EXPORT_FILE
@@ -77,7 +85,7 @@ def export_checkpoint(
 
 def _saved_converter_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The checkpoint's ``compression`` entry (one process), shaped from its metadata."""
-    metadata = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
+    metadata = read_checkpoint_metadata(checkpoint).state_dict_metadata
     template: dict[str, dict[str, torch.Tensor]] = {}
     for key, meta in metadata.items():
         parts = key.split(".")
@@ -89,7 +97,7 @@ def _saved_converter_state(checkpoint: Path) -> dict[str, dict[str, torch.Tensor
     if template:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.filterwarnings("ignore", message=".*single process")
-            dcp.load({"compression": template}, checkpoint_id=checkpoint, no_dist=True)
+            dcp.load({"compression": template}, storage_reader=SafeReader(checkpoint), no_dist=True)
     return template
 
 

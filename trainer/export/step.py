@@ -49,7 +49,6 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,8 @@ from compression.converter import Converters
 from compression.serving import gather_full_state, model_bytes, save_exported, table_bytes
 from sharding.collectives import broadcast_object
 from trainer.build.model import build_unsharded
-from trainer.config.schema import Config, TableConfig
+from trainer.config.schema import ModelConfig
+from trainer.config.tables import RunTables
 from trainer.data.source import DataSource
 from trainer.report.metrics import binary_auc
 
@@ -71,22 +71,23 @@ EXPORT_FILE = "exported_model.pt"
 
 
 def build_trained(
-    cfg: Config, *, tables: Sequence[TableConfig], num_dense: int, converters: Converters
+    model: ModelConfig, *, tables: RunTables, num_dense: int, converters: Converters
 ) -> nn.Module:
     """The unsharded fp32 cpu model the trained state dict loads into (converters included)."""
-    trained = build_unsharded(cfg, tables=tables, num_dense=num_dense, device=torch.device("cpu"))
+    trained = build_unsharded(model, tables=tables, num_dense=num_dense, device=torch.device("cpu"))
     trained = converters.wrap_model(trained)  # e.g. the distillation pair
     converters.prepare_trained(trained)
     return trained
 
 
 def export_step(
-    cfg: Config,
-    *,
     model: nn.Module,
+    *,
+    model_config: ModelConfig,
     converters: Converters,
-    tables: Sequence[TableConfig],
+    tables: RunTables,
     source: DataSource,
+    eval_batch_size: int,
     run_dir: Path,
 ) -> dict[str, Any]:
     """Collective: exports on rank 0; returns the ``"export"`` entry on every rank."""
@@ -98,14 +99,14 @@ def export_step(
     if full_state is not None:
         try:
             trained = build_trained(
-                cfg, tables=tables, num_dense=source.num_dense, converters=converters
+                model_config, tables=tables, num_dense=source.num_dense, converters=converters
             )
             trained.load_state_dict(full_state)
             result = export_model(
                 trained,
                 converters=converters,
                 source=source,
-                batch_size=cfg.trainer.eval_batch_size,
+                batch_size=eval_batch_size,
                 path=run_dir / EXPORT_FILE,
             )
             result["path"] = EXPORT_FILE  # relative to the run directory

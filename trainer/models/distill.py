@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,14 +37,8 @@ from torchrec.models.dlrm import DLRMTrain
 
 from compression.distill import distill_loss
 from trainer.config.schema import DistillConfig, ModelConfig, TableConfig
+from trainer.config.tables import student_tables
 from trainer.models.dlrm import build_model
-
-STUDENT_PREFIX = "s_"
-
-
-def student_tables(tables: Sequence[TableConfig], *, embedding_dim: int) -> list[TableConfig]:
-    """The student's own tables: one per teacher table, same rows and features."""
-    return [replace(t, name=STUDENT_PREFIX + t.name, embedding_dim=embedding_dim) for t in tables]
 
 
 def _logits(dlrm: nn.Module, dense: Tensor, pooled: Tensor) -> Tensor:

@@ -36,18 +36,18 @@ from torchrec.distributed.planner.types import PlannerError
 
 from sharding import save_plan
 from sharding.estimate import PlanCapture, rank_estimates, table_estimates
-from sharding.fit import explain_no_fit, table_bytes
 from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
-from trainer.build.compression import build_converters, model_tables
+from trainer.build.compression import build_converters
 from trainer.build.model import plan_meta_model
 from trainer.config.compose import CONF_DIR, config_error_line, exit_on_compose_error
 from trainer.config.run_dir import register_resolvers
-from trainer.config.schema import Config, ConfigError, register_configs, resolved_tables, to_config
+from trainer.config.schema import Config, ConfigError, register_configs, to_config
+from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.config.validate import validate as validate_config
-from trainer.plan.run_plan import World
+from trainer.plan.run_plan import World, no_fit_message
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 3
@@ -88,40 +88,27 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
     topo, shard = cfg.topology, cfg.sharding
     compute_device = topo.compute_device or "cuda"
     local_world_size = min(topo.local_world_size or world_size, world_size)
-    tables = resolved_tables(cfg, source.features)
+    tables = run_tables(cfg, features=source.features)
     converters = build_converters(cfg, tables=tables, device_type=compute_device)
     capture = PlanCapture()
+    world = World(
+        world_size=world_size,
+        local_world_size=local_world_size,
+        device=torch.device(compute_device),
+    )
     try:
         _, planned = plan_meta_model(
             cfg,
-            source=source,
             tables=tables,
+            num_dense=source.num_dense,
             converters=converters,
-            world=World(
-                world_size=world_size,
-                local_world_size=local_world_size,
-                device=torch.device(compute_device),
-            ),
+            world=world,
             pg=None,
             stats=[capture],
         )
     except PlannerError as err:
         raise DoesNotFit(
-            explain_no_fit(
-                [
-                    table_bytes(
-                        t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim
-                    )
-                    for t in model_tables(cfg, tables)
-                ],
-                strategy=shard.strategy,
-                world_size=world_size,
-                compute_device=compute_device,
-                hbm_gb=topo.hbm_gb,
-                ddr_gb=topo.ddr_gb,
-                storage_reservation_percentage=topo.storage_reservation_percentage,
-                planner_message=str(err),
-            )
+            no_fit_message(tables.trained, world, sharding=shard, topology=topo, planner_error=err)
         ) from None
 
     plan, topology = planned.plan, planned.topology

@@ -1,16 +1,18 @@
 """One planning path: the trainer and ``python -m trainer.plan`` both call :func:`plan_model`.
 
-Given the meta model, the tables, the data source's features (pooling
-factors), the converters (table dtype, fused kernel arguments) and a world to
-plan for, it builds the sharders and the planner's topology, applies per-table
-overrides (strategy, kernel, UVM cache load factor, pinned ranks), plans, and
-lets each converter refuse a plan it cannot train. The running job plans for
-itself (``pg`` set: rank 0 plans and broadcasts); the CLI plans for a cluster
+Given the meta model, the run's tables (with the source's pooling factors),
+the config sections it reads (``sharding``, ``topology``, ``optim``), the
+converters (table dtype, fused kernel arguments) and a world to plan for, it
+builds the sharders and the planner's topology, applies per-table overrides
+(strategy, kernel, UVM cache load factor, pinned ranks), plans, and lets each
+converter refuse a plan it cannot train. The running job plans for itself
+(``pg`` set: rank 0 plans and broadcasts); the CLI plans for a cluster
 that is not there (``pg=None``) with the same inputs.
 
 Example::
 
-    planned = plan_model(cfg, model=meta_model, tables=tables, features=source.features,
+    planned = plan_model(meta_model, tables=tables, sharding=cfg.sharding,
+                         topology=cfg.topology, optim=cfg.optim, batch_size=1024,
                          converters=converters, world=World(world_size=2, local_world_size=2,
                          device=torch.device("cpu")), pg=env.pg)
     print(format_plan(planned.plan))
@@ -35,8 +37,15 @@ from sharding.collectives import broadcast_object, is_main
 from sharding.dmp import fuse_embedding_optimizer
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.planner import TableOverride, pin_ranks
-from trainer.config.schema import Config, ConfigError, TableConfig, pooling_factors
-from trainer.data.source import FeatureSpec
+from trainer.config.schema import (
+    ConfigError,
+    OptimConfig,
+    ShardingConfig,
+    TableConfig,
+    TableShardingConfig,
+    TopologyConfig,
+)
+from trainer.config.tables import RunTables
 
 
 @dataclass(frozen=True)
@@ -55,23 +64,26 @@ class Planned:
     topology: Topology
 
 
-def table_overrides(cfg: Config) -> dict[str, TableOverride]:
+def table_overrides(pins: dict[str, TableShardingConfig]) -> dict[str, TableOverride]:
+    """``sharding.tables`` as the planner's per-table overrides."""
     return {
         name: TableOverride(
             strategy=pin.strategy,
             compute_kernel=pin.compute_kernel,
             ranks=tuple(pin.ranks) if pin.ranks else None,
         )
-        for name, pin in cfg.sharding.tables.items()
+        for name, pin in pins.items()
     }
 
 
 def plan_model(
-    cfg: Config,
-    *,
     model: nn.Module,
-    tables: Sequence[TableConfig],
-    features: Sequence[FeatureSpec],
+    *,
+    tables: RunTables,
+    sharding: ShardingConfig,
+    topology: TopologyConfig,
+    optim: OptimConfig,
+    batch_size: int,
     converters: Converters,
     world: World,
     pg: Any,
@@ -83,21 +95,21 @@ def plan_model(
     fuse_embedding_optimizer(
         # Every collection's tables (a distillation pair has two collections).
         [p for ebc in collections for p in ebc.parameters()],
-        lr=cfg.optim.embedding_lr,
-        eps=cfg.optim.embedding_eps,
+        lr=optim.embedding_lr,
+        eps=optim.embedding_eps,
     )
     sharders = embedding_sharders(
         fused_params=converters.fused_params() or None,
         qcomm_codecs_registry=comm_codecs(
-            forward=cfg.sharding.comm_forward,
-            backward=cfg.sharding.comm_backward,
+            forward=sharding.comm_forward,
+            backward=sharding.comm_backward,
             world_size=world.world_size,
             device=world.device,
         ),
     )
-    overrides = table_overrides(cfg)
-    topo, s = cfg.topology, cfg.sharding
-    topology = make_topology(
+    overrides = table_overrides(sharding.tables)
+    topo, s = topology, sharding
+    planner_topology = make_topology(
         world_size=world.world_size,
         local_world_size=world.local_world_size,
         compute_device=world.device.type,
@@ -112,20 +124,24 @@ def plan_model(
             model,
             strategy=s.strategy,
             compute_kernel=s.compute_kernel,
-            topology=topology,
+            topology=planner_topology,
             sharders=sharders,
             pg=None,
-            batch_size=cfg.trainer.batch_size,
-            table_names=[t.name for t in tables],
+            batch_size=batch_size,
+            table_names=[t.name for t in tables.trained],
             storage_reservation_percentage=topo.storage_reservation_percentage,
-            pooling_factors=pooling_factors(tables, features),
+            pooling_factors=tables.pooling_factors(),
             overrides=overrides,
             cache_load_factor=s.cache_load_factor,
             column_shard_dim=s.column_shard_dim,
             stats=stats,
         )
 
-    plan = plan_here() if pg is None else _plan_on_rank0(plan_here, cfg, tables, world)
+    plan = (
+        plan_here()
+        if pg is None
+        else _plan_on_rank0(plan_here, tables.trained, world, sharding=s, topology=topo)
+    )
     plan = pin_ranks(
         plan,
         model,
@@ -141,14 +157,16 @@ def plan_model(
         converters.check_plan(plan)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    return Planned(plan=plan, sharders=sharders, topology=topology)
+    return Planned(plan=plan, sharders=sharders, topology=planner_topology)
 
 
 def _plan_on_rank0(
     plan_here: Callable[[], ShardingPlan],
-    cfg: Config,
     tables: Sequence[TableConfig],
     world: World,
+    *,
+    sharding: ShardingConfig,
+    topology: TopologyConfig,
 ) -> ShardingPlan:
     """Rank 0 plans; every rank gets its plan or its error. (torchrec's collective_plan
     leaves the other ranks waiting on a broadcast that never comes when rank 0 fails.)"""
@@ -157,21 +175,8 @@ def _plan_on_rank0(
         try:
             plan = plan_here()
         except PlannerError as err:
-            topo = cfg.topology
-            error = explain_no_fit(
-                [
-                    table_bytes(
-                        t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim
-                    )
-                    for t in tables
-                ],
-                strategy=cfg.sharding.strategy,
-                world_size=world.world_size,
-                compute_device=world.device.type,
-                hbm_gb=topo.hbm_gb,
-                ddr_gb=topo.ddr_gb,
-                storage_reservation_percentage=topo.storage_reservation_percentage,
-                planner_message=str(err),
+            error = no_fit_message(
+                tables, world, sharding=sharding, topology=topology, planner_error=err
             )
         except Exception as err:
             failed = f"{type(err).__name__}: {err}"
@@ -183,3 +188,27 @@ def _plan_on_rank0(
     if failed is not None:
         raise RuntimeError(f"planning failed on rank 0: {failed}")
     return plan
+
+
+def no_fit_message(
+    tables: Sequence[TableConfig],
+    world: World,
+    *,
+    sharding: ShardingConfig,
+    topology: TopologyConfig,
+    planner_error: PlannerError,
+) -> str:
+    """Why no plan fits: the tables' bytes against the devices' memory, and the fix."""
+    return explain_no_fit(
+        [
+            table_bytes(t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim)
+            for t in tables
+        ],
+        strategy=sharding.strategy,
+        world_size=world.world_size,
+        compute_device=world.device.type,
+        hbm_gb=topology.hbm_gb,
+        ddr_gb=topology.ddr_gb,
+        storage_reservation_percentage=topology.storage_reservation_percentage,
+        planner_message=str(planner_error),
+    )

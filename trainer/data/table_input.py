@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
 from trainer.data.data_configs import DenseTransform, TableDataConfig, TableFormat
+from trainer.data.table_lines import file_lines, malformed_bad, malformed_lines
 from trainer.data.vocab import fnv1a64
 
 
@@ -118,18 +120,31 @@ def column_names(path: Path, fmt: TableFormat) -> list[str]:
     return [n.strip().strip('"') for n in names]
 
 
-def read_table(path: Path, fmt: TableFormat, columns: list[str], *, batch_rows: int) -> pa.Table:
-    """A whole (side) table, only ``columns``."""
-    batches = [b for _, b in _raw_batches(path, fmt, columns, batch_rows=batch_rows)]
+def read_table(
+    path: Path,
+    fmt: TableFormat,
+    columns: list[str],
+    *,
+    batch_rows: int,
+    skip_malformed: bool = False,
+) -> pa.Table:
+    """A whole (side) table, only ``columns``. A text row with the wrong number of fields
+    is skipped with ``skip_malformed`` (counting rows), else an error naming its line."""
+    malformed: list[str] | None = [] if skip_malformed else None
+    batches = [b for _, b in _raw_batches(path, fmt, columns, batch_rows, malformed)]
     if not batches:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.Table.from_batches(batches)
 
 
 def _raw_batches(
-    path: Path, fmt: TableFormat, columns: list[str], *, batch_rows: int
+    path: Path, fmt: TableFormat, columns: list[str], batch_rows: int, malformed: list[str] | None
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(first row number, record batch) of ``columns``; text columns all as strings."""
+    """(first data row number, record batch) of ``columns``; text columns all as strings.
+
+    A text row with the wrong number of fields is skipped, its text appended to
+    ``malformed`` (pyarrow does not know its line; ``malformed_lines`` finds it);
+    with ``malformed=None`` it is an error naming the file and line."""
     have = column_names(path, fmt)
     missing = [c for c in columns if c not in have]
     if missing:
@@ -137,7 +152,12 @@ def _raw_batches(
             f"{path}: no column {missing[0]!r} (it has {', '.join(have)}); "
             "fix the column names in data.label / dense / categorical / multi_hot / buckets / joins"
         )
-    first = 1
+    first, seen = 1, ([] if malformed is None else malformed)
+
+    def skip_row(row: pv.InvalidRow) -> str:
+        seen.append(row.text)
+        return "skip"
+
     if fmt == TableFormat.parquet:
         batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
     else:
@@ -146,7 +166,9 @@ def _raw_batches(
             path,
             read_options=pv.ReadOptions(column_names=have, skip_rows=1, block_size=8 << 20),
             parse_options=pv.ParseOptions(
-                delimiter=delimiter, quote_char='"' if fmt == TableFormat.csv else False
+                delimiter=delimiter,
+                quote_char='"' if fmt == TableFormat.csv else False,
+                invalid_row_handler=skip_row,
             ),
             convert_options=pv.ConvertOptions(
                 include_columns=columns,
@@ -155,9 +177,16 @@ def _raw_batches(
             ),
         )
         batches = iter(reader)
-    for batch in batches:
-        yield first, batch
-        first += batch.num_rows
+    for batch in itertools.chain(batches, [None]):  # None: the end, after the last check
+        if malformed is None and seen:
+            line, fields, expected = (malformed_lines(path, fmt) or [(0, -1, -1)])[0]
+            raise TableInputError(
+                f"{path}:{line}: {fields} fields, expected {expected} as in the header "
+                f"({seen[0][:80]!r}); fix or remove the line"
+            )
+        if batch is not None:
+            yield first, batch
+            first += batch.num_rows
 
 
 @dataclass
@@ -176,12 +205,34 @@ def read_batches(
     batch_rows: int,
     joins: list[Join] = (),  # type: ignore[assignment]
 ) -> Iterator[TableBatch]:
-    """The file's rows as arrays, ``batch_rows`` at a time (bad rows reported, not mapped)."""
+    """The file's rows as arrays, ``batch_rows`` at a time (bad rows reported, not mapped;
+    a text row with the wrong number of fields is one of them, in the batch of its line)."""
     from_joins = {c for j in joins for c in j.table.column_names if c != j.on}
     keys = [j.on for j in joins]
     own = [c for c in spec.columns if c not in from_joins]
     own += [k for k in keys if k not in own]
-    for first, batch in _raw_batches(path, fmt, own, batch_rows=batch_rows):
+    malformed: list[str] = []
+    pending: list[tuple[int, int, int]] | None = None  # malformed rows not yet reported
+    skipped = np.zeros(0, np.int64)  # their lines, sorted
+    first, end = 1, [(-1, None)]
+    for start, batch in itertools.chain(_raw_batches(path, fmt, own, batch_rows, malformed), end):
+        first = start if batch is not None else first
+        if malformed and pending is None:
+            pending = malformed_lines(path, fmt)
+            if not pending:
+                raise TableInputError(
+                    f"{path}: pyarrow skipped a row with the wrong number of fields "
+                    f"({malformed[0][:80]!r}) that a line-by-line read does not find; fix the row"
+                )
+            skipped = np.array([line for line, _, _ in pending], np.int64)
+        if batch is None:  # the end: malformed rows after the last good one
+            if not pending:
+                return
+            empty = pa.table({c: pa.array([], pa.string()) for c in spec.columns})
+            out = _to_arrays(path, first, empty, spec, fmt, skipped)
+            out.bad += malformed_bad(pending)
+            yield out
+            return
         table = pa.Table.from_batches([batch])
         for join in joins:
             at = pc.index_in(
@@ -191,15 +242,22 @@ def read_batches(
             for name in side.column_names:
                 if name != join.on and name not in table.column_names:
                     table = table.append_column(name, side.column(name))
-        yield _to_arrays(path, first, table, spec, fmt)
+        out = _to_arrays(path, first, table, spec, fmt, skipped)
+        if pending and table.num_rows:
+            last = int(file_lines(np.array([first - 2 + table.num_rows]), skipped, fmt)[0])
+            out.bad = sorted(out.bad + malformed_bad([p for p in pending if p[0] < last]))
+            pending = [p for p in pending if p[0] > last]
+        yield out
 
 
 def _to_arrays(
-    path: Path, first: int, table: pa.Table, spec: TableSpec, fmt: TableFormat
+    path: Path, first: int, table: pa.Table, spec: TableSpec, fmt: TableFormat, skipped: np.ndarray
 ) -> TableBatch:
     n = table.num_rows
     bad: list[tuple[int, str, str]] = []
-    offset = 1 if fmt != TableFormat.parquet else 0  # the header line
+
+    def line(i: int) -> int:
+        return int(file_lines(np.array([first - 1 + i]), skipped, fmt)[0])
 
     def numbers(
         column: str, *, reason: str, allow_missing: bool
@@ -211,7 +269,7 @@ def _to_arrays(
             what = "empty" if raw in (None, "") else f"{raw!r}, not a finite number"
             bad.append(
                 (
-                    first + int(i) + offset,
+                    line(int(i)),
                     reason,
                     f"column {column!r} is {what}",
                 )
@@ -225,7 +283,7 @@ def _to_arrays(
     else:
         not01 = ~label_bad & (label != 0) & (label != 1)
         for i in np.flatnonzero(not01):
-            row = first + int(i) + offset
+            row = line(int(i))
             bad.append(
                 (
                     row,

@@ -5,6 +5,10 @@ dense features, an EmbeddingBagCollection pooling each sparse feature's bag of
 ids, an interaction (pairwise dots for DLRM, torchrec's computed with a cheaper
 gather, see ``interaction.py``; low-rank cross layers, as in the MLPerf
 DLRM-DCNv2 reference, for DCNv2), and a top MLP to one logit.
+A source without dense features (``num_dense=0``, e.g. an all-categorical
+table) hands the model a ``[B, 0]`` dense tensor: the bottom MLP then takes a
+constant input of width 1, i.e. it learns one dense vector that every sample's
+embeddings interact with (see :class:`ConstantWhenEmptyDenseArch`).
 ``DLRMTrain`` wraps it with the BCE loss and returns ``(loss, (loss, logits,
 labels))``, the shape torchrec's train pipelines expect.
 
@@ -20,7 +24,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, SparseArch
+from torch import nn
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DenseArch, DLRMTrain, SparseArch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -40,6 +45,23 @@ class SparseArchAfterLookup(SparseArch):
         by_name = pooled.to_dict()
         values = [by_name[name] for name in self.sparse_feature_names]
         return torch.cat(values, dim=1).reshape(-1, self.F, self.D)
+
+
+class ConstantWhenEmptyDenseArch(DenseArch):
+    """torchrec's DenseArch that also takes a ``[B, 0]`` input (no dense features):
+    when its first layer has one input, that input is the constant 1, so the output
+    is a learned vector, the same for every sample. Same parameters and state dict
+    as DenseArch; any other input is DenseArch's."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] == 0 and _in_features(self) == 1:
+            features = features.new_ones(features.shape[0], 1)
+        return self.model(features)
+
+
+def _in_features(arch: nn.Module) -> int:
+    first = next(m for m in arch.modules() if isinstance(m, nn.Linear))
+    return first.in_features
 
 
 class _SparseFirst:
@@ -120,14 +142,18 @@ def build_model(
 ) -> DLRMTrain:
     """A DLRM (``arch="dlrm"``) or DLRM-DCNv2 (``"dlrm_dcnv2"``) wrapped with its loss.
 
+    ``num_dense=0``: the bottom MLP takes one constant input (the batches' dense
+    tensor is ``[B, 0]``), see :class:`ConstantWhenEmptyDenseArch`.
     ``tables_device``: where the embedding tables live, if not on ``device``.
     """
+    if num_dense < 0:
+        raise ValueError(f"num_dense={num_dense} must be >= 0")
     ebc = EmbeddingBagCollection(
         tables=embedding_bag_configs(tables, table_data_type), device=tables_device or device
     )
     common = dict(
         embedding_bag_collection=ebc,
-        dense_in_features=num_dense,
+        dense_in_features=max(num_dense, 1),
         dense_arch_layer_sizes=list(dense_arch_layer_sizes),
         over_arch_layer_sizes=list(over_arch_layer_sizes),
         dense_device=device,
@@ -142,4 +168,7 @@ def build_model(
         )
     else:
         raise ValueError(f"model.arch={arch!r} is not known; use dlrm or dlrm_dcnv2")
+    # The same module (no second init, same state dict); it also takes [B, 0] inputs,
+    # which a student built from this model's width (distill) receives too.
+    dlrm.dense_arch.__class__ = ConstantWhenEmptyDenseArch
     return DLRMTrain(dlrm)

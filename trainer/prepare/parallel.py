@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -88,9 +89,10 @@ def run_tasks(
                 done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
                 bar.update(counter.value - bar.n)
                 for future in done:
-                    if future.exception() is not None:
+                    error = future.exception()
+                    if error is not None:
                         _stop(pool)
-                        raise future.exception()  # type: ignore[misc]
+                        raise error
             return [f.result() for f in futures]
     finally:
         bar.close()
@@ -98,7 +100,12 @@ def run_tasks(
 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancels the queued tasks and ends the running ones (our own workers) now,
-    rather than letting them parse the rest of their ranges after an error."""
+    rather than letting them parse the rest of their ranges after an error.
+
+    Never raises: the task's error is what the user must see. The processes are
+    listed before ``shutdown``, which sets the pool's ``_processes`` to None."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list(getattr(pool, "_processes", {}).values()):
-        process.terminate()
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):  # already gone / closed
+            process.terminate()

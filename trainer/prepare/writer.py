@@ -40,10 +40,12 @@ class NpyStream:
     def append(self, array: np.ndarray) -> None:
         data = np.ascontiguousarray(array, dtype=self.dtype)
         assert data.shape[1:] == self.row_shape, (data.shape, self.row_shape)
-        raw = memoryview(data).cast("B")
+        self.num_rows += data.shape[0]
+        if data.size == 0:  # e.g. no dense columns: rows of width 0, no bytes
+            return
+        raw = memoryview(data.reshape(-1)).cast("B")
         self._file.write(raw)
         self._digest.update(raw)
-        self.num_rows += data.shape[0]
 
     def close(self) -> str:
         """Writes the header; returns the sha256 of the data bytes."""

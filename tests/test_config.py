@@ -105,7 +105,12 @@ def _cfg(compose_cfg, *overrides: str) -> Config:
             2,
             ["sharding.tables.t_cat_0.ranks", "not row_wise"],
         ),
-        (["qat=int4", "precision=bf16"], 1, ["precision=fp32"]),
+        # precision=bf16 qat=int4 trains (bf16 dense, fp32 QAT tables); 16-bit QAT tables do not.
+        (
+            ["qat=int4", "precision=bf16", "precision.tables=fp16"],
+            1,
+            ["precision.tables=fp16", "precision.tables=auto"],
+        ),
         (["sharding.column_shard_dim=6"], 1, ["sharding.column_shard_dim=6", "multiple of 4"]),
         (["sharding.column_shard_dim=12"], 1, ["t_cat_0", "dim 16", "divisor"]),
         (["qat.bits=3"], 1, ["qat.bits=3", "8 or 4"]),

@@ -31,6 +31,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.checkpoint import StorageReader
 
 from compression.converter import Converter, Forward
 
@@ -53,12 +54,14 @@ def distill_loss(
     return alpha * hard + (1 - alpha) * temperature**2 * soft_term
 
 
-def load_teacher(model: nn.Module, checkpoint: str) -> None:
+def load_teacher(model: nn.Module, checkpoint: str, *, storage_reader: StorageReader) -> None:
     """Collective: the teacher's weights from a plain run's DCP checkpoint, resharded.
 
     A plain run saved its ``DLRMTrain`` under the ``model`` entry (``model.<name>``);
     the pair's teacher holds the same tensors as ``teacher.<name>``. Only the
-    weights are read: the teacher's optimizer state starts fresh.
+    weights are read: the teacher's optimizer state starts fresh. ``storage_reader``
+    reads ``checkpoint``: one that never unpickles (DCP's own ``FileSystemReader``
+    unpickles ``.metadata``, i.e. runs whatever code a crafted file holds).
     """
     state = model.state_dict()
     teacher = {
@@ -67,7 +70,7 @@ def load_teacher(model: nn.Module, checkpoint: str) -> None:
         if key.startswith("teacher.")
     }
     try:
-        dcp.load({"model": teacher}, checkpoint_id=checkpoint)
+        dcp.load({"model": teacher}, storage_reader=storage_reader)
     except Exception as err:  # a checkpoint of another model (names or shapes differ)
         raise ValueError(
             f"distill.teacher_checkpoint={checkpoint}: cannot load the teacher from it "
@@ -81,7 +84,9 @@ class DistillConverter(Converter):
     """Pairs the teacher with a student before planning; warms up, then distills.
 
     ``make_pair(teacher) -> pair``: the pair module; it has a ``soft`` attribute
-    (bool) that this converter sets before each forward.
+    (bool) that this converter sets before each forward. ``teacher_reader(path)``:
+    the DCP storage reader for ``teacher_checkpoint``, one that never unpickles
+    (the trainer's ``SafeReader``); required with a ``teacher_checkpoint``.
     """
 
     name = "distill"
@@ -92,11 +97,15 @@ class DistillConverter(Converter):
         make_pair: Callable[[nn.Module], nn.Module],
         warmup_steps: int,
         teacher_checkpoint: str | None = None,
+        teacher_reader: Callable[[str], StorageReader] | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
+        if teacher_checkpoint and teacher_reader is None:
+            raise ValueError("DistillConverter: a teacher_checkpoint needs a teacher_reader")
         self.make_pair = make_pair
         self.warmup_steps = warmup_steps
         self.teacher_checkpoint = teacher_checkpoint
+        self.teacher_reader = teacher_reader
         self.settings = dict(settings or {})
         self.pairs: list[nn.Module] = []
         self.step = 0
@@ -110,8 +119,9 @@ class DistillConverter(Converter):
         self.pairs = [m for m in model.modules() if hasattr(m, "soft")]
         if not self.pairs:
             raise ValueError("distill: the sharded model holds no teacher/student pair")
-        if self.teacher_checkpoint:
-            load_teacher(model, self.teacher_checkpoint)
+        if self.teacher_checkpoint and self.teacher_reader is not None:
+            reader = self.teacher_reader(self.teacher_checkpoint)
+            load_teacher(model, self.teacher_checkpoint, storage_reader=reader)
 
     def wrap_forward(self, forward: Forward) -> Forward:
         def distilling(batch: Any) -> Any:

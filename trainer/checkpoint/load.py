@@ -6,9 +6,16 @@ data-parallel tables and dense layers as plain tensors), ``optimizer``
 (FBGEMM's fused row-wise Adagrad momentum, sharded like its table, and the
 dense Adam state), ``trainer`` (the step), ``data`` (the source's state: its
 fingerprint, so other data is refused) and ``compression`` (the converters'
-state, e.g. the fp16 loss scale). Every entry is tensors only, and loading
-refuses a checkpoint whose metadata lists a non-tensor (bytes) entry, which DCP
-would ``torch.load(weights_only=False)``: loading never unpickles. Rank 0 adds
+state, e.g. the fp16 loss scale). Every entry is tensors only. Loading never
+unpickles: DCP's ``.metadata`` (a pickle) is read by
+trainer/checkpoint/safe_reader.py's unpickler, which admits only DCP's metadata
+classes and refuses anything else in one line naming the file; the tensors are
+read with ``torch.load(weights_only=True)``; and a checkpoint whose metadata
+lists a non-tensor (bytes) entry, which DCP would
+``torch.load(weights_only=False)``, is refused. Every DCP read goes through
+:class:`SafeReader` (``dcp.load(..., storage_reader=SafeReader(path))``), and
+:func:`check_checkpoint` runs all these checks when the config is validated,
+before any process group exists. Rank 0 adds
 the resolved config as ``config.yaml``, so a checkpoint can be rebuilt without
 the run that wrote it. Each rank writes only its own shards, and DCP reshards
 on load, so a checkpoint loads into another plan or world size, or into one
@@ -54,6 +61,13 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
+from trainer.checkpoint.safe_reader import (
+    METADATA_FILE,
+    BadCheckpointError,
+    SafeReader,
+    check_data_files,
+    read_checkpoint_metadata,
+)
 from trainer.config.schema import Config, ConfigError, config_from_yaml
 
 log = logging.getLogger(__name__)
@@ -63,7 +77,7 @@ CONFIG_FILE = "config.yaml"
 # Entries a checkpoint may lack (written before they existed, or by a run
 # without that converter): they start fresh, with a note in the log.
 _OPTIONAL = ("data", "compression")
-_METADATA_FILE = ".metadata"  # DCP writes it last, once every rank's files are written
+_METADATA_FILE = METADATA_FILE  # DCP writes it last, once every rank's files are written
 _TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
 # Resuming into a different model or data would fail deep inside DCP (or, worse,
@@ -74,6 +88,23 @@ _MUST_MATCH = ("model", "data")
 def is_complete(path: Path) -> bool:
     """A finished checkpoint: DCP's metadata and the config are both there."""
     return (path / _METADATA_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def check_checkpoint(path: Path, *, key: str) -> None:
+    """Raises ConfigError (one line) unless ``path`` is a complete checkpoint that loads safely.
+
+    Its metadata unpickles with only DCP's classes (never running code), lists
+    tensors only, and every data file it lists is there, whole. ``key``: the
+    setting that named it (``trainer.resume``), for the message.
+    """
+    if not is_complete(path):
+        raise ConfigError(missing_message(path, key=key))
+    try:
+        metadata = read_checkpoint_metadata(path)
+        _refuse_pickles(path, metadata.state_dict_metadata)
+        check_data_files(path, metadata)
+    except ConfigError as err:
+        raise BadCheckpointError(f"{key}: {err}") from None
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -145,7 +176,7 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
     checkpoint lacks, or a part of one (a converter a run without fp16 did not
     save), keeps its fresh state.
     """
-    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    metadata = read_checkpoint_metadata(path).state_dict_metadata
     _refuse_pickles(path, metadata)
     # "a" and "a.b" for every saved key "a.b.c...".
     saved_prefixes = {".".join(key.split(".")[:n]) for key in metadata for n in (1, 2)}
@@ -173,7 +204,7 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
                 if f"{key}.{name}" in saved_prefixes
             }
     _check_same_layout(path, template, saved=set(metadata))
-    dcp.load(template, checkpoint_id=path)
+    dcp.load(template, storage_reader=SafeReader(path))
     for key, value in wanted.items():
         value.load_state_dict(template[key])
 
@@ -181,7 +212,7 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
 def _refuse_pickles(path: Path, metadata: dict[str, Any] | None = None) -> None:
     """A bytes entry would be unpickled by DCP's default planner: never load one."""
     if metadata is None:
-        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        metadata = read_checkpoint_metadata(path).state_dict_metadata
     pickled = [k for k, v in metadata.items() if isinstance(v, BytesStorageMetadata)]
     if pickled:
         raise ConfigError(
@@ -228,7 +259,7 @@ def load_unsharded_model(path: Path, model: nn.Module) -> int:
     state = {"model": model.state_dict(), "trainer": {"step": torch.tensor(0)}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*single process")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        dcp.load(state, storage_reader=SafeReader(path), no_dist=True)
     model.load_state_dict(state["model"])
     return int(state["trainer"]["step"])
 

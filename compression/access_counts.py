@@ -40,6 +40,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from sharding.collectives import all_sum
+
 
 class AccessCounter:
     """Per-feature row access counts (module docstring).
@@ -93,7 +95,7 @@ class AccessCounter:
         """
         totals = self.counts.clone()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
-            dist.all_reduce(totals, group=process_group)
+            all_sum(totals, group=process_group)
             if dist.get_rank(process_group) == 0:
                 self.counts.copy_(totals)
             else:

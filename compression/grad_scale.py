@@ -44,6 +44,7 @@ from torchrec.models.dlrm import SparseArch
 from torchrec.optim.keyed import CombinedOptimizer
 
 from compression.converter import Converter, Forward
+from sharding.collectives import any_rank
 
 
 class LossScale:
@@ -101,7 +102,7 @@ class LossScale:
             # the tables' step on every rank (each rank's backward passes here once,
             # in the same order relative to the all-to-alls and DDP's all-reduces).
             # One scalar all-reduce per step, on the stream: no host sync.
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+            any_rank(found, group=group)
         self.found_inf += found
         unscaled = (grad.float() * self._inv_scale).to(grad.dtype)
         return torch.where(found > 0, torch.zeros_like(grad), unscaled)

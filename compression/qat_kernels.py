@@ -75,6 +75,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compression.fake_quant import check_bits, fake_quantize_columns, fake_quantize_rows
 from compression.row_range import check_range, clamp_rows, fit_row_range
+from sharding.collectives import all_min, all_sum
 
 # Shards holding a slice of each row's columns: serving's per-row min/max spans
 # columns other ranks may hold.
@@ -169,7 +170,7 @@ class LookupFakeQuant:
             if group is not None:
                 lo, hi = ranges[key]
                 both = torch.stack([lo, -hi])
-                dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+                all_min(both, group=group)
                 ranges[key] = (both[0], -both[1])
         return ranges
 
@@ -195,7 +196,7 @@ class LookupFakeQuant:
 
             def reduce(sums: Tensor, group: ProcessGroup | None = group) -> None:
                 if group is not None:
-                    dist.all_reduce(sums, group=group)
+                    all_sum(sums, group=group)
 
             row_min, row_max = ranges[key]
             fitted[key] = fit_row_range(

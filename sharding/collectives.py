@@ -9,6 +9,10 @@ Example::
     bytes_per_rank = all_gather_object(local_table_bytes(model))   # [r0, r1, ...]
     path = broadcast_object(path if is_main() else None)           # rank 0's answer
     loss = global_mean(loss_sum / count)                           # float, same everywhere
+    stop = any_rank(torch.tensor([1 if signalled else 0]))          # 1 on every rank if any
+
+The tensor collectives (``any_rank``, ``all_sum``, ``all_min``) reduce in place
+and stay on the tensor's device: no host sync unless the caller reads the value.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+def _distributed(group: dist.ProcessGroup | None = None) -> bool:
+    return dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def is_main() -> bool:
@@ -60,3 +64,25 @@ def global_mean(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
+
+
+def any_rank(flag: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """In place: ``flag`` (0 = no, > 0 = yes; or a step, -1 for none) maxed over ranks,
+    so every rank agrees that some rank flagged (a NaN, a signal, an overflow)."""
+    if _distributed(group):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag
+
+
+def all_sum(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """In place: ``tensor`` summed over the ranks of ``group``."""
+    if _distributed(group):
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def all_min(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """In place: the elementwise minimum of ``tensor`` over the ranks of ``group``."""
+    if _distributed(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
+    return tensor

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.nn.parallel import DistributedDataParallel
+
+from sharding.collectives import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,7 @@ class NonfiniteGuard:
             loss, output = inner(batch)
             if not model.training:
                 return loss, output
-            bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            bad = any_rank((~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1))
             self._last_skipped = self._skip_pending = bool(bad.item())  # host sync
             if self._skip_pending:
                 return self._zero_loss(loss), output
@@ -147,11 +146,8 @@ class NonfiniteGuard:
         """At a log line (already a sync point): raises if a step since the last was poisoned."""
         if self.policy == "skip":
             return
-        first = self._first_bad.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # -1 means none: take the max over ranks of a "bad step" (or -1 everywhere).
-            dist.all_reduce(first, op=dist.ReduceOp.MAX)
-        bad_step = int(first)
+        # -1 means none: the max over ranks of a "bad step" (or -1 everywhere).
+        bad_step = int(any_rank(self._first_bad.clone()))
         if bad_step >= 0:
             if self.before_stop is not None:  # every rank is here: the all-reduce agreed
                 self.before_stop()
@@ -206,9 +202,7 @@ def check_finite_state(
     for tensor in _local_tensors(model.state_dict()):
         if tensor.is_floating_point() and tensor.numel():
             bad = torch.maximum(bad, (~torch.isfinite(tensor)).any().float().cpu().reshape(1))
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item():
+    if any_rank(bad).item():
         if before_stop is not None:
             before_stop()
         raise NonfiniteError(

@@ -45,7 +45,8 @@ from types import FrameType
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
+
+from sharding.collectives import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +221,7 @@ class Preemption:
         if step % self.check_every_steps:
             return False
         flag = torch.tensor([0 if self.requested is None else 1], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(any_rank(flag).item())
 
     def checkpoint_and_exit(self, trainer: Stoppable, *, saved: Any = None) -> None:
         """Saves the trainer's state at its current step and raises :class:`Preempted`.

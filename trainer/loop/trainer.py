@@ -270,7 +270,7 @@ class Trainer:
             / max(self.train_time_s, 1e-9),
             "train_time_s": self.train_time_s,
             # Wall time per step of this process (a distillation run's is the pair's
-            # step: compare with a teacher-alone run, as scripts/distill_study.py does).
+            # step: compare with a teacher-alone run, as benchmarks/studies/distill.py does).
             "step_time_s": self.train_time_s / max(self.step - self.first_step, 1),
             "device": str(self.env.device),
             "nonfinite_steps_skipped": self.nonfinite.num_skipped,

@@ -4,7 +4,7 @@ The shapes and shardrec's contenders are here; the baselines (``pytorch``,
 ``torchrec``, ``dense``) in ``benchmarks.baselines``.
 
 - ``shardrec``: the real trainer path. Hydra composes ``conf/`` with the shape's
-  overrides, ``trainer.build.build`` plans and shards, and ``Trainer.train_steps``
+  overrides, ``trainer.builder.model.build`` plans and shards, and ``Trainer.train_steps``
   runs the configured torchrec pipeline over the synthetic source, which draws
   every batch (labels from the planted model) inside the step, as in training.
 - ``shardrec_prefetch``: the same trainer, its source wrapped in
@@ -217,7 +217,7 @@ def make_shardrec(
     """The trainer; ``prefetch``: its batches drawn on a thread; ``batches``: drawn up front."""
     from tqdm import tqdm
 
-    from trainer.build.model import build
+    from trainer.builder.model import build
     from trainer.loop.trainer import Trainer
     from trainer.report.logger import make_logger
 

@@ -2,7 +2,7 @@
 
 A run's compression (precision, table QAT, dense QAT, loss scaling; distillation
 and pruning next) is a list of :class:`Converter`\\ s built once from config
-(``trainer/build/compression.py`` writes the order down, with the reason). Each
+(``trainer/builder/compression.py`` writes the order down, with the reason). Each
 converter acts only at the moments it overrides; every default does nothing.
 The trainer, the pipeline, the checkpoint and the export ask the list
 (:class:`Converters`), never a particular technique.

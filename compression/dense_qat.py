@@ -22,7 +22,7 @@ the QAT model's eval logits.
 
 Example::
 
-    hooked = enable_dense_qat(dmp)            # after sharding (see trainer/build/model.py)
+    hooked = enable_dense_qat(dmp)            # after sharding (see trainer/builder/model.py)
     # ['..dense_arch.model._mlp.0._linear', ..., '..over_arch.model.1']
     served = quantize_dense_for_serving(dlrm)  # a copy; dlrm is unchanged
 """

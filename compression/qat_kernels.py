@@ -284,7 +284,7 @@ def _sharding_types(model: nn.Module) -> dict[str, str]:
     if not types:
         raise ValueError(
             "enable_embedding_qat found no sharded EmbeddingBagCollection; call it on the "
-            "model DistributedModelParallel returns (trainer.build.build's built.model)"
+            "model DistributedModelParallel returns (trainer.builder.model.build's built.model)"
         )
     return types
 

@@ -114,7 +114,7 @@ def quantize_for_serving(
     if not ebcs:
         raise ValueError(
             "quantize_for_serving needs an unsharded model with a torchrec "
-            "EmbeddingBagCollection (e.g. trainer.build.build_unsharded), not a sharded one"
+            "EmbeddingBagCollection (e.g. trainer.builder.model.build_unsharded), not a sharded one"
         )
     names = [t.name for ebc in ebcs for t in ebc.embedding_bag_configs()]
     unknown = sorted(set(table_bits) - set(names))

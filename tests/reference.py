@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from trainer.build.model import build_unsharded
+from trainer.builder.model import build_unsharded
 from trainer.config.schema import Config, OptimConfig
 from trainer.config.tables import RunTables, run_tables
 

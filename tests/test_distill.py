@@ -19,7 +19,7 @@ from compression.distill import DistillConverter, distill_loss
 from tests.conftest import REPO
 from tests.reference import synthetic_tables, unsharded_model
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.compression import build_converters
+from trainer.builder.compression import build_converters
 from trainer.config.schema import (
     Config,
     ConfigError,

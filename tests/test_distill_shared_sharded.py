@@ -24,8 +24,8 @@ from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
 from tests.reference import reference_optimizers, reference_step, synthetic_tables, unsharded_model
 from tests.test_distill import distill_config
-from trainer.build.compression import build_converters
-from trainer.build.model import build
+from trainer.builder.compression import build_converters
+from trainer.builder.model import build
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.export.step import export_step

@@ -8,7 +8,7 @@ composing) equals the plan the trainer makes for the same world size:
 
 - a real 2-rank ``torchrun -m trainer`` (1 step) on CPU writes its plan.json;
 - UVM caching needs CUDA to train, so two real gloo ranks plan for a CUDA world
-  (``trainer.planning.plan_model`` called as ``trainer.build.build`` calls it,
+  (``trainer.planning.plan_model`` called as ``trainer.builder.model.build`` calls it,
   rank 0 planning and broadcasting), without building the sharded model.
 """
 
@@ -22,8 +22,8 @@ import torch
 
 from sharding import destroy_distributed, init_distributed, save_plan
 from tests.distributed import run_ranks, torchrun_trainer
-from trainer.build.compression import build_converters
-from trainer.build.model import plan_meta_model
+from trainer.builder.compression import build_converters
+from trainer.builder.model import plan_meta_model
 from trainer.config.schema import Config, to_config
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
@@ -81,7 +81,7 @@ def test_cli_plan_equals_the_plan_a_two_rank_trainer_writes(compose_cfg, tmp_pat
 
 
 def _plan_for_cuda(rank: int, cfg: Config, out_dir: str) -> None:
-    """What trainer.build.build does up to the plan, for a CUDA world, on gloo."""
+    """What trainer.builder.model.build does up to the plan, for a CUDA world, on gloo."""
     env = init_distributed(device="cpu")
     try:
         source = open_source(cfg.data)

@@ -11,7 +11,7 @@ from compression.precision import resolve_precision
 from sharding import destroy_distributed, init_distributed
 from sharding.state import local_table_bytes
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.model import build
+from trainer.builder.model import build
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain, make_pipeline
 

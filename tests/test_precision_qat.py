@@ -28,7 +28,7 @@ from sharding.state import local_table_bytes
 from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.model import build
+from trainer.builder.model import build
 from trainer.config.schema import ConfigError, to_config
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo, rank_batches

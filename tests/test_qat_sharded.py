@@ -50,7 +50,7 @@ from tests.reference import (
     unsharded_model,
 )
 from tests.test_sharding_equivalence import tiny_config
-from trainer.build.model import build
+from trainer.builder.model import build
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain

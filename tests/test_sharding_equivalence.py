@@ -34,7 +34,7 @@ from tests.reference import (
     table_parameters,
     unsharded_model,
 )
-from trainer.build.model import build
+from trainer.builder.model import build
 from trainer.config.schema import (
     Config,
     ModelConfig,

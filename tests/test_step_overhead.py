@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tests.reference import synthetic_tables
-from trainer.build.compression import build_converters
+from trainer.builder.compression import build_converters
 from trainer.config.schema import to_config
 
 

@@ -5,7 +5,7 @@ The order matters and is the same on every rank:
 1. the data source (``data=``; its features give the tables), then the whole
    config validated, before any process starts talking;
 2. process group and device from the launcher's environment;
-3. the compression converters (trainer/build/compression.py), then the model on the
+3. the compression converters (trainer/builder/compression.py), then the model on the
    ``meta`` device, so no rank ever holds a whole table;
 4. the tables' optimizer attached to be fused into backward;
 5. plan (one planning path, trainer/plan/run_plan.py), logged and saved;
@@ -35,7 +35,7 @@ from sharding import destroy_distributed, format_plan, init_distributed, save_pl
 from sharding.collectives import all_gather_object
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.state import local_table_bytes
-from trainer.build.model import build
+from trainer.builder.model import build
 from trainer.checkpoint.load import (
     CHECKPOINT_DIR,
     check_resumable,

@@ -31,7 +31,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from compression.row_range import RANGES
-from trainer.build.compression import build_converters
+from trainer.builder.compression import build_converters
 from trainer.checkpoint.load import (
     check_checkpoint,
     is_complete,

@@ -59,7 +59,7 @@ from torch import nn
 from compression.converter import Converters
 from compression.serving import gather_full_state, model_bytes, save_exported, table_bytes
 from sharding.collectives import broadcast_object
-from trainer.build.model import build_unsharded
+from trainer.builder.model import build_unsharded
 from trainer.config.schema import ModelConfig
 from trainer.config.tables import RunTables
 from trainer.data.source import DataSource

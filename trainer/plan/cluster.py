@@ -39,8 +39,8 @@ from sharding.estimate import PlanCapture, rank_estimates, table_estimates
 from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
-from trainer.build.compression import build_converters
-from trainer.build.model import plan_meta_model
+from trainer.builder.compression import build_converters
+from trainer.builder.model import plan_meta_model
 from trainer.config.compose import CONF_DIR, config_error_line, exit_on_compose_error
 from trainer.config.run_dir import register_resolvers
 from trainer.config.schema import Config, ConfigError, register_configs, to_config

@@ -20,7 +20,7 @@ from torchrec.modules.embedding_configs import DataType
 from compression.converter import Converters
 from sharding import DistEnv, shard_model
 from sharding.dmp import combined_optimizer
-from trainer.build.compression import build_converters
+from trainer.builder.compression import build_converters
 from trainer.config.schema import Config, ModelConfig
 from trainer.config.tables import RunTables, run_tables
 from trainer.config.validate import open_source, validate_for_device

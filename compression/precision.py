@@ -10,8 +10,11 @@ again and training would not see the served values. So ``precision=bf16``
 alone is bf16 dense + 16-bit tables, and ``precision=bf16 qat=int4`` is bf16
 dense autocast + fp32 master tables that QAT fake-quantizes. All tables, not
 only the QAT'd ones: the model is built with one table dtype (``Converters.
-table_data_type``); a per-table dtype would need the model builders to take
-one per table. An explicit 16-bit ``precision.tables`` with QAT is refused.
+table_data_type``). FBGEMM itself would allow a per-table choice -- an
+EmbeddingBagCollection with fp32 and fp16 tables shards into one fused kernel
+per dtype and trains on CPU (checked by hand, torchrec's table-wise plan) -- but
+the model builders would need a dtype per table. An explicit 16-bit
+``precision.tables`` with QAT is refused.
 
 - dense layers run under ``torch.autocast``: bf16 anywhere; fp16 on CUDA, with a
   dynamic loss scale (``loss_scaling``). The fused table optimizer runs *inside*

@@ -217,9 +217,9 @@ def make_shardrec(
     """The trainer; ``prefetch``: its batches drawn on a thread; ``batches``: drawn up front."""
     from tqdm import tqdm
 
-    from trainer.builder.model import build
     from trainer.loop.trainer import Trainer
     from trainer.report.logger import make_logger
+    from trainer.train import build
 
     cfg = compose_config(shardrec_overrides(shape, device=device))
     source = source or make_source(shape, env=env, device=device)

@@ -25,11 +25,11 @@ from tests.distributed import run_ranks
 from tests.reference import reference_optimizers, reference_step, synthetic_tables, unsharded_model
 from tests.test_distill import distill_config
 from trainer.builder.compression import build_converters
-from trainer.builder.model import build
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.export.step import export_step
 from trainer.loop.train_pipeline import drain, make_pipeline
+from trainer.train import build
 
 BATCH_SIZE = 16  # per rank
 NUM_STEPS = 4

@@ -57,9 +57,9 @@ def _gpu_worker(rank: int, cases: list[str], out_dir: str) -> None:
     from sharding import destroy_distributed, init_distributed
     from sharding.state import local_shards
     from tests.test_sharding_equivalence import BATCH_SIZE, NUM_STEPS
-    from trainer.builder.model import build
     from trainer.data import SyntheticCriteo, rank_batches
     from trainer.loop.train_pipeline import drain, make_pipeline
+    from trainer.train import build
 
     env = init_distributed(device="cuda")
     try:

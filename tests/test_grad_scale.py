@@ -31,10 +31,10 @@ from compression.grad_scale import LossScaledOptimizer
 from sharding import DistEnv, destroy_distributed, init_distributed
 from tests.distributed import run_ranks
 from tests.test_sharding_equivalence import tiny_config
-from trainer.builder.model import Built, build
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain, make_pipeline
+from trainer.train import Built, build
 
 BATCH_SIZE = 16
 NUM_STEPS = 3

@@ -23,12 +23,11 @@ import torch
 from sharding import destroy_distributed, init_distributed, save_plan
 from tests.distributed import run_ranks, torchrun_trainer
 from trainer.builder.compression import build_converters
-from trainer.builder.model import plan_meta_model
 from trainer.config.schema import Config, to_config
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.plan.cluster import plan_cluster
-from trainer.plan.run_plan import World
+from trainer.plan.run_plan import World, plan_meta_model
 
 EBC = "model.sparse_arch.embedding_bag_collection"
 OVERRIDES = [

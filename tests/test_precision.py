@@ -11,9 +11,9 @@ from compression.precision import resolve_precision
 from sharding import destroy_distributed, init_distributed
 from sharding.state import local_table_bytes
 from tests.test_sharding_equivalence import tiny_config
-from trainer.builder.model import build
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain, make_pipeline
+from trainer.train import build
 
 
 def test_resolution_per_device() -> None:

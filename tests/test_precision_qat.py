@@ -28,11 +28,11 @@ from sharding.state import local_table_bytes
 from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
 from tests.test_sharding_equivalence import tiny_config
-from trainer.builder.model import build
 from trainer.config.schema import ConfigError, to_config
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain, make_pipeline
+from trainer.train import build
 
 PARITY = 1e-5  # fp32 dense on both sides of the export's check: only summation order differs
 

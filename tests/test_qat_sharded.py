@@ -50,10 +50,10 @@ from tests.reference import (
     unsharded_model,
 )
 from tests.test_sharding_equivalence import tiny_config
-from trainer.builder.model import build
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain
+from trainer.train import build
 
 NUM_STEPS = 5
 # Float32 with other reduction orders, as in the equivalence test; row-wise

@@ -34,7 +34,6 @@ from tests.reference import (
     table_parameters,
     unsharded_model,
 )
-from trainer.builder.model import build
 from trainer.config.schema import (
     Config,
     ModelConfig,
@@ -45,6 +44,7 @@ from trainer.config.schema import (
 )
 from trainer.data import SyntheticCriteo, SyntheticDataConfig, rank_batches
 from trainer.loop.train_pipeline import drain
+from trainer.train import build
 
 BATCH_SIZE = 16  # per rank
 NUM_STEPS = 5

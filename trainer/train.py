@@ -15,9 +15,12 @@ The order matters and is the same on every rank:
 8. the loop (checkpointing every ``trainer.checkpoint_every_steps``);
 9. the export (``trainer.export``), then ``summary.json``, written once.
 
+Steps 3-6 are :func:`build` (tests and benchmarks call it on their own).
+
 Example::
 
     summary = train(cfg, run_dir=Path("outputs/demo"))
+    built = build(cfg, env, source=source)   # built.model is a DistributedModelParallel
 """
 
 from __future__ import annotations
@@ -26,16 +29,28 @@ import dataclasses
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
 
-from sharding import destroy_distributed, format_plan, init_distributed, save_plan
+from compression.converter import Converters
+from sharding import (
+    DistEnv,
+    destroy_distributed,
+    format_plan,
+    init_distributed,
+    save_plan,
+    shard_model,
+)
 from sharding.collectives import all_gather_object
 from sharding.dist import local_world_size_from_env, world_size_from_env
+from sharding.dmp import combined_optimizer
 from sharding.state import local_table_bytes
-from trainer.builder.model import build
+from trainer.builder.compression import build_converters
 from trainer.checkpoint.load import (
     CHECKPOINT_DIR,
     check_resumable,
@@ -46,9 +61,12 @@ from trainer.checkpoint.load import (
 from trainer.checkpoint.save import Checkpointer
 from trainer.config.run_dir import agree_on_run_dir
 from trainer.config.schema import Config
-from trainer.config.validate import open_source, validate
+from trainer.config.tables import RunTables, run_tables
+from trainer.config.validate import open_source, validate, validate_for_device
+from trainer.data.source import DataSource
 from trainer.export.step import export_step
 from trainer.loop.trainer import Trainer
+from trainer.plan.run_plan import World, plan_meta_model
 from trainer.report.logger import METRICS_FILE, make_logger
 from trainer.resilience.fault_injection import FaultInjection
 from trainer.resilience.nonfinite import NonfiniteGuard
@@ -57,6 +75,50 @@ from trainer.resilience.preempt import Preemption
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class Built:
+    model: DistributedModelParallel
+    optimizer: torch.optim.Optimizer
+    plan: ShardingPlan
+    tables: RunTables
+    converters: Converters
+
+
+def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Built:
+    """Converters -> meta model -> plan -> DMP -> converters on it -> combined optimizer.
+
+    ``source``: the run's data source (default: opened from ``cfg.data``).
+    """
+    validate_for_device(cfg, env.device.type)
+    source = source or open_source(cfg.data, seed=cfg.trainer.seed)
+    tables = run_tables(cfg, features=source.features)
+    converters = build_converters(cfg, tables=tables, device_type=env.device.type)
+    model, planned = plan_meta_model(
+        cfg,
+        tables=tables,
+        num_dense=source.num_dense,
+        converters=converters,
+        world=World(
+            world_size=env.world_size,
+            local_world_size=cfg.topology.local_world_size or env.local_world_size,
+            device=torch.device(cfg.topology.compute_device or env.device.type),
+        ),
+        pg=env.pg,
+    )
+    dmp = shard_model(model, plan=planned.plan, env=env, sharders=planned.sharders)
+    converters.convert_sharded(dmp, device=env.device, process_group=env.pg)
+    optimizer = combined_optimizer(
+        dmp,
+        dense_optimizer=cfg.optim.dense_optimizer,
+        dense_lr=cfg.optim.dense_lr,
+        dense_weight_decay=cfg.optim.dense_weight_decay,
+    )
+    optimizer = converters.wrap_optimizer(dmp, optimizer, device=env.device, process_group=env.pg)
+    return Built(
+        model=dmp, optimizer=optimizer, plan=planned.plan, tables=tables, converters=converters
+    )
 
 
 def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:

@@ -59,7 +59,7 @@ from torch import nn
 from compression.converter import Converters
 from compression.serving import gather_full_state, model_bytes, save_exported, table_bytes
 from sharding.collectives import broadcast_object
-from trainer.builder.model import build_unsharded
+from trainer.builder.model import build_trained
 from trainer.config.schema import ModelConfig
 from trainer.config.tables import RunTables
 from trainer.data.source import DataSource
@@ -68,16 +68,6 @@ from trainer.report.metrics import binary_auc
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "exported_model.pt"
-
-
-def build_trained(
-    model: ModelConfig, *, tables: RunTables, num_dense: int, converters: Converters
-) -> nn.Module:
-    """The unsharded fp32 cpu model the trained state dict loads into (converters included)."""
-    trained = build_unsharded(model, tables=tables, num_dense=num_dense, device=torch.device("cpu"))
-    trained = converters.wrap_model(trained)  # e.g. the distillation pair
-    converters.prepare_trained(trained)
-    return trained
 
 
 def export_step(

@@ -40,14 +40,13 @@ from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.report import estimates_to_dict, format_estimates
 from trainer.builder.compression import build_converters
-from trainer.builder.model import plan_meta_model
 from trainer.config.compose import CONF_DIR, config_error_line, exit_on_compose_error
 from trainer.config.run_dir import register_resolvers
 from trainer.config.schema import Config, ConfigError, register_configs, to_config
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.config.validate import validate as validate_config
-from trainer.plan.run_plan import World, no_fit_message
+from trainer.plan.run_plan import World, no_fit_message, plan_meta_model
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 3

@@ -37,7 +37,9 @@ from sharding.collectives import broadcast_object, is_main
 from sharding.dmp import fuse_embedding_optimizer
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.planner import TableOverride, pin_ranks
+from trainer.builder.model import build_unsharded
 from trainer.config.schema import (
+    Config,
     ConfigError,
     OptimConfig,
     ShardingConfig,
@@ -158,6 +160,45 @@ def plan_model(
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return Planned(plan=plan, sharders=sharders, topology=planner_topology)
+
+
+def plan_meta_model(
+    cfg: Config,
+    *,
+    tables: RunTables,
+    num_dense: int,
+    converters: Converters,
+    world: World,
+    pg: Any,
+    stats: list[Stats] | None = None,
+) -> tuple[torch.nn.Module, Planned]:
+    """The model on ``meta`` and its plan: what the trainer and ``python -m trainer.plan``
+    both do (``pg=None``: plan in this process, for a world that need not exist).
+
+    Tables take the converters' dtype; what a converter wraps around the model (a
+    distillation student) is built before planning, so it is planned and sharded with it.
+    """
+    model = build_unsharded(
+        cfg.model,
+        tables=tables,
+        num_dense=num_dense,
+        device=torch.device("meta"),
+        table_data_type=converters.table_data_type(),
+    )
+    model = converters.wrap_model(model)
+    planned = plan_model(
+        model,
+        tables=tables,
+        sharding=cfg.sharding,
+        topology=cfg.topology,
+        optim=cfg.optim,
+        batch_size=cfg.trainer.batch_size,
+        converters=converters,
+        world=world,
+        pg=pg,
+        stats=stats,
+    )
+    return model, planned
 
 
 def _plan_on_rank0(

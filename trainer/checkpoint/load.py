@@ -176,7 +176,9 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
     checkpoint lacks, or a part of one (a converter a run without fp16 did not
     save), keeps its fresh state.
     """
-    metadata = read_checkpoint_metadata(path).state_dict_metadata
+    full_metadata = read_checkpoint_metadata(path)  # never unpickles (safe_reader.py)
+    check_data_files(path, full_metadata)  # trainer.resume=auto was not validated
+    metadata = full_metadata.state_dict_metadata
     _refuse_pickles(path, metadata)
     # "a" and "a.b" for every saved key "a.b.c...".
     saved_prefixes = {".".join(key.split(".")[:n]) for key in metadata for n in (1, 2)}

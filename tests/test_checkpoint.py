@@ -33,11 +33,11 @@ from tests.distributed import torchrun_trainer
 from tests.test_train_e2e import TINY
 from trainer.checkpoint.load import (
     CONFIG_FILE,
-    check_resumable,
     complete_checkpoints,
     resolve_resume,
     restore_records,
 )
+from trainer.config.saved import check_resumable
 from trainer.config.schema import Config, ConfigError, to_config
 from trainer.config.validate import validate
 from trainer.data.synthetic_config import SyntheticDataConfig

@@ -23,7 +23,7 @@ from compression.prune import RowPruning, prune_rows
 from tests.distributed import torchrun_trainer
 from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
-from trainer.checkpoint.load import read_config
+from trainer.config.saved import read_config
 from trainer.config.schema import ConfigError
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo

@@ -53,14 +53,14 @@ from sharding.state import local_table_bytes
 from trainer.builder.compression import build_converters
 from trainer.checkpoint.load import (
     CHECKPOINT_DIR,
-    check_resumable,
     load_checkpoint,
     resolve_resume,
     restore_records,
 )
 from trainer.checkpoint.save import Checkpointer
 from trainer.config.run_dir import agree_on_run_dir
-from trainer.config.schema import Config
+from trainer.config.saved import check_resumable
+from trainer.config.schema import Config, config_to_yaml
 from trainer.config.tables import RunTables, run_tables
 from trainer.config.validate import open_source, validate, validate_for_device
 from trainer.data.source import DataSource
@@ -167,7 +167,7 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
             run_dir / CHECKPOINT_DIR,
             every_steps=cfg.trainer.checkpoint_every_steps,
             keep=cfg.trainer.checkpoint_keep,
-            config=cfg,
+            config_yaml=config_to_yaml(cfg),
             async_save=cfg.trainer.async_checkpoint,
             on_error=cfg.trainer.on_checkpoint_error,
         )

@@ -36,7 +36,8 @@ Example::
 
     states = {"model": ModelState(dmp), "optimizer": OptimizerState(opt), "trainer": trainer,
               "data": source, "compression": converters}
-    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, every_steps=500, keep=2, config=cfg)
+    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, every_steps=500, keep=2,
+                        config_yaml=config_to_yaml(cfg))
     ckpt.save(step=500, states=states)       # trainer/checkpoint/save.py
     path = resolve_resume("auto", run_dir=run_dir)          # newest complete one, or None
     load_checkpoint(path, states=states)                    # each entry's load_state_dict
@@ -44,7 +45,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -68,7 +68,7 @@ from trainer.checkpoint.safe_reader import (
     check_data_files,
     read_checkpoint_metadata,
 )
-from trainer.config.schema import Config, ConfigError, config_from_yaml
+from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ _TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
 # Resuming into a different model or data would fail deep inside DCP (or, worse,
 # load): these groups must match the checkpoint's.
-_MUST_MATCH = ("model", "data")
 
 
 def is_complete(path: Path) -> bool:
@@ -254,7 +253,7 @@ def load_unsharded_model(path: Path, model: nn.Module) -> int:
     """One process, no process group: loads the checkpoint's weights into a plain model.
 
     The table shards of every rank are read into the full tensors of ``model``
-    (e.g. ``build_unsharded(read_config(path), device=cpu)``); the optimizer
+    (e.g. ``build_trained(read_config(path).model, ...)``); the optimizer
     state is left on disk. Returns the step.
     """
     _refuse_pickles(path)
@@ -264,42 +263,6 @@ def load_unsharded_model(path: Path, model: nn.Module) -> int:
         dcp.load(state, storage_reader=SafeReader(path), no_dist=True)
     model.load_state_dict(state["model"])
     return int(state["trainer"]["step"])
-
-
-def read_config(path: Path) -> Config:
-    """The resolved config a checkpoint was written with (schema-checked)."""
-    return config_from_yaml((path / CONFIG_FILE).read_text())
-
-
-def check_resumable(path: Path, cfg: Config) -> None:
-    """Raises ConfigError when the run's model or data differ from the checkpoint's."""
-    saved = read_config(path)
-    diffs = []
-    for group in _MUST_MATCH:
-        old = _flat(dataclasses.asdict(getattr(saved, group)))
-        new = _flat(dataclasses.asdict(getattr(cfg, group)))
-        diffs += [
-            f"{group}.{key}: checkpoint {old.get(key)}, this run {new.get(key)}"
-            for key in {**old, **new}
-            if old.get(key) != new.get(key)
-        ]
-    if diffs:
-        raise ConfigError(
-            f"trainer.resume={path} was written by a different model or data ("
-            + "; ".join(diffs[:5])
-            + "); resume with the checkpoint's settings (see its config.yaml) or start fresh "
-            "with trainer.resume=null"
-        )
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=str)
-    return out
 
 
 def resolve_resume(resume: str | None, *, run_dir: Path) -> Path | None:

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 
-from trainer.config.schema import ConfigError
+from trainer.errors import ConfigError
 
 METADATA_FILE = ".metadata"
 _DAMAGED = "the checkpoint is damaged or not from shardrec"

@@ -23,7 +23,8 @@ decides: ``stop`` raises :class:`CheckpointSaveError`; ``warn`` logs and trains 
 
 Example::
 
-    ckpt = Checkpointer(run_dir / "checkpoints", every_steps=500, keep=2, config=cfg,
+    ckpt = Checkpointer(run_dir / "checkpoints", every_steps=500, keep=2,
+                        config_yaml=config_to_yaml(cfg),
                         async_save=True, on_error="warn")
     ckpt.save(step=500, states=trainer.states())   # returns after the snapshot
     ckpt.wait()                                    # the save is complete and renamed
@@ -44,7 +45,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from omegaconf import OmegaConf
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
@@ -52,7 +52,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from sharding.collectives import barrier, broadcast_object, is_main
 from trainer.checkpoint.load import _TMP_PREFIX, CONFIG_FILE, complete_checkpoints
-from trainer.config.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +137,8 @@ class Checkpointer:
     directory: Path
     every_steps: int
     keep: int
-    config: Config
+    # The run's resolved config, written beside the state as config.yaml.
+    config_yaml: str
     async_save: bool = False
     on_error: str = "stop"  # stop | warn
     blocked_s: list[float] = field(default_factory=list)  # per save: the loop's wait
@@ -212,8 +212,7 @@ class Checkpointer:
         self.write_s.append(time.perf_counter() - pending.start_s)
         try:
             if pending.future.exception() is None:
-                config = OmegaConf.to_yaml(OmegaConf.structured(self.config))
-                (pending.tmp / CONFIG_FILE).write_text(config)
+                (pending.tmp / CONFIG_FILE).write_text(self.config_yaml)
                 shutil.rmtree(pending.final, ignore_errors=True)
                 pending.tmp.rename(pending.final)
                 _prune(self.directory, keep=self.keep)

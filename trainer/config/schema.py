@@ -27,6 +27,7 @@ from compression.precision import PRECISIONS
 from compression.row_range import RANGES
 from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
 from trainer.data.synthetic_config import SyntheticDataConfig
+from trainer.errors import ConfigError
 from trainer.report.logger import LOGGER_NAMES, WANDB_MODES, LoggerConfig
 
 
@@ -36,7 +37,7 @@ def _choices(name: str, values: Sequence[str]) -> type[StrEnum]:
     return StrEnum(name, {v: v for v in values})  # type: ignore[return-value]
 
 
-Arch = _choices("Arch", ("dlrm", "dlrm_dcnv2"))
+Arch = _choices("Arch", ("dlrm", "dlrm_dcnv2", "deepfm", "wide_deep"))
 Pooling = _choices("Pooling", ("sum", "mean"))
 # The strategy names are the sharding package's (the only place they are defined).
 Strategy = _choices("Strategy", PLANNER_STRATEGIES)
@@ -56,10 +57,6 @@ OnCheckpointError = _choices("OnCheckpointError", ("stop", "warn"))
 STRATEGIES = tuple(Strategy)
 
 
-class ConfigError(ValueError):
-    """A user error in the configuration; the message names the key and the fix."""
-
-
 @dataclass
 class TableConfig:
     name: str = MISSING
@@ -72,6 +69,8 @@ class TableConfig:
 
 @dataclass
 class ModelConfig:
+    # dlrm | dlrm_dcnv2 | deepfm | wide_deep (trainer/models/ctr.py: the last two have a
+    # first-order part, one w_<table> per table, and no bottom MLP).
     arch: Arch = Arch.dlrm
     embedding_dim: int = 16
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
@@ -179,6 +178,8 @@ class DistillConfig:
     """
 
     name: DistillName = DistillName.none
+    # The student's architecture; None: the teacher's (model.arch).
+    arch: Arch | None = None
     # Student loss = alpha * BCE(labels) + (1 - alpha) * T^2 * BCE(sigmoid(s/T), sigmoid(t/T)).
     alpha: float = 0.5
     temperature: float = 1.0
@@ -300,6 +301,11 @@ def register_configs() -> None:
     store.store(name="shardrec_schema", node=Config)
     for name, schema in data_schemas().items():
         store.store(group="data", name=f"{name}_schema", node=schema)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what a checkpoint saves as ``config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def config_from_yaml(text: str) -> Config:

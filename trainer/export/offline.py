@@ -8,7 +8,8 @@ and the converters' saved state (e.g. row pruning's access counts), and
 exports it as the end of that run would have (the same converters: the run's
 QAT bits, or ``--bits`` for every table; the run's ``qat.range``, or
 ``--range minmax|mse``). Saves ``--out`` (default
-``<checkpoint>/exported_model.pt``) and the result next to it as ``.json``;
+``<checkpoint>/exported_model.pt``), the serving bundle in ``bundle/`` beside it
+(trainer/export/bundle.py) and the result next to it as ``.json``;
 prints the result. A missing or incomplete checkpoint is one line, exit 2.
 
 Example::
@@ -37,12 +38,13 @@ from trainer.checkpoint.load import (
     is_complete,
     load_unsharded_model,
     missing_message,
-    read_config,
 )
 from trainer.checkpoint.safe_reader import SafeReader, read_checkpoint_metadata
+from trainer.config.saved import read_config
 from trainer.config.schema import ConfigError
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
+from trainer.export.bundle import BUNDLE_DIR
 from trainer.export.step import EXPORT_FILE, build_trained, export_model
 
 
@@ -77,6 +79,7 @@ def export_checkpoint(
         source=source,
         batch_size=cfg.trainer.eval_batch_size,
         path=out,
+        bundle=out.parent / BUNDLE_DIR,
     )
     result["step"] = step
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

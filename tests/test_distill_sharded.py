@@ -65,7 +65,8 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
     assert export["bits"] == {f"s_t_cat_{i}": 4 for i in range(4)}
     assert export["max_abs_logit_diff"] <= 1e-3
     # The served model is the student alone: its tables, at dim 4.
-    served = load_exported(run / export["path"])
+    assert (run / export["path"] / "model.pt2").is_file()  # the serving bundle
+    served = load_exported(run / "exported_model.pt")
     dims = {name: w.shape for name, w in served.state_dict().items() if "embedding_bags" in name}
     assert dims and all("s_t_cat" in name for name in dims)
 

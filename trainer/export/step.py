@@ -8,7 +8,10 @@ alone then
    tables quantized with the QAT bits of the run, or ``trainer.export_bits``
    for every table when QAT was off -- post-training quantization, the
    baseline QAT is meant to beat; int8 weight-only dense Linears with dense
-   QAT). Saves it to ``exported_model.pt``;
+   QAT). Saves it to ``exported_model.pt`` (pickled, for shardrec's own tests)
+   and writes the serving bundle ``bundle/`` (trainer/export/bundle.py: a
+   ``torch.export`` program over FBGEMM's nbit lookup op, schema.json,
+   sample.pt), which loads with torch and fbgemm_gpu alone;
 3. evaluates it on the whole eval set, and the trained model's own eval forward
    on the same samples (``Converters.as_trained_eval``: the QAT tables
    fake-quantized, exactly what QAT's eval computes row by row; dense QAT
@@ -18,8 +21,11 @@ The summary gets a nested ``"export"`` entry::
 
     "export": {"auc": 0.74, "logloss": 0.48, "bytes": 1234, "fp32_bytes": 4567,
                "bits": {"t_cat_0": 4, ...}, "dense_bits": 0, "max_abs_logit_diff": 0.0,
-               "path": "exported_model.pt"}
+               "bundle_max_abs_diff": 0.0, "path": "bundle"}
 
+``auc`` is the bundle program's (as loaded from disk), ``logloss`` the eager
+quantized model's; ``bundle_max_abs_diff`` is the program's largest probability
+difference from the eager quantized model (measured: 0).
 ``max_abs_logit_diff`` is ~0 with QAT (serving sees what training saw) and the
 post-training quantization error without it.
 
@@ -63,6 +69,7 @@ from trainer.builder.model import build_trained
 from trainer.config.schema import ModelConfig
 from trainer.config.tables import RunTables
 from trainer.data.source import DataSource
+from trainer.export.bundle import BUNDLE_DIR, add_metrics, write_bundle
 from trainer.report.metrics import binary_auc
 
 log = logging.getLogger(__name__)
@@ -98,8 +105,9 @@ def export_step(
                 source=source,
                 batch_size=eval_batch_size,
                 path=run_dir / EXPORT_FILE,
+                bundle=run_dir / BUNDLE_DIR,
             )
-            result["path"] = EXPORT_FILE  # relative to the run directory
+            result["path"] = BUNDLE_DIR  # relative to the run directory
         except Exception as err:  # handed to every rank below, then raised everywhere
             log.exception("export failed")
             result = f"{type(err).__name__}: {err}"
@@ -116,12 +124,16 @@ def export_model(
     source: DataSource,
     batch_size: int,
     path: Path,
+    bundle: Path,
 ) -> dict[str, Any]:
-    """One process: the serving model of ``trained`` (saved to ``path``), scored.
+    """One process: the serving model of ``trained`` (pickled to ``path``, and the
+    serving bundle written to ``bundle``, see trainer/export/bundle.py), scored.
 
     ``trained`` is :func:`build_trained` holding the trained fp32 weights; it is
     changed in place into the trained model's eval forward. Returns the
-    ``"export"`` entry of the summary.
+    ``"export"`` entry of the summary; its ``auc``/``logloss`` are the bundle's
+    program's (loaded back from disk), ``bundle_max_abs_diff`` its largest
+    probability difference from the eager quantized model.
     """
     dlrm = trained.model  # the predictor, without DLRMTrain's loss
     dlrm.eval()
@@ -131,11 +143,19 @@ def export_model(
     exported_bytes, fp32_bytes = model_bytes(exported), model_bytes(dlrm)
     tables, fp32_tables = table_bytes(exported), table_bytes(dlrm)
     converters.as_trained_eval(dlrm)
-    served_logits, trained_logits, labels = _eval_logits(
-        [exported, dlrm], source, batch_size=batch_size
+    sample = next(iter(source.eval_batches(batch_size=batch_size, rank=0, world_size=1)))
+    with torch.no_grad():
+        sample_scores = torch.sigmoid(
+            exported(sample.dense_features, sample.sparse_features).flatten()
+        )
+    program = write_bundle(
+        exported, source=source, directory=bundle, sample=sample, sample_scores=sample_scores
+    )
+    served_logits, trained_logits, scores, labels = _eval_logits(
+        [exported, dlrm], source, batch_size=batch_size, program=program
     )
     result = {
-        "auc": binary_auc(torch.sigmoid(served_logits), labels),
+        "auc": binary_auc(scores, labels),
         "logloss": float(F.binary_cross_entropy_with_logits(served_logits, labels)),
         "bytes": exported_bytes,
         "fp32_bytes": fp32_bytes,
@@ -144,11 +164,13 @@ def export_model(
         "fp32_table_bytes": fp32_tables,
         **converters.export_summary(),  # bits per table, dense_bits
         "max_abs_logit_diff": float((served_logits - trained_logits).abs().max()),
-        "path": str(path),
+        "bundle_max_abs_diff": float((scores - torch.sigmoid(served_logits)).abs().max()),
+        "path": str(bundle),
     }
+    add_metrics(bundle, {k: result[k] for k in ("auc", "logloss", "max_abs_logit_diff")})
     log.info(
         "exported %s: auc %.4f, %d bytes (fp32 %d, %.2fx smaller), max |logit diff| %.3g",
-        path,
+        bundle,
         result["auc"],
         exported_bytes,
         fp32_bytes,
@@ -160,13 +182,16 @@ def export_model(
 
 @torch.no_grad()
 def _eval_logits(
-    models: list[nn.Module], source: DataSource, *, batch_size: int
+    models: list[nn.Module], source: DataSource, *, batch_size: int, program: nn.Module
 ) -> tuple[torch.Tensor, ...]:
-    """Each model's logits over the whole eval set (one process), then the labels."""
+    """Each model's logits over the whole eval set (one process), the program's
+    probabilities, then the labels."""
     logits: list[list[torch.Tensor]] = [[] for _ in models]
-    labels = []
+    scores, labels = [], []
     for batch in source.eval_batches(batch_size=batch_size, rank=0, world_size=1):
         for out, m in zip(logits, models):
             out.append(m(batch.dense_features, batch.sparse_features).flatten())
+        kjt = batch.sparse_features
+        scores.append(program(batch.dense_features, kjt.values().long(), kjt.lengths().long()))
         labels.append(batch.labels.flatten().float())
-    return (*(torch.cat(out) for out in logits), torch.cat(labels))
+    return (*(torch.cat(out) for out in logits), torch.cat(scores), torch.cat(labels))

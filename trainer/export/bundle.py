@@ -1,0 +1,177 @@
+"""The serving bundle: one directory a server loads with torch and fbgemm_gpu alone.
+
+Written by the end-of-training export (``trainer.export=true``, into
+``<run_dir>/bundle/``) and by ``python -m trainer.export CKPT`` (beside ``--out``)::
+
+    bundle/model.pt2     torch.export program (compression/bundle.py): the quantized
+                         tables as buffers read by FBGEMM's nbit lookup op, the dense
+                         layers as aten ops; (dense, ids, lengths) -> probabilities
+    bundle/schema.json   how raw rows become the program's inputs, and what it reached
+    bundle/sample.pt     one eval batch and the scores the trainer computed for it
+                         (a dict of tensors: torch.load(..., weights_only=True))
+    bundle/vocab/<feature>.ids.npy   with mapping=vocab: row 2 + i is raw id ids[i]
+
+``schema.json`` holds ``format`` (``torch.export``) and ``file``, the features in
+input order with their id mapping (``hash``: row ``1 + id % (rows - 1)``, row 0
+for a blank field; ``vocab``: the copied file, row 1 for an unknown id), the
+multi-hot features, the dense columns with their transform and the train
+split's mean/std (prepared data) or ``synthetic`` with ``num_dense``, the
+inputs' and output's layout, the versions, and the eval metrics.
+
+Example::
+
+    program = write_bundle(served, source=source, directory=run_dir / "bundle",
+                           sample=first_eval_batch, sample_scores=scores)
+    add_metrics(run_dir / "bundle", {"auc": 0.74, "logloss": 0.48})
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fbgemm_gpu
+import torch
+from torch import Tensor, nn
+from torchrec.datasets.utils import Batch
+
+from compression.bundle import PROGRAM_FILE, load_program, save_program, serving_program
+from trainer.data.source import DataSource
+
+BUNDLE_DIR = "bundle"
+SCHEMA_FILE = "schema.json"
+SAMPLE_FILE = "sample.pt"
+SCHEMA_VERSION = 1
+
+
+def write_bundle(
+    served: nn.Module,
+    *,
+    source: DataSource,
+    directory: Path,
+    sample: Batch,
+    sample_scores: Tensor,
+) -> nn.Module:
+    """Writes model.pt2, schema.json (no metrics yet) and sample.pt; returns the
+    program as loaded back from disk (what a server runs)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in source.features]
+    program = serving_program(served, feature_names=names)
+    save_program(program, directory / PROGRAM_FILE, num_dense=source.num_dense)
+    schema = {
+        "schema_version": SCHEMA_VERSION,
+        "format": "torch.export",
+        "file": PROGRAM_FILE,
+        "inputs": {
+            "dense": "float32[B, num_dense], transformed as in dense",
+            "ids": "int64[N]: the rows of every feature's ids, feature-major",
+            "lengths": "int64[num_features * B]: ids per (feature, sample), feature-major "
+            "(torchrec's KeyedJaggedTensor order)",
+        },
+        "output": {"name": "probability", "shape": "float32[B]"},
+        **data_schema(source, directory),
+        "versions": versions(),
+        "metrics": {},
+    }
+    (directory / SCHEMA_FILE).write_text(json.dumps(schema, indent=2))
+    kjt = sample.sparse_features
+    torch.save(
+        {
+            "dense": sample.dense_features.float().contiguous(),
+            "ids": kjt.values().long().contiguous(),
+            "lengths": kjt.lengths().long().contiguous(),
+            "labels": sample.labels.float().flatten().contiguous(),
+            "scores": sample_scores.float().flatten().contiguous(),
+        },
+        directory / SAMPLE_FILE,
+    )
+    return load_program(directory / PROGRAM_FILE)
+
+
+def add_metrics(directory: Path, metrics: dict[str, Any]) -> None:
+    """Records the eval metrics the bundle reached in its schema.json."""
+    path = directory / SCHEMA_FILE
+    schema = json.loads(path.read_text())
+    schema["metrics"] = metrics
+    path.write_text(json.dumps(schema, indent=2))
+
+
+def data_schema(source: DataSource, directory: Path) -> dict[str, Any]:
+    """``features`` and ``dense`` entries of schema.json for ``source``; with a vocabulary
+    mapping, its files are copied into ``directory/vocab``."""
+    meta = getattr(source, "meta", None)
+    features = [
+        {
+            "name": f.name,
+            "rows": f.num_embeddings,
+            "multi_hot": f.max_ids_per_sample > 1,
+            "max_ids_per_sample": f.max_ids_per_sample,
+        }
+        for f in source.features
+    ]
+    if meta is None:  # synthetic: ids are rows already, dense standard normal
+        for f in features:
+            f["mapping"] = {"kind": "synthetic"}
+        dense = {"kind": "synthetic", "num_dense": source.num_dense}
+        return {"source": "synthetic", "features": features, "dense": dense}
+    kind = meta.mapping.get("kind", "hash")
+    for f in features:
+        if kind == "vocab":
+            vocab = Path(source.directory) / "vocab" / f"{f['name']}.ids.npy"
+            if not vocab.is_file():
+                raise FileNotFoundError(
+                    f"{vocab} not found: the prepared data's vocabulary (metadata.json says "
+                    "mapping=vocab); prepare the data again"
+                )
+            (directory / "vocab").mkdir(exist_ok=True)
+            shutil.copyfile(vocab, directory / "vocab" / vocab.name)
+            f["mapping"] = {
+                "kind": "vocab",
+                "file": f"vocab/{vocab.name}",
+                "first_row": 2,
+                "unknown_row": 1,
+                "missing_row": 0,
+            }
+        else:
+            f["mapping"] = {
+                "kind": "hash",
+                "rows": f["rows"],
+                "row": "1 + id % (rows - 1)",
+                "missing_row": 0,
+            }
+    norm = getattr(source, "_norm", None)
+    dense: dict[str, Any] = {
+        "kind": meta.source,
+        "num_dense": meta.num_dense,
+        "names": list(meta.dense_names),
+        "transform": "criteo: log(1 + max(x, 0)) of the integer field"
+        if meta.source == "criteo"
+        else "as read from the table's dense columns",
+        "norm": "none" if norm is None else "standardize",
+        "mean": meta.dense_stats.get("mean", []),
+        "std": meta.dense_stats.get("std", []),
+        "missing": "0 after the norm (the mean)",
+    }
+    if norm is not None:
+        # The float32 arrays the reader applies: (x - mean) * inv_std, missing -> 0.
+        dense["mean_f32"] = norm[0].tolist()
+        dense["inv_std_f32"] = norm[1].tolist()
+    return {
+        "source": meta.source,
+        "mapping": dict(meta.mapping),
+        "features": features,
+        "dense": dense,
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"torch": torch.__version__, "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?")}
+    for dist, key in (("torchrec", "torchrec"), ("shardrec", "shardrec")):
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = "unknown"
+    return out

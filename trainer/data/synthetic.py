@@ -98,7 +98,7 @@ class SyntheticSource:
         self._bag_positions = torch.arange(max(self.hotness, default=1))
         self._tables = ZipfTables(self.cardinalities, exponent=cfg.zipf_exponent, seed=cfg.seed)
         self._planted = PlantedModel(cfg, self._tables, self._slot_features)
-        # Runs of features with the same hotness (planted.hotness_runs): a run's ids
+        # Runs of features with the same hotness (planted_layout.hotness_runs): a run's ids
         # reach the KJT's feature-major layout by one transpose.
         self._runs = self._planted.feature_runs
         self._oracle_auc: float | None = None

@@ -46,7 +46,7 @@ class SyntheticDataConfig:
     latent_dim: int = 3
     # Both features of an interacting pair have at most this many rows ...
     interaction_max_cardinality: int = 20000
-    # ... and one of them at most this many (see planted.select_pairs).
+    # ... and one of them at most this many (see planted_layout.select_pairs).
     interaction_small_cardinality: int = 100
     # Effects of the row with frequency rank r shrink as 1 / (1 + r / this);
     # <= 0 keeps the tail as strong as the head.

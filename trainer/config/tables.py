@@ -3,10 +3,12 @@
 Every part of a run that needs to know the tables (build, planning, the
 converters, validation, export) reads one :class:`RunTables`:
 
-- ``model``: the tables the model builds (``model.tables``, or one per
+- ``model``: the field tables the model builds (``model.tables``, or one per
   categorical feature of the source, sized by it);
-- ``trained``: every table the trained module holds: ``model`` plus, with
-  ``distill=online`` (own tables), the student's ``s_<name>`` tables;
+- ``trained``: every table the trained module holds: ``model``, the wide
+  (first-order) tables ``w_<name>`` of a deepfm / wide_deep model (see
+  :func:`wide_tables`), plus, with ``distill=online`` (own tables), the
+  student's ``s_<name>`` tables (and their ``w_s_<name>`` if the student is wide);
 - ``served``: the tables of the exported model (the student's when distilling);
 - ``qat_bits``: per trained table, the bits its QAT fake-quant uses (tables left
   out train in fp32);
@@ -29,6 +31,16 @@ from trainer.config.schema import Config, DistillConfig, ModelConfig, QATConfig,
 from trainer.data.source import FeatureSpec
 
 STUDENT_PREFIX = "s_"
+WIDE_PREFIX = "w_"
+# A wide table holds one weight per id (a logistic regression on the ids), but is
+# WIDE_DIM wide: FBGEMM's training kernels (``construct_split_state``) assert
+# ``embedding_dim % 4 == 0``. Column 0 is the weight; columns 1..3 start at zero
+# and get no gradient, so they stay zero, and a row quantizes as [w, 0, 0, 0]:
+# one end of its range is 0 and the other w, so w is served exactly (up to the
+# fp16 scale) at any bits (trainer/models/ctr.py).
+WIDE_DIM = 4
+# Architectures with a first-order part, i.e. one wide table per field table.
+WIDE_ARCHS = ("deepfm", "wide_deep")
 
 
 @dataclass(frozen=True)
@@ -63,8 +75,10 @@ def run_tables(
     ``export_bits_override``: serve every table at these bits (offline export).
     """
     model = resolved_tables(cfg.model, features)
-    trained = model_tables(cfg.distill, model)
-    served = [t for t in trained if t not in model] or list(model)
+    teacher = arch_tables(str(cfg.model.arch), model)
+    student = own_student_tables(cfg.distill, cfg.model, model)
+    trained = teacher + student
+    served = student or teacher
     qat = trained_qat_bits(cfg.qat, cfg.distill, trained=trained, served=served)
     if export_bits_override:
         export = uniform_bits(cfg.qat, served, export_bits_override)
@@ -111,12 +125,40 @@ def student_tables(tables: Sequence[TableConfig], *, embedding_dim: int) -> list
     return [replace(t, name=STUDENT_PREFIX + t.name, embedding_dim=embedding_dim) for t in tables]
 
 
-def model_tables(distill: DistillConfig, tables: Sequence[TableConfig]) -> list[TableConfig]:
-    """Every table the trained model holds: ``tables`` (the model's), plus the
-    distillation student's own tables (``s_<name>``) with ``distill=online``."""
+def wide_tables(tables: Sequence[TableConfig]) -> list[TableConfig]:
+    """The first-order tables of ``tables``: ``w_<name>``, same rows, features and
+    pooling, ``WIDE_DIM`` columns of which the model reads the first."""
+    return [replace(t, name=WIDE_PREFIX + t.name, embedding_dim=WIDE_DIM) for t in tables]
+
+
+def arch_tables(arch: str, tables: Sequence[TableConfig]) -> list[TableConfig]:
+    """Every table a model of ``arch`` over the field ``tables`` holds (wide ones too)."""
+    return list(tables) + (wide_tables(tables) if arch in WIDE_ARCHS else [])
+
+
+def student_arch(distill: DistillConfig, model: ModelConfig) -> str:
+    """The distillation student's architecture: ``distill.arch``, else the teacher's."""
+    return str(distill.arch or model.arch)
+
+
+def own_student_tables(
+    distill: DistillConfig, model: ModelConfig, tables: Sequence[TableConfig]
+) -> list[TableConfig]:
+    """The student's own tables with ``distill=online`` (none when it shares the
+    teacher's): ``s_<name>`` per field table, and their ``w_s_<name>`` if it is wide."""
     if distill.name == "none" or distill.share_tables:
-        return list(tables)
-    return list(tables) + student_tables(tables, embedding_dim=distill.embedding_dim)
+        return []
+    fields = student_tables(tables, embedding_dim=distill.embedding_dim)
+    return arch_tables(student_arch(distill, model), fields)
+
+
+def model_tables(
+    distill: DistillConfig, tables: Sequence[TableConfig], model: ModelConfig | None = None
+) -> list[TableConfig]:
+    """Every table the trained model holds: the model's (``tables`` and, for a wide
+    ``model.arch``, their wide tables), plus the student's own with ``distill=online``."""
+    model = model or ModelConfig()
+    return arch_tables(str(model.arch), tables) + own_student_tables(distill, model, tables)
 
 
 def uniform_bits(qat: QATConfig, tables: Sequence[TableConfig], bits: int) -> dict[str, int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sharding.planner import HIERARCHICAL
+from sharding.replicas import parse_replicas
 from trainer.checkpoint.load import check_checkpoint
 from trainer.config.checks import check, layer_sizes, positive
 from trainer.config.schema import (
@@ -29,7 +30,7 @@ from trainer.config.schema import (
     ModelConfig,
     TableConfig,
 )
-from trainer.config.tables import run_tables
+from trainer.config.tables import run_tables, student_arch, wide_tables
 from trainer.config.validate_compression import validate_distill, validate_prune, validate_qat
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
@@ -137,13 +138,19 @@ def validate(
     )
     tables = run_tables(cfg, features=features)
     _validate_tables(cfg.model, tables.model, features)
-    if m.arch == "dlrm_dcnv2":
+    archs = {m.arch} | ({student_arch(cfg.distill, m)} if cfg.distill.name != "none" else set())
+    if "dlrm_dcnv2" in archs:  # the student's cross layers are model.dcn_* too
         positive("model.dcn_num_layers", m.dcn_num_layers)
         positive("model.dcn_low_rank_dim", m.dcn_low_rank_dim)
+    _validate_student_arch(cfg)
     validate_distill(cfg)
     validate_prune(cfg)
     # With distill=online, the student's own tables too (s_t_cat_0, ...).
     _validate_sharding(cfg, tables.trained, world_size, local_world_size or world_size)
+    try:  # sharding.replicas: a count dividing the world, or auto
+        parse_replicas(s.replicas, world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     validate_qat(cfg, tables.trained)
     if s.strategy in ("row_wise", "column_wise") and world_size < 2:
         raise ConfigError(
@@ -157,7 +164,10 @@ def validate(
             f"sharding.column_shard_dim={s.column_shard_dim}: use a positive multiple of 4 "
             f"(FBGEMM's row alignment), or null for torchrec's default (128)",
         )
+        wide = {t.name for t in wide_tables(tables.trained)}
         for table in tables.trained:
+            if table.name in wide:
+                continue  # WIDE_DIM (4) columns: one block at any multiple of 4
             check(
                 table.embedding_dim % s.column_shard_dim == 0,
                 f"sharding.column_shard_dim={s.column_shard_dim} does not divide table "
@@ -186,6 +196,20 @@ def validate(
             f"process(es); the trainer plans for the job it runs (drop the override), "
             f"`python -m trainer.plan` plans for clusters you do not have"
         )
+
+
+def _validate_student_arch(cfg: Config) -> None:
+    """``distill.arch``: a student of another architecture needs tables of its own."""
+    d = cfg.distill
+    if d.name == "none" or not d.share_tables:
+        return
+    arch = student_arch(d, cfg.model)
+    check(
+        arch == cfg.model.arch,
+        f"distill.arch={arch} with distill.share_tables=true: a shared-table student reads "
+        f"the teacher's lookups, so it must be a {cfg.model.arch} like the teacher "
+        f"(model.arch); drop distill.arch, or set distill.share_tables=false",
+    )
 
 
 def _validate_checkpoints(cfg: Config) -> None:
@@ -280,6 +304,24 @@ def _validate_tables(
             f"{key}.num_embeddings={t.num_embeddings} is smaller than the "
             f"cardinality {needed} of its features; ids would index past the table",
         )
+    _validate_arch_dims(model, tables)
+
+
+def _validate_arch_dims(model: ModelConfig, tables: Sequence[TableConfig]) -> None:
+    """What each architecture needs of the field tables' dims."""
+    if model.arch == "wide_deep":
+        return  # the deep MLP reads the embeddings concatenated: any dims
+    if model.arch == "deepfm":
+        # The FM term sums pairwise dot products of the field embeddings.
+        dims = sorted({t.embedding_dim for t in tables})
+        check(
+            len(dims) == 1,
+            f"model.arch=deepfm: the FM term needs every table of one embedding_dim, got "
+            f"{dims} ({', '.join(f'{t.name}: {t.embedding_dim}' for t in tables)}); drop "
+            f"model.tables[*].embedding_dim (model.embedding_dim for all), or use "
+            f"model=wide_deep (any dims)",
+        )
+        return
     # DLRM's dot interaction (and DLRM-DCN's cross layers, as torchrec builds them)
     # stack the dense projection with every pooled embedding, so dims must agree.
     bottom = model.dense_arch_layer_sizes[-1]

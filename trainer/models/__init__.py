@@ -1,4 +1,4 @@
-"""Models: DLRM and DLRM-DCNv2 over one EmbeddingBagCollection, from torchrec.
+"""Models: DLRM and DLRM-DCNv2 (torchrec's), DeepFM and Wide&Deep (ctr.py).
 
 Example::
 

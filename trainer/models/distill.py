@@ -1,4 +1,7 @@
-"""The teacher/student pair: two DLRMs trained on the same batch, as one module.
+"""The teacher/student pair: two models trained on the same batch, as one module.
+
+The student's architecture is ``distill.arch`` (default: the teacher's), e.g. a
+DeepFM student (trainer/models/ctr.py) of a DLRM-DCNv2 teacher.
 
 :class:`DistillTrain` is what gets planned, sharded, checkpointed and trained
 when ``distill=online``: its state dict holds both models (``teacher.*``,
@@ -9,7 +12,8 @@ loop evaluates each head; the first is the served one). The loss is the
 teacher's BCE plus the student's distillation loss (compression/distill.py),
 whose soft target is the detached teacher logit.
 
-The student has its own smaller tables, named ``s_<teacher table>`` (so
+The student has its own smaller tables, named ``s_<teacher field table>``
+(and ``w_s_<...>`` wide tables if it is a DeepFM / Wide&Deep; so
 ``qat.table_bits`` and ``sharding.tables`` address them) over the same
 features, or (``share_tables``) no tables at all: it reads the teacher's pooled
 embeddings, so each table is looked up and updated once per step.
@@ -37,19 +41,22 @@ from torchrec.models.dlrm import DLRMTrain
 
 from compression.distill import distill_loss
 from trainer.config.schema import DistillConfig, ModelConfig, TableConfig
-from trainer.config.tables import student_tables
+from trainer.config.tables import student_arch, student_tables
 from trainer.models.dlrm import build_model
 
 
-def _logits(dlrm: nn.Module, dense: Tensor, pooled: Tensor) -> Tensor:
-    """DLRM.forward after the sparse arch (``pooled``: (batch, features, dim))."""
+def _logits(dlrm: nn.Module, dense: Tensor, pooled: Any) -> Tensor:
+    """The predictor's forward after its sparse arch: a DeepFM / Wide&Deep's own
+    ``logits_from_pooled``, else DLRM's (``pooled``: (batch, features, dim))."""
+    if hasattr(dlrm, "logits_from_pooled"):
+        return dlrm.logits_from_pooled(dense, pooled).squeeze(-1)
     embedded_dense = dlrm.dense_arch(dense)
     concatenated = dlrm.inter_arch(dense_features=embedded_dense, sparse_features=pooled)
     return dlrm.over_arch(concatenated).squeeze(-1)
 
 
 class DistillTrain(nn.Module):
-    """Teacher and student DLRMs with the distillation loss (see the module docstring).
+    """Teacher and student predictors with the distillation loss (see the module docstring).
 
     ``soft``: whether the student's loss has the soft term (set per step by
     compression.distill.DistillConverter: off during the warm-up).
@@ -113,6 +120,15 @@ class DistillTrain(nn.Module):
         return loss, (loss.detach(), logits, batch.labels.detach())
 
 
+def _num_dense(predictor: nn.Module) -> int:
+    """The batches' dense width a predictor was built for."""
+    if hasattr(predictor, "num_dense"):
+        return int(predictor.num_dense)
+    # A DLRM built elsewhere: its bottom MLP's input width (1 also for no dense features,
+    # which ConstantWhenEmptyDenseArch handles in a DLRM student too).
+    return next(m for m in predictor.dense_arch.modules() if isinstance(m, nn.Linear)).in_features
+
+
 def make_pair(
     teacher: DLRMTrain,
     *,
@@ -128,13 +144,14 @@ def make_pair(
     device = next(teacher.parameters()).device
     shared = distill.share_tables
     # What the teacher was built with: dense width, and table dtype (precision).
-    num_dense = next(m for m in teacher.model.dense_arch.modules() if isinstance(m, nn.Linear))
     ebc = teacher.model.sparse_arch.embedding_bag_collection
     data_type = ebc.embedding_bag_configs()[0].data_type
     student = build_model(
-        arch=model.arch,
+        # Its own architecture (e.g. a deepfm student of a dlrm_dcnv2 teacher);
+        # with shared tables validation keeps it the teacher's.
+        arch=student_arch(distill, model),
         tables=tables if shared else student_tables(tables, embedding_dim=distill.embedding_dim),
-        num_dense=num_dense.in_features,
+        num_dense=_num_dense(teacher.model),
         dense_arch_layer_sizes=distill.dense_arch_layer_sizes,
         over_arch_layer_sizes=distill.over_arch_layer_sizes,
         device=device,

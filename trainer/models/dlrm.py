@@ -30,6 +30,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from trainer.models.ctr import build_ctr
 from trainer.models.interaction import FlatInteractionArch
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
@@ -140,7 +141,11 @@ def build_model(
     table_data_type: DataType = DataType.FP32,
     tables_device: torch.device | None = None,
 ) -> DLRMTrain:
-    """A DLRM (``arch="dlrm"``) or DLRM-DCNv2 (``"dlrm_dcnv2"``) wrapped with its loss.
+    """A DLRM (``arch="dlrm"``), DLRM-DCNv2 (``"dlrm_dcnv2"``), DeepFM (``"deepfm"``)
+    or Wide&Deep (``"wide_deep"``, see ctr.py) wrapped with its loss.
+
+    DeepFM and Wide&Deep have no bottom MLP (``dense_arch_layer_sizes`` and the
+    ``dcn_*`` settings are unused); ``over_arch_layer_sizes`` is their deep MLP.
 
     ``num_dense=0``: the bottom MLP takes one constant input (the batches' dense
     tensor is ``[B, 0]``), see :class:`ConstantWhenEmptyDenseArch`.
@@ -148,6 +153,17 @@ def build_model(
     """
     if num_dense < 0:
         raise ValueError(f"num_dense={num_dense} must be >= 0")
+    if arch in ("deepfm", "wide_deep"):
+        ctr = build_ctr(
+            arch=arch,
+            fields=embedding_bag_configs(tables, table_data_type),
+            num_dense=num_dense,
+            over_arch_layer_sizes=over_arch_layer_sizes,
+            device=device,
+            tables_device=tables_device,
+            data_type=table_data_type,
+        )
+        return DLRMTrain(ctr)  # torchrec's wrapper only calls model(dense, sparse)
     ebc = EmbeddingBagCollection(
         tables=embedding_bag_configs(tables, table_data_type), device=tables_device or device
     )
@@ -167,7 +183,10 @@ def build_model(
             **common, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim
         )
     else:
-        raise ValueError(f"model.arch={arch!r} is not known; use dlrm or dlrm_dcnv2")
+        raise ValueError(
+            f"model.arch={arch!r} is not known; use dlrm, dlrm_dcnv2, deepfm or wide_deep"
+        )
+    dlrm.num_dense = num_dense  # the batches' dense width (the bottom MLP's is >= 1)
     # The same module (no second init, same state dict); it also takes [B, 0] inputs,
     # which a student built from this model's width (distill) receives too.
     dlrm.dense_arch.__class__ = ConstantWhenEmptyDenseArch

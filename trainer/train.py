@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,14 @@ from sharding import (
 )
 from sharding.collectives import all_gather_object
 from sharding.dist import local_world_size_from_env, world_size_from_env
-from sharding.dmp import combined_optimizer
+from sharding.dmp import DenseLRSchedule, combined_optimizer, dense_lr_schedule
+from sharding.replicas import (
+    ReplicaGroups,
+    ReplicaSync,
+    ReplicaSyncOptimizer,
+    shard_model_in_group,
+    training_replicas,
+)
 from sharding.state import local_table_bytes
 from trainer.builder.compression import build_converters
 from trainer.checkpoint.load import (
@@ -60,7 +68,7 @@ from trainer.checkpoint.load import (
 from trainer.checkpoint.save import Checkpointer
 from trainer.config.run_dir import agree_on_run_dir
 from trainer.config.saved import check_resumable
-from trainer.config.schema import Config, config_to_yaml
+from trainer.config.schema import Config, ConfigError, config_to_yaml
 from trainer.config.tables import RunTables, run_tables
 from trainer.config.validate import open_source, validate, validate_for_device
 from trainer.data.source import DataSource
@@ -84,6 +92,7 @@ class Built:
     plan: ShardingPlan
     tables: RunTables
     converters: Converters
+    lr_schedule: DenseLRSchedule | None = None  # stepped by the loop, once per step
 
 
 def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Built:
@@ -95,19 +104,43 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
     source = source or open_source(cfg.data, seed=cfg.trainer.seed)
     tables = run_tables(cfg, features=source.features)
     converters = build_converters(cfg, tables=tables, device_type=env.device.type)
+    # sharding.replicas=K: K groups of world/K ranks each shard every table by one plan
+    # made for world/K ranks (sharding/replicas.py); 1 is one group, the whole world.
+    try:
+        replicas = training_replicas(cfg.sharding.replicas, env.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    groups = None
+    if replicas > 1:
+        groups = ReplicaGroups.create(
+            world_size=env.world_size, replicas=replicas, device_type=env.device.type
+        )
+    world = World(
+        world_size=env.world_size // replicas,
+        local_world_size=max(
+            1, (cfg.topology.local_world_size or env.local_world_size) // replicas
+        ),
+        device=torch.device(cfg.topology.compute_device or env.device.type),
+    )
     model, planned = plan_meta_model(
         cfg,
         tables=tables,
         num_dense=source.num_dense,
         converters=converters,
-        world=World(
-            world_size=env.world_size,
-            local_world_size=cfg.topology.local_world_size or env.local_world_size,
-            device=torch.device(cfg.topology.compute_device or env.device.type),
-        ),
+        world=world,
         pg=env.pg,
     )
-    dmp = shard_model(model, plan=planned.plan, env=env, sharders=planned.sharders)
+    if groups is None:
+        dmp = shard_model(model, plan=planned.plan, env=env, sharders=planned.sharders)
+    else:
+        dmp = shard_model_in_group(
+            model,
+            plan=planned.plan,
+            env=env,
+            groups=groups,
+            sharders=planned.sharders,
+            node_group_size=world.local_world_size,
+        )
     converters.convert_sharded(dmp, device=env.device, process_group=env.pg)
     optimizer = combined_optimizer(
         dmp,
@@ -115,9 +148,26 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
         dense_lr=cfg.optim.dense_lr,
         dense_weight_decay=cfg.optim.dense_weight_decay,
     )
+    try:
+        lr_schedule = dense_lr_schedule(
+            optimizer,
+            warmup_steps=cfg.optim.dense_warmup_steps,
+            schedule=cfg.optim.dense_lr_schedule,
+            total_steps=cfg.trainer.num_steps,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     optimizer = converters.wrap_optimizer(dmp, optimizer, device=env.device, process_group=env.pg)
+    if groups is not None:  # step() then sums the tables' gradients over the replicas
+        sync = ReplicaSync(dmp, groups=groups, eps=cfg.optim.embedding_eps)
+        optimizer = ReplicaSyncOptimizer(optimizer, sync)  # type: ignore[arg-type]
     return Built(
-        model=dmp, optimizer=optimizer, plan=planned.plan, tables=tables, converters=converters
+        model=dmp,
+        optimizer=optimizer,
+        plan=planned.plan,
+        tables=tables,
+        converters=converters,
+        lr_schedule=lr_schedule,
     )
 
 
@@ -131,8 +181,17 @@ def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
     return num_threads
 
 
-def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
-    """Runs one training job; returns the summary (also written to ``summary.json``)."""
+def train(
+    cfg: Config,
+    *,
+    run_dir: Path,
+    on_eval: Callable[[int, dict[str, float]], str | None] | None = None,
+) -> dict[str, Any]:
+    """Runs one training job; returns the summary (also written to ``summary.json``).
+
+    ``on_eval``: the loop's hook after each intermediate eval (``Trainer``); a
+    search's pruning (trainer/search.py) ends a trial early through it.
+    """
     source = open_source(cfg.data, seed=cfg.trainer.seed)
     validate(
         cfg,
@@ -191,6 +250,8 @@ def train(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
                 before_stop=checkpointer.wait,  # a good save in flight is kept
             ),
             faults=FaultInjection.from_env(rank=env.rank),
+            on_eval=on_eval,
+            lr_schedule=built.lr_schedule,
         )
         resume_from = resolve_resume(cfg.trainer.resume, run_dir=run_dir)
         if resume_from is not None:

@@ -44,6 +44,7 @@ Strategy = _choices("Strategy", PLANNER_STRATEGIES)
 ComputeKernel = _choices("ComputeKernel", ("fused", "dense", "fused_uvm_caching"))
 CommPrecision = _choices("CommPrecision", ("fp32", "fp16", "bf16"))
 DenseOptimizer = _choices("DenseOptimizer", ("adam", "adagrad", "sgd"))
+LRSchedule = _choices("LRSchedule", ("constant", "cosine", "linear_decay"))
 PipelineName = _choices("PipelineName", ("sparse_dist", "base"))
 PrecisionName = _choices("PrecisionName", PRECISIONS)
 Device = _choices("Device", ("auto", "cpu", "cuda"))
@@ -129,6 +130,10 @@ class ShardingConfig:
     column_shard_dim: int | None = None
     # Per-table overrides, by table name: {t_cat_3: {strategy: row_wise}}.
     tables: dict[str, TableShardingConfig] = field(default_factory=dict)
+    # 2D sparse parallelism: K groups of world_size/K ranks, each sharding every table,
+    # kept in sync each step (sharding/replicas.py). 1: today's one group. auto: the
+    # planner picks K (python -m trainer.plan only).
+    replicas: Any = 1
 
 
 @dataclass
@@ -224,6 +229,10 @@ class OptimConfig:
     dense_optimizer: DenseOptimizer = DenseOptimizer.adam
     dense_lr: float = 1e-3
     dense_weight_decay: float = 0.0
+    # The dense rate over the run (sharding/dmp.py: DenseLRSchedule): a linear ramp
+    # over the first dense_warmup_steps, then constant, or down to 0 at the last step.
+    dense_warmup_steps: int = 0
+    dense_lr_schedule: LRSchedule = LRSchedule.constant
 
 
 @dataclass

@@ -1,0 +1,246 @@
+"""2D sparse parallelism on any backend: K replica groups, each sharding the tables.
+
+The world of W ranks is cut into K groups of G = W / K ranks, laid out as
+torchrec's ``DMPCollection`` lays them out (``use_inter_host_allreduce=False``):
+group ``g`` holds global ranks ``g, g + K, g + 2K, ...``, so the K copies of a
+shard sit on neighbouring ranks of one host and the replica sync stays inside
+the host. Every group shards the tables by the same plan, made for G ranks
+(plan ranks are group ranks), with a DistributedModelParallel over the group's
+process group; the dense part stays one DDP over the whole world.
+
+torchrec's ``DMPCollection`` refuses anything but CUDA/MTIA, and its ``sync()``
+averages weights and optimizer state, which is not the optimizer the other
+strategies run. :class:`ReplicaSync` keeps the replicas on exactly the K = 1
+trajectory instead: before each training forward it copies this rank's shard
+rows and their row-wise Adagrad accumulators; after the fused update it
+recovers the group's gradient of every row from the update FBGEMM applied
+(``g = (w0 - w1) (sqrt(m1) + eps) / lr``), sums it over the replica group
+(one all-reduce of this rank's rows per step) and re-applies row-wise Adagrad
+to the copy with the summed gradient. The price: one copy of the rank's rows
+and accumulators, and an all-reduce of its rows, every step.
+
+Example::
+
+    groups = ReplicaGroups.create(world_size=4, replicas=2, backend="gloo")
+    dmp = shard_model_in_group(model, plan=plan, env=env, groups=groups, sharders=sharders)
+    sync = ReplicaSync(dmp, groups=groups, eps=1e-8)
+    optimizer = ReplicaSyncOptimizer(optimizer, sync)   # step() also syncs
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.remote_device import _remote_device
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.types import ModuleSharder, ShardingEnv2D, ShardingPlan
+from torchrec.optim.keyed import KeyedOptimizer, OptimizerWrapper
+
+from sharding.dist import DistEnv
+from sharding.dmp import fix_dense_bucket_layout
+
+
+def parse_replicas(value: Any, world_size: int | None = None) -> int | None:
+    """``sharding.replicas`` as a count; None for ``auto``. ValueError names the fix."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        replicas = int(value)
+    except (TypeError, ValueError):
+        replicas = 0
+    if replicas < 1 or str(value).strip() != str(replicas):
+        raise ValueError(f"sharding.replicas={value!r}: use a positive integer or auto")
+    if world_size is not None and world_size % replicas:
+        raise ValueError(
+            f"sharding.replicas={replicas} must divide the world size {world_size}: "
+            f"every replica group has world_size/replicas ranks"
+        )
+    return replicas
+
+
+def training_replicas(value: Any, world_size: int) -> int:
+    """The K a running job trains with; ``auto`` is for planning only."""
+    replicas = parse_replicas(value, world_size)
+    if replicas is None:
+        raise ValueError(
+            "sharding.replicas=auto picks K when planning (python -m trainer.plan "
+            "sharding.replicas=auto prints the table of K); train with the K it chose, "
+            "e.g. sharding.replicas=2"
+        )
+    return replicas
+
+
+def group_ranks(world_size: int, replicas: int) -> list[list[int]]:
+    """The global ranks of each group: group g is ``g, g + K, ...`` (torchrec's layout)."""
+    if replicas < 1 or world_size % replicas:
+        raise ValueError(f"sharding.replicas={replicas} must divide the world size {world_size}")
+    return [list(range(g, world_size, replicas)) for g in range(replicas)]
+
+
+@dataclass(frozen=True)
+class ReplicaGroups:
+    """This rank's sharding group and replica group, from one 2-D device mesh."""
+
+    replicas: int
+    group: int  # which replica group this rank is in
+    group_rank: int
+    group_size: int
+    sharding_pg: dist.ProcessGroup
+    replica_pg: dist.ProcessGroup
+    mesh: DeviceMesh
+
+    @classmethod
+    def create(cls, *, world_size: int, replicas: int, device_type: str) -> ReplicaGroups:
+        """Collective: every rank calls it, with the same arguments."""
+        rank = dist.get_rank()
+        # Rows are sharding groups, columns replicas of one group rank (torchrec's mesh).
+        mesh = DeviceMesh(
+            device_type, group_ranks(world_size, replicas), mesh_dim_names=("replicate", "shard")
+        )
+        return cls(
+            replicas=replicas,
+            group=rank % replicas,
+            group_rank=rank // replicas,
+            group_size=world_size // replicas,
+            sharding_pg=mesh.get_group("shard"),
+            replica_pg=mesh.get_group("replicate"),
+            mesh=mesh,
+        )
+
+    def sharding_env(self, *, node_group_size: int) -> ShardingEnv2D:
+        """torchrec's 2-D env: group rank and size for sharding, the world for DDP.
+
+        ShardedTensor state (``output_dtensor=False``), as the rest of the project
+        (checkpoints, ``sharding.state``) reads it.
+        """
+        env = ShardingEnv2D(
+            sharding_pg=self.sharding_pg,
+            replica_pg=self.replica_pg,
+            global_pg=dist.group.WORLD,  # type: ignore[arg-type]
+            device_mesh=self.mesh,
+            node_group_size=node_group_size,
+        )
+        env.output_dtensor = False
+        return env
+
+    def to_global(self, plan: ShardingPlan, device_type: str) -> ShardingPlan:
+        """The group's plan (group ranks) on this group's global ranks, as DMPCollection
+        remaps it: group rank i is global rank ``i * K + group``."""
+        plan = copy.deepcopy(plan)
+        for module_plan in plan.plan.values():
+            for ps in module_plan.values():  # type: ignore[union-attr]
+                ps.ranks = [r * self.replicas + self.group for r in ps.ranks or []]
+                if isinstance(ps.sharding_spec, EnumerableShardingSpec):
+                    for shard in ps.sharding_spec.shards:
+                        rank = int(shard.placement.rank()) * self.replicas + self.group
+                        where = device_type if device_type == "cpu" else f"{device_type}:0"
+                        shard.placement = _remote_device(f"rank:{rank}/{where}")
+        return plan
+
+
+def shard_model_in_group(
+    model: nn.Module,
+    *,
+    plan: ShardingPlan,
+    env: DistEnv,
+    groups: ReplicaGroups,
+    sharders: list[ModuleSharder[nn.Module]],
+    node_group_size: int,
+) -> DistributedModelParallel:
+    """Shards the tables over this rank's group by ``plan`` (made for the group's ranks);
+    the dense part is one DDP over the world."""
+    dmp = DistributedModelParallel(
+        module=model,
+        device=env.device,
+        env=groups.sharding_env(node_group_size=node_group_size),
+        plan=groups.to_global(plan, env.device.type),
+        sharders=sharders,
+    )
+    fix_dense_bucket_layout(dmp)
+    return dmp
+
+
+def _local(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, ShardedTensor):
+        return [s.tensor for s in value.local_shards()]
+    return [value]
+
+
+def _shard_pairs(fused: KeyedOptimizer) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(rows, accumulator, lr) of every local shard the fused row-wise Adagrad updates."""
+    lrs = {id(p): float(g["lr"]) for g in fused.param_groups for p in g["params"]}
+    for param in fused.params.values():
+        states = [v for k, v in fused.state[param].items() if k.endswith("momentum1")]
+        if len(states) != 1 or len(fused.state[param]) != 1:
+            raise ValueError(
+                f"replica sync implements FBGEMM's row-wise Adagrad (one momentum1 per "
+                f"table), not state {sorted(fused.state[param])}"
+            )
+        for rows, acc in zip(_local(param), _local(states[0]), strict=True):
+            if acc.numel() != rows.shape[0]:
+                raise ValueError(f"accumulator {tuple(acc.shape)} for rows {tuple(rows.shape)}")
+            yield rows, acc.view(-1), lrs[id(param)]
+
+
+def _fused_optimizer(dmp: DistributedModelParallel) -> KeyedOptimizer:
+    return dmp.fused_optimizer
+
+
+class ReplicaSync:
+    """Sums each step's table gradients over the replica group (see the module docstring)."""
+
+    def __init__(self, dmp: DistributedModelParallel, *, groups: ReplicaGroups, eps: float):
+        self.dmp, self.groups, self.eps = dmp, groups, eps
+        self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.synced_bytes = 0  # per step, this rank's share of the all-reduce
+        dmp.register_forward_pre_hook(self._snapshot)
+
+    def _snapshot(self, module: nn.Module, args: Any) -> None:
+        if module.training:
+            self._before = [
+                (rows.detach().clone(), acc.detach().clone())
+                for rows, acc, _ in _shard_pairs(_fused_optimizer(self.dmp))
+            ]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """After the fused update: the replica group's summed gradient, re-applied."""
+        if self.groups.replicas == 1 or self._before is None:
+            return
+        shards = list(_shard_pairs(_fused_optimizer(self.dmp)))
+        grads = []
+        for (rows, acc, lr), (rows0, _acc0) in zip(shards, self._before, strict=True):
+            # FBGEMM: m1 = m0 + mean(g^2); w1 = w0 - lr * g / (sqrt(m1) + eps).
+            scale = (acc.sqrt() + self.eps) / lr
+            grads.append(((rows0 - rows) * scale.unsqueeze(1)).reshape(-1))
+        flat = torch.cat(grads) if grads else torch.zeros(0)
+        dist.all_reduce(flat, group=self.groups.replica_pg)
+        self.synced_bytes = flat.numel() * flat.element_size()
+        offset = 0
+        for (rows, acc, lr), (rows0, acc0) in zip(shards, self._before, strict=True):
+            grad = flat[offset : offset + rows.numel()].view_as(rows)
+            offset += rows.numel()
+            acc.copy_(acc0 + grad.pow(2).mean(dim=1))
+            rows.copy_(rows0 - (lr / (acc.sqrt() + self.eps)).unsqueeze(1) * grad)
+        self._before = None
+
+
+class ReplicaSyncOptimizer(OptimizerWrapper):
+    """The run's optimizer; ``step()`` steps it, then syncs the replicas' tables."""
+
+    def __init__(self, optimizer: KeyedOptimizer, replica_sync: ReplicaSync) -> None:
+        super().__init__(optimizer)
+        self.replica_sync = replica_sync
+
+    def step(self, closure: Any = None) -> None:
+        self._optimizer.step(closure=closure)
+        self.replica_sync.sync()

@@ -7,9 +7,13 @@ key, wrong type, unknown choice) are caught before Hydra runs the job
 (trainer/config/compose.py); cross-field ones by trainer/config/validate.py before any process
 group exists; the few that need the device or the plan on every rank alike.
 
+The task returns the final eval AUC: the objective of ``hydra/sweeper=optuna``
+(a search, ``+sweep=search/lr``; its trials prune themselves, trainer/search.py).
+
 Example::
 
     python -m trainer trainer.num_steps=500 sharding=table_wise
+    python -m trainer -m +sweep=search/lr hydra.sweeper.n_trials=20
     main(["trainer.num_steps=5", "hydra.run.dir=/tmp/run"])   # the same, from Python
 """
 
@@ -80,14 +84,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 # An absolute path: Hydra resolves a relative one from how the module was started,
 # which differs between ``python -m trainer`` and ``main([...])`` called from Python.
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _app(dict_cfg: DictConfig) -> None:
+def _app(dict_cfg: DictConfig) -> float | None:
+    from trainer.search import pruning_from_hydra
     from trainer.train import train  # heavy imports after Hydra has parsed the CLI
 
     quiet_libraries()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        summary = train(to_config(dict_cfg), run_dir=run_dir)
+        cfg = to_config(dict_cfg)
+        on_eval = pruning_from_hydra() if in_sweep else None  # an optuna trial's pruning
+        summary = train(cfg, run_dir=run_dir, on_eval=on_eval)
     except ConfigError as err:
         if in_sweep:  # sys.exit would end the whole sweep; Hydra goes on to the next job
             log.error("config error: %s", err)  # into <job>/__main__.log: the sweep report
@@ -105,6 +112,8 @@ def _app(dict_cfg: DictConfig) -> None:
         if "export" in summary:
             print("export (quantized serving model)")
             print(format_summary(summary["export"], EXPORT_KEYS))
+    auc = summary.get("auc")
+    return None if auc is None else float(auc)  # the sweeper's objective (optuna)
 
 
 if __name__ == "__main__":

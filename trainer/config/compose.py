@@ -8,7 +8,9 @@ way Hydra is about to (every job of a ``-m`` sweep, with the sweeper's own
 params) and turns the first mistake into one line, ``shardrec: config error:
 ...`` naming the key and the allowed values, and exit status 2. A config that
 composes goes on to Hydra unchanged, so ``-m``, ``--cfg job`` and
-``hydra/launcher=...`` behave as before.
+``hydra/launcher=...`` behave as before. An optuna search (``hydra/sweeper=optuna``,
+``+sweep=search/lr``) has no job list before it runs: the check composes its
+corners instead, every parameter at its lowest and at its highest value.
 
 Example::
 
@@ -42,6 +44,7 @@ from trainer.config.schema import ConfigError, register_configs, to_config
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_CONFIG_ERROR = 2
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+OPTUNA_SWEEPERS = ("hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",)
 
 
 def one_line(message: object) -> str:
@@ -132,8 +135,12 @@ def _added_keys(node: Any, prefix: str) -> list[tuple[str, list[str]]]:
 
 
 def _sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
-    """Each job's overrides, as Hydra's basic sweeper makes them (hydra overrides first)."""
-    if OmegaConf.select(cfg, "hydra.sweeper._target_") != BASIC_SWEEPER:
+    """Each job's overrides, as Hydra's basic sweeper makes them (hydra overrides first);
+    for an optuna sweeper, its corner jobs (:func:`_optuna_corner_jobs`)."""
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper._target_")
+    if sweeper in OPTUNA_SWEEPERS:
+        return _optuna_corner_jobs(cfg, overrides)
+    if sweeper != BASIC_SWEEPER:
         return []  # another sweeper composes its own jobs
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)
@@ -143,6 +150,37 @@ def _sweep_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
     arguments += [o.input_line for o in parsed if not o.is_hydra_override()]
     batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
     return [hydra_overrides + list(job) for batch in batches for job in batch]
+
+
+def _optuna_corner_jobs(cfg: DictConfig, overrides: list[str]) -> list[list[str]]:
+    """Two jobs of an optuna search: each parameter at its low end (first choice) and
+    at its high end (last choice), written as the plugin writes a trial's overrides."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()]
+    arguments += [o.input_line for o in parsed if not o.is_hydra_override()]
+    try:
+        space, fixed = create_params_from_overrides(arguments)
+    except (HydraException, ValueError, AssertionError) as err:
+        raise ConfigError(f"hydra.sweeper.params: {one_line(err)}") from None
+    jobs = []
+    for end in (0, -1):
+        point = {name: _optuna_end(dist, end) for name, dist in space.items()}
+        point.update({k: v for k, v in fixed.items() if k not in point})
+        jobs.append(hydra_overrides + [f"{name}={value}" for name, value in point.items()])
+    return jobs
+
+
+def _optuna_end(distribution: Any, end: int) -> Any:
+    """A distribution's first (``end=0``) or last (``end=-1``) value."""
+    choices = getattr(distribution, "choices", None)
+    if choices is not None:
+        return choices[end]
+    return distribution.low if end == 0 else distribution.high
 
 
 def explain(err: BaseException, overrides: Sequence[str]) -> str:

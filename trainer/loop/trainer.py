@@ -32,7 +32,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from tqdm import tqdm
 
 from sharding import DistEnv
-from sharding.collectives import global_mean
+from sharding.collectives import any_rank, global_mean
+from sharding.dmp import DenseLRSchedule
 from trainer.checkpoint.load import ModelState, OptimizerState
 from trainer.checkpoint.save import Checkpointer
 from trainer.config.schema import TrainConfig
@@ -66,7 +67,13 @@ class Trainer:
         preemption: Preemption | None = None,
         nonfinite: NonfiniteGuard | None = None,
         faults: FaultInjection | None = None,
+        on_eval: Callable[[int, dict[str, float]], str | None] | None = None,
+        lr_schedule: DenseLRSchedule | None = None,
     ) -> None:
+        # Called on rank 0 after each eval before the last (step, metrics); a reason
+        # string ends the run there (e.g. a search pruned the trial: trainer/search.py).
+        self.on_eval = on_eval
+        self.stopped_early: str | None = None
         self.preemption = preemption  # SIGUSR1/SIGTERM: checkpoint and exit 75 (preempt.py)
         self.model = model
         self.optimizer = optimizer
@@ -93,6 +100,8 @@ class Trainer:
         self.train_time_s = 0.0
         self.status: dict[str, str] = {}  # what the progress bar shows
         self.extra_states = dict(extra_states or {})
+        # The dense rate, a function of self.step (stepped after each step; seeks on resume).
+        self.lr_schedule = lr_schedule
 
     def states(self) -> dict[str, Stateful]:
         """Everything a checkpoint holds, each a DCP ``Stateful``."""
@@ -110,6 +119,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.step = int(state["step"])
+        if self.lr_schedule is not None:
+            self.lr_schedule.seek(self.step)
 
     def fit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Trains to ``num_steps``, evaluating every ``eval_every_steps`` and at the end.
@@ -139,6 +150,8 @@ class Trainer:
                 self.log({"step": self.step, **last_eval})
                 self.status["auc"] = f"{last_eval['auc']:.4f}"
                 bar.set_postfix(self.status, refresh=True)
+                if self.step < s.num_steps and self._stop_after_eval(last_eval):
+                    break
             if self.checkpointer and self.checkpointer.due(self.step, num_steps=s.num_steps):
                 check_finite_state(
                     self.model,
@@ -162,6 +175,17 @@ class Trainer:
             last_eval = self.evaluate()
         bar.close()
         return self.summarise({**last_eval, **(extra or {})})
+
+    def _stop_after_eval(self, metrics: dict[str, float]) -> bool:
+        """Whether ``on_eval`` (asked on rank 0, agreed by all ranks) ends the run here."""
+        if self.on_eval is None:
+            return False
+        reason = self.on_eval(self.step, metrics) if self.env.is_main else None
+        flag = torch.tensor([int(reason is not None)], device=self.env.device)
+        if not int(any_rank(flag, group=self.env.pg).item()):
+            return False
+        self.stopped_early = reason or "stopped by rank 0's on_eval"
+        return True
 
     def _next_stop(self) -> int:
         """The next step that ends an interval: eval, checkpoint or the last step."""
@@ -187,6 +211,8 @@ class Trainer:
         start, last_step = time.perf_counter(), self.step + num_steps
         for loss, _logits, _labels in drain(self.pipeline, batches):
             self.step += 1
+            if self.lr_schedule is not None:
+                self.lr_schedule.step()
             if self.nonfinite.observe(loss, step=self.step):  # device-side, no sync
                 loss_sum += loss
                 loss_count += 1
@@ -275,6 +301,8 @@ class Trainer:
             "device": str(self.env.device),
             "nonfinite_steps_skipped": self.nonfinite.num_skipped,
         }
+        if self.stopped_early is not None:
+            summary["stopped_early"] = self.stopped_early
         train_losses = [r["train_loss"] for r in self.records if "train_loss" in r]
         if train_losses:
             summary["final_train_loss"] = train_losses[-1]

@@ -83,7 +83,9 @@ def load_in_fresh_interpreter(bundle: Path, batches: list, work: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "overrides", [["qat=int4"], ["trainer.export_bits=8"]], ids=["qat-int4", "ptq-int8"]
+    "overrides",
+    [["qat=int4", "qat.dense_bits=8"], ["trainer.export_bits=8"]],
+    ids=["qat-int4-dense-int8", "ptq-int8"],
 )
 def test_bundle_scores_without_shardrec(tmp_path: Path, compose_cfg, overrides) -> None:
     summary = _run(tmp_path / "run", compose_cfg, *overrides)

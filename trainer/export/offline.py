@@ -8,8 +8,9 @@ and the converters' saved state (e.g. row pruning's access counts), and
 exports it as the end of that run would have (the same converters: the run's
 QAT bits, or ``--bits`` for every table; the run's ``qat.range``, or
 ``--range minmax|mse``). Saves ``--out`` (default
-``<checkpoint>/exported_model.pt``), the serving bundle in ``bundle/`` beside it
-(trainer/export/bundle.py) and the result next to it as ``.json``;
+``<checkpoint>/exported_model.pt``), the serving bundle beside it
+(trainer/export/bundle.py: ``<checkpoint>/bundle/``, or ``<out stem>.bundle/``
+for another ``--out``) and the result next to it as ``.json``;
 prints the result. A missing or incomplete checkpoint is one line, exit 2.
 
 Example::
@@ -79,7 +80,8 @@ def export_checkpoint(
         source=source,
         batch_size=cfg.trainer.eval_batch_size,
         path=out,
-        bundle=out.parent / BUNDLE_DIR,
+        # <checkpoint>/bundle by default; beside another --out, <out stem>.bundle.
+        bundle=out.parent / BUNDLE_DIR if out.name == EXPORT_FILE else out.with_suffix(".bundle"),
     )
     result["step"] = step
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -9,7 +9,9 @@ the last error line of the SLURM launcher's stderr
 (``<sweep>/.submitit/<array id>_<job num>/*_log.err``). The other jobs are
 still reported. Writes ``report.md``, ``report.csv`` and ``pareto.png`` (eval
 AUC against model bytes, exported where the job exported, and against
-samples/s; the Pareto front joined) into the sweep directory.
+samples/s; the Pareto front joined) into the sweep directory. An optuna search
+(``hydra/sweeper=optuna``) adds its study: trials, best settings and parameter
+importances in report.md, the trials in ``trials.csv`` (report/optuna_trials.py).
 
 Example::
 
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from trainer.report import optuna_trials
 
 DEFAULT_METRICS = [
     "auc",
@@ -305,6 +309,10 @@ def write_report(
     metrics = metrics or DEFAULT_METRICS
     markdown = to_markdown(jobs, metrics, title=f"sweep {sweep_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna_trials.find_study(sweep_dir)
+    if study is not None:
+        markdown += "\n" + optuna_trials.to_markdown(study)
+        optuna_trials.write_csv(study, out_dir / "trials.csv")
     (out_dir / "report.md").write_text(markdown)
     write_csv(jobs, metrics, out_dir / "report.csv")
     plot_pareto(jobs, out_dir / "pareto.png")

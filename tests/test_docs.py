@@ -39,15 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
+from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config.compose import CONF_DIR, check_compose
+from trainer.config.compose import CONF_DIR, ConfigError, _convert, _sweep_jobs, explain
 from trainer.config.run_dir import register_resolvers
-from trainer.config.schema import ConfigError, register_configs, to_config
+from trainer.config.schema import Config, register_configs, to_config
 from trainer.config.validate import validate
+from trainer.data.synthetic_config import SyntheticDataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -146,7 +150,8 @@ def _is_command(argv: list[str]) -> bool:
         return len(argv) >= 3 and argv[1] == "-m" and argv[2] in MODULES
     if program in TORCHRUNS:
         return "-m" in argv and argv[argv.index("-m") + 1 :][:1] == ["trainer"]
-    return program in ("sbatch", "make")
+    # sbatch with a script, make with a target (not a bare mention of the tool)
+    return program in ("sbatch", "make") and any(not a.startswith("-") for a in argv[1:])
 
 
 def collect() -> list[Command]:
@@ -218,7 +223,8 @@ def _launch(cmd: Command) -> Launch | None:
     assert not missing, f"{cmd.where}: no make target {missing} in the Makefile: {cmd.text}"
     if len(targets) == 1 and targets[0] in MAKE_MODULES and "ARGS" in variables:
         module, extra = MAKE_MODULES[targets[0]]
-        return Launch(module, extra + shlex.split(variables["ARGS"]))
+        args = [a for a in shlex.split(variables["ARGS"]) if a != "..."]
+        return Launch(module, extra + args)
     return None
 
 
@@ -230,52 +236,89 @@ def _make_targets() -> set[str]:
 MAKE_TARGETS = _make_targets()
 
 
-def _compose_task(overrides: list[str]):
-    """The composed config without Hydra's own node (hydra overrides dropped)."""
-    parser = OverridesParser.create()
-    task = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_hydra_override()]
-    register_configs()
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=task)
-    finally:
+class Composer:
+    """Composes command lines against conf/ in one Hydra context, as ``check_compose``
+    does for the entry points (same errors), caching each job's typed config."""
+
+    def __init__(self) -> None:
+        register_configs()
+        register_resolvers()
         GlobalHydra.instance().clear()
+        initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
+        self.hydra = GlobalHydra.instance().hydra
+        self.cache: dict[tuple[str, ...], Config] = {}
+
+    def compose(self, overrides: list[str], mode: RunMode) -> DictConfig:
+        try:
+            return self.hydra.compose_config(
+                "config", overrides, run_mode=mode, with_log_configuration=False
+            )
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(explain(err, overrides)) from None
+
+    def job(self, overrides: list[str]) -> Config:
+        """One job's typed config (unknown keys, wrong types, added keys: ConfigError)."""
+        key = tuple(overrides)
+        if key not in self.cache:
+            cfg = self.compose(overrides, RunMode.RUN)
+            _convert(cfg, overrides)
+            task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            typed = to_config(task)  # the sections' dataclasses (the root's type is masked)
+            self.cache[key] = Config(**typed) if isinstance(typed, dict) else typed
+        return self.cache[key]
+
+    def jobs(self, argv: list[str]) -> list[Config]:
+        """The command line's jobs: one, or of a ``-m`` sweep enough jobs that every value
+        of every axis is composed once (not the whole product: that is Hydra's loop)."""
+        args, _ = get_args_parser().parse_known_args(argv)
+        overrides = list(args.overrides)
+        if not args.multirun:
+            return [self.job(overrides)]
+        cfg = self.compose(overrides, RunMode.MULTIRUN)
+        covering, seen = [], set()
+        for job in _sweep_jobs(cfg, overrides) or [overrides]:
+            if not seen.issuperset(job):
+                covering.append(job)
+                seen.update(job)
+        return [self.job(job) for job in covering]
 
 
-def check(cmd: Command) -> None:
+@pytest.fixture(scope="module")
+def composer():
+    yield Composer()
+    GlobalHydra.instance().clear()
+
+
+def check(cmd: Command, composer: Composer) -> None:
     launch = _launch(cmd)
     if launch is None:
         return
-    argv = launch.overrides
     try:
-        check_compose(argv)  # composes (each job of a sweep) and converts to the schema
+        configs = composer.jobs(launch.overrides)
     except ConfigError as err:
         raise AssertionError(f"{cmd.where}: {cmd.text}\n  config error: {err}") from None
-    multirun = "-m" in argv or "--multirun" in argv
-    if multirun or launch.module == "trainer.prepare" or PLACEHOLDER.search(cmd.text):
-        return  # sweep jobs: composed above; prepare reads files; placeholders name files
-    cfg = to_config(_compose_task([a for a in argv if not a.startswith("-")]))
-    if OmegaConf.select(OmegaConf.structured(cfg), "data.name") != "synthetic":
-        return  # criteo / table: the prepared shards are not on disk here
-    world, local = launch.world_size, launch.local_world_size
-    if launch.module == "trainer.plan":
-        if cfg.topology.world_size is None:
-            return  # the planner asks for it itself
-        world = cfg.topology.world_size
-        local = min(cfg.topology.local_world_size or world, world)
-    try:
-        validate(cfg, world_size=world, local_world_size=local)
-    except ConfigError as err:
-        raise AssertionError(
-            f"{cmd.where}: {cmd.text}\n  validate (world_size={world}): {err}"
-        ) from None
+    if launch.module == "trainer.prepare" or PLACEHOLDER.search(cmd.text):
+        return  # prepare reads files; placeholders name files that are not here
+    for cfg in configs:
+        if not isinstance(cfg.data, SyntheticDataConfig):
+            continue  # criteo / table: the prepared shards are not on disk here
+        world, local = launch.world_size, launch.local_world_size
+        if launch.module == "trainer.plan":
+            if cfg.topology.world_size is None:
+                continue  # the planner asks for it itself
+            world = cfg.topology.world_size
+            local = min(cfg.topology.local_world_size or world, world)
+        try:
+            validate(cfg, world_size=world, local_world_size=local)
+        except ConfigError as err:
+            raise AssertionError(
+                f"{cmd.where}: {cmd.text}\n  validate (world_size={world}): {err}"
+            ) from None
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[c.where for c in COMMANDS])
-def test_command(cmd: Command) -> None:
-    check(cmd)
+def test_command(cmd: Command, composer: Composer) -> None:
+    check(cmd, composer)
 
 
 def test_commands_found() -> None:
@@ -289,7 +332,7 @@ def test_commands_found() -> None:
     assert any(c.argv[0] == "make" for c in COMMANDS)
 
 
-def test_renamed_option_fails() -> None:
+def test_renamed_option_fails(composer: Composer) -> None:
     """A command with a key or option that conf/ does not have is caught."""
     for text in (
         "python -m trainer trainer.num_stepz=5",
@@ -300,7 +343,7 @@ def test_renamed_option_fails() -> None:
     ):
         env, argv = _tokens(text) or ({}, [])
         with pytest.raises(AssertionError):
-            check(Command("test", text, env, argv))
+            check(Command("test", text, env, argv), composer)
 
 
 def _conf_groups() -> dict[str, set[str]]:

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.shardrec-installed
 
-# The CPU stack (DESIGN.md): FBGEMM 1.8 supports exactly torch 2.13. torchrec
+# The CPU stack (docs/architecture.md, "The version lock"): FBGEMM 1.8 supports exactly torch 2.13. torchrec
 # declares a dependency on the CUDA fbgemm-gpu (a 465 MB wheel that cannot load
 # on a CPU torch), so it goes in with --no-deps; its real dependencies come from
 # pyproject.toml.

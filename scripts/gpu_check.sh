@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on the lent H100/H200 (see ../shared/gpu/README.md):
+# The GPU check, in one call on a lent H100/H200 with the GPU stack installed from a
+# wheel kit carried onto the machine (torch 2.11.0+cu130, fbgemm-gpu 1.6.0, torchrec 1.6.1;
+# benchmarks/GPU.md says how the runs so far were made):
 #   run carry [.gpu/kit, .gpu/p1]  command: true
 #   run carry [.gpu/p2]            command: true
 #   run carry [.gpu/p3]            command: bash .gpu/kit/install.sh && . .gpu/env.sh && bash scripts/gpu_check.sh

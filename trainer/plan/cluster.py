@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -35,9 +36,23 @@ from omegaconf import DictConfig
 from torchrec.distributed.planner.types import PlannerError
 
 from sharding import save_plan
-from sharding.estimate import PlanCapture, rank_estimates, table_estimates
+from sharding.estimate import (
+    PlanCapture,
+    RankEstimate,
+    TableEstimate,
+    rank_estimates,
+    table_estimates,
+)
 from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
+from sharding.replica_plan import (
+    ReplicaEstimate,
+    estimate_replicas,
+    format_replica_table,
+    pick_replicas,
+    replica_candidates,
+)
+from sharding.replicas import parse_replicas
 from sharding.report import estimates_to_dict, format_estimates
 from trainer.builder.compression import build_converters
 from trainer.config.compose import CONF_DIR, config_error_line, exit_on_compose_error
@@ -46,7 +61,7 @@ from trainer.config.schema import Config, ConfigError, register_configs, to_conf
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.config.validate import validate as validate_config
-from trainer.plan.run_plan import World, no_fit_message, plan_meta_model
+from trainer.plan.run_plan import Planned, World, no_fit_message, plan_meta_model
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 3
@@ -63,6 +78,8 @@ class ClusterPlan:
     peak_hbm_bytes: int
     peak_ddr_bytes: int
     plan_time_s: float
+    replicas: int = 1
+    replica_estimates: list[ReplicaEstimate] = field(default_factory=list)
 
 
 def _check_topology(cfg: Config) -> int:
@@ -79,8 +96,65 @@ def _check_topology(cfg: Config) -> int:
     return topo.world_size
 
 
+@dataclass
+class _GroupPlan:
+    planned: Planned
+    capture: PlanCapture
+    tables: list[TableEstimate]
+    ranks: list[RankEstimate]
+    estimate: ReplicaEstimate
+
+
+def _plan_group(cfg: Config, ctx: dict[str, Any], replicas: int) -> _GroupPlan:
+    """One group's plan (world_size/replicas ranks) and its figures for the whole world."""
+    topo, shard = cfg.topology, cfg.sharding
+    world_size, local = ctx["world_size"], ctx["local_world_size"]
+    capture = PlanCapture()
+    world = World(
+        world_size=world_size // replicas,
+        local_world_size=max(1, local // replicas),
+        device=torch.device(ctx["compute_device"]),
+    )
+    try:
+        _, planned = plan_meta_model(
+            cfg,
+            tables=ctx["tables"],
+            num_dense=ctx["num_dense"],
+            converters=ctx["converters"],
+            world=world,
+            pg=None,
+            stats=[capture],
+        )
+    except PlannerError as err:
+        raise DoesNotFit(
+            no_fit_message(
+                ctx["tables"].trained, world, sharding=shard, topology=topo, planner_error=err
+            )
+        ) from None
+    ranks = rank_estimates(
+        capture.best_plan,
+        planned.topology,
+        storage_reservation_percentage=topo.storage_reservation_percentage,
+    )
+    bw = (topo.intra_host_bw_gbps or 600) * 1024**3 / 1000  # torchrec's default: 600 GB/s
+    estimate = estimate_replicas(
+        capture.best_plan,
+        ranks,
+        replicas=replicas,
+        world_size=world_size,
+        group_local_world_size=world.local_world_size,
+        intra_host_bw_bytes_per_ms=bw,
+        plan_time_s=capture.run_time_s,
+    )
+    return _GroupPlan(planned, capture, table_estimates(capture.best_plan), ranks, estimate)
+
+
 def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
-    """Plans ``cfg`` for its topology; writes plan.json, plan.txt, memory.png."""
+    """Plans ``cfg`` for its topology; writes plan.json, plan.txt, memory.png.
+
+    ``sharding.replicas=K`` plans one group of world_size/K ranks; ``auto`` plans
+    every K of :func:`sharding.replica_plan.replica_candidates` and keeps the best.
+    """
     world_size = _check_topology(cfg)
     source = open_source(cfg.data)
     validate_config(cfg, features=source.features, world_size=world_size)
@@ -88,35 +162,23 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
     compute_device = topo.compute_device or "cuda"
     local_world_size = min(topo.local_world_size or world_size, world_size)
     tables = run_tables(cfg, features=source.features)
-    converters = build_converters(cfg, tables=tables, device_type=compute_device)
-    capture = PlanCapture()
-    world = World(
-        world_size=world_size,
-        local_world_size=local_world_size,
-        device=torch.device(compute_device),
+    ctx: dict[str, Any] = {
+        "world_size": world_size,
+        "local_world_size": local_world_size,
+        "compute_device": compute_device,
+        "tables": tables,
+        "num_dense": source.num_dense,
+        "converters": build_converters(cfg, tables=tables, device_type=compute_device),
+    }
+    requested = parse_replicas(shard.replicas, world_size)
+    candidates = (
+        replica_candidates(world_size, local_world_size) if requested is None else [requested]
     )
-    try:
-        _, planned = plan_meta_model(
-            cfg,
-            tables=tables,
-            num_dense=source.num_dense,
-            converters=converters,
-            world=world,
-            pg=None,
-            stats=[capture],
-        )
-    except PlannerError as err:
-        raise DoesNotFit(
-            no_fit_message(tables.trained, world, sharding=shard, topology=topo, planner_error=err)
-        ) from None
-
-    plan, topology = planned.plan, planned.topology
-    table_est = table_estimates(capture.best_plan)
-    rank_est = rank_estimates(
-        capture.best_plan,
-        topology,
-        storage_reservation_percentage=topo.storage_reservation_percentage,
-    )
+    groups = {k: _plan_group(cfg, ctx, k) for k in candidates}
+    chosen = groups[pick_replicas([g.estimate for g in groups.values()]).replicas]
+    replicas, est = chosen.estimate.replicas, chosen.estimate
+    plan, topology, capture = chosen.planned.plan, chosen.planned.topology, chosen.capture
+    table_est, rank_est = chosen.tables, chosen.ranks
     num_hosts = -(-world_size // local_world_size)
     batch = cfg.trainer.batch_size
     memory = f"HBM {topo.hbm_gb:g} GiB, " if compute_device != "cpu" else ""
@@ -127,6 +189,15 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
         f"({batch * world_size:,} global); planned in {capture.run_time_s:.1f} s "
         f"({capture.num_proposals} proposals)\n"
     )
+    if requested != 1:
+        header += (
+            f"replicas {replicas} ({shard.replicas}): {replicas} groups of "
+            f"{topology.world_size} ranks ({est.group_local_world_size} per host), each "
+            f"serving {batch * topology.world_size:,} samples; the tables below are one "
+            f"group's (group ranks; global rank = group rank x {replicas} + group)\n\n"
+            + format_replica_table([g.estimate for g in groups.values()], chosen=replicas)
+            + "\n"
+        )
     report = header + "\n" + format_estimates(table_est, rank_est)
     save_plan(
         plan,
@@ -141,13 +212,17 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
         intra_host_bw_gbps=topo.intra_host_bw_gbps,
         inter_host_bw_gbps=topo.inter_host_bw_gbps,
         storage_reservation_percentage=topo.storage_reservation_percentage,
+        replicas=replicas,
+        group_size=topology.world_size,
+        replica_table=[{**asdict(g.estimate), "fits": g.estimate.fits} for g in groups.values()],
         **estimates_to_dict(table_est, rank_est),
     )
     (run_dir / "plan.txt").write_text(report + "\n")
     plot_rank_memory(
         rank_est,
         run_dir / "memory.png",
-        title=f"{cfg.model.arch}: estimated memory per rank, {world_size} x {compute_device}",
+        title=f"{cfg.model.arch}: estimated memory per rank, {world_size} x {compute_device}"
+        + (f" (one of {replicas} groups)" if replicas > 1 else ""),
     )
     return ClusterPlan(
         report=report,
@@ -155,6 +230,8 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
         peak_hbm_bytes=max(r.hbm_used_bytes for r in rank_est),
         peak_ddr_bytes=max(r.ddr_used_bytes for r in rank_est),
         plan_time_s=capture.run_time_s,
+        replicas=replicas,
+        replica_estimates=[g.estimate for g in groups.values()],
     )
 
 

@@ -55,6 +55,7 @@ def _run(tmp_path: Path, compose_cfg, *overrides: str) -> dict:
         compose_cfg(
             [
                 *TINY,
+                "trainer.eval_every_steps=8",
                 "trainer.export=true",
                 "trainer.progress_bar=false",
                 "trainer.plot=false",

@@ -38,3 +38,26 @@ def _slurm_tier(request: pytest.FixtureRequest) -> None:
         from tests.slurm_util import require_slurm
 
         require_slurm()
+
+
+POSTGRES_URL = "postgresql://shardrec:shardrec@localhost:5432/shardrec_test"  # .ci/run's
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A PostgreSQL server for a shared optuna study (``SHARDREC_TEST_POSTGRES``, default
+    .ci/run's role and database): skips without one, and fails so under CI=true."""
+    import os
+
+    url = os.environ.get("SHARDREC_TEST_POSTGRES", POSTGRES_URL)
+    try:
+        import psycopg2
+
+        psycopg2.connect(url, connect_timeout=5).close()
+    except Exception as err:  # the driver missing, or no server answering
+        reason = f"no PostgreSQL server at {url} ({' '.join(str(err).split())})"
+        hint = "start one as .ci/run does (apt-get install postgresql; pg_ctlcluster)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but {reason}; {hint}", pytrace=False)
+        pytest.skip(f"{reason}; {hint}")
+    return url

@@ -58,6 +58,10 @@ _ALIGN = 16
 _MAX_D = ("max_int2_D", "max_int4_D", "max_int8_D", "max_float16_D", "max_float32_D")
 
 
+class UnsupportedModel(ValueError):
+    """The served model is not a DLRM this program builder knows (names what it found)."""
+
+
 class PackedTables(nn.Module):
     """Pooled lookups of every feature (input order) from FBGEMM's packed rows.
 
@@ -167,10 +171,12 @@ def serving_program(served: nn.Module, *, feature_names: list[str]) -> ServingPr
     shares its dense layers and copies its packed rows.
     """
     ebcs = [m for m in served.modules() if isinstance(m, QuantEmbeddingBagCollection)]
-    if len(ebcs) != 1 or not hasattr(served, "sparse_arch"):
-        raise ValueError(
+    dlrm_parts = ("sparse_arch", "dense_arch", "inter_arch", "over_arch")
+    if len(ebcs) != 1 or not all(hasattr(served, p) for p in dlrm_parts):
+        raise UnsupportedModel(
             "serving_program needs a DLRM quantized by compression.serving.quantize_for_serving "
-            f"(one quantized EmbeddingBagCollection), got {type(served).__name__} with {len(ebcs)}"
+            "(sparse/dense/inter/over arch, one quantized EmbeddingBagCollection), got "
+            f"{type(served).__name__} with {len(ebcs)}"
         )
     ebc = ebcs[0]
     # Per feature of the collection: (packed storage index, feature index in its TBE).
@@ -203,7 +209,9 @@ def serving_program(served: nn.Module, *, feature_names: list[str]) -> ServingPr
         modes.append(int(tbe.pooling_mode))
     model_order_names = list(served.sparse_arch.sparse_feature_names)
     if len(set(dims)) != 1:
-        raise ValueError(f"serving_program needs one embedding dim for every feature, got {dims}")
+        raise UnsupportedModel(
+            f"serving_program needs one embedding dim for every feature, got {dims}"
+        )
     tables = PackedTables(
         weights=torch.cat(storages).clone(),
         weights_offsets=torch.tensor(offsets, dtype=torch.int64),

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compression.bundle import UnsupportedModel
 from compression.converter import Converters
 from compression.serving import gather_full_state, model_bytes, save_exported, table_bytes
 from sharding.collectives import broadcast_object
@@ -107,7 +108,8 @@ def export_step(
                 path=run_dir / EXPORT_FILE,
                 bundle=run_dir / BUNDLE_DIR,
             )
-            result["path"] = BUNDLE_DIR  # relative to the run directory
+            # Relative to the run directory (the pickled model when no bundle was written).
+            result["path"] = EXPORT_FILE if "bundle_error" in result else BUNDLE_DIR
         except Exception as err:  # handed to every rank below, then raised everywhere
             log.exception("export failed")
             result = f"{type(err).__name__}: {err}"
@@ -148,9 +150,13 @@ def export_model(
         sample_scores = torch.sigmoid(
             exported(sample.dense_features, sample.sparse_features).flatten()
         )
-    program = write_bundle(
-        exported, source=source, directory=bundle, sample=sample, sample_scores=sample_scores
-    )
+    try:
+        program: nn.Module | None = write_bundle(
+            exported, source=source, directory=bundle, sample=sample, sample_scores=sample_scores
+        )
+    except UnsupportedModel as err:  # e.g. DeepFM / Wide&Deep: the pickled model only
+        log.warning("no serving bundle: %s", err)
+        program, bundle_error = None, str(err)
     served_logits, trained_logits, scores, labels = _eval_logits(
         [exported, dlrm], source, batch_size=batch_size, program=program
     )
@@ -167,7 +173,10 @@ def export_model(
         "bundle_max_abs_diff": float((scores - torch.sigmoid(served_logits)).abs().max()),
         "path": str(bundle),
     }
-    add_metrics(bundle, {k: result[k] for k in ("auc", "logloss", "max_abs_logit_diff")})
+    if program is None:
+        result.update(path=str(path), bundle_error=bundle_error)
+    else:
+        add_metrics(bundle, {k: result[k] for k in ("auc", "logloss", "max_abs_logit_diff")})
     log.info(
         "exported %s: auc %.4f, %d bytes (fp32 %d, %.2fx smaller), max |logit diff| %.3g",
         bundle,
@@ -182,16 +191,19 @@ def export_model(
 
 @torch.no_grad()
 def _eval_logits(
-    models: list[nn.Module], source: DataSource, *, batch_size: int, program: nn.Module
+    models: list[nn.Module], source: DataSource, *, batch_size: int, program: nn.Module | None
 ) -> tuple[torch.Tensor, ...]:
     """Each model's logits over the whole eval set (one process), the program's
-    probabilities, then the labels."""
+    probabilities (without a program: the first model's), then the labels."""
     logits: list[list[torch.Tensor]] = [[] for _ in models]
     scores, labels = [], []
     for batch in source.eval_batches(batch_size=batch_size, rank=0, world_size=1):
         for out, m in zip(logits, models):
             out.append(m(batch.dense_features, batch.sparse_features).flatten())
         kjt = batch.sparse_features
-        scores.append(program(batch.dense_features, kjt.values().long(), kjt.lengths().long()))
+        if program is None:
+            scores.append(torch.sigmoid(logits[0][-1]))
+        else:
+            scores.append(program(batch.dense_features, kjt.values().long(), kjt.lengths().long()))
         labels.append(batch.labels.flatten().float())
     return (*(torch.cat(out) for out in logits), torch.cat(scores), torch.cat(labels))

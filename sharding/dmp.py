@@ -10,15 +10,19 @@ Example::
     fuse_embedding_optimizer(model.sparse_parameters(), lr=0.05)
     model = shard_model(model, plan=plan, env=env, sharders=sharders)
     optimizer = combined_optimizer(model, dense_optimizer="adam", dense_lr=1e-3)
+    schedule = dense_lr_schedule(optimizer, warmup_steps=20, schedule="cosine", total_steps=500)
+    schedule.step()   # after each training step (the loop does it)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -97,3 +101,81 @@ def combined_optimizer(
         lambda params: cls(params, lr=dense_lr, weight_decay=dense_weight_decay),
     )
     return CombinedOptimizer([model.fused_optimizer, dense])
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear_decay")
+
+
+class DenseLRSchedule:
+    """The dense learning rate as a function of the global step, stepped once per step.
+
+    ``warmup_steps`` steps ramp it linearly up to the base rate (step ``s`` trains at
+    ``(s + 1) / warmup_steps`` of it), then it stays (``constant``) or decays to zero
+    at ``total_steps`` (``cosine``, ``linear_decay``). A torch ``LambdaLR`` on the
+    dense optimizer only: the tables' fused Adagrad keeps its rate. Its one piece of
+    state is the step, which a checkpoint already holds (the trainer's): a resumed
+    run seeks to it (:meth:`seek`) and trains at the rates of one that never stopped.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        warmup_steps: int,
+        schedule: str,
+        total_steps: int,
+    ) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"optim.dense_warmup_steps={warmup_steps} must be >= 0")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.dense_lr_schedule={schedule!r}: use one of {LR_SCHEDULES}")
+        self.warmup_steps = warmup_steps
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.scheduler = LambdaLR(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """The base rate's multiplier for training step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min(max((step - self.warmup_steps) / span, 0.0), 1.0)
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    def step(self) -> None:
+        """After each training step: the next step's rate."""
+        self.scheduler.step()
+
+    def seek(self, step: int) -> None:
+        """Sets the rate of step ``step`` (a resume: ``step`` steps already trained)."""
+        self.scheduler.last_epoch = step
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.factor(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        """The rate the next step trains at, per parameter group."""
+        return self.scheduler.get_last_lr()
+
+
+def dense_lr_schedule(
+    optimizer: CombinedOptimizer,
+    *,
+    warmup_steps: int,
+    schedule: str,
+    total_steps: int,
+) -> DenseLRSchedule | None:
+    """The dense optimizer's schedule (:class:`DenseLRSchedule`); None when the rate is flat.
+
+    ``optimizer``: what :func:`combined_optimizer` returned (the dense one is its last).
+    """
+    if warmup_steps == 0 and schedule == "constant":
+        return None
+    _, dense = optimizer.optimizers[-1]
+    return DenseLRSchedule(
+        dense, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps
+    )

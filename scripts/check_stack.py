@@ -1,4 +1,6 @@
-"""Fails loudly if the installed stack breaks the FBGEMM <-> torch lock (docs/architecture.md, "The version lock").
+"""Fails loudly if the installed stack breaks the FBGEMM <-> torch lock.
+
+See docs/architecture.md, "The version lock".
 
 Run by `make install`: a CUDA wheel sneaking into the CPU environment (through a
 dependency resolving `torch` or `fbgemm-gpu`) would otherwise surface later as

@@ -41,12 +41,12 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
-    IntNBitTableBatchedEmbeddingBagsCodegen,
-)
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import Tensor, nn
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
@@ -56,6 +56,8 @@ PROGRAM_FILE = "model.pt2"
 # Byte alignment of each TBE's storage inside the one packed buffer (FBGEMM's rows).
 _ALIGN = 16
 _MAX_D = ("max_int2_D", "max_int4_D", "max_int8_D", "max_float16_D", "max_float32_D")
+# FBGEMM SparseType value (FP32 0, FP16 1, INT8 2, INT4 3, INT2 4) -> its _MAX_D slot.
+_TY_SLOT = {0: 4, 1: 3, 2: 2, 3: 1, 4: 0}
 
 
 class UnsupportedModel(ValueError):
@@ -155,12 +157,78 @@ class ServingProgram(nn.Module):
         self.over_arch = dlrm.over_arch
 
     def forward(self, dense: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits(dense, ids, lengths))
+
+    def logits(self, dense: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
+        """``float32[B]`` logits (eager only: the exported program is ``forward``)."""
         embedded_sparse = self.tables(ids, lengths)
         embedded_dense = self.dense_arch(dense)
         concatenated = self.inter_arch(
             dense_features=embedded_dense, sparse_features=embedded_sparse
         )
-        return torch.sigmoid(self.over_arch(concatenated)).flatten()
+        return self.over_arch(concatenated).flatten()
+
+
+@dataclass
+class PackedTable:
+    """One table as served: ``rows`` uint8[n, row_bytes] in FBGEMM's packed layout
+    (compression/serving.py: ``pack_rows``), ``ty`` its FBGEMM ``SparseType`` value,
+    ``dim`` its embedding dim, ``pooling`` FBGEMM's pooling mode (0 sum, 1 mean)."""
+
+    rows: Tensor
+    ty: int
+    dim: int
+    pooling: int = 0
+
+
+def packed_tables(
+    tables: dict[str, PackedTable],
+    *,
+    feature_tables: dict[str, str],
+    feature_names: list[str],
+    model_order: list[str],
+) -> PackedTables:
+    """The lookup module over ``tables`` (emptied as their rows are copied in).
+
+    ``feature_tables``: the table each feature reads; ``feature_names``: the
+    input order; ``model_order``: the order the interaction reads the pooled
+    features in. Tables are laid out in the order their first feature comes, so
+    the same packed rows always give the same ``weights`` buffer, byte for byte.
+    """
+    missing = sorted(set(feature_names) ^ set(feature_tables))
+    if missing or set(model_order) != set(feature_names):
+        raise ValueError(f"features {feature_names} do not match the model's {missing}")
+    order = list(dict.fromkeys(feature_tables[f] for f in feature_names))
+    sizes = {t: tables[t].rows.numel() for t in order}
+    weights = torch.empty(sum(sizes.values()), dtype=torch.uint8)
+    bases, base = {}, 0
+    specs = {
+        t: (tables[t].ty, tables[t].dim, tables[t].pooling, tables[t].rows.shape[0]) for t in order
+    }
+    for t in order:  # copied in and dropped one table at a time: one table in flight
+        rows = tables.pop(t).rows
+        if rows.shape[0] and rows.shape[1] % _ALIGN:
+            raise ValueError(
+                f"table {t}: packed rows of {rows.shape[1]} bytes, not {_ALIGN}-aligned"
+            )
+        weights[base : base + sizes[t]] = rows.reshape(-1)
+        bases[t], base = base, base + sizes[t]
+    max_d = dict.fromkeys(_MAX_D, 0)
+    for ty, dim, _, _ in specs.values():
+        key = _MAX_D[_TY_SLOT[ty]]
+        max_d[key] = max(max_d[key], dim)
+    per_feature = [specs[feature_tables[f]] for f in feature_names]
+    return PackedTables(
+        weights=weights,
+        weights_offsets=torch.tensor([bases[feature_tables[f]] for f in feature_names]),
+        weights_tys=torch.tensor([p[0] for p in per_feature], dtype=torch.uint8),
+        dims=[p[1] for p in per_feature],
+        rows=torch.tensor([p[3] for p in per_feature], dtype=torch.int64),
+        pooling_modes=[p[2] for p in per_feature],
+        max_d=max_d,
+        row_alignment=_ALIGN,
+        model_order=[feature_names.index(n) for n in model_order],
+    )
 
 
 def serving_program(served: nn.Module, *, feature_names: list[str]) -> ServingProgram:
@@ -168,7 +236,7 @@ def serving_program(served: nn.Module, *, feature_names: list[str]) -> ServingPr
 
     ``feature_names``: the input order of the sparse features (the KJT keys the
     trainer's batches carry). The served model is left unchanged; the program
-    shares its dense layers and copies its packed rows.
+    shares its dense layers and copies its packed rows (:func:`tbe_tables`).
     """
     ebcs = [m for m in served.modules() if isinstance(m, QuantEmbeddingBagCollection)]
     dlrm_parts = ("sparse_arch", "dense_arch", "inter_arch", "over_arch")
@@ -178,52 +246,60 @@ def serving_program(served: nn.Module, *, feature_names: list[str]) -> ServingPr
             "(sparse/dense/inter/over arch, one quantized EmbeddingBagCollection), got "
             f"{type(served).__name__} with {len(ebcs)}"
         )
-    ebc = ebcs[0]
-    # Per feature of the collection: (packed storage index, feature index in its TBE).
-    where: dict[str, tuple[int, int]] = {}
-    names = iter(ebc._feature_names)
-    for k, split in enumerate(ebc._feature_splits):
-        for i in range(split):
-            where[next(names)] = (k, i)
-    missing = sorted(set(feature_names) ^ set(where))
-    if missing:
-        raise ValueError(
-            f"feature_names {feature_names} do not match the model's features {list(where)}"
-        )
-    tbes: list[IntNBitTableBatchedEmbeddingBagsCodegen] = ebc._emb_modules
-    storages, bases, base = [], [], 0
-    for tbe in tbes:
-        storage = tbe.weights_host if tbe.host_size > 0 else tbe.weights_dev
-        pad = (-storage.numel()) % _ALIGN
-        storages.append(torch.cat([storage, storage.new_zeros(pad)]))
-        bases.append(base)
-        base += storages[-1].numel()
-    offsets, tys, dims, rows, modes = [], [], [], [], []
-    for name in feature_names:
-        k, i = where[name]
-        tbe = tbes[k]
-        offsets.append(int(tbe.weights_offsets[i]) + bases[k])
-        tys.append(int(tbe.weights_tys[i]))
-        dims.append(int(tbe.D_offsets[i + 1] - tbe.D_offsets[i]))
-        rows.append(int(tbe.rows_per_table[tbe.feature_table_map[i]]))
-        modes.append(int(tbe.pooling_mode))
-    model_order_names = list(served.sparse_arch.sparse_feature_names)
-    if len(set(dims)) != 1:
-        raise UnsupportedModel(
-            f"serving_program needs one embedding dim for every feature, got {dims}"
-        )
-    tables = PackedTables(
-        weights=torch.cat(storages).clone(),
-        weights_offsets=torch.tensor(offsets, dtype=torch.int64),
-        weights_tys=torch.tensor(tys, dtype=torch.uint8),
-        dims=dims,
-        rows=torch.tensor(rows, dtype=torch.int64),
-        pooling_modes=modes,
-        max_d={a: max(int(getattr(t, a)) for t in tbes) for a in _MAX_D},
-        row_alignment=int(tbes[0].row_alignment),
-        model_order=[feature_names.index(n) for n in model_order_names],
+    tables, feature_tables = tbe_tables(ebcs[0])
+    return dlrm_program(
+        tables,
+        feature_tables=feature_tables,
+        feature_names=feature_names,
+        model_order=list(served.sparse_arch.sparse_feature_names),
+        dlrm=served,
     )
-    return ServingProgram(tables, served).eval()
+
+
+def dlrm_program(
+    tables: dict[str, PackedTable],
+    *,
+    feature_tables: dict[str, str],
+    feature_names: list[str],
+    model_order: list[str],
+    dlrm: nn.Module,
+) -> ServingProgram:
+    """:class:`ServingProgram` of packed ``tables`` and ``dlrm``'s dense layers (shared)."""
+    dims = {t.dim for t in tables.values()}
+    if len(dims) != 1:
+        raise UnsupportedModel(
+            f"serving_program needs one embedding dim for every feature, got {sorted(dims)}"
+        )
+    if not all(hasattr(dlrm, p) for p in ("dense_arch", "inter_arch", "over_arch")):
+        raise UnsupportedModel(f"{type(dlrm).__name__} is not a DLRM (dense/inter/over arch)")
+    packed = packed_tables(
+        tables, feature_tables=feature_tables, feature_names=feature_names, model_order=model_order
+    )
+    return ServingProgram(packed, dlrm).eval()
+
+
+def tbe_tables(
+    ebc: QuantEmbeddingBagCollection,
+) -> tuple[dict[str, PackedTable], dict[str, str]]:
+    """Each table's packed rows, copied out of a quantized collection's TBEs, and the
+    table of each feature."""
+    feature_tables = {f: c.name for c in ebc.embedding_bag_configs() for f in c.feature_names}
+    tables: dict[str, PackedTable] = {}
+    names = iter(ebc._feature_names)
+    for tbe in ebc._emb_modules:
+        storage = tbe.weights_host if tbe.host_size > 0 else tbe.weights_dev
+        for i in range(len(tbe.feature_table_map)):
+            table = feature_tables[next(names)]
+            ty = int(tbe.weights_tys[i])
+            dim = int(tbe.D_offsets[i + 1] - tbe.D_offsets[i])
+            num_rows = int(tbe.rows_per_table[tbe.feature_table_map[i]])
+            row_bytes = rounded_row_size_in_bytes(
+                dim, SparseType.from_int(ty), int(tbe.row_alignment)
+            )
+            start = int(tbe.weights_offsets[i])
+            rows = storage[start : start + num_rows * row_bytes].view(num_rows, row_bytes)
+            tables[table] = PackedTable(rows.clone(), ty, dim, int(tbe.pooling_mode))
+    return tables, feature_tables
 
 
 def export_program(

@@ -1,11 +1,13 @@
-"""The quantized model that gets served: gather the trained tables, quantize, save.
+"""The quantized model that gets served: quantize the trained tables, pack their rows.
 
 Three steps, each a plain function:
 
-1. :func:`gather_full_state` (a collective) rebuilds the unsharded state dict on
-   rank 0 from every rank's table shards (``ShardedTensor`` local shards, sent to
-   rank 0 with ``gather_object``); data-parallel tables and dense parameters are
-   replicated plain tensors and are taken from rank 0 as they are.
+1. :func:`gather_full_state` (a collective; the export's fallback for models the
+   streamed export does not cover, see trainer/export/stream.py) rebuilds the
+   unsharded state dict on rank 0 from every rank's table shards
+   (``ShardedTensor`` local shards, sent to rank 0 with ``gather_object``);
+   data-parallel tables and dense parameters are replicated plain tensors and
+   are taken from rank 0 as they are.
 2. :func:`quantize_for_serving` swaps the ``EmbeddingBagCollection`` of an
    unsharded fp32 model for torchrec's quantized inference twin
    (``torchrec.quant.embedding_modules.EmbeddingBagCollection``, FBGEMM's
@@ -14,9 +16,12 @@ Three steps, each a plain function:
    ``SERVING_DTYPES[bits]`` (the format QAT trained against, see
    compression/fake_quant.py); tables not in ``table_bits`` are kept fp32
    (torchrec's default would be int8). Dense layers stay fp32.
-3. :func:`save_exported` pickles the whole quantized module (``torch.save``);
-   :func:`load_exported` reads it back (``weights_only=False``: the file holds
-   torchrec/FBGEMM module classes, so load only files you trust).
+3. :func:`pack_rows` packs the rows of one table (or of one row-wise shard of
+   it) into FBGEMM's serving layout, byte for byte what step 2 writes into its
+   TBE: the export streams tables through it, one at a time
+   (trainer/export/stream.py), and compression/bundle.py builds the served
+   program from the packed rows. Nothing is pickled: the served model is the
+   bundle's ``torch.export`` program (compression/bundle.py: ``load_program``).
 
 Because quantization is per row, a served row is exactly
 ``fake_quantize_rows(row, bits)``: the exported model's logits equal those of the
@@ -31,7 +36,8 @@ Example::
         model.load_state_dict(full)
         served = quantize_for_serving(model.model, table_bits={"t_cat_0": 4, "t_cat_1": 8})
         print(model_bytes(model.model), "->", model_bytes(served))
-        save_exported(served, run_dir / "exported_model.pt")
+        packed = pack_rows(model.model.sparse_arch.embedding_bag_collection
+                           .embedding_bags["t_cat_0"].weight, bits=4)   # uint8[rows, 16]
 
 From a saved checkpoint, in one process (no torchrun): ``python -m
 trainer.export`` (the trainer knows how to rebuild the model). This package
@@ -43,16 +49,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from itertools import chain
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
     IntNBitTableBatchedEmbeddingBagsCodegen,
+    rounded_row_size_in_bytes,
 )
 from torch import Tensor, nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.inference.modules import quantize_inference_model
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
@@ -196,11 +204,35 @@ def table_bytes(module: nn.Module) -> int:
     return sum(model_bytes(m) for m in module.modules() if isinstance(m, collections))
 
 
-def save_exported(module: nn.Module, path: Path | str) -> None:
-    """Pickles the whole module (it reloads without knowing how it was built)."""
-    torch.save(module, path)
+@torch.no_grad()
+def pack_rows(rows: Tensor, *, bits: int | None, row_range: str = "minmax") -> Tensor:
+    """FBGEMM's packed serving rows of ``rows`` (fp32 ``[n, dim]``): ``uint8[n, row_bytes]``.
 
+    Byte for byte what :func:`quantize_for_serving` writes into its TBE for these
+    rows (it is called on a one-table copy): ``bits`` 8/4/2 give the row-wise
+    INT8/INT4/INT2 rows (fp16 scale and bias in front of the codes), ``None``
+    the fp32 rows, each padded to FBGEMM's row alignment. Quantization is per
+    row, so packing a row-wise shard gives the rows packing its whole table
+    gives; a column slice is not a row (its min/max is not the row's).
 
-def load_exported(path: Path | str, *, map_location: str | None = None) -> nn.Module:
-    """Reads a :func:`save_exported` file back; only for files you trust (pickle)."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+    Example::
+
+        packed = pack_rows(torch.randn(5, 8), bits=4)   # uint8[5, 16]
+    """
+    num_rows, dim = rows.shape
+    config = EmbeddingBagConfig(
+        name="t", embedding_dim=dim, num_embeddings=max(num_rows, 1), feature_names=["f"]
+    )
+    holder = nn.Module()
+    holder.ebc = EmbeddingBagCollection(tables=[config], device=torch.device("cpu"))
+    if num_rows:
+        holder.ebc.embedding_bags["t"].weight.copy_(rows.float())
+    served = quantize_for_serving(
+        holder, table_bits={"t": bits} if bits else {}, row_range=row_range
+    )
+    tbe = served.ebc._emb_modules[0]
+    storage = tbe.weights_host if tbe.host_size > 0 else tbe.weights_dev
+    row_bytes = rounded_row_size_in_bytes(
+        dim, SparseType.from_int(int(tbe.weights_tys[0])), int(tbe.row_alignment)
+    )
+    return storage[: num_rows * row_bytes].view(num_rows, row_bytes).clone()

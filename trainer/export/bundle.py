@@ -20,8 +20,8 @@ inputs' and output's layout, the versions, and the eval metrics.
 
 Example::
 
-    program = write_bundle(served, source=source, directory=run_dir / "bundle",
-                           sample=first_eval_batch, sample_scores=scores)
+    program = write_bundle(serving_program, source=source, directory=run_dir / "bundle",
+                           sample=first_eval_batch, sample_scores=scores, data_config=cfg.data)
     add_metrics(run_dir / "bundle", {"auc": 0.74, "logloss": 0.48})
 """
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torchrec.datasets.utils import Batch
 
-from compression.bundle import PROGRAM_FILE, load_program, save_program, serving_program
+from compression.bundle import PROGRAM_FILE, ServingProgram, load_program, save_program
 from trainer.data.source import DataSource
 
 BUNDLE_DIR = "bundle"
@@ -48,18 +48,20 @@ SCHEMA_VERSION = 1
 
 
 def write_bundle(
-    served: nn.Module,
+    program: ServingProgram,
     *,
     source: DataSource,
     directory: Path,
     sample: Batch,
     sample_scores: Tensor,
+    data_config: Any = None,
 ) -> nn.Module:
-    """Writes model.pt2, schema.json (no metrics yet) and sample.pt; returns the
-    program as loaded back from disk (what a server runs)."""
+    """Writes model.pt2 (``program`` exported), schema.json (no metrics yet) and
+    sample.pt; returns the program as loaded back from disk (what a server runs).
+
+    ``data_config``: the run's ``data`` section (table inputs are described from it).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    names = [f.name for f in source.features]
-    program = serving_program(served, feature_names=names)
     save_program(program, directory / PROGRAM_FILE, num_dense=source.num_dense)
     schema = {
         "schema_version": SCHEMA_VERSION,
@@ -72,7 +74,7 @@ def write_bundle(
             "(torchrec's KeyedJaggedTensor order)",
         },
         "output": {"name": "probability", "shape": "float32[B]"},
-        **data_schema(source, directory),
+        **data_schema(source, directory, data_config=data_config),
         "versions": versions(),
         "metrics": {},
     }
@@ -99,7 +101,7 @@ def add_metrics(directory: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(schema, indent=2))
 
 
-def data_schema(source: DataSource, directory: Path) -> dict[str, Any]:
+def data_schema(source: DataSource, directory: Path, *, data_config: Any = None) -> dict[str, Any]:
     """``features`` and ``dense`` entries of schema.json for ``source``; with a vocabulary
     mapping, its files are copied into ``directory/vocab``."""
     meta = getattr(source, "meta", None)

@@ -1,21 +1,22 @@
-"""``python -m trainer.export <checkpoint_dir> [--bits 8|4|2] [--range R] [--out PATH]``.
+"""``python -m trainer.export <checkpoint_dir> [--bits 8|4|2] [--range R] [--out DIR]``.
 
 Serves a checkpoint.
 
-One process, no process group: rebuilds the unsharded model from the
-checkpoint's ``config.yaml``, reads every rank's table shards into it (DCP)
-and the converters' saved state (e.g. row pruning's access counts), and
-exports it as the end of that run would have (the same converters: the run's
-QAT bits, or ``--bits`` for every table; the run's ``qat.range``, or
-``--range minmax|mse``). Saves ``--out`` (default
-``<checkpoint>/exported_model.pt``), the serving bundle beside it
-(trainer/export/bundle.py: ``<checkpoint>/bundle/``, or ``<out stem>.bundle/``
-for another ``--out``) and the result next to it as ``.json``;
-prints the result. A missing or incomplete checkpoint is one line, exit 2.
+One process, no process group: rebuilds the model from the checkpoint's
+``config.yaml`` with the converters' saved state (e.g. row pruning's access
+counts) and exports it as the end of that run would have (the same
+converters: the run's QAT bits, or ``--bits`` for every table; the run's
+``qat.range``, or ``--range minmax|mse``). Streamed (trainer/export/stream.py):
+the dense layers are read, then one table at a time (every rank's shards of
+it, through ``SafeReader``), packed and dropped, so the fp32 model is never in
+memory; models the stream does not cover are read whole. Writes the serving
+bundle ``--out`` (default ``<checkpoint>/bundle/``) and the result beside it as
+``<out>.json``; prints the result. A missing or incomplete checkpoint is one
+line, exit 2.
 
 Example::
 
-    python -m trainer.export outputs/run/checkpoints/step_2000 --bits 4 --out served.pt
+    python -m trainer.export outputs/run/checkpoints/step_2000 --bits 4 --out served
     python -m trainer.export outputs/run/checkpoints/step_2000 --bits 2 --range mse
     result = export_checkpoint(Path("outputs/run/checkpoints/step_2000"), bits=4)
 """
@@ -46,7 +47,8 @@ from trainer.config.schema import ConfigError
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.export.bundle import BUNDLE_DIR
-from trainer.export.step import EXPORT_FILE, build_trained, export_model
+from trainer.export.step import build_trained, export_model, export_streamed, meta_trained
+from trainer.export.stream import checkpoint_dense, checkpoint_tables, streamable, table_specs
 
 
 def export_checkpoint(
@@ -67,22 +69,28 @@ def export_checkpoint(
     converters = build_converters(
         cfg, tables=tables, device_type="cpu", export_range_override=row_range
     )
-    trained = build_trained(
-        cfg.model, tables=tables, num_dense=source.num_dense, converters=converters
-    )
-    step = load_unsharded_model(checkpoint, trained)
     converters.load_state_dict(_saved_converter_state(checkpoint))  # e.g. access counts
-    out = out or checkpoint / EXPORT_FILE
+    out = out or checkpoint / BUNDLE_DIR
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = export_model(
-        trained,
-        converters=converters,
-        source=source,
-        batch_size=cfg.trainer.eval_batch_size,
-        path=out,
-        # <checkpoint>/bundle by default; beside another --out, <out stem>.bundle.
-        bundle=out.parent / BUNDLE_DIR if out.name == EXPORT_FILE else out.with_suffix(".bundle"),
-    )
+    common = {
+        "converters": converters,
+        "source": source,
+        "batch_size": cfg.trainer.eval_batch_size,
+        "bundle": out,
+        "data_config": cfg.data,
+    }
+    meta = meta_trained(cfg.model, tables=tables, num_dense=source.num_dense, converters=converters)
+    if streamable(converters, meta) is None:
+        specs = table_specs(meta, converters)
+        dense, step = checkpoint_dense(checkpoint, skip={t.key for t in specs})
+        stream = checkpoint_tables(checkpoint, specs)
+        result = export_streamed(meta, specs, stream, dense, **common)
+    else:
+        trained = build_trained(
+            cfg.model, tables=tables, num_dense=source.num_dense, converters=converters
+        )
+        step = load_unsharded_model(checkpoint, trained)
+        result = export_model(trained, **common)
     result["step"] = step
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     return result
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "the row's rounding error, which helps int2 post-training export",
     )
     parser.add_argument(
-        "--out", type=Path, help="where to save (default: <checkpoint_dir>/exported_model.pt)"
+        "--out", type=Path, help="the bundle directory (default: <checkpoint_dir>/bundle)"
     )
     args = parser.parse_args(argv)
     from sharding.quiet import quiet_libraries

@@ -1,81 +1,97 @@
 """End of training: export the quantized serving model and check it (``trainer.export``).
 
-Every rank sends its table shards to rank 0 (``gather_full_state``); rank 0
-alone then
+Streamed (trainer/export/stream.py), for DLRMs under table QAT, dense QAT and
+converters with no export hooks: every rank packs its own table shards (the
+run's QAT bits, or ``trainer.export_bits`` for every table when QAT was off --
+post-training quantization, the baseline QAT is meant to beat), and the packed
+rows meet on rank 0 one table at a time; no rank holds more than its shards and
+one table in flight, and rank 0 the packed (served) tables. Rank 0 then
 
-1. builds the unsharded fp32 model on cpu and loads the gathered weights;
-2. asks the converters for the serving model (``Converters.to_serving``: the
-   tables quantized with the QAT bits of the run, or ``trainer.export_bits``
-   for every table when QAT was off -- post-training quantization, the
-   baseline QAT is meant to beat; int8 weight-only dense Linears with dense
-   QAT). Saves it to ``exported_model.pt`` (pickled, for shardrec's own tests)
-   and writes the serving bundle ``bundle/`` (trainer/export/bundle.py: a
+1. loads the dense layers (replicated: its own) into the trained model built
+   with its tables on ``meta`` (int8 weight-only dense Linears with dense QAT);
+2. builds the served program over the packed rows (compression/bundle.py) and
+   writes the serving bundle ``bundle/`` (trainer/export/bundle.py: a
    ``torch.export`` program over FBGEMM's nbit lookup op, schema.json,
-   sample.pt), which loads with torch and fbgemm_gpu alone;
-3. evaluates it on the whole eval set, and the trained model's own eval forward
-   on the same samples (``Converters.as_trained_eval``: the QAT tables
-   fake-quantized, exactly what QAT's eval computes row by row; dense QAT
-   Linears still parametrized as in training), with the eval metrics' AUC.
+   sample.pt), which loads with torch and fbgemm_gpu alone. Nothing is pickled;
+3. scores the whole eval set with the program as loaded from disk, and with the
+   trained model's eval forward (the QAT tables as QAT computed them, tables
+   served with other bits in fp32; dense QAT Linears still parametrized).
+
+Other models (row pruning, distillation, DeepFM / Wide&Deep) are gathered
+whole onto rank 0 (``compression.serving.gather_full_state``) and exported by
+:func:`export_model` through torchrec's quantized modules; a model the program
+builder does not know gets no bundle (``bundle_error``, ``path`` null).
 
 The summary gets a nested ``"export"`` entry::
 
     "export": {"auc": 0.74, "logloss": 0.48, "bytes": 1234, "fp32_bytes": 4567,
                "bits": {"t_cat_0": 4, ...}, "dense_bits": 0, "max_abs_logit_diff": 0.0,
-               "bundle_max_abs_diff": 0.0, "path": "bundle"}
+               "bundle_max_abs_diff": 0.0, "path": "bundle", "streamed": true}
 
 ``auc`` is the bundle program's (as loaded from disk), ``logloss`` the eager
-quantized model's; ``bundle_max_abs_diff`` is the program's largest probability
-difference from the eager quantized model (measured: 0).
+served model's; ``bundle_max_abs_diff`` is the program's largest probability
+difference from the eager served model (measured: 0).
 ``max_abs_logit_diff`` is ~0 with QAT (serving sees what training saw) and the
 post-training quantization error without it.
 
 The dense layers are served in fp32, whatever dtype training's autocast ran them
-in (``precision=bf16``/``fp16``): the served model is the fp32 dense weights
-plus the quantized tables (``"dense_dtype": "fp32"`` and ``"train_autocast"`` in
-the entry), and the trained eval of step 3 runs without autocast too, so the
-parity check compares like with like: fp32 dense on both sides, the QAT tables
-fake-quantized on one and quantized on the other. ``max_abs_logit_diff`` thus
-stays <= 1e-5 for QAT tables under any ``precision`` (tests/test_precision_qat.py).
-Training's own evals ran under autocast: the export's AUC may differ from the
-summary's by what bf16 (8 significant bits, relative error <= 2**-8 per
-operation) changes in the logits -- a difference of the dense dtype, not of the
-quantization, and not part of the parity check. Rank 0 broadcasts the result (or
-its error) so all ranks return, or raise, together.
+in (``precision=bf16``/``fp16``), and the trained eval of step 3 runs without
+autocast too, so the parity check compares like with like
+(tests/test_precision_qat.py). Training's own evals ran under autocast: the
+export's AUC may differ from the summary's by what bf16 changes in the logits.
+Rank 0 broadcasts the result (or its error) so all ranks return, or raise,
+together.
 
 ``trainer/export/offline.py`` (``python -m trainer.export <run_dir>/checkpoints/step_N``)
-does steps 1-3 in one process from a saved checkpoint instead, reading the
-table shards with DCP rather than gathering them.
+does the same in one process from a saved checkpoint, reading one table at a
+time from it.
 
 Example::
 
-    summary["export"] = export_step(cfg, model=built.model, converters=built.converters,
-                                    tables=built.tables, source=source, run_dir=run_dir)
+    summary["export"] = export_step(built.model, model_config=cfg.model,
+                                    converters=built.converters, tables=built.tables,
+                                    source=source, eval_batch_size=512, run_dir=run_dir,
+                                    data_config=cfg.data)
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torchrec.datasets.utils import Batch
 
-from compression.bundle import UnsupportedModel
+from compression.bundle import PackedTable, ServingProgram, UnsupportedModel, dlrm_program
 from compression.converter import Converters
-from compression.serving import gather_full_state, model_bytes, save_exported, table_bytes
+from compression.dense_qat import DenseQAT
+from compression.serving import gather_full_state, model_bytes, table_bytes
 from sharding.collectives import broadcast_object
-from trainer.builder.model import build_trained
+from trainer.builder.model import build_trained, build_unsharded
 from trainer.config.schema import ModelConfig
 from trainer.config.tables import RunTables
 from trainer.data.source import DataSource
 from trainer.export.bundle import BUNDLE_DIR, add_metrics, write_bundle
+from trainer.export.stream import (
+    Packing,
+    TableSpec,
+    dense_state,
+    load_dense,
+    packed_table,
+    sharded_tables,
+    streamable,
+    table_specs,
+)
 from trainer.report.metrics import binary_auc
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "exported_model.pt"
+Logits = Callable[[Batch], Tensor]
 
 
 def export_step(
@@ -87,36 +103,157 @@ def export_step(
     source: DataSource,
     eval_batch_size: int,
     run_dir: Path,
+    data_config: Any = None,
 ) -> dict[str, Any]:
-    """Collective: exports on rank 0; returns the ``"export"`` entry on every rank."""
+    """Collective: exports on rank 0; returns the ``"export"`` entry on every rank.
+
+    ``data_config``: the run's ``data`` section, described in the bundle's schema.
+    """
     # Collective, as at a checkpoint: state the ranks hold apart meets on rank 0
-    # (row pruning's access counts, summed), where to_serving reads it.
+    # (row pruning's access counts, summed), where the export reads it.
     converters.state_dict()
-    full_state = gather_full_state(model)
+    meta = meta_trained(
+        model_config, tables=tables, num_dense=source.num_dense, converters=converters
+    )
+    why_not = streamable(converters, meta)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     result: Any = None
-    if full_state is not None:
-        try:
-            trained = build_trained(
-                model_config, tables=tables, num_dense=source.num_dense, converters=converters
-            )
-            trained.load_state_dict(full_state)
-            result = export_model(
-                trained,
-                converters=converters,
-                source=source,
-                batch_size=eval_batch_size,
-                path=run_dir / EXPORT_FILE,
-                bundle=run_dir / BUNDLE_DIR,
-            )
-            # Relative to the run directory (the pickled model when no bundle was written).
-            result["path"] = EXPORT_FILE if "bundle_error" in result else BUNDLE_DIR
-        except Exception as err:  # handed to every rank below, then raised everywhere
-            log.exception("export failed")
-            result = f"{type(err).__name__}: {err}"
+    bundle = run_dir / BUNDLE_DIR
+    common = {"source": source, "batch_size": eval_batch_size, "bundle": bundle}
+    if why_not is None:
+        specs = table_specs(meta, converters)
+        stream = sharded_tables(model, specs)
+        if rank == 0:
+            try:
+                dense = dense_state(model, skip={t.key for t in specs})
+                result = export_streamed(
+                    meta,
+                    specs,
+                    stream,
+                    dense,
+                    converters=converters,
+                    data_config=data_config,
+                    **common,
+                )
+            except Exception as err:  # handed to every rank below, then raised everywhere
+                log.exception("export failed")
+                result = f"{type(err).__name__}: {err}"
+        for _ in stream:  # the other ranks' part of the collective (rank 0: any left)
+            pass
+    else:
+        log.info("export: the whole model meets on rank 0 (%s)", why_not)
+        full_state = gather_full_state(model)
+        if full_state is not None:
+            try:
+                trained = build_trained(
+                    model_config, tables=tables, num_dense=source.num_dense, converters=converters
+                )
+                trained.load_state_dict(full_state)
+                del full_state
+                result = export_model(
+                    trained, converters=converters, data_config=data_config, **common
+                )
+            except Exception as err:
+                log.exception("export failed")
+                result = f"{type(err).__name__}: {err}"
+    if isinstance(result, dict) and result.get("path"):
+        result["path"] = str(Path(result["path"]).relative_to(run_dir))
     result = broadcast_object(result)
     if isinstance(result, str):
         raise RuntimeError(f"trainer.export failed on rank 0: {result}")
     return result
+
+
+def meta_trained(
+    model_config: ModelConfig, *, tables: RunTables, num_dense: int, converters: Converters
+) -> nn.Module:
+    """The trained model's modules on ``meta`` (converters' wrap_model applied)."""
+    model = build_unsharded(
+        model_config, tables=tables, num_dense=num_dense, device=torch.device("meta")
+    )
+    return converters.wrap_model(model)
+
+
+def export_streamed(
+    trained: nn.Module,
+    specs: list[TableSpec],
+    stream: Iterator[tuple[TableSpec, dict[Packing, Tensor] | None]],
+    dense: dict[str, Tensor],
+    *,
+    converters: Converters,
+    source: DataSource,
+    batch_size: int,
+    bundle: Path,
+    data_config: Any = None,
+) -> dict[str, Any]:
+    """Rank 0 (or one process): the served and trained programs from the packed tables
+    ``stream`` yields and the ``dense`` state, the bundle written, the eval scored.
+
+    ``trained`` is :func:`meta_trained`; its dense layers are loaded in place.
+    """
+    load_dense(trained, dense, tables={t.key for t in specs}, converters=converters)
+    dlrm = trained.model.eval()
+    served_dense = dlrm
+    for c in converters:
+        if isinstance(c, DenseQAT):
+            served_dense = c.to_serving(dlrm)
+    served: dict[str, PackedTable] = {}
+    as_trained: dict[str, PackedTable] = {}
+    for spec, packs in stream:
+        assert packs is not None, "rank 0 receives every table"
+        served[spec.name] = packed_table(spec, packs, spec.served)
+        if spec.trained != spec.served:
+            as_trained[spec.name] = packed_table(spec, packs, spec.trained)
+    fp32_tables = sum(t.rows * t.dim * 4 for t in specs)
+    feature_tables = {f: c.name for c in _configs(dlrm) for f in c.feature_names}
+    layout = {
+        "feature_tables": feature_tables,
+        "feature_names": [f.name for f in source.features],
+        "model_order": list(dlrm.sparse_arch.sparse_feature_names),
+    }
+    trained_program = None
+    if as_trained:  # the trained eval reads other rows than serving for these tables
+        tables = {name: as_trained.get(name, table) for name, table in served.items()}
+        trained_program = dlrm_program(tables, dlrm=dlrm, **layout)
+    program = dlrm_program(served, dlrm=served_dense, **layout)
+    if trained_program is None:
+        trained_program = ServingProgram(program.tables, dlrm).eval()
+    dense_bytes = sum(model_bytes(getattr(served_dense, p)) for p in _DENSE)
+    fp32_dense = sum(model_bytes(getattr(dlrm, p)) for p in _DENSE)
+    sizes = {
+        "bytes": program.tables.weights.numel() + dense_bytes,
+        "fp32_bytes": fp32_tables + fp32_dense,
+        "table_bytes": program.tables.weights.numel(),
+        "fp32_table_bytes": fp32_tables,
+    }
+    result = _score_and_write(
+        _logits_of(program),
+        _logits_of(trained_program),
+        program,
+        source=source,
+        batch_size=batch_size,
+        bundle=bundle,
+        sizes=sizes,
+        converters=converters,
+        data_config=data_config,
+    )
+    result["streamed"] = True
+    return result
+
+
+_DENSE = ("dense_arch", "inter_arch", "over_arch")
+
+
+def _logits_of(program: ServingProgram) -> Logits:
+    def logits(batch: Batch) -> Tensor:
+        kjt = batch.sparse_features
+        return program.logits(batch.dense_features, kjt.values().long(), kjt.lengths().long())
+
+    return logits
+
+
+def _configs(dlrm: nn.Module) -> list:
+    return dlrm.sparse_arch.embedding_bag_collection.embedding_bag_configs()
 
 
 def export_model(
@@ -125,85 +262,104 @@ def export_model(
     converters: Converters,
     source: DataSource,
     batch_size: int,
-    path: Path,
     bundle: Path,
+    data_config: Any = None,
 ) -> dict[str, Any]:
-    """One process: the serving model of ``trained`` (pickled to ``path``, and the
-    serving bundle written to ``bundle``, see trainer/export/bundle.py), scored.
+    """One process, the whole model: the serving model of ``trained`` (torchrec's quantized
+    modules, ``converters.to_serving``), its bundle written to ``bundle``, scored.
 
     ``trained`` is :func:`build_trained` holding the trained fp32 weights; it is
     changed in place into the trained model's eval forward. Returns the
-    ``"export"`` entry of the summary; its ``auc``/``logloss`` are the bundle's
-    program's (loaded back from disk), ``bundle_max_abs_diff`` its largest
-    probability difference from the eager quantized model.
+    ``"export"`` entry of the summary (``path`` None when no bundle could be written).
     """
+    from compression.bundle import serving_program
+
     dlrm = trained.model  # the predictor, without DLRMTrain's loss
     dlrm.eval()
     exported = converters.to_serving(dlrm)
-    save_exported(exported, path)
     # Before any forward: the first one adds a small cached buffer (feature order).
-    exported_bytes, fp32_bytes = model_bytes(exported), model_bytes(dlrm)
-    tables, fp32_tables = table_bytes(exported), table_bytes(dlrm)
-    converters.as_trained_eval(dlrm)
-    sample = next(iter(source.eval_batches(batch_size=batch_size, rank=0, world_size=1)))
-    with torch.no_grad():
-        sample_scores = torch.sigmoid(
-            exported(sample.dense_features, sample.sparse_features).flatten()
-        )
-    try:
-        program: nn.Module | None = write_bundle(
-            exported, source=source, directory=bundle, sample=sample, sample_scores=sample_scores
-        )
-    except UnsupportedModel as err:  # e.g. DeepFM / Wide&Deep: the pickled model only
-        log.warning("no serving bundle: %s", err)
-        program, bundle_error = None, str(err)
-    served_logits, trained_logits, scores, labels = _eval_logits(
-        [exported, dlrm], source, batch_size=batch_size, program=program
-    )
-    result = {
-        "auc": binary_auc(scores, labels),
-        "logloss": float(F.binary_cross_entropy_with_logits(served_logits, labels)),
-        "bytes": exported_bytes,
-        "fp32_bytes": fp32_bytes,
-        # The tables alone: the dense layers are fp32, or int8 with qat.dense_bits=8.
-        "table_bytes": tables,
-        "fp32_table_bytes": fp32_tables,
-        **converters.export_summary(),  # bits per table, dense_bits
-        "max_abs_logit_diff": float((served_logits - trained_logits).abs().max()),
-        "bundle_max_abs_diff": float((scores - torch.sigmoid(served_logits)).abs().max()),
-        "path": str(bundle),
+    sizes = {
+        "bytes": model_bytes(exported),
+        "fp32_bytes": model_bytes(dlrm),
+        "table_bytes": table_bytes(exported),
+        "fp32_table_bytes": table_bytes(dlrm),
     }
-    if program is None:
-        result.update(path=str(path), bundle_error=bundle_error)
-    else:
+    converters.as_trained_eval(dlrm)
+    program: ServingProgram | None = None
+    try:
+        program = serving_program(exported, feature_names=[f.name for f in source.features])
+    except UnsupportedModel as err:  # e.g. DeepFM / Wide&Deep: scored eagerly, no bundle
+        log.warning("no serving bundle: %s", err)
+        sizes["bundle_error"] = str(err)
+    return _score_and_write(
+        lambda b: exported(b.dense_features, b.sparse_features).flatten(),
+        lambda b: dlrm(b.dense_features, b.sparse_features).flatten(),
+        program,
+        source=source,
+        batch_size=batch_size,
+        bundle=bundle,
+        sizes=sizes,
+        converters=converters,
+        data_config=data_config,
+    )
+
+
+@torch.no_grad()
+def _score_and_write(
+    served: Logits,
+    trained: Logits,
+    program: ServingProgram | None,
+    *,
+    source: DataSource,
+    batch_size: int,
+    bundle: Path,
+    sizes: dict[str, Any],
+    converters: Converters,
+    data_config: Any,
+) -> dict[str, Any]:
+    """Writes the bundle of ``program`` (if any), then scores the whole eval set:
+    ``served``'s and ``trained``'s logits, the loaded program's probabilities."""
+    sample = next(iter(source.eval_batches(batch_size=batch_size, rank=0, world_size=1)))
+    loaded = None
+    if program is not None:
+        loaded = write_bundle(
+            program,
+            source=source,
+            directory=bundle,
+            sample=sample,
+            sample_scores=torch.sigmoid(served(sample)),
+            data_config=data_config,
+        )
+    served_logits, trained_logits, scores, labels = [], [], [], []
+    for batch in source.eval_batches(batch_size=batch_size, rank=0, world_size=1):
+        served_logits.append(served(batch))
+        trained_logits.append(trained(batch))
+        if loaded is None:
+            scores.append(torch.sigmoid(served_logits[-1]))
+        else:
+            kjt = batch.sparse_features
+            scores.append(loaded(batch.dense_features, kjt.values().long(), kjt.lengths().long()))
+        labels.append(batch.labels.flatten().float())
+    s_logits, t_logits = torch.cat(served_logits), torch.cat(trained_logits)
+    all_scores, all_labels = torch.cat(scores), torch.cat(labels)
+    result = {
+        "auc": binary_auc(all_scores, all_labels),
+        "logloss": float(F.binary_cross_entropy_with_logits(s_logits, all_labels)),
+        **sizes,
+        **converters.export_summary(),  # bits per table, dense_bits
+        "max_abs_logit_diff": float((s_logits - t_logits).abs().max()),
+        "bundle_max_abs_diff": float((all_scores - torch.sigmoid(s_logits)).abs().max()),
+        "path": str(bundle) if loaded is not None else None,
+    }
+    if loaded is not None:
         add_metrics(bundle, {k: result[k] for k in ("auc", "logloss", "max_abs_logit_diff")})
     log.info(
         "exported %s: auc %.4f, %d bytes (fp32 %d, %.2fx smaller), max |logit diff| %.3g",
         bundle,
         result["auc"],
-        exported_bytes,
-        fp32_bytes,
-        fp32_bytes / exported_bytes,
+        result["bytes"],
+        result["fp32_bytes"],
+        result["fp32_bytes"] / result["bytes"],
         result["max_abs_logit_diff"],
     )
     return result
-
-
-@torch.no_grad()
-def _eval_logits(
-    models: list[nn.Module], source: DataSource, *, batch_size: int, program: nn.Module | None
-) -> tuple[torch.Tensor, ...]:
-    """Each model's logits over the whole eval set (one process), the program's
-    probabilities (without a program: the first model's), then the labels."""
-    logits: list[list[torch.Tensor]] = [[] for _ in models]
-    scores, labels = [], []
-    for batch in source.eval_batches(batch_size=batch_size, rank=0, world_size=1):
-        for out, m in zip(logits, models):
-            out.append(m(batch.dense_features, batch.sparse_features).flatten())
-        kjt = batch.sparse_features
-        if program is None:
-            scores.append(torch.sigmoid(logits[0][-1]))
-        else:
-            scores.append(program(batch.dense_features, kjt.values().long(), kjt.lengths().long()))
-        labels.append(batch.labels.flatten().float())
-    return (*(torch.cat(out) for out in logits), torch.cat(scores), torch.cat(labels))

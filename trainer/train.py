@@ -192,6 +192,10 @@ def train(
     ``on_eval``: the loop's hook after each intermediate eval (``Trainer``); a
     search's pruning (trainer/search.py) ends a trial early through it.
     """
+    if cfg.online.days:  # the day walk: its own loop over days around build() and Trainer
+        from trainer.online.days import walk
+
+        return walk(cfg, run_dir=run_dir)
     source = open_source(cfg.data, seed=cfg.trainer.seed)
     validate(
         cfg,

@@ -270,6 +270,19 @@ class TrainConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """The day walk (trainer/online/): incremental training over the days of a drifting
+    synthetic stream (``data.days``), e.g. ``experiment=online/drift``."""
+
+    # Walk days 0 .. days-1 (at most data.days): evaluate on each day with the model
+    # trained so far, then train on it. 0: off (one ordinary run).
+    days: int = 0
+    # Training steps per day, until trainer.num_steps steps in all are done; the days
+    # after are only evaluated (trainer.num_steps=steps_per_day: the frozen baseline).
+    steps_per_day: int = 500
+
+
+@dataclass
 class LoggerSchema(LoggerConfig):
     """``logger=`` (conf/logger/*.yaml): trainer.logger.LoggerConfig with its choices typed."""
 
@@ -290,6 +303,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
 
 

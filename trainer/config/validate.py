@@ -35,6 +35,8 @@ from trainer.config.validate_compression import validate_distill, validate_prune
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import MAX_CARDINALITY, SyntheticDataConfig
+from trainer.data.zipf import EXACT_RANKS
+from trainer.online.checks import validate_online
 from trainer.report.logger import _has_wandb_credentials, wandb_mode
 
 
@@ -83,6 +85,21 @@ def validate_synthetic(d: SyntheticDataConfig) -> None:
     check(d.num_eval_samples >= 1, f"data.num_eval_samples={d.num_eval_samples} must be >= 1")
     check(d.num_interactions >= 0, f"data.num_interactions={d.num_interactions} must be >= 0")
     check(d.latent_dim >= 1, f"data.latent_dim={d.latent_dim} must be >= 1")
+    check(d.days >= 0, f"data.days={d.days} must be >= 0 (0: one fixed data set)")
+    if d.days:  # the drifting stream (trainer/data/drift.py)
+        check(
+            0 <= d.new_id_share <= 0.5,
+            f"data.new_id_share={d.new_id_share} must be in [0, 0.5] (a share of lookups)",
+        )
+        check(d.popularity_shift >= 0, f"data.popularity_shift={d.popularity_shift} must be >= 0")
+        check(0 <= d.effect_drift <= 1, f"data.effect_drift={d.effect_drift} must be in [0, 1]")
+        big = [c for c in d.cardinalities if c > EXACT_RANKS]
+        check(
+            not big,
+            f"data.cardinalities has {big}: with data.days={d.days} every table has at most "
+            f"{EXACT_RANKS} rows (a day's catalogue is tabulated whole); lower them or set "
+            f"data.days=0",
+        )
 
 
 def validate(
@@ -110,6 +127,7 @@ def validate(
         f"trainer.export_bits={t.export_bits}: use 8 or 4 (2 also works)",
     )
     _validate_checkpoints(cfg)
+    validate_online(cfg)
     for key, value in [
         ("model.embedding_dim", m.embedding_dim),
         ("trainer.num_steps", t.num_steps),

@@ -40,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from trainer.data.drift import apply_day, fingerprint_settings
 from trainer.data.loader import check_rank, eval_batches
 from trainer.data.planted import PlantedModel
 from trainer.data.rng import hash_counters, mix64, normal, stream_key, to_uniform, uniform
@@ -73,11 +73,13 @@ class SyntheticSource:
     """Deterministic, index-addressable synthetic click data (train and eval streams).
 
     A :class:`trainer.data.source.DataSource`; the config is checked beforehand by
-    ``trainer.config.validate`` (``validate_synthetic``).
+    ``trainer.config.validate`` (``validate_synthetic``). ``day``: the day of a
+    drifting stream (``data.days``; trainer/data/drift.py).
     """
 
-    def __init__(self, cfg: SyntheticDataConfig) -> None:
+    def __init__(self, cfg: SyntheticDataConfig, *, day: int = 0) -> None:
         self.cfg = cfg
+        self.day = day
         self.feature_names = cfg.feature_names
         self.num_dense = cfg.num_dense
         self.cardinalities = list(cfg.cardinalities)
@@ -102,6 +104,8 @@ class SyntheticSource:
         # reach the KJT's feature-major layout by one transpose.
         self._runs = self._planted.feature_runs
         self._oracle_auc: float | None = None
+        # The day's sample seed and rows per rank (None: ZipfTables.ids); drift.py.
+        self._seed, self._day_rows = apply_day(cfg, day, self._tables, self._planted)
 
     @property
     def features(self) -> list[FeatureSpec]:
@@ -164,7 +168,7 @@ class SyntheticSource:
 
     def fingerprint(self) -> str:
         """Hash of every setting that shapes the samples."""
-        settings = json.dumps(dataclasses.asdict(self.cfg), sort_keys=True)
+        settings = json.dumps(fingerprint_settings(self.cfg, self.day), sort_keys=True)
         return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
@@ -215,10 +219,13 @@ class SyntheticSource:
             self.to(self.device)
         dense, ranks, lengths, head, tail_at = self._draw_with_head(split, indices)
         probs = torch.sigmoid(self._planted.logits(dense, ranks, lengths, head, tail_at))
-        u_label = uniform(stream_key(self.cfg.seed, split, "label"), indices)
+        u_label = uniform(stream_key(self._seed, split, "label"), indices)
         labels = (u_label < probs).to(torch.float32)
         dense = dense.to(torch.float32)
-        ids = self._tables.ids(ranks, self._slot_features)
+        if self._day_rows is None:
+            ids = self._tables.ids(ranks, self._slot_features)
+        else:  # a later day's catalogue: its row at each rank (head position)
+            ids = self._day_rows.index_select(0, head.reshape(-1)).view(head.shape)
         totals = None
         if self._host_lengths:
             if host_indices is None:
@@ -333,7 +340,7 @@ class SyntheticSource:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``_draw``'s dense features, ranks and lengths, then the ranks' head
         positions and tail indices (``ZipfTables.draw``) for the planted model."""
-        seed = self.cfg.seed
+        seed = self._seed
         idx = indices.unsqueeze(1)
         dense = normal(stream_key(seed, split, "dense"), idx, self._dense_columns)
         # A slot's id depends on (sample, feature, position in the bag) only: not on
@@ -359,7 +366,7 @@ class SyntheticSource:
             columns, hotness = self._feature_columns, self._hotness_f64
         else:  # the host's copies (a tuple: ``to()`` leaves them on the CPU)
             columns, hotness = self._host_bag_constants
-        u_length = uniform(stream_key(self.cfg.seed, split, "bag_length"), idx, columns)
+        u_length = uniform(stream_key(self._seed, split, "bag_length"), idx, columns)
         return 1 + torch.floor(u_length * hotness).to(torch.int64)
 
 

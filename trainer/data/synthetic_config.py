@@ -6,6 +6,7 @@ import it without importing each other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trainer.data.source import FeatureSpec
@@ -51,6 +52,21 @@ class SyntheticDataConfig:
     # Effects of the row with frequency rank r shrink as 1 / (1 + r / this);
     # <= 0 keeps the tail as strong as the head.
     effect_decay_rank: float = 10.0
+    # Days of a drifting stream (trainer/data/drift.py): 0 is one fixed data set;
+    # N > 0 gives days 0 .. N-1 (day 0 is that data set), each with ...
+    days: int = 0
+    # ... this share of its lookups on ids never seen on an earlier day, ...
+    new_id_share: float = 0.05
+    # ... this step (std) of a random walk of every id's log-rank per day, ...
+    popularity_shift: float = 0.2
+    # ... and its planted per-id effects moved by this much per day (an AR(1)
+    # keeping their spread: e' = sqrt(1 - d**2) e + d * noise).
+    effect_drift: float = 0.1
+
+    def table_rows(self) -> list[int]:
+        """Rows each table needs: its cardinality, plus room for every later day's new ids."""
+        later = max(self.days - 1, 0)
+        return [c + later * new_ids_per_day(c, self.new_id_share) for c in self.cardinalities]
 
     @property
     def feature_names(self) -> list[str]:
@@ -74,5 +90,13 @@ class SyntheticDataConfig:
                 ids_per_sample=(1 + h) / 2 if self.variable_hotness else float(h),
                 max_ids_per_sample=h,
             )
-            for name, rows, h in zip(self.feature_names, self.cardinalities, hotness)
+            for name, rows, h in zip(self.feature_names, self.table_rows(), hotness)
         ]
+
+
+def new_ids_per_day(cardinality: int, share: float) -> int:
+    """Rows a table sets aside per day for new ids (``data.new_id_share`` of the
+    lookups): twice the share of its rows, and one more, at most all of them."""
+    if share <= 0:
+        return 0
+    return min(cardinality, math.ceil(2 * share * cardinality) + 1)

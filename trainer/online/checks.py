@@ -1,0 +1,31 @@
+"""Validation of ``online.*`` (the day walk); called by ``trainer.config.validate``.
+
+Example::
+
+    validate_online(cfg)   # ConfigError naming the key and the fix
+"""
+
+from __future__ import annotations
+
+from trainer.config.checks import check, positive
+from trainer.config.schema import Config
+from trainer.data.synthetic_config import SyntheticDataConfig
+
+
+def validate_online(cfg: Config) -> None:
+    """``online.days`` needs the drifting synthetic stream with at least that many days."""
+    o = cfg.online
+    check(o.days >= 0, f"online.days={o.days} must be >= 0 (0: no day walk)")
+    if not o.days:
+        return
+    check(
+        isinstance(cfg.data, SyntheticDataConfig),
+        f"online.days={o.days} walks the days of the drifting synthetic stream; use "
+        f"data=synthetic data.days={o.days}, or online.days=0",
+    )
+    check(
+        cfg.data.days >= o.days,
+        f"online.days={o.days} walks more days than data.days={cfg.data.days} has; set "
+        f"data.days={o.days}",
+    )
+    positive("online.steps_per_day", o.steps_per_day)

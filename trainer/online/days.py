@@ -1,0 +1,283 @@
+"""The day walk: one job trains a model day after day on a drifting stream.
+
+``python -m trainer online.days=N data.days=N`` (``train()`` hands over here)
+walks days ``0 .. N-1`` of the drifting synthetic stream (trainer/data/drift.py)
+with one model, one optimizer, one plan. For day ``t``:
+
+1. switch the source to day ``t`` (:class:`trainer.online.stream.DayStream`);
+2. evaluate the model trained so far on day ``t``'s eval set: the next-day AUC,
+   NE, calibration and the gap to day ``t``'s oracle AUC, one record in
+   ``days.jsonl`` (trainer/online/report.py);
+3. train ``online.steps_per_day`` steps on day ``t`` with the same ``Trainer``
+   (trainer/loop/trainer.py; its ``num_steps`` moved to the day's last step),
+   which evaluates on day ``t`` at its end and checkpoints (at least at each
+   day's end: ``trainer.checkpoint_every_steps``, else ``online.steps_per_day``);
+4. with ``trainer.export``, export the serving bundle to ``days/day_<t>/``.
+
+Steps are global: day ``t`` trains steps ``t * S .. (t + 1) * S`` (``S`` =
+``online.steps_per_day``) until ``trainer.num_steps`` steps are done; the days
+after are only evaluated, so ``trainer.num_steps=S`` is the frozen baseline
+(trained on day 0, evaluated on the others). The checkpoint's ``data`` entry
+holds the day (``DayStream``), so ``trainer.resume=auto`` after a kill goes on
+from the checkpoint's step and day: the rest of that day's training, or the
+next day. At the end: the per-day table (printed), ``days.png`` and
+``summary.json``, whose ``auc``, ``ne``, ``calibration``, ``logloss``,
+``oracle_auc`` and ``oracle_gap`` are means over days 1 .. N-1 of the next-day
+figures (``train_day_auc``: the last trained day's own eval after training).
+
+Example::
+
+    summary = walk(cfg, run_dir=Path("outputs/drift"))   # cfg.online.days = 7
+    summary["oracle_gap"]                                 # mean over days 1..6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sharding import destroy_distributed, format_plan, init_distributed, save_plan
+from sharding.collectives import all_gather_object
+from sharding.dist import local_world_size_from_env, world_size_from_env
+from sharding.state import local_table_bytes
+from trainer.checkpoint.load import CHECKPOINT_DIR, load_checkpoint, resolve_resume
+from trainer.checkpoint.load import restore_records as restore_metrics
+from trainer.checkpoint.save import Checkpointer
+from trainer.config.run_dir import agree_on_run_dir
+from trainer.config.saved import check_resumable
+from trainer.config.schema import Config, config_to_yaml
+from trainer.config.validate import open_source, validate
+from trainer.export.step import export_step
+from trainer.loop.trainer import Trainer
+from trainer.online import report
+from trainer.online.stream import DayStream
+from trainer.report.logger import METRICS_FILE, make_logger
+from trainer.resilience.fault_injection import FaultInjection
+from trainer.resilience.nonfinite import NonfiniteGuard
+from trainer.resilience.preempt import Preemption
+from trainer.train import SUMMARY_FILE, Built, build, set_cpu_threads
+
+log = logging.getLogger(__name__)
+
+# An eval's figures: in the summary they are the next-day means, not the last eval's.
+_EVAL_KEYS = ("auc", "logloss", "ne", "calibration", "ctr", "num_samples")
+
+
+def walk(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
+    """Runs the day walk (``cfg.online.days`` > 0); returns the summary (also in
+    ``summary.json``). The same set-up as ``trainer.train.train``, around :class:`DayWalk`."""
+    stream = DayStream(cfg.data, first=open_source(cfg.data, seed=cfg.trainer.seed))
+    validate(
+        cfg,
+        features=stream.features,
+        world_size=world_size_from_env(),
+        local_world_size=local_world_size_from_env(),
+    )
+    env = init_distributed(
+        backend=cfg.sharding.backend,
+        device=cfg.sharding.device,
+        emulate_local_world_size=cfg.topology.local_world_size,
+    )
+    logger = None
+    preemption = Preemption(device=env.device, world_size=env.world_size).install()
+    try:
+        run_dir = agree_on_run_dir(run_dir)
+        torch.manual_seed(cfg.trainer.seed)
+        set_cpu_threads(cfg.trainer.num_threads, local_world_size=env.local_world_size)
+        built = build(cfg, env, source=stream)
+        if env.is_main:
+            log.info("sharding plan (%s):\n%s", cfg.sharding.strategy, format_plan(built.plan))
+            save_plan(
+                built.plan,
+                run_dir / "plan.json",
+                strategy=cfg.sharding.strategy,
+                world_size=env.world_size,
+            )
+        logger = make_logger(
+            cfg.logger, run_dir=run_dir, rank=env.rank, config=dataclasses.asdict(cfg)
+        )
+        checkpointer = Checkpointer(
+            run_dir / CHECKPOINT_DIR,
+            every_steps=cfg.trainer.checkpoint_every_steps or cfg.online.steps_per_day,
+            keep=cfg.trainer.checkpoint_keep,
+            config_yaml=config_to_yaml(cfg),
+            async_save=cfg.trainer.async_checkpoint,
+            on_error=cfg.trainer.on_checkpoint_error,
+        )
+        trainer = Trainer(
+            model=built.model,
+            optimizer=built.optimizer,
+            env=env,
+            source=stream,
+            settings=cfg.trainer,
+            logger=logger,
+            run_dir=run_dir,
+            model_fwd=built.converters.wrap_forward(built.model),
+            checkpointer=checkpointer,
+            extra_states={"compression": built.converters},
+            preemption=preemption,
+            nonfinite=NonfiniteGuard(
+                policy=cfg.trainer.on_nonfinite,
+                model=built.model,
+                device=env.device,
+                checkpoint_dir=checkpointer.directory,
+                before_stop=checkpointer.wait,
+            ),
+            faults=FaultInjection.from_env(rank=env.rank),
+        )
+        days = DayWalk(cfg, trainer=trainer, stream=stream, built=built, run_dir=run_dir)
+        resume_from = resolve_resume(cfg.trainer.resume, run_dir=run_dir)
+        if resume_from is not None:
+            check_resumable(resume_from, cfg)
+            load_checkpoint(resume_from, states=trainer.states())  # the step and the day
+            days.resumed()
+            if env.is_main:
+                trainer.records = restore_metrics(run_dir / METRICS_FILE, step=trainer.step)
+                log.info(
+                    "resumed from %s at step %d, day %d", resume_from, trainer.step, stream.day
+                )
+        table_bytes = [int(b) for b in all_gather_object(local_table_bytes(built.model))]
+        summary = days.run(
+            extra={
+                "strategy": cfg.sharding.strategy,
+                **built.converters.summary(),
+                "embedding_bytes_per_rank": table_bytes,
+                "embedding_bytes": sum(table_bytes),
+            }
+        )
+        if env.is_main:
+            (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        logger.summary(summary)
+        return summary
+    finally:
+        preemption.uninstall()
+        if logger is not None:
+            logger.finish()
+        destroy_distributed()
+
+
+class DayWalk:
+    """Evaluate-then-train over the days, with one ``Trainer`` (see the module docstring)."""
+
+    def __init__(
+        self, cfg: Config, *, trainer: Trainer, stream: DayStream, built: Built, run_dir: Path
+    ) -> None:
+        self.cfg = cfg
+        self.trainer = trainer
+        self.stream = stream
+        self.built = built
+        self.run_dir = run_dir
+        self.is_main = trainer.env.is_main
+        steps = cfg.online.steps_per_day
+        self.per_day = steps
+        self.budget = min(cfg.trainer.num_steps, cfg.online.days * steps)
+        self.records: list[dict[str, Any]] = []
+        self.first_day = 0
+        self.evaluated = -1  # a day whose record exists already (a resume mid-day)
+        self.is_resumed = False
+
+    def day_end(self, day: int) -> int:
+        """The global step after day ``day``'s training."""
+        return min((day + 1) * self.per_day, self.budget)
+
+    def resumed(self) -> None:
+        """After a checkpoint was loaded: go on with its day, or the next one when its
+        training was complete; days after it are evaluated again."""
+        day, step = self.stream.day, self.trainer.step
+        self.is_resumed = True
+        self.records = report.restore_records(self.run_dir, last_day=day, write=self.is_main)
+        if step >= self.day_end(day):
+            self.first_day = day + 1
+        else:
+            self.first_day, self.evaluated = day, day
+
+    def run(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Walks the days; returns the summary."""
+        t, s = self.trainer, self.cfg.trainer
+        first_step, export = t.step, None
+        last_fit: dict[str, Any] = {}
+        if self.is_main and not self.is_resumed:  # a fresh walk: a fresh file
+            (self.run_dir / report.DAYS_FILE).write_text("")
+        for day in range(self.first_day, self.cfg.online.days):
+            self.stream.set_day(day)
+            end = self.day_end(day)
+            if day != self.evaluated:
+                self._evaluate(day, steps=max(end - t.step, 0))
+            if t.step >= end:
+                continue
+            t.settings = dataclasses.replace(s, num_steps=end)  # this day's last step
+            last_fit = t.fit(extra=extra)
+            if s.export:
+                export = self._export(day)
+        if not last_fit:  # nothing trained in this process: report the model as it is
+            last_fit = t.summarise({**t.evaluate(), **extra})
+        trained_s = max(t.train_time_s, 1e-9)
+        summary = {k: v for k, v in last_fit.items() if k not in _EVAL_KEYS}
+        later = report.next_days(self.records)
+        summary.update(
+            {
+                **{key: report.mean_of(later, key) for key in (*_EVAL_KEYS[:4], "oracle_auc")},
+                "oracle_gap": report.mean_gap(self.records),
+                "train_day_auc": last_fit.get("auc"),
+                "days": self.cfg.online.days,
+                "steps": t.step,
+                "samples_per_sec": (t.step - first_step)
+                * s.batch_size
+                * t.env.world_size
+                / trained_s,
+                "step_time_s": trained_s / max(t.step - first_step, 1),
+            }
+        )
+        if export is not None:
+            summary["export"] = export
+        if self.is_main:
+            print(f"\nday walk ({self.run_dir / report.DAYS_FILE}):")
+            print(report.format_table(self.records))
+            if s.plot and self.records:
+                report.plot_days(self.records, self.run_dir / report.DAYS_PLOT)
+        return summary
+
+    def _evaluate(self, day: int, *, steps: int) -> None:
+        """Day ``day``'s record: the model so far on its eval set, before training on it."""
+        metrics = self.trainer.evaluate()
+        oracle = self.stream.reference_metrics()["oracle_auc"]
+        record = {
+            "day": day,
+            "step": self.trainer.step,
+            "steps": steps,
+            **{key: metrics[key] for key in _EVAL_KEYS[:5]},
+            "oracle_auc": oracle,
+            "oracle_gap": oracle - metrics["auc"],
+        }
+        self.records.append(record)
+        if self.is_main:
+            report.append_record(self.run_dir, record)
+            log.info(
+                "day %d: auc %.4f (oracle %.4f) before %d steps on it",
+                day,
+                metrics["auc"],
+                oracle,
+                steps,
+            )
+
+    def _export(self, day: int) -> dict[str, Any]:
+        """Collective: the serving bundle of the model after day ``day``."""
+        out = self.run_dir / "days" / f"day_{day}"
+        out.mkdir(parents=True, exist_ok=True)
+        result = export_step(
+            self.built.model,
+            model_config=self.cfg.model,
+            converters=self.built.converters,
+            tables=self.built.tables,
+            source=self.stream.source,
+            eval_batch_size=self.cfg.trainer.eval_batch_size,
+            run_dir=out,
+        )
+        if isinstance(result, dict) and isinstance(result.get("path"), str):
+            result = {**result, "path": str(out.relative_to(self.run_dir) / result["path"])}
+        return result

@@ -7,8 +7,8 @@ tables hold ``fake_quantize_rows`` of their rows (measured: bit for bit), is
 smaller, and a saved export reloads to the same logits.
 
 (b) A real 2-rank row-wise int4 QAT run with ``trainer.export=true``: the
-tables are gathered from both ranks, and the exported model scores the eval
-set as the sharded QAT model did.
+tables are packed where they are and meet on rank 0, and the bundle's program
+scores the eval set as the sharded QAT model did.
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 
-from compression.serving import (
-    fake_quantize_tables,
-    load_exported,
-    model_bytes,
-    quantize_for_serving,
-    save_exported,
-)
+from compression.bundle import load_program, save_program, serving_program
+from compression.serving import fake_quantize_tables, model_bytes, quantize_for_serving
 from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
 from tests.reference import unsharded_model
@@ -109,10 +104,14 @@ def test_quantized_export_equals_fake_quantized_fp32(case: str, tmp_path: Path) 
     assert served_bytes < fp32_bytes
     print(f"{case}: {fp32_bytes} -> {served_bytes} bytes ({fp32_bytes / served_bytes:.2f}x)")
 
-    save_exported(served, tmp_path / "exported_model.pt")
-    reloaded = load_exported(tmp_path / "exported_model.pt")
-    assert torch.equal(_logits_and_pooled(reloaded, batch)[0], served_logits)
-    assert model_bytes(reloaded) == served_bytes
+    # The served program (no pickle: torch.export) reloads to the same scores.
+    kjt = batch.sparse_features
+    program = serving_program(served, feature_names=list(kjt.keys()))
+    save_program(program, tmp_path / "model.pt2", num_dense=batch.dense_features.shape[1])
+    reloaded = load_program(tmp_path / "model.pt2")
+    scores = reloaded(batch.dense_features, kjt.values().long(), kjt.lengths().long())
+    assert torch.equal(scores, torch.sigmoid(served_logits))
+    assert reloaded.tables.weights.numel() == table_bytes
 
 
 def _small_buffer_bytes(served: torch.nn.Module) -> int:
@@ -161,18 +160,20 @@ def test_torchrun_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
     assert abs(export["logloss"] - summary["logloss"]) < 1e-5
     # dim 16: 64 B fp32 rows become 16 B int4 rows (8 B codes + 4 B scale/bias, aligned).
     assert export["fp32_bytes"] / export["bytes"] > 3.5
-    assert 3.9 < export["fp32_table_bytes"] / export["table_bytes"] < 4.0  # measured: 3.998
+    # Packed rows, 16-byte aligned, no storage padding: exactly 4x.
+    assert export["fp32_table_bytes"] / export["table_bytes"] == 4.0
 
-    reloaded = load_exported(tmp_path / "exported_model.pt")
-    assert model_bytes(reloaded) == export["bytes"]  # before its first forward, as measured
+    reloaded = load_program(tmp_path / "bundle" / "model.pt2")  # the served program
+    assert reloaded.tables.weights.numel() == export["table_bytes"]
     print(f"export: {export['fp32_bytes']} -> {export['bytes']} bytes, auc {export['auc']:.4f}")
     source = SyntheticCriteo(SyntheticDataConfig(num_eval_samples=2048))
     logits, labels = [], []
     with torch.no_grad():
         for batch in eval_batches(source, batch_size=512, rank=0, world_size=1):
-            logits.append(reloaded(batch.dense_features, batch.sparse_features).flatten())
+            kjt = batch.sparse_features
+            logits.append(reloaded(batch.dense_features, kjt.values().long(), kjt.lengths().long()))
             labels.append(batch.labels.flatten())
-    auc = binary_auroc(torch.sigmoid(torch.cat(logits)), torch.cat(labels).long())
+    auc = binary_auroc(torch.cat(logits), torch.cat(labels).long())
     assert abs(float(auc) - export["auc"]) < 1e-6
 
 
@@ -207,4 +208,5 @@ def test_python_m_trainer_ptq_export_shows_the_quantization_error(tmp_path: Path
     assert abs(export["logloss"] - summary["logloss"]) < 0.01
     assert export["auc"] != summary["auc"]  # it did score the quantized model
     assert export["bytes"] < export["fp32_bytes"]
-    assert (tmp_path / "exported_model.pt").stat().st_size > export["bytes"]
+    assert (tmp_path / "bundle" / "model.pt2").stat().st_size > export["bytes"]
+    assert not (tmp_path / "exported_model.pt").exists()  # nothing pickled

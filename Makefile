@@ -12,7 +12,7 @@ TORCH    := torch==2.13.0
 FBGEMM   := fbgemm-gpu-cpu==1.8.0
 TORCHREC := torchrec==1.8.0
 
-.PHONY: help install train prepare test test-slow bench compression-report sweep-report lint format clean
+.PHONY: help install train prepare test test-slow bench bench-serve compression-report sweep-report lint format clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-19s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test-slow: $(STAMP)  ## the slow tier: e.g. the default job reaches the oracle A
 
 bench: $(STAMP)  ## shardrec vs plain PyTorch, torchrec's loop and the dense floor (ARGS="--quick")
 	$(BIN)/python -m benchmarks.bench $(ARGS)
+
+bench-serve: $(STAMP)  ## served-model latency on CPU: eager, bundle, compiled, AOTI, torchrec (ARGS="--quick")
+	$(BIN)/python -m benchmarks.serve $(ARGS)
 
 # The report is written even when a job failed (it shows the job's error line);
 # make still exits with the sweep's status.

@@ -166,14 +166,14 @@ def test_python_m_trainer_export_matches_the_runs_own_export(
     run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``main`` is what ``python -m trainer.export`` runs; called here to skip a start-up."""
-    out = tmp_path / "served.pt"
+    out = tmp_path / "served"
     export_main([str(run_a / "checkpoints" / "step_8"), "--out", str(out)])
     result = json.loads(capsys.readouterr().out)
     assert json.loads(out.with_suffix(".json").read_text()) == result
     want = json.loads((run_a / "summary.json").read_text())["export"]
     for key in ("auc", "logloss", "bytes", "fp32_bytes", "bits", "max_abs_logit_diff"):
         assert result[key] == want[key], key
-    assert result["step"] == 8 and out.stat().st_size > result["bytes"]
+    assert result["step"] == 8 and (out / "model.pt2").stat().st_size > result["bytes"]
     # Without QAT this is post-training quantization: serving moves the logits.
     assert result["max_abs_logit_diff"] > 0
 
@@ -185,7 +185,7 @@ def test_python_m_trainer_export_re_exports_with_another_row_range(
     """``--bits 2 --range mse``: the same checkpoint served with fitted row ranges."""
     results = {}
     for row_range in ("minmax", "mse"):
-        out = tmp_path / f"{row_range}.pt"
+        out = tmp_path / row_range
         checkpoint = str(run_a / "checkpoints" / "step_8")
         export_main([checkpoint, "--bits", "2", "--range", row_range, "--out", str(out)])
         results[row_range] = json.loads(capsys.readouterr().out)

@@ -139,4 +139,4 @@ def test_shared_tables_sharded_update_once_per_step_and_export(tmp_path: Path) -
     assert export == ranks[1]["export"]
     assert sorted(export["bits"]) == [f"t_cat_{i}" for i in range(4)]  # the shared tables
     assert 0.0 <= export["auc"] <= 1.0 and export["max_abs_logit_diff"] < 0.05
-    assert (tmp_path / "exported_model.pt").exists()
+    assert (tmp_path / "bundle" / "model.pt2").exists()

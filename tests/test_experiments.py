@@ -54,4 +54,4 @@ def test_experiment_trains_one_step(compose_cfg, name: str, tmp_path: Path) -> N
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 1
     if cfg.trainer.export:  # (a dim-4 student's int4 rows are no smaller: alignment)
         assert {"auc", "bytes", "fp32_bytes", "bits"} <= set(summary["export"])
-        assert (tmp_path / "exported_model.pt").stat().st_size > 0
+        assert (tmp_path / "bundle" / "model.pt2").stat().st_size > 0

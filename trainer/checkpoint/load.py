@@ -12,7 +12,7 @@ trainer/checkpoint/safe_reader.py's unpickler, which admits only DCP's metadata
 classes and refuses anything else in one line naming the file; the tensors are
 read with ``torch.load(weights_only=True)``; and a checkpoint whose metadata
 lists a non-tensor (bytes) entry, which DCP would
-``torch.load(weights_only=False)``, is refused. Every DCP read goes through
+``torch.load`` with weights_only off, is refused. Every DCP read goes through
 :class:`SafeReader` (``dcp.load(..., storage_reader=SafeReader(path))``), and
 :func:`check_checkpoint` runs all these checks when the config is validated,
 before any process group exists. Rank 0 adds

@@ -12,7 +12,7 @@ it. Anything else is refused with one line naming the file
 (:class:`BadCheckpointError`, a ``ConfigError``: ``python -m trainer`` and
 ``python -m trainer.export`` print it and exit 2). The tensors themselves DCP
 reads with ``torch.load(weights_only=True)``; a bytes entry, which DCP's
-planner would ``torch.load(weights_only=False)``, is refused by
+planner would ``torch.load`` with weights_only off, is refused by
 :meth:`SafeReader.read_data`.
 
 Example::
@@ -201,7 +201,7 @@ class SafeReader(FileSystemReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         pickled = [item.dest_index.fqn for item in plan.items if item.type == LoadItemType.BYTE_IO]
-        if pickled:  # DCP's planner would torch.load(weights_only=False) them
+        if pickled:  # DCP's planner would torch.load them with weights_only off
             raise BadCheckpointError(
                 f"{self.path}: refusing to load non-tensor entries {pickled[:5]} "
                 f"(loading them would unpickle); shardrec checkpoints hold tensors only"

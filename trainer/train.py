@@ -285,6 +285,7 @@ def train(
                 source=source,
                 eval_batch_size=cfg.trainer.eval_batch_size,
                 run_dir=run_dir,
+                data_config=cfg.data,  # described in the bundle's schema.json
             )
         if env.is_main:
             (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -86,3 +86,12 @@ def all_min(tensor: torch.Tensor, *, group: dist.ProcessGroup | None = None) -> 
     if _distributed(group):
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group)
     return tensor
+
+
+def broadcast_tensor(
+    tensor: torch.Tensor, *, src: int, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """In place: global rank ``src``'s ``tensor`` on every rank of ``group``."""
+    if _distributed(group):
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor

@@ -45,6 +45,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ModuleSharder, ShardingEnv2D, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizer, OptimizerWrapper
 
+from sharding.collectives import all_sum, broadcast_tensor
 from sharding.dist import DistEnv
 from sharding.dmp import fix_dense_bucket_layout
 
@@ -202,7 +203,23 @@ class ReplicaSync:
         self.dmp, self.groups, self.eps = dmp, groups, eps
         self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.synced_bytes = 0  # per step, this rank's share of the all-reduce
+        self._make_equal()
         dmp.register_forward_pre_hook(self._snapshot)
+
+    @torch.no_grad()
+    def _make_equal(self) -> None:
+        """Collective: every replica starts from replica group 0's rows and state.
+
+        Each group's DMP initialises its own copy of the tables with its own
+        random draws; the sync keeps copies equal only if they start equal. (A
+        resume then loads the same checkpoint rows into every copy.)
+        """
+        if self.groups.replicas == 1:
+            return
+        src = self.groups.group_rank * self.groups.replicas  # group 0's member of this replica set
+        for rows, acc, _ in _shard_pairs(_fused_optimizer(self.dmp)):
+            broadcast_tensor(rows, src=src, group=self.groups.replica_pg)
+            broadcast_tensor(acc, src=src, group=self.groups.replica_pg)
 
     def _snapshot(self, module: nn.Module, args: Any) -> None:
         if module.training:
@@ -223,7 +240,7 @@ class ReplicaSync:
             scale = (acc.sqrt() + self.eps) / lr
             grads.append(((rows0 - rows) * scale.unsqueeze(1)).reshape(-1))
         flat = torch.cat(grads) if grads else torch.zeros(0)
-        dist.all_reduce(flat, group=self.groups.replica_pg)
+        all_sum(flat, group=self.groups.replica_pg)
         self.synced_bytes = flat.numel() * flat.element_size()
         offset = 0
         for (rows, acc, lr), (rows0, acc0) in zip(shards, self._before, strict=True):

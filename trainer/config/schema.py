@@ -250,7 +250,7 @@ class TrainConfig:
     progress_bar: bool = True
     plot: bool = True
     # At the end: gather the tables, quantize them for serving (the QAT bits, or
-    # export_bits for every table when QAT is off) and save exported_model.pt.
+    # export_bits for every table when QAT is off) and write the serving bundle (bundle/).
     export: bool = False
     export_bits: int = 8
     # Sharded checkpoints under run_dir/checkpoints/step_N (trainer/checkpoint/load.py),

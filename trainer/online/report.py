@@ -91,7 +91,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         rows.append([_cell(record.get(name), fmt) for name, fmt in _COLUMNS])
     later = next_days(records)
     if later:
-        means = [_cell(mean_of(later, name), "{:.4f}") for name in names[2:]]
+        means = [_cell(mean_of(later, name), fmt) for name, fmt in _COLUMNS[2:]]
         first = later[0]["day"]
         rows.append([f"{first}-{later[-1]['day']}", "mean", *means])
     widths = [max(len(row[i]) for row in rows) for i in range(len(names))]
@@ -122,7 +122,12 @@ def plot_days(records: list[dict[str, Any]], out_path: Path, *, title: str = "")
     )
     trained = [r["day"] for r in records if r.get("steps")]
     if trained and len(trained) < len(days):  # a frozen walk: mark where training stopped
-        ax.axvline(trained[-1] + 0.5, color="tab:blue", linewidth=0.8, label="last trained day")
+        ax.axvline(
+            trained[-1] + 0.5,
+            color="tab:blue",
+            linewidth=0.8,
+            label=f"training ends (after day {trained[-1]})",
+        )
     ax.set(
         title=f"next-day AUC per day{f' ({title})' if title else ''}",
         xlabel="day",

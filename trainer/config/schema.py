@@ -227,12 +227,14 @@ class OptimConfig:
     embedding_lr: float = 0.05
     embedding_eps: float = 1e-8
     dense_optimizer: DenseOptimizer = DenseOptimizer.adam
-    dense_lr: float = 1e-3
+    # Adam at 3e-2, cosine down to 0 at the last step: learns within one epoch of a
+    # small set and ends the default job where 1e-3 did (docs/studies/2026-12-05-defaults.md).
+    dense_lr: float = 3e-2
     dense_weight_decay: float = 0.0
     # The dense rate over the run (sharding/dmp.py: DenseLRSchedule): a linear ramp
     # over the first dense_warmup_steps, then constant, or down to 0 at the last step.
     dense_warmup_steps: int = 0
-    dense_lr_schedule: LRSchedule = LRSchedule.constant
+    dense_lr_schedule: LRSchedule = LRSchedule.cosine
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """End of training: export the quantized serving model and check it (``trainer.export``).
 
-Streamed (trainer/export/stream.py), for DLRMs under table QAT, dense QAT and
-converters with no export hooks: every rank packs its own table shards (the
+Streamed (trainer/export/stream.py), for DLRMs, DeepFM and Wide&Deep (field
+and wide tables alike) under table QAT, dense QAT and converters with no export
+hooks: every rank packs its own table shards (the
 run's QAT bits, or ``trainer.export_bits`` for every table when QAT was off --
 post-training quantization, the baseline QAT is meant to beat), and the packed
 rows meet on rank 0 one table at a time; no rank holds more than its shards and
@@ -17,10 +18,11 @@ one table in flight, and rank 0 the packed (served) tables. Rank 0 then
    trained model's eval forward (the QAT tables as QAT computed them, tables
    served with other bits in fp32; dense QAT Linears still parametrized).
 
-Other models (row pruning, distillation, DeepFM / Wide&Deep) are gathered
-whole onto rank 0 (``compression.serving.gather_full_state``) and exported by
-:func:`export_model` through torchrec's quantized modules; a model the program
-builder does not know gets no bundle (``bundle_error``, ``path`` null).
+Other runs (row pruning, distillation: a DLRM, DeepFM or Wide&Deep student)
+are gathered whole onto rank 0 (``compression.serving.gather_full_state``) and
+exported by :func:`export_model` through torchrec's quantized modules; a model
+of no family the program builder knows (compression/bundle.py: ``family``) gets
+no bundle (``bundle_error``, ``path`` null).
 
 The summary gets a nested ``"export"`` entry::
 
@@ -67,7 +69,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec.datasets.utils import Batch
 
-from compression.bundle import PackedTable, ServingProgram, UnsupportedModel, dlrm_program
+from compression.bundle import (
+    PackedTable,
+    ServingProgram,
+    UnsupportedModel,
+    build_program,
+    program_head,
+    serving_program,
+)
 from compression.converter import Converters
 from compression.dense_qat import DenseQAT
 from compression.serving import gather_full_state, model_bytes, table_bytes
@@ -192,11 +201,11 @@ def export_streamed(
     ``trained`` is :func:`meta_trained`; its dense layers are loaded in place.
     """
     load_dense(trained, dense, tables={t.key for t in specs}, converters=converters)
-    dlrm = trained.model.eval()
-    served_dense = dlrm
+    model = trained.model.eval()  # a DLRM, DeepFM or Wide&Deep (compression.bundle.family)
+    served_dense = model
     for c in converters:
         if isinstance(c, DenseQAT):
-            served_dense = c.to_serving(dlrm)
+            served_dense = c.to_serving(model)
     served: dict[str, PackedTable] = {}
     as_trained: dict[str, PackedTable] = {}
     for spec, packs in stream:
@@ -205,25 +214,21 @@ def export_streamed(
         if spec.trained != spec.served:
             as_trained[spec.name] = packed_table(spec, packs, spec.trained)
     fp32_tables = sum(t.rows * t.dim * 4 for t in specs)
-    feature_tables = {f: c.name for c in _configs(dlrm) for f in c.feature_names}
-    layout = {
-        "feature_tables": feature_tables,
-        "feature_names": [f.name for f in source.features],
-        "model_order": list(dlrm.sparse_arch.sparse_feature_names),
-    }
+    feature_names = [f.name for f in source.features]
     trained_program = None
     if as_trained:  # the trained eval reads other rows than serving for these tables
         tables = {name: as_trained.get(name, table) for name, table in served.items()}
-        trained_program = dlrm_program(tables, dlrm=dlrm, **layout)
-    program = dlrm_program(served, dlrm=served_dense, **layout)
+        trained_program = build_program(tables, model=model, feature_names=feature_names)
+    program = build_program(
+        served, model=model, head_model=served_dense, feature_names=feature_names
+    )
     if trained_program is None:
-        trained_program = ServingProgram(program.tables, dlrm).eval()
-    dense_bytes = sum(model_bytes(getattr(served_dense, p)) for p in _DENSE)
-    fp32_dense = sum(model_bytes(getattr(dlrm, p)) for p in _DENSE)
+        collections = program.collections
+        trained_program = ServingProgram(collections, program_head(model, collections)).eval()
     sizes = {
-        "bytes": program.tables.weights.numel() + dense_bytes,
-        "fp32_bytes": fp32_tables + fp32_dense,
-        "table_bytes": program.tables.weights.numel(),
+        "bytes": program.table_bytes() + model_bytes(program.head),
+        "fp32_bytes": fp32_tables + model_bytes(trained_program.head),
+        "table_bytes": program.table_bytes(),
         "fp32_table_bytes": fp32_tables,
     }
     result = _score_and_write(
@@ -241,19 +246,12 @@ def export_streamed(
     return result
 
 
-_DENSE = ("dense_arch", "inter_arch", "over_arch")
-
-
 def _logits_of(program: ServingProgram) -> Logits:
     def logits(batch: Batch) -> Tensor:
         kjt = batch.sparse_features
         return program.logits(batch.dense_features, kjt.values().long(), kjt.lengths().long())
 
     return logits
-
-
-def _configs(dlrm: nn.Module) -> list:
-    return dlrm.sparse_arch.embedding_bag_collection.embedding_bag_configs()
 
 
 def export_model(
@@ -272,8 +270,6 @@ def export_model(
     changed in place into the trained model's eval forward. Returns the
     ``"export"`` entry of the summary (``path`` None when no bundle could be written).
     """
-    from compression.bundle import serving_program
-
     dlrm = trained.model  # the predictor, without DLRMTrain's loss
     dlrm.eval()
     exported = converters.to_serving(dlrm)
@@ -288,7 +284,7 @@ def export_model(
     program: ServingProgram | None = None
     try:
         program = serving_program(exported, feature_names=[f.name for f in source.features])
-    except UnsupportedModel as err:  # e.g. DeepFM / Wide&Deep: scored eagerly, no bundle
+    except UnsupportedModel as err:  # a model of no known family: scored eagerly, no bundle
         log.warning("no serving bundle: %s", err)
         sizes["bundle_error"] = str(err)
     return _score_and_write(

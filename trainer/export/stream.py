@@ -26,10 +26,12 @@ tables served with other bits (post-training quantization) are packed fp32:
 when every table is served as it trained, both are one program and nothing
 more is held; otherwise rank 0 also holds those tables' trained rows.
 
-Covered: the converters table QAT, dense QAT and those with no export hooks
-(precision, dense pruning). :func:`streamable` says why not otherwise (row
-pruning, distillation, DeepFM / Wide&Deep), and trainer/export/step.py then
-gathers the whole model on rank 0 as before.
+Covered: DLRMs, DeepFM and Wide&Deep (their wide ``w_<table>`` tables are
+ordinary tables here, walked after the field tables) under the converters
+table QAT, dense QAT and those with no export hooks (precision, dense
+pruning). :func:`streamable` says why not otherwise (row pruning,
+distillation), and trainer/export/step.py then gathers the whole model on rank
+0 as before.
 
 Example::
 
@@ -54,7 +56,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from compression.bundle import PackedTable
+from compression.bundle import PackedTable, UnsupportedModel, collections_of, family
 from compression.converter import Converter, Converters
 from compression.dense_qat import DenseQAT
 from compression.serving import pack_rows
@@ -91,19 +93,31 @@ def streamable(converters: Converters, meta_trained: nn.Module) -> str | None:
         hooks = [h for h in _HOOKS if getattr(type(c), h) is not getattr(Converter, h)]
         if hooks and not isinstance(c, _COVERED):
             return f"converter {c.name} changes the model at export ({', '.join(hooks)})"
-    dlrm = getattr(meta_trained, "model", None)
-    parts = ("sparse_arch", "dense_arch", "inter_arch", "over_arch")
-    if dlrm is None or not all(hasattr(dlrm, p) for p in parts):
-        return f"{type(dlrm).__name__} is not a DLRM"
-    if not isinstance(getattr(dlrm.sparse_arch, "embedding_bag_collection", None), nn.Module):
-        return "no embedding_bag_collection"
+    model = getattr(meta_trained, "model", None)
+    try:
+        family(model)  # a DLRM, DeepFM or Wide&Deep
+    except UnsupportedModel as err:
+        return str(err)
+    if not all(isinstance(c, EmbeddingBagCollection) for c in collections_of(model).values()):
+        return "a collection is not a torchrec EmbeddingBagCollection"
     return None
 
 
 def table_specs(meta_trained: nn.Module, converters: Converters) -> list[TableSpec]:
-    """Every table of the trained model (built on ``meta``), in its collection's order."""
+    """Every table of the trained model (built on ``meta``): each collection's
+    (compression.bundle.collections_of: a DeepFM / Wide&Deep's wide tables after
+    its field tables), in the collection's order."""
     qat = next((c for c in converters if isinstance(c, TableQAT)), None)
-    ebc = meta_trained.model.sparse_arch.embedding_bag_collection
+    return [
+        spec
+        for ebc in collections_of(meta_trained.model).values()
+        for spec in _collection_specs(meta_trained, ebc, qat)
+    ]
+
+
+def _collection_specs(
+    meta_trained: nn.Module, ebc: nn.Module, qat: TableQAT | None
+) -> list[TableSpec]:
     assert isinstance(ebc, EmbeddingBagCollection), type(ebc)
     prefix = next(n for n, m in meta_trained.named_modules() if m is ebc)
     specs = []

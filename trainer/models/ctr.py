@@ -102,6 +102,12 @@ class CTRHead(nn.Module):
         embedded = [pooled[name] for name in self.feature_names]  # F x (B x D_f)
         # Column 0 of each wide row (the others are padding, see the module docstring).
         first = torch.cat([weights[name][:, :1] for name in self.feature_names], dim=1)
+        return self.combine(dense, embedded, first)
+
+    def combine(self, dense: Tensor, embedded: list[Tensor], first: Tensor) -> Tensor:
+        """The logits ``[B, 1]`` from plain tensors (what the serving program calls,
+        compression/bundle.py): ``embedded`` the pooled fields in ``feature_names``
+        order (F x ``[B, D_f]``), ``first`` their wide weights ``[B, F]`` (column 0)."""
         first = first.sum(1, keepdim=True)
         deep_in = torch.cat(embedded, dim=1)
         if self.dense_linear is not None:

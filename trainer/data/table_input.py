@@ -92,7 +92,7 @@ class TableSpec:
     @property
     def columns(self) -> list[str]:
         cols = [self.label, *self.dense, *self.categorical, *self.multi_hot, *self.buckets]
-        return list(dict.fromkeys(cols))
+        return [c for c in dict.fromkeys(cols) if c]  # no label: predict's unlabelled rows
 
 
 def resolve_format(path: Path, fmt: TableFormat) -> TableFormat:
@@ -277,7 +277,9 @@ def _to_arrays(
         values[missing | problem] = 0.0
         return values, problem, missing
 
-    label, label_bad, _ = numbers(spec.label, reason="bad_label", allow_missing=False)
+    label, label_bad = np.zeros(n), np.zeros(n, bool)  # no label: unlabelled rows (predict)
+    if spec.label:
+        label, label_bad, _ = numbers(spec.label, reason="bad_label", allow_missing=False)
     if spec.label_threshold is not None:
         label = (label >= spec.label_threshold).astype(np.float64)
     else:

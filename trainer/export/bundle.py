@@ -16,7 +16,12 @@ input order with their id mapping (``hash``: row ``1 + id % (rows - 1)``, row 0
 for a blank field; ``vocab``: the copied file, row 1 for an unknown id), the
 multi-hot features, the dense columns with their transform and the train
 split's mean/std (prepared data) or ``synthetic`` with ``num_dense``, the
-inputs' and output's layout, the versions, and the eval metrics.
+inputs' and output's layout, the versions, and the eval metrics. Table data
+(``source: table``) adds ``table`` (see :func:`table_schema`): the format, the
+columns, label and threshold, each dense column's transform and mean/std, the
+categorical and multi-hot columns (separator), buckets, joins (side tables:
+key and columns) and the feature order; a bucket feature's mapping is
+``bucket`` (row ``1 +`` its bucket, 0 missing).
 
 Example::
 
@@ -121,7 +126,14 @@ def data_schema(source: DataSource, directory: Path, *, data_config: Any = None)
         return {"source": "synthetic", "features": features, "dense": dense}
     kind = meta.mapping.get("kind", "hash")
     for f in features:
-        if kind == "vocab":
+        if meta.source == "table" and f["name"].endswith("_bucket"):  # as prepare tells them
+            f["mapping"] = {
+                "kind": "bucket",
+                "rows": f["rows"],
+                "row": "1 + the number of bounds <= value (table.buckets)",
+                "missing_row": 0,
+            }
+        elif kind == "vocab":
             vocab = Path(source.directory) / "vocab" / f"{f['name']}.ids.npy"
             if not vocab.is_file():
                 raise FileNotFoundError(
@@ -151,7 +163,7 @@ def data_schema(source: DataSource, directory: Path, *, data_config: Any = None)
         "names": list(meta.dense_names),
         "transform": "criteo: log(1 + max(x, 0)) of the integer field"
         if meta.source == "criteo"
-        else "as read from the table's dense columns",
+        else "as read from the table's dense columns (table.dense: each column's transform)",
         "norm": "none" if norm is None else "standardize",
         "mean": meta.dense_stats.get("mean", []),
         "std": meta.dense_stats.get("std", []),
@@ -161,12 +173,69 @@ def data_schema(source: DataSource, directory: Path, *, data_config: Any = None)
         # The float32 arrays the reader applies: (x - mean) * inv_std, missing -> 0.
         dense["mean_f32"] = norm[0].tolist()
         dense["inv_std_f32"] = norm[1].tolist()
-    return {
-        "source": meta.source,
-        "mapping": dict(meta.mapping),
-        "features": features,
-        "dense": dense,
+    out = {"source": meta.source, "mapping": dict(meta.mapping), "features": features}
+    out["dense"] = dense
+    if meta.source == "table":
+        out.update(table_schema(data_config, meta, dense))
+    return out
+
+
+def table_schema(data_config: Any, meta: Any, dense: dict[str, Any]) -> dict[str, Any]:
+    """schema.json's ``table`` entry: how ``python -m trainer.predict`` reads raw table rows
+    (the columns, label, dense transform and stats, id columns, joins, feature order), from
+    the run's ``data`` config; ``table`` is null and ``table_error`` says why when that
+    config does not describe the prepared features (train with prepare's data settings)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from trainer.data.data_configs import TableDataConfig
+    from trainer.data.table_input import TableSpec, column_names, resolve_format
+    from trainer.prepare import settings_fingerprint
+
+    cfg = OmegaConf.to_object(data_config) if isinstance(data_config, DictConfig) else data_config
+    names = [f.name for f in meta.features]
+    if not isinstance(cfg, TableDataConfig):
+        why = f"the run's data config is {type(cfg).__name__}, not a data=table config"
+        return {"table": None, "table_error": why}
+    spec = TableSpec.from_config(cfg)
+    if spec.feature_names != names or spec.dense != list(meta.dense_names) or not spec.label:
+        why = (
+            f"the run's data config (label {spec.label!r}, features {spec.feature_names}, dense "
+            f"{spec.dense}) is not the prepared data's (features {names}, dense "
+            f"{list(meta.dense_names)}): train with the data.* settings prepare ran with"
+        )
+        return {"table": None, "table_error": why}
+    joins = []
+    for j in cfg.joins:
+        path = Path(j.raw)
+        fmt = resolve_format(path, j.format)
+        have = column_names(path, fmt) if path.is_file() else []
+        joins.append({"raw": j.raw, "on": j.on, "format": str(j.format), "columns": have})
+    stats = [dense.get(k) or [] for k in ("mean", "std", "mean_f32", "inv_std_f32")]
+    table = {
+        "format": str(cfg.format),
+        "columns": spec.columns,
+        "label": {"column": spec.label, "threshold": spec.label_threshold},
+        "dense": [
+            {
+                "column": c,
+                "transform": str(spec.dense_transform),
+                **{k: v[i] for k, v in zip(("mean", "std", "mean_f32", "inv_std_f32"), stats) if v},
+                "norm": dense["norm"],
+            }
+            for i, c in enumerate(spec.dense)
+        ],
+        "categorical": spec.categorical,
+        "multi_hot": spec.multi_hot,
+        "list_separator": spec.list_separator,
+        "buckets": spec.buckets,
+        "joins": joins,
+        "feature_order": names,
+        "on_bad_row": str(cfg.on_bad_row),
+        "batch_rows": cfg.batch_rows,
+        # The run's data settings and prepare's inputs give prepare's fingerprint.
+        "matches_prepare": settings_fingerprint(cfg, meta.inputs) == meta.fingerprint,
     }
+    return {"table": table}
 
 
 def versions() -> dict[str, str]:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from trainer.data.data_configs import Mapping, OnBadRow, TableDataConfig, TableFormat
 from trainer.data.table_input import (
     Join,
+    TableBatch,
     TableInputError,
     TableSpec,
     column_names,
@@ -161,7 +162,7 @@ def _tasks(cfg: TableDataConfig, spec: TableSpec) -> list[TableTask]:
                     "; fix data.label / dense / categorical / multi_hot / buckets"
                 )
             task = TableTask(str(path), fmt, split, spec, used, cfg.batch_rows)
-            task.num_rows = _count_rows(path, fmt, spec.label, cfg.batch_rows)
+            task.num_rows = _count_rows(path, fmt, spec.label or have[0], cfg.batch_rows)
             if task.num_rows == 0 and cfg.on_bad_row != OnBadRow.skip:
                 raise PrepareError(f"{path} has no rows (data.on_bad_row=skip skips empty files)")
             tasks.append(task)
@@ -217,6 +218,23 @@ def _record(bad: BadRowLog, rows: list[tuple[int, str, str]]) -> None:
         bad.record(lines=lines, reasons=reasons, details=details)
 
 
+def map_features(
+    batch: TableBatch, rows: list[int], vocabs: list[Vocabulary | None]
+) -> list[tuple[np.ndarray | None, np.ndarray]]:
+    """Per feature of ``batch``: (lengths or None, its ids as int64 table rows): hashed
+    into ``rows[f]`` rows or looked up in ``vocabs[f]``; buckets are rows already.
+    (Also ``python -m trainer.predict``'s mapping of raw table rows.)"""
+    mapped = []
+    for f, feature in enumerate(batch.ids):
+        present = feature.present if feature.lengths is None else np.ones(feature.ids.size, bool)
+        if feature.direct:
+            ids = feature.ids.astype(np.int64)
+        else:
+            ids = map_ids(feature.ids, present, rows=rows[f], vocab=vocabs[f])
+        mapped.append((feature.lengths, ids))
+    return mapped
+
+
 def _write_file(task: TableTask) -> TaskOutput:
     names = task.spec.feature_names
     vocabs = [
@@ -230,16 +248,7 @@ def _write_file(task: TableTask) -> TaskOutput:
     bad = BadRowLog(file=task.path, skip=task.skip)
     for batch in _batches(task):
         _record(bad, batch.bad)
-        mapped = []
-        for f, feature in enumerate(batch.ids):
-            present = (
-                feature.present if feature.lengths is None else np.ones(feature.ids.size, bool)
-            )
-            if feature.direct:
-                rows = feature.ids.astype(np.int64)
-            else:
-                rows = map_ids(feature.ids, present, rows=task.rows[f], vocab=vocabs[f])
-            mapped.append((feature.lengths, rows.astype(dtype)))
+        mapped = [(n, rows.astype(dtype)) for n, rows in map_features(batch, task.rows, vocabs)]
         train = _train_mask(task, batch.rows)
         for split, mask in (("train", train), ("eval", ~train)):
             if not mask.any():

@@ -332,7 +332,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = [
             name,
             f"{mine[0]['steps']} x {mine[0]['batch_size']}",
-            str(len({r["seed"] for r in mine})),
+            str(len({int(r["seed"]) for r in mine})),
             lr,
             f"{float(oracle):.4f}" if oracle not in ("", None) else "-",
         ]
@@ -341,7 +341,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             cells.append(f"**{text}**" if a in aucs and aucs[a] == best else text)
         lines.append("| " + " | ".join(cells) + " |")
     short = [r for r in rows if r["dataset"] != "default_job"]
-    cells = ["mean, one-epoch sets", "", "", "", ""]
+    lr_rows = {(r["dataset"], r["seed"]): float(r["lr_auc"]) for r in short if r["lr_auc"]}
+    lr_sets = {n: statistics.mean(v for (m, _), v in lr_rows.items() if m == n) for n, _ in lr_rows}
+    lr_mean = f"{statistics.mean(lr_sets.values()):.4f}" if lr_sets else "-"
+    cells = ["mean, one-epoch sets", "", "", lr_mean, ""]
     for a in arms:  # over the data sets every arm of the table ran on
         per_set = {
             n: statistics.mean(

@@ -302,6 +302,19 @@ def save_program(program: ServingProgram, path: Path, *, num_dense: int) -> None
     torch.export.save(export_program(program, num_dense=num_dense), path)
 
 
+def score(program: nn.Module, dense: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
+    """``program(dense, ids, lengths)`` for any batch, one row included.
+
+    The exported program's batch dimension starts at 2 (``torch.export``
+    specialises sizes 0 and 1), so a single row is sent twice and scored once.
+    """
+    if dense.shape[0] != 1:
+        return program(dense, ids, lengths)
+    bags = torch.split(ids, lengths.tolist())  # one bag per feature (batch of one)
+    twice = torch.cat([bag for bag in bags for _ in range(2)])
+    return program(dense.expand(2, -1), twice, lengths.repeat_interleave(2))[:1]
+
+
 def load_program(path: Path | str) -> nn.Module:
     """The callable of a saved program (needs ``fbgemm_gpu`` for the op, nothing pickled)."""
     import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)

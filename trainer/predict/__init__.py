@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from compression.bundle import load_program
+from compression.bundle import load_program, score
 from trainer.data.criteo_tsv import CAT_NAMES, parse_chunk
 from trainer.data.shard_rows import Arrays
 from trainer.data.vocab import Vocabulary, map_ids
@@ -258,5 +258,5 @@ def score_arrays(
         rows = np.arange(start, min(start + batch_size, num_rows))
         batch = arrays.take(rows).to_batch(keys, dense_norm=norm)
         kjt = batch.sparse_features
-        out.append(program(batch.dense_features, kjt.values().long(), kjt.lengths().long()))
+        out.append(score(program, batch.dense_features, kjt.values().long(), kjt.lengths().long()))
     return torch.cat(out) if out else torch.zeros(0)

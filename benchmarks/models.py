@@ -219,7 +219,7 @@ def make_shardrec(
 
     from trainer.loop.trainer import Trainer
     from trainer.report.logger import make_logger
-    from trainer.train import build
+    from trainer.session import build
 
     cfg = compose_config(shardrec_overrides(shape, device=device))
     source = source or make_source(shape, env=env, device=device)

@@ -40,7 +40,7 @@ from trainer.builder.model import build_trained
 from trainer.config.schema import Config, DistillConfig
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain
-from trainer.train import build
+from trainer.session import build
 
 EQUIVALENCE = {
     "deepfm-row_wise": ("deepfm", "row_wise"),

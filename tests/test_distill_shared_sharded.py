@@ -29,7 +29,7 @@ from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.export.step import export_step
 from trainer.loop.train_pipeline import drain, make_pipeline
-from trainer.train import build
+from trainer.session import build
 
 BATCH_SIZE = 16  # per rank
 NUM_STEPS = 4

@@ -59,7 +59,7 @@ def _gpu_worker(rank: int, cases: list[str], out_dir: str) -> None:
     from tests.test_sharding_equivalence import BATCH_SIZE, NUM_STEPS
     from trainer.data import SyntheticCriteo, rank_batches
     from trainer.loop.train_pipeline import drain, make_pipeline
-    from trainer.train import build
+    from trainer.session import build
 
     env = init_distributed(device="cuda")
     try:

@@ -34,7 +34,7 @@ from tests.test_sharding_equivalence import tiny_config
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain, make_pipeline
-from trainer.train import Built, build
+from trainer.session import Built, build
 
 BATCH_SIZE = 16
 NUM_STEPS = 3

@@ -13,7 +13,7 @@ from sharding.state import local_table_bytes
 from tests.test_sharding_equivalence import tiny_config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain, make_pipeline
-from trainer.train import build
+from trainer.session import build
 
 
 def test_resolution_per_device() -> None:

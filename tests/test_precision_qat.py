@@ -32,7 +32,7 @@ from trainer.config.schema import ConfigError, to_config
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain, make_pipeline
-from trainer.train import build
+from trainer.session import build
 
 PARITY = 1e-5  # fp32 dense on both sides of the export's check: only summation order differs
 

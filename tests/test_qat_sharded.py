@@ -53,7 +53,7 @@ from tests.test_sharding_equivalence import tiny_config
 from trainer.config.schema import Config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain
-from trainer.train import build
+from trainer.session import build
 
 NUM_STEPS = 5
 # Float32 with other reduction orders, as in the equivalence test; row-wise

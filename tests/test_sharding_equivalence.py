@@ -44,7 +44,7 @@ from trainer.config.schema import (
 )
 from trainer.data import SyntheticCriteo, SyntheticDataConfig, rank_batches
 from trainer.loop.train_pipeline import drain
-from trainer.train import build
+from trainer.session import build
 
 BATCH_SIZE = 16  # per rank
 NUM_STEPS = 5

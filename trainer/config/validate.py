@@ -32,11 +32,11 @@ from trainer.config.schema import (
 )
 from trainer.config.tables import run_tables, student_arch, wide_tables
 from trainer.config.validate_compression import validate_distill, validate_prune, validate_qat
+from trainer.config.validate_online import validate_online
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import MAX_CARDINALITY, SyntheticDataConfig
 from trainer.data.zipf import EXACT_RANKS
-from trainer.online.checks import validate_online
 from trainer.report.logger import _has_wandb_credentials, wandb_mode
 
 

@@ -34,33 +34,17 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from sharding import destroy_distributed, format_plan, init_distributed, save_plan
-from sharding.collectives import all_gather_object
-from sharding.dist import local_world_size_from_env, world_size_from_env
-from sharding.state import local_table_bytes
-from trainer.checkpoint.load import CHECKPOINT_DIR, load_checkpoint, resolve_resume
-from trainer.checkpoint.load import restore_records as restore_metrics
-from trainer.checkpoint.save import Checkpointer
-from trainer.config.run_dir import agree_on_run_dir
-from trainer.config.saved import check_resumable
-from trainer.config.schema import Config, config_to_yaml
-from trainer.config.validate import open_source, validate
+from trainer.config.schema import Config
+from trainer.config.validate import open_source
 from trainer.export.step import export_step
 from trainer.loop.trainer import Trainer
 from trainer.online import report
 from trainer.online.stream import DayStream
-from trainer.report.logger import METRICS_FILE, make_logger
-from trainer.resilience.fault_injection import FaultInjection
-from trainer.resilience.nonfinite import NonfiniteGuard
-from trainer.resilience.preempt import Preemption
-from trainer.train import SUMMARY_FILE, Built, build, set_cpu_threads
+from trainer.session import Built, session
 
 log = logging.getLogger(__name__)
 
@@ -70,95 +54,16 @@ _EVAL_KEYS = ("auc", "logloss", "ne", "calibration", "ctr", "num_samples")
 
 def walk(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
     """Runs the day walk (``cfg.online.days`` > 0); returns the summary (also in
-    ``summary.json``). The same set-up as ``trainer.train.train``, around :class:`DayWalk`."""
+    ``summary.json``). The same session as ``trainer.train.train``, around :class:`DayWalk`."""
     stream = DayStream(cfg.data, first=open_source(cfg.data, seed=cfg.trainer.seed))
-    validate(
-        cfg,
-        features=stream.features,
-        world_size=world_size_from_env(),
-        local_world_size=local_world_size_from_env(),
-    )
-    env = init_distributed(
-        backend=cfg.sharding.backend,
-        device=cfg.sharding.device,
-        emulate_local_world_size=cfg.topology.local_world_size,
-    )
-    logger = None
-    preemption = Preemption(device=env.device, world_size=env.world_size).install()
-    try:
-        run_dir = agree_on_run_dir(run_dir)
-        torch.manual_seed(cfg.trainer.seed)
-        set_cpu_threads(cfg.trainer.num_threads, local_world_size=env.local_world_size)
-        built = build(cfg, env, source=stream)
-        if env.is_main:
-            log.info("sharding plan (%s):\n%s", cfg.sharding.strategy, format_plan(built.plan))
-            save_plan(
-                built.plan,
-                run_dir / "plan.json",
-                strategy=cfg.sharding.strategy,
-                world_size=env.world_size,
-            )
-        logger = make_logger(
-            cfg.logger, run_dir=run_dir, rank=env.rank, config=dataclasses.asdict(cfg)
-        )
-        checkpointer = Checkpointer(
-            run_dir / CHECKPOINT_DIR,
-            every_steps=cfg.trainer.checkpoint_every_steps or cfg.online.steps_per_day,
-            keep=cfg.trainer.checkpoint_keep,
-            config_yaml=config_to_yaml(cfg),
-            async_save=cfg.trainer.async_checkpoint,
-            on_error=cfg.trainer.on_checkpoint_error,
-        )
-        trainer = Trainer(
-            model=built.model,
-            optimizer=built.optimizer,
-            env=env,
-            source=stream,
-            settings=cfg.trainer,
-            logger=logger,
-            run_dir=run_dir,
-            model_fwd=built.converters.wrap_forward(built.model),
-            checkpointer=checkpointer,
-            extra_states={"compression": built.converters},
-            preemption=preemption,
-            nonfinite=NonfiniteGuard(
-                policy=cfg.trainer.on_nonfinite,
-                model=built.model,
-                device=env.device,
-                checkpoint_dir=checkpointer.directory,
-                before_stop=checkpointer.wait,
-            ),
-            faults=FaultInjection.from_env(rank=env.rank),
-        )
-        days = DayWalk(cfg, trainer=trainer, stream=stream, built=built, run_dir=run_dir)
-        resume_from = resolve_resume(cfg.trainer.resume, run_dir=run_dir)
-        if resume_from is not None:
-            check_resumable(resume_from, cfg)
-            load_checkpoint(resume_from, states=trainer.states())  # the step and the day
+    every = cfg.trainer.checkpoint_every_steps or cfg.online.steps_per_day  # each day's end
+    with session(cfg, run_dir=run_dir, source=stream, checkpoint_every_steps=every) as s:
+        days = DayWalk(cfg, trainer=s.trainer, stream=stream, built=s.built, run_dir=s.run_dir)
+        if s.resume() is not None:  # the step and the day
             days.resumed()
-            if env.is_main:
-                trainer.records = restore_metrics(run_dir / METRICS_FILE, step=trainer.step)
-                log.info(
-                    "resumed from %s at step %d, day %d", resume_from, trainer.step, stream.day
-                )
-        table_bytes = [int(b) for b in all_gather_object(local_table_bytes(built.model))]
-        summary = days.run(
-            extra={
-                "strategy": cfg.sharding.strategy,
-                **built.converters.summary(),
-                "embedding_bytes_per_rank": table_bytes,
-                "embedding_bytes": sum(table_bytes),
-            }
-        )
-        if env.is_main:
-            (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        logger.summary(summary)
-        return summary
-    finally:
-        preemption.uninstall()
-        if logger is not None:
-            logger.finish()
-        destroy_distributed()
+            if s.env.is_main:
+                log.info("resumed at day %d", stream.day)
+        return s.finish(days.run(extra=s.extra()))
 
 
 class DayWalk:

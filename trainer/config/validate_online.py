@@ -1,4 +1,4 @@
-"""Validation of ``online.*`` (the day walk); called by ``trainer.config.validate``.
+"""Validation of ``online.*`` (the day walk, trainer/online/), for ``config.validate``.
 
 Example::
 

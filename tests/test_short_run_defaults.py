@@ -86,10 +86,16 @@ def test_bad_schedule_settings_name_the_key() -> None:
 
 
 def test_one_epoch_of_a_small_set_with_the_defaults_nears_a_linear_model(
-    compose_cfg, tmp_path: Path
+    compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    rates: list[float] = []  # the loop steps the default schedule once per step
+    step = DenseLRSchedule.step
+    monkeypatch.setattr(
+        DenseLRSchedule, "step", lambda self: (rates.append(self.get_last_lr()[0]), step(self))
+    )
     cfg = to_config(compose_cfg([*SMALL_SET, *EPOCH, *QUIET]))
     summary = train(cfg, run_dir=tmp_path)
+    assert len(rates) == 32 and rates[0] == cfg.optim.dense_lr and rates[-1] < rates[0] / 50
     data = SyntheticCriteo(cfg.data)
     samples = cfg.trainer.num_steps * cfg.trainer.batch_size
     x, y = one_hot_features(data, "train", samples)  # the very samples the epoch trained on

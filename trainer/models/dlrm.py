@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DenseArch, DLRMTrain, SparseArch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -49,20 +48,14 @@ class SparseArchAfterLookup(SparseArch):
 
 
 class ConstantWhenEmptyDenseArch(DenseArch):
-    """torchrec's DenseArch that also takes a ``[B, 0]`` input (no dense features):
-    when its first layer has one input, that input is the constant 1, so the output
-    is a learned vector, the same for every sample. Same parameters and state dict
-    as DenseArch; any other input is DenseArch's."""
+    """torchrec's DenseArch for a ``[B, 0]`` input (no dense features): its first
+    layer has one input, the constant 1, so the output is a learned vector, the same
+    for every sample. Same parameters and state dict as DenseArch; used only when the
+    model is built with ``num_dense=0``."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[-1] == 0 and _in_features(self) == 1:
-            features = features.new_ones(features.shape[0], 1)
-        return self.model(features)
-
-
-def _in_features(arch: nn.Module) -> int:
-    first = next(m for m in arch.modules() if isinstance(m, nn.Linear))
-    return first.in_features
+        # No branch on the input's shape: torchrec's train pipeline traces through here.
+        return self.model(features.new_ones(features.shape[0], 1))
 
 
 class _SparseFirst:
@@ -187,7 +180,6 @@ def build_model(
             f"model.arch={arch!r} is not known; use dlrm, dlrm_dcnv2, deepfm or wide_deep"
         )
     dlrm.num_dense = num_dense  # the batches' dense width (the bottom MLP's is >= 1)
-    # The same module (no second init, same state dict); it also takes [B, 0] inputs,
-    # which a student built from this model's width (distill) receives too.
-    dlrm.dense_arch.__class__ = ConstantWhenEmptyDenseArch
+    if num_dense == 0:  # the same module (no second init, same state dict), fed a constant
+        dlrm.dense_arch.__class__ = ConstantWhenEmptyDenseArch
     return DLRMTrain(dlrm)

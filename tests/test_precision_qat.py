@@ -208,7 +208,9 @@ def test_bf16_qat_distill_trains_and_exports_with_parity(tmp_path: Path) -> None
     bf16 = _run(*TINY, "precision=bf16", run_dir=tmp_path / "bf16")
     fp32 = _run(*TINY, "precision=fp32", run_dir=tmp_path / "fp32")
     _check_against_reference(bf16, fp32)
-    assert 0.0 <= bf16["student.auc"] <= 1.0 and 0.0 <= bf16["teacher.auc"] <= 1.0
+    # Both heads of the pair trained alike under bf16 dense compute.
+    assert abs(bf16["student.auc"] - fp32["student.auc"]) < 0.05
+    assert abs(bf16["teacher.auc"] - fp32["teacher.auc"]) < 0.05
 
 
 @pytest.mark.dist

@@ -136,6 +136,7 @@ def saved_k2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # xfail until explained (docs/sharding.md); 4-rank runs: the slow tier
 @pytest.mark.dist
 @pytest.mark.xfail(
     strict=False,
@@ -152,6 +153,7 @@ def test_k2_checkpoint_resumes_with_k1(saved_k2: Path, tmp_path: Path) -> None:
     _compare(saved_k2, tmp_path, "K=2 -> 2 ranks K=1 table_wise")
 
 
+@pytest.mark.slow  # xfail until explained (docs/sharding.md); 4-rank runs: the slow tier
 @pytest.mark.dist
 @pytest.mark.xfail(
     strict=False,

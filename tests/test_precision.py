@@ -7,6 +7,7 @@ import pytest
 import torch
 from torchrec.modules.embedding_configs import DataType
 
+from compression.grad_scale import LossScaledOptimizer
 from compression.precision import resolve_precision
 from sharding import destroy_distributed, init_distributed
 from sharding.state import local_table_bytes
@@ -36,9 +37,12 @@ def test_resolution_per_device() -> None:
         resolve_precision("int3", device_type="cpu")
 
 
-def _train_bytes_and_losses(precision: str) -> tuple[int, list[float], torch.dtype]:
+def train_briefly(precision: str, *, qat_bits: int = 0, fp16_on_cpu: bool = False) -> dict:
+    """20 in-process steps of the tiny table-wise model: losses, table bytes, the dtype a
+    dense Linear computed in, whether the optimizer scales the loss (fp16)."""
     cfg = tiny_config("table_wise")
-    cfg.precision.name = precision
+    cfg.precision.name, cfg.precision.fp16_on_cpu = precision, fp16_on_cpu
+    cfg.qat.bits = qat_bits
     env = init_distributed(device="cpu")
     try:
         torch.manual_seed(0)
@@ -57,15 +61,20 @@ def _train_bytes_and_losses(precision: str) -> tuple[int, list[float], torch.dty
         batches = rank_batches(
             SyntheticCriteo(cfg.data), "train", batch_size=64, rank=0, world_size=1, num_batches=20
         )
-        losses = [float(loss) for loss, _, _ in drain(pipeline, batches)]
-        return local_table_bytes(built.model), losses, seen_dtypes[0]
+        return {
+            "losses": [float(loss) for loss, _, _ in drain(pipeline, batches)],
+            "bytes": local_table_bytes(built.model),
+            "dtype": seen_dtypes[0],
+            "loss_scaled": isinstance(built.optimizer, LossScaledOptimizer),
+        }
     finally:
         destroy_distributed()
 
 
 def test_fp16_tables_halve_bytes_and_still_learn() -> None:
-    fp32_bytes, fp32_losses, _ = _train_bytes_and_losses("fp32")
-    bf16_bytes, bf16_losses, dtype = _train_bytes_and_losses("bf16")
+    fp32, bf16 = train_briefly("fp32"), train_briefly("bf16")
+    fp32_bytes, fp32_losses = fp32["bytes"], fp32["losses"]
+    bf16_bytes, bf16_losses, dtype = bf16["bytes"], bf16["losses"], bf16["dtype"]
     assert bf16_bytes * 2 == fp32_bytes
     assert dtype == torch.bfloat16
     # Both learn, and 16-bit rounding keeps them close but not identical.

@@ -21,18 +21,12 @@ import pytest
 import torch
 from torchrec.modules.embedding_configs import DataType
 
-from compression.grad_scale import LossScaledOptimizer
 from compression.precision import resolve_precision
-from sharding import destroy_distributed, init_distributed
-from sharding.state import local_table_bytes
 from tests.conftest import REPO
 from tests.distributed import torchrun_trainer
-from tests.test_sharding_equivalence import tiny_config
+from tests.test_precision import train_briefly
 from trainer.config.schema import ConfigError, to_config
 from trainer.config.validate import validate
-from trainer.data import SyntheticCriteo, rank_batches
-from trainer.loop.train_pipeline import drain, make_pipeline
-from trainer.session import build
 
 PARITY = 1e-5  # fp32 dense on both sides of the export's check: only summation order differs
 
@@ -114,35 +108,8 @@ def test_autocast_with_qat_validates(compose_cfg, overrides: list[str]) -> None:
 
 
 def _train(precision: str, *, fp16_on_cpu: bool = False) -> dict:
-    """A few in-process steps with int4 QAT: table bytes, losses, what a Linear computed in."""
-    cfg = tiny_config("table_wise")
-    cfg.precision.name, cfg.precision.fp16_on_cpu = precision, fp16_on_cpu
-    cfg.qat.bits = 4
-    env = init_distributed(device="cpu")
-    try:
-        torch.manual_seed(0)
-        built = build(cfg, env)
-        seen: list[torch.dtype] = []
-        linear = next(m for m in built.model.modules() if isinstance(m, torch.nn.Linear))
-        linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-        pipeline = make_pipeline(
-            "sparse_dist",
-            built.model,
-            built.optimizer,
-            env.device,
-            model_fwd=built.converters.wrap_forward(built.model),
-        )
-        batches = rank_batches(
-            SyntheticCriteo(cfg.data), "train", batch_size=64, rank=0, world_size=1, num_batches=20
-        )
-        return {
-            "losses": [float(loss) for loss, _, _ in drain(pipeline, batches)],
-            "bytes": local_table_bytes(built.model),
-            "dtype": seen[0],
-            "loss_scaled": isinstance(built.optimizer, LossScaledOptimizer),
-        }
-    finally:
-        destroy_distributed()
+    """A few in-process steps with int4 QAT (tests/test_precision.py's tiny run)."""
+    return train_briefly(precision, qat_bits=4, fp16_on_cpu=fp16_on_cpu)
 
 
 def test_bf16_dense_trains_on_fp32_qat_tables() -> None:

@@ -282,6 +282,13 @@ class OnlineConfig:
     # Training steps per day, until trainer.num_steps steps in all are done; the days
     # after are only evaluated (trainer.num_steps=steps_per_day: the frozen baseline).
     steps_per_day: int = 500
+    # Publish the serving bundle while the walk trains (trainer/online/publish.py):
+    # <run_dir>/exports/v<k>/ and exports/LATEST, written in the background.
+    publish: bool = False
+    # Publish every N global steps (0: at each day's end).
+    publish_every_steps: int = 0
+    # Keep the newest K published versions (never the one LATEST names).
+    publish_keep: int = 3
 
 
 @dataclass

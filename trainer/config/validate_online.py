@@ -29,3 +29,8 @@ def validate_online(cfg: Config) -> None:
         f"data.days={o.days}",
     )
     positive("online.steps_per_day", o.steps_per_day)
+    check(
+        o.publish_every_steps >= 0,
+        f"online.publish_every_steps={o.publish_every_steps} must be >= 0 (0: each day's end)",
+    )
+    positive("online.publish_keep", o.publish_keep)

@@ -1,0 +1,174 @@
+"""Quality study: shardrec's models against a logistic regression and DeepCTR-Torch.
+
+Issue 21's quality table: on each data set the study can make or get here,
+every model trains **one epoch** (the same ``steps x 256`` training rows in the
+same order) and is scored on the same eval rows:
+
+- ``shardrec_<model>@<setting>``: ``python -m trainer``'s ``train()`` with
+  ``model=dlrm|dlrm_dcnv2|deepfm|wide_deep``; ``default`` is conf/ as it is,
+  ``d1e-2``/``d1e-1`` set ``optim.dense_lr`` (the "best of a few");
+- ``lr_1ep@<lr>``: a logistic regression on the same hashed ids (a weight per
+  table row + a linear of the dense), one Adagrad epoch in torch;
+- ``lr_fit``: scikit-learn's logistic regression fitted to convergence, best
+  ``C`` on the eval rows (optimistic: not a one-epoch model);
+- ``deepctr_<DeepFM|DCN|WDL>@<lr>``: DeepCTR-Torch, one epoch of its ``fit``
+  with Adam at ``lr`` (1e-3 is its default), only when ``deepctr_torch``
+  imports (installed outside the project; see quality_deepctr.py); skipped with
+  a message otherwise.
+
+The data sets are the defaults study's (benchmarks/studies/defaults.py):
+planted TSV round trips prepared with ``data=criteo``, planted Criteo files of
+other shapes, ``data=synthetic`` and MovieLens-100k (``--movielens DIR``).
+Writes ``OUT/quality.csv`` (a row per run, appended; a rerun skips what it
+has) and ``OUT/quality.md`` (the tables, quality_table.py).
+
+Example::
+
+    PYTHONPATH=/tmp/deepctr-pkgs python -m benchmarks.studies.quality --out outputs/quality \\
+        --datasets planted_8k,movielens --movielens /tmp/ml-100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.studies import quality_deepctr
+from benchmarks.studies.defaults import QUIET, Dataset, compose_config, datasets
+from benchmarks.studies.defaults import read_rows as read_csv
+from benchmarks.studies.quality_data import Rows, fit_logistic, read_split, train_logistic
+from benchmarks.studies.quality_table import FIELDS, append_row, markdown
+from trainer.config.schema import to_config
+from trainer.config.validate import open_source
+from trainer.train import train
+
+DATASETS = ["planted_8k", "wide_16k", "dense_32k", "planted_50k", "synthetic_300", "movielens"]
+SHARDREC_MODELS = ("dlrm", "dlrm_dcnv2", "deepfm", "wide_deep")
+SETTINGS: dict[str, list[str]] = {
+    "default": [],
+    "d1e-2": ["optim.dense_lr=0.01"],
+    "d1e-1": ["optim.dense_lr=0.1"],
+}
+LR_RATES = (0.03, 0.1, 0.3)
+DEEPCTR_RATES = (0.001, 0.003, 0.01)
+SEED = 0
+
+
+def systems(settings: list[str], deepctr: bool) -> list[str]:
+    """Every run of one data set, by name (``family_model@setting``)."""
+    names = [f"lr_1ep@{lr:g}" for lr in LR_RATES] + ["lr_fit"]
+    if deepctr:
+        names += [f"deepctr_{m}@{lr:g}" for m in quality_deepctr.MODELS for lr in DEEPCTR_RATES]
+    names += [f"shardrec_{m}@{s}" for m in SHARDREC_MODELS for s in settings]
+    return names
+
+
+def trainer_overrides(ds: Dataset) -> list[str]:
+    """One epoch of ``ds`` (eval once, at the end), seed 0, one thread."""
+    return [
+        f"trainer.num_steps={ds.num_steps}",
+        f"trainer.batch_size={ds.batch_size}",
+        f"trainer.eval_every_steps={ds.num_steps}",
+        f"trainer.seed={SEED}",
+        "trainer.num_threads=1",
+        *QUIET,
+    ]
+
+
+def run_one(name: str, ds: Dataset, split: Callable[[], tuple[Rows, Rows]], out: Path) -> dict:
+    """Trains and scores one system on ``ds``: its CSV row."""
+    family, _, setting = name.partition("@")
+    note = ""
+    if family == "lr_1ep":
+        auc, logloss = train_logistic(*split(), lr=float(setting), batch_size=ds.batch_size)
+    elif family == "lr_fit":
+        auc, logloss, c = fit_logistic(*split())
+        note = f"C={c:g}"
+    elif family.startswith("deepctr_"):
+        model = family.removeprefix("deepctr_")
+        auc, logloss = quality_deepctr.train_deepctr(
+            model, *split(), lr=float(setting), batch_size=ds.batch_size, seed=SEED
+        )
+    else:
+        model = family.removeprefix("shardrec_")
+        overrides = [*ds.overrides, f"model={model}", *trainer_overrides(ds), *SETTINGS[setting]]
+        summary = train(
+            to_config(compose_config(overrides)), run_dir=out / "runs" / f"{ds.name}-{name}"
+        )
+        auc, logloss = summary["auc"], summary["logloss"]
+    return {"auc": auc, "logloss": logloss, "note": note}
+
+
+def run_study(out: Path, ds_list: list[Dataset], names: list[str]) -> list[dict[str, Any]]:
+    """Every system on every data set; appends ``OUT/quality.csv`` as runs finish."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "quality.csv"
+    rows = read_csv(path)
+    done = {(r["dataset"], r["system"]) for r in rows}
+    for ds in ds_list:
+        cache: dict[str, tuple[Rows, Rows]] = {}
+
+        def split(ds: Dataset = ds, cache: dict = cache) -> tuple[Rows, Rows]:
+            if "rows" not in cache:  # the rows every baseline sees, read once per data set
+                cfg = to_config(compose_config([*ds.overrides, *trainer_overrides(ds)]))
+                source = open_source(cfg.data, seed=cfg.trainer.seed)
+                cache["rows"] = read_split(source, num_steps=ds.num_steps, batch_size=ds.batch_size)
+            return cache["rows"]
+
+        for name in names:
+            if (ds.name, name) in done:
+                continue
+            start = time.perf_counter()
+            result = run_one(name, ds, split, out)
+            row = {
+                "dataset": ds.name,
+                "system": name,
+                "steps": ds.num_steps,
+                "batch_size": ds.batch_size,
+                **result,
+                "oracle_auc": ds.oracle_auc or "",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            append_row(path, row, FIELDS)
+            rows.append(row)
+            print(
+                f"{ds.name} {name}: auc {float(row['auc']):.4f} logloss {float(row['logloss']):.4f}"
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="quality.csv/.md go here")
+    parser.add_argument("--work", type=Path, help="generated data (default: OUT/data)")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="shardrec's settings")
+    parser.add_argument("--only", help="comma-separated system names (default: all)")
+    parser.add_argument("--movielens", type=Path, help="a folder with ml-100k.inter/.user/.item")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    deepctr = quality_deepctr.available()
+    if not deepctr:
+        print(
+            "deepctr_torch does not import: DeepCTR-Torch's models are skipped (quality_deepctr.py)"
+        )
+    names = systems(args.settings.split(","), deepctr)
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    ds_list = list(
+        datasets(args.work or args.out / "data", args.datasets.split(","), args.movielens)
+    )
+    rows = run_study(args.out, ds_list, names)
+    (args.out / "quality.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

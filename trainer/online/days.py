@@ -12,7 +12,15 @@ with one model, one optimizer, one plan. For day ``t``:
    (trainer/loop/trainer.py; its ``num_steps`` moved to the day's last step),
    which evaluates on day ``t`` at its end and checkpoints (at least at each
    day's end: ``trainer.checkpoint_every_steps``, else ``online.steps_per_day``);
-4. with ``trainer.export``, export the serving bundle to ``days/day_<t>/``.
+4. with ``online.publish``, publish the serving bundle (trainer/online/publish.py:
+   ``exports/v<k>/`` and ``exports/LATEST``, written in the background) at the
+   day's end or every ``online.publish_every_steps`` steps (a fit interval ends
+   there: it evaluates and checkpoints as at a day's end); the day's record then
+   gets ``publish_version``, ``publish_count``, ``publish_blocked_s`` (the
+   training thread's time: the snapshot and any wait for the previous publish),
+   ``publish_s`` (the background's time, filled in once done), ``day_wall_s``
+   and ``publish_share`` (blocked over the day's wall time). Without it,
+   ``trainer.export`` exports to ``days/day_<t>/`` on the training thread.
 
 Steps are global: day ``t`` trains steps ``t * S .. (t + 1) * S`` (``S`` =
 ``online.steps_per_day``) until ``trainer.num_steps`` steps are done; the days
@@ -34,7 +42,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +53,8 @@ from trainer.config.validate import open_source
 from trainer.export.step import export_step
 from trainer.loop.trainer import Trainer
 from trainer.online import report
+from trainer.online.publish import EXPORTS_DIR, Publisher
+from trainer.online.snapshot import snapshot_export
 from trainer.online.stream import DayStream
 from trainer.session import Built, session
 
@@ -85,6 +97,13 @@ class DayWalk:
         self.first_day = 0
         self.evaluated = -1  # a day whose record exists already (a resume mid-day)
         self.is_resumed = False
+        o = cfg.online
+        self.publisher = (
+            Publisher(run_dir / EXPORTS_DIR, keep=o.publish_keep, active=self.is_main)
+            if o.publish
+            else None
+        )
+        self.last_published: dict[str, Any] | None = None
 
     def day_end(self, day: int) -> int:
         """The global step after day ``day``'s training."""
@@ -108,17 +127,25 @@ class DayWalk:
         last_fit: dict[str, Any] = {}
         if self.is_main and not self.is_resumed:  # a fresh walk: a fresh file
             (self.run_dir / report.DAYS_FILE).write_text("")
+        walk_start = time.perf_counter()
         for day in range(self.first_day, self.cfg.online.days):
+            day_start = time.perf_counter()
             self.stream.set_day(day)
             end = self.day_end(day)
             if day != self.evaluated:
                 self._evaluate(day, steps=max(end - t.step, 0))
             if t.step >= end:
                 continue
-            t.settings = dataclasses.replace(s, num_steps=end)  # this day's last step
-            last_fit = t.fit(extra=extra)
-            if s.export:
+            for stop, publish in self._stops(t.step, end):
+                t.settings = dataclasses.replace(s, num_steps=stop)  # this day's last step
+                last_fit = t.fit(extra=extra)
+                if publish:
+                    self._publish(day)
+            if self.publisher is not None:
+                self._day_published(day, wall_s=time.perf_counter() - day_start)
+            elif s.export:
                 export = self._export(day)
+        walk_s = time.perf_counter() - walk_start
         if not last_fit:  # nothing trained in this process: report the model as it is
             last_fit = t.summarise({**t.evaluate(), **extra})
         trained_s = max(t.train_time_s, 1e-9)
@@ -140,6 +167,8 @@ class DayWalk:
         )
         if export is not None:
             summary["export"] = export
+        if self.publisher is not None:
+            summary.update(self._publish_summary(walk_s))
         if self.is_main:
             print(f"\nday walk ({self.run_dir / report.DAYS_FILE}):")
             print(report.format_table(self.records))
@@ -169,6 +198,101 @@ class DayWalk:
                 oracle,
                 steps,
             )
+
+    def _stops(self, step: int, end: int) -> list[tuple[int, bool]]:
+        """Where day training from ``step`` to ``end`` stops, and whether it publishes there."""
+        every = self.cfg.online.publish_every_steps if self.publisher is not None else 0
+        if not every:
+            return [(end, self.publisher is not None)]
+        stops = [*range((step // every + 1) * every, end, every), end]
+        return [(stop, stop % every == 0) for stop in stops]
+
+    def _publish(self, day: int) -> None:
+        """Collective: the snapshot on this thread (timed: the blocked part), the rest
+        in the background; waits first for a publish still in flight."""
+        assert self.publisher is not None
+        start = time.perf_counter()
+        waited = self.publisher.wait()
+        write = snapshot_export(
+            self.built.model,
+            model_config=self.cfg.model,
+            converters=self.built.converters,
+            tables=self.built.tables,
+            source=self.stream.source,  # this day's: it stays as it is (a new day: a new one)
+            eval_batch_size=self.cfg.trainer.eval_batch_size,
+            staging=self.publisher.directory / ".tmp-stage",
+            data_config=self.cfg.data,  # described in the bundle's schema.json
+        )
+        record = self._record(day)
+        if write is not None:
+            version = self.publisher.start(write, info={"step": self.trainer.step, "day": day})
+            record["publish_version"] = f"v{version}"
+        record["publish_count"] = record.get("publish_count", 0) + 1
+        record["publish_wait_s"] = record.get("publish_wait_s", 0.0) + waited
+        blocked = time.perf_counter() - start
+        record["publish_blocked_s"] = record.get("publish_blocked_s", 0.0) + blocked
+        if self.is_main:
+            log.info(
+                "day %d, step %d: publishing %s (blocked %.2fs, %.2fs of it waiting)",
+                day,
+                self.trainer.step,
+                record.get("publish_version"),
+                blocked,
+                waited,
+            )
+
+    def _day_published(self, day: int, *, wall_s: float) -> None:
+        """The day's wall time and blocked share in its record; the publishes done so far."""
+        record = self._record(day)
+        record["day_wall_s"] = wall_s
+        record["publish_share"] = record.get("publish_blocked_s", 0.0) / max(wall_s, 1e-9)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Finished publishes into their days' records (``publish_s``); rewrites days.jsonl."""
+        assert self.publisher is not None
+        for done in self.publisher.finished():
+            record = self._record(done["info"]["day"])
+            record["publish_s"] = record.get("publish_s", 0.0) + done["publish_s"]
+            if "error" in done:
+                record["publish_error"] = done["error"]
+            else:
+                name = f"v{done['version']}"
+                self.last_published = {**done["result"], "path": f"{EXPORTS_DIR}/{name}"}
+                self.last_published["version"] = name
+        if self.is_main:  # replaced whole, as report.restore_records does
+            tmp = self.run_dir / f".{report.DAYS_FILE}.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            tmp.replace(self.run_dir / report.DAYS_FILE)
+
+    def _record(self, day: int) -> dict[str, Any]:
+        return next(r for r in self.records if r["day"] == day)
+
+    def _publish_summary(self, walk_s: float) -> dict[str, Any]:
+        """Waits for the last publish; the summary's ``publish`` entry (and ``export``:
+        the last version published)."""
+        assert self.publisher is not None
+        final_wait_s = self.publisher.close()
+        self._collect()
+        published = [r for r in self.records if "publish_count" in r]
+        blocked = sum(r["publish_blocked_s"] for r in published)
+        out: dict[str, Any] = {
+            "publish": {
+                "directory": EXPORTS_DIR,
+                "latest": self.last_published["version"] if self.last_published else None,
+                "count": sum(r["publish_count"] for r in published),
+                "blocked_s": blocked,
+                "walk_s": walk_s,
+                "blocked_share": blocked / max(walk_s, 1e-9),
+                "max_day_share": max((r["publish_share"] for r in published), default=0.0),
+                "publish_s": sum(r.get("publish_s", 0.0) for r in published),
+                "final_wait_s": final_wait_s,
+                "errors": [r["publish_error"] for r in published if "publish_error" in r],
+            }
+        }
+        if self.last_published is not None:
+            out["export"] = self.last_published
+        return out
 
     def _export(self, day: int) -> dict[str, Any]:
         """Collective: the serving bundle of the model after day ``day``."""

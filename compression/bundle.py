@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from compression.bundle_tables import PackedTable, PackedTables, packed_tables, tbe_tables
+from compression.factorized_serving import factorized_lookup
 
 __all__ = [
     "PROGRAM_FILE",
@@ -117,8 +118,11 @@ class ServingProgram(nn.Module):
         return next(iter(self.collections.values())).num_features
 
     def table_bytes(self) -> int:
-        """Bytes of the packed rows of every collection."""
-        return sum(t.weights.numel() for t in self.collections.values())
+        """Bytes of the packed rows of every collection (and factorized tables' projections)."""
+        return sum(
+            t.weights.numel() + (t.extra_bytes() if hasattr(t, "extra_bytes") else 0)
+            for t in self.collections.values()
+        )
 
     def forward(self, dense: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
         return torch.sigmoid(self.logits(dense, ids, lengths))
@@ -239,6 +243,16 @@ def build_program(
         configs = ebc.embedding_bag_configs()
         feature_tables = {f: c.name for c in configs for f in c.feature_names}
         own = {t: tables.pop(t) for t in dict.fromkeys(feature_tables.values())}
+        factorized = getattr(model.sparse_arch, "factorized", None)
+        if name == "tables" and factorized is not None:  # compression/factorized_serving.py
+            collections[name] = factorized_lookup(
+                own,
+                factorized=factorized,
+                feature_tables=feature_tables,
+                feature_names=feature_names,
+                model_order=order,
+            )
+            continue
         collections[name] = packed_tables(
             own, feature_tables=feature_tables, feature_names=feature_names, model_order=order
         )

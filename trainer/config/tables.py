@@ -5,7 +5,8 @@ converters, validation, export) reads one :class:`RunTables`:
 
 - ``model``: the field tables the model builds (``model.tables``, or one per
   categorical feature of the source, sized by it);
-- ``trained``: every table the trained module holds: ``model``, the wide
+- ``trained``: every table the trained module holds: ``model`` (as stored: a
+  factorized table's ``rows x rank`` table or QR pair, trainer/config/factor_tables.py), the wide
   (first-order) tables ``w_<name>`` of a deepfm / wide_deep model (see
   :func:`wide_tables`), plus, with ``distill=online`` (own tables), the
   student's ``s_<name>`` tables (and their ``w_s_<name>`` if the student is wide);
@@ -27,8 +28,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from trainer.config.factor_tables import factorize, input_feature, stored_tables
 from trainer.config.schema import Config, DistillConfig, ModelConfig, QATConfig, TableConfig
 from trainer.data.source import FeatureSpec
+from trainer.errors import ConfigError
 
 STUDENT_PREFIX = "s_"
 WIDE_PREFIX = "w_"
@@ -57,7 +60,10 @@ class RunTables:
     def pooling_factors(self) -> dict[str, list[float]]:
         """Per trained table, the mean ids per sample of each of its features."""
         by_feature = {f.name: f.ids_per_sample for f in self.features}
-        return {t.name: [by_feature[f] for f in t.feature_names] for t in self.trained}
+        return {
+            t.name: [by_feature[input_feature(f, by_feature)] for f in t.feature_names]
+            for t in self.trained
+        }
 
     def feature_rows(self) -> dict[str, int]:
         """Rows of the model table each feature feeds (the served tables read the same)."""
@@ -74,8 +80,16 @@ def run_tables(
 
     ``export_bits_override``: serve every table at these bits (offline export).
     """
-    model = resolved_tables(cfg.model, features)
-    teacher = arch_tables(str(cfg.model.arch), model)
+    model = factorize(cfg.model, resolved_tables(cfg.model, features))
+    if any(t.rank or t.qr_buckets for t in model) and (
+        cfg.distill.name != "none" or cfg.prune.min_access or cfg.prune.row_min_norm
+    ):
+        raise ConfigError(
+            "factorized tables (model.table_rank / qr_* / mixed_dims, tables[].rank / qr_*) "
+            "do not yet combine with distill=online or row pruning (prune.min_access, "
+            "prune.row_min_norm); drop one"
+        )
+    teacher = arch_tables(str(cfg.model.arch), stored_tables(model))
     student = own_student_tables(cfg.distill, cfg.model, model)
     trained = teacher + student
     served = student or teacher
@@ -105,6 +119,9 @@ def resolved_tables(model: ModelConfig, features: Sequence[FeatureSpec]) -> list
                 embedding_dim=t.embedding_dim or model.embedding_dim,
                 feature_names=list(t.feature_names),
                 pooling=t.pooling,
+                rank=t.rank,
+                qr_buckets=t.qr_buckets,
+                qr_op=t.qr_op,
             )
             for t in model.tables
         ]

@@ -38,6 +38,10 @@ _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 class SparseArchAfterLookup(SparseArch):
     """torchrec's SparseArch, which can be handed its collection's (lazy) output."""
 
+    def lookup(self, features: KeyedJaggedTensor) -> Any:
+        """The collection's (possibly in-flight) pooled output for ``features``."""
+        return self.embedding_bag_collection(features)
+
     def forward(self, features: KeyedJaggedTensor, pooled: Any = None) -> torch.Tensor:
         if pooled is None:
             return super().forward(features)
@@ -80,7 +84,7 @@ class _SparseFirst:
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
     ) -> torch.Tensor:
-        pooled = self.sparse_arch.embedding_bag_collection(sparse_features)  # may be in flight
+        pooled = self.sparse_arch.lookup(sparse_features)  # may be in flight
         embedded_dense = self.dense_arch(dense_features)
         embedded_sparse = self.sparse_arch(sparse_features, pooled=pooled)
         concatenated = self.inter_arch(
@@ -146,7 +150,16 @@ def build_model(
     """
     if num_dense < 0:
         raise ValueError(f"num_dense={num_dense} must be >= 0")
+    from trainer.models.factorized import FactorizedSparseArch, factor_specs  # imports this
+
+    specs = factor_specs(tables)
+    factorized = any(s.factorized for s in specs)
+    stored_device = tables_device
+    if factorized:  # the collection built below only sizes the arch; the stored one replaces it
+        tables_device = torch.device("meta")
     if arch in ("deepfm", "wide_deep"):
+        if factorized:
+            raise ValueError(f"model.arch={arch}: factorized tables are for dlrm / dlrm_dcnv2 only")
         ctr = build_ctr(
             arch=arch,
             fields=embedding_bag_configs(tables, table_data_type),
@@ -178,6 +191,15 @@ def build_model(
     else:
         raise ValueError(
             f"model.arch={arch!r} is not known; use dlrm, dlrm_dcnv2, deepfm or wide_deep"
+        )
+    if factorized:
+        # Low-rank / QR / mixed-width tables: the stored collection and the steps
+        # around it replace the sparse arch (trainer/models/factorized.py).
+        dlrm.sparse_arch = FactorizedSparseArch(
+            specs,
+            data_type=table_data_type,
+            device=device,
+            tables_device=stored_device,
         )
     dlrm.num_dense = num_dense  # the batches' dense width (the bottom MLP's is >= 1)
     if num_dense == 0:  # the same module (no second init, same state dict), fed a constant

@@ -27,6 +27,8 @@ from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
+from sharding.collision import ManagedCollisionSharderAnyDevice
+
 _CPU_EXTRA = (
     ShardingType.ROW_WISE.value,
     ShardingType.TABLE_ROW_WISE.value,
@@ -56,9 +58,15 @@ def auto_sharding_types(compute_device_type: str) -> list[str]:
 def embedding_sharders(
     *, fused_params: dict[str, Any] | None = None, qcomm_codecs_registry: Any = None
 ) -> list[ModuleSharder[nn.Module]]:
-    """The sharders DistributedModelParallel and the planner use."""
-    return [
-        EmbeddingBagCollectionSharderAnyDevice(
+    """The sharders DistributedModelParallel and the planner use (the second shards a
+    managed-collision collection, row-wise only, with the first for its tables)."""
+    ebc = EmbeddingBagCollectionSharderAnyDevice(
+        fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
+    )
+    managed = ManagedCollisionSharderAnyDevice(
+        ebc_sharder=EmbeddingBagCollectionSharderAnyDevice(
             fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry
-        )
-    ]
+        ),
+        qcomm_codecs_registry=qcomm_codecs_registry,
+    )
+    return [ebc, managed]

@@ -19,6 +19,7 @@ from compression.converter import Converters
 from trainer.config.schema import ModelConfig
 from trainer.config.tables import RunTables
 from trainer.models import build_model
+from trainer.models.collision import id_management
 
 
 def build_unsharded(
@@ -40,6 +41,7 @@ def build_unsharded(
         dcn_low_rank_dim=model.dcn_low_rank_dim,
         device=device,
         table_data_type=table_data_type,
+        id_management=id_management(model),
     )
 
 

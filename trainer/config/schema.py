@@ -39,6 +39,8 @@ def _choices(name: str, values: Sequence[str]) -> type[StrEnum]:
 
 Arch = _choices("Arch", ("dlrm", "dlrm_dcnv2", "deepfm", "wide_deep"))
 Pooling = _choices("Pooling", ("sum", "mean"))
+IdManagementName = _choices("IdManagementName", ("direct", "hash", "managed_collision"))
+Eviction = _choices("Eviction", ("lru", "lfu"))
 # The strategy names are the sharding package's (the only place they are defined).
 Strategy = _choices("Strategy", PLANNER_STRATEGIES)
 ComputeKernel = _choices("ComputeKernel", ("fused", "dense", "fused_uvm_caching"))
@@ -100,6 +102,17 @@ class ModelConfig:
     pooling: Pooling = Pooling.sum
     # Empty: one table per categorical feature of the data source, sized by it.
     tables: list[TableConfig] = field(default_factory=list)
+    # How raw ids reach rows (trainer/models/collision.py): direct (a row per id), hash
+    # (id % rows) or managed_collision (torchrec MCH remap with eviction); the last two
+    # keep at most mc_zch_size rows per table (0: the source's rows) and shard row-wise.
+    id_management: IdManagementName = IdManagementName.direct
+    mc_zch_size: int = 0
+    mc_eviction: Eviction = Eviction.lru
+    mc_eviction_interval: int = 1
+    # Admission: an id enters only if seen more than this often in an eviction interval.
+    mc_admit_min_count: int = 0
+    # Raw ids are < this (0: each table's source rows); sharding cuts this range in blocks.
+    mc_input_hash_size: int = 0
 
 
 @dataclass

@@ -32,6 +32,7 @@ from trainer.config.schema import (
 )
 from trainer.config.tables import run_tables, student_arch, wide_tables
 from trainer.config.validate_compression import validate_distill, validate_prune, validate_qat
+from trainer.config.validate_ids import validate_id_management
 from trainer.config.validate_online import validate_online
 from trainer.data import DataSource, make_source
 from trainer.data.source import FeatureSpec
@@ -163,6 +164,7 @@ def validate(
     _validate_student_arch(cfg)
     validate_distill(cfg)
     validate_prune(cfg)
+    validate_id_management(cfg)
     # With distill=online, the student's own tables too (s_t_cat_0, ...).
     _validate_sharding(cfg, tables.trained, world_size, local_world_size or world_size)
     try:  # sharding.replicas: a count dividing the world, or auto
@@ -170,7 +172,8 @@ def validate(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     validate_qat(cfg, tables.trained)
-    if s.strategy in ("row_wise", "column_wise") and world_size < 2:
+    managed = cfg.model.id_management != "direct"  # row_wise on one rank too
+    if s.strategy in ("row_wise", "column_wise") and world_size < 2 and not managed:
         raise ConfigError(
             f"sharding.strategy={s.strategy} splits tables across ranks and needs "
             f"world_size > 1 (got {world_size}); launch with "

@@ -26,9 +26,9 @@ from typing import Any, Protocol
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DenseArch, DLRMTrain, SparseArch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from trainer.models.collision import IdManagement, id_managed_collection
 from trainer.models.ctr import build_ctr
 from trainer.models.interaction import FlatInteractionArch
 
@@ -137,6 +137,7 @@ def build_model(
     dcn_low_rank_dim: int = 64,
     table_data_type: DataType = DataType.FP32,
     tables_device: torch.device | None = None,
+    id_management: IdManagement | None = None,
 ) -> DLRMTrain:
     """A DLRM (``arch="dlrm"``), DLRM-DCNv2 (``"dlrm_dcnv2"``), DeepFM (``"deepfm"``)
     or Wide&Deep (``"wide_deep"``, see ctr.py) wrapped with its loss.
@@ -147,6 +148,7 @@ def build_model(
     ``num_dense=0``: the bottom MLP takes one constant input (the batches' dense
     tensor is ``[B, 0]``), see :class:`ConstantWhenEmptyDenseArch`.
     ``tables_device``: where the embedding tables live, if not on ``device``.
+    ``id_management``: hashing or managed collision in front of the tables (collision.py).
     """
     if num_dense < 0:
         raise ValueError(f"num_dense={num_dense} must be >= 0")
@@ -170,8 +172,10 @@ def build_model(
             data_type=table_data_type,
         )
         return DLRMTrain(ctr)  # torchrec's wrapper only calls model(dense, sparse)
-    ebc = EmbeddingBagCollection(
-        tables=embedding_bag_configs(tables, table_data_type), device=tables_device or device
+    ebc = id_managed_collection(
+        embedding_bag_configs(tables, table_data_type),
+        id_management,
+        device=tables_device or device,
     )
     common = dict(
         embedding_bag_collection=ebc,

@@ -85,6 +85,12 @@ class PreparedDataConfig:
     mapping: Mapping = Mapping.hash
     # vocab: ids seen fewer times share the out-of-vocabulary row.
     min_count: int = 3
+    # A partition (a day, an hour) of a partitioned dataset: prepare writes
+    # dir/partitions/<partition>/ and appends it to dir/manifest.json, extending
+    # the vocabulary (mapping=vocab) without renumbering an id that has a row;
+    # tables then have table_rows rows in every partition (trainer.data.partitions).
+    # "": the whole dataset in dir.
+    partition: str = ""
     # Rows per table: one value for every feature or one per feature. hash: the
     # table size; vocab: the most rows a table gets (0: as many as ids kept).
     table_rows: list[int] = field(default_factory=lambda: [MAX_DEFAULT_ROWS])

@@ -104,6 +104,12 @@ class ShardMetadata:
     def read(cls, directory: Path) -> ShardMetadata:
         """Raises FileNotFoundError / ValueError naming the file and the fix."""
         path = directory / METADATA_FILE
+        if not path.is_file() and (directory / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f"{directory} is a partitioned dataset (manifest.json, trainer.data.partitions): "
+                "train on its partitions as they come with online.follow=true, or on one with "
+                f"data.dir={directory}/partitions/<name>"
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: data.dir must be a directory written by "

@@ -58,6 +58,10 @@ class PrepareResult:
 def prepare(cfg: PreparedDataConfig, *, progress: bool = True) -> PrepareResult:
     """Prepares ``cfg.raw`` (and ``cfg.eval_raw``) into ``cfg.dir``; see the module docstring."""
     _check_settings(cfg)
+    if cfg.partition:  # one partition of a partitioned dataset, appended
+        from trainer.prepare.partitions import prepare_partition
+
+        return prepare_partition(cfg, progress=progress)
     directory = Path(cfg.dir).expanduser()
     inputs = _inputs(cfg)
     fingerprint = settings_fingerprint(cfg, inputs)
@@ -126,15 +130,17 @@ def _inputs(cfg: PreparedDataConfig) -> list[dict]:
     return out
 
 
-def _run_pipeline(cfg: PreparedDataConfig, work: Path, *, progress: bool) -> PipelineOutput:
+def _run_pipeline(
+    cfg: PreparedDataConfig, work: Path, *, progress: bool, base_vocab: Path | None = None
+) -> PipelineOutput:
     if isinstance(cfg, CriteoDataConfig):
         from trainer.prepare.criteo import prepare_criteo
 
-        return prepare_criteo(cfg, work=work, progress=progress)
+        return prepare_criteo(cfg, work=work, progress=progress, base_vocab=base_vocab)
     if isinstance(cfg, TableDataConfig):
         from trainer.prepare.table import prepare_table
 
-        return prepare_table(cfg, work=work, progress=progress)
+        return prepare_table(cfg, work=work, progress=progress, base_vocab=base_vocab)
     raise PrepareError(f"data={cfg.name} is not prepared data; use data=criteo or data=table")
 
 

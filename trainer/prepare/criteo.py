@@ -58,8 +58,11 @@ class CriteoTask:
     chunk_bytes: int = 16 << 20
 
 
-def prepare_criteo(cfg: CriteoDataConfig, *, work: Path, progress: bool) -> PipelineOutput:
-    """Parses ``cfg.raw`` (and ``cfg.eval_raw``) into parts under ``work``."""
+def prepare_criteo(
+    cfg: CriteoDataConfig, *, work: Path, progress: bool, base_vocab: Path | None = None
+) -> PipelineOutput:
+    """Parses ``cfg.raw`` (and ``cfg.eval_raw``) into parts under ``work``; ``base_vocab``:
+    the previous partition's directory, whose vocabularies this one extends."""
     rows = per_feature(list(cfg.table_rows), CAT_NAMES, "data.table_rows")
     if cfg.mapping == Mapping.hash and min(rows) < 2:
         raise PrepareError("data.table_rows: mapping=hash needs at least 2 rows per table")
@@ -87,7 +90,15 @@ def prepare_criteo(cfg: CriteoDataConfig, *, work: Path, progress: bool) -> Pipe
             desc="criteo: counting ids",
             progress=progress,
         )
-        rows = write_vocabularies(work, CAT_NAMES, counts, min_count=cfg.min_count, max_rows=rows)
+        rows = write_vocabularies(
+            work,
+            CAT_NAMES,
+            counts,
+            min_count=cfg.min_count,
+            max_rows=rows,
+            base=base_vocab,
+            fixed_rows=bool(cfg.partition),
+        )
         vocab_dir = str(work)
     for i, task in enumerate(tasks):
         task.work = str(work / "ranges" / f"{i:05d}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data.source import FeatureSpec
-from trainer.data.vocab import IdCounter
+from trainer.data.vocab import FIRST_VOCAB_ROW, IdCounter
 from trainer.prepare.common import BadRowLog, TaskOutput, merge_bad_rows
 from trainer.prepare.writer import DenseMoments, PartResult
 
@@ -36,18 +36,45 @@ def write_vocabularies(
     *,
     min_count: int,
     max_rows: list[int],
+    base: Path | None = None,
+    fixed_rows: bool = False,
 ) -> list[int]:
-    """Merges the tasks' id counts, writes one vocabulary per feature; returns table rows."""
+    """Merges the tasks' id counts, writes one vocabulary per feature; returns table rows.
+
+    ``base``: a directory holding the previous partition's vocabularies, extended
+    (:func:`extend_vocabulary`), never renumbered. ``fixed_rows`` (a partition):
+    a table has ``max_rows`` rows whatever its vocabulary holds (0: as many as kept),
+    so that every partition's tables have the same size."""
     (work / VOCAB_DIR).mkdir(parents=True, exist_ok=True)
     rows = []
     for f, feature in enumerate(features):
         counter = IdCounter()
         for counts in task_counts:
             counter.add(*counts[f])
-        kept = counter.vocabulary(min_count=min_count, max_rows=max_rows[f])
+        if base is None:
+            kept = counter.vocabulary(min_count=min_count, max_rows=max_rows[f])
+        else:
+            old = np.load(vocab_path(base, feature))
+            kept = extend_vocabulary(old, counter, min_count=min_count, max_rows=max_rows[f])
         np.save(vocab_path(work, feature), kept)
-        rows.append(int(kept.size) + 2)
+        rows.append(max_rows[f] if fixed_rows and max_rows[f] > 0 else int(kept.size) + 2)
     return rows
+
+
+def extend_vocabulary(
+    old: np.ndarray, counter: IdCounter, *, min_count: int, max_rows: int
+) -> np.ndarray:
+    """``old`` (ids in row order) then the counted ids not in it that reached
+    ``min_count``, most frequent first (ties by id), while ``max_rows`` (> 0) has room.
+
+    An id of ``old`` keeps its row even if this partition never saw it."""
+    ids, counts = counter.totals()
+    keep = (counts >= min_count) & ~np.isin(ids, old)
+    ids, counts = ids[keep], counts[keep]
+    order = np.lexsort((ids, -counts))
+    if max_rows > 0:
+        order = order[: max(max_rows - FIRST_VOCAB_ROW - old.size, 0)]
+    return np.concatenate([old.astype(np.uint64), ids[order]])
 
 
 @dataclass

@@ -64,7 +64,11 @@ class TableTask:
     skip: bool = False
 
 
-def prepare_table(cfg: TableDataConfig, *, work: Path, progress: bool) -> PipelineOutput:
+def prepare_table(
+    cfg: TableDataConfig, *, work: Path, progress: bool, base_vocab: Path | None = None
+) -> PipelineOutput:
+    """Reads ``cfg.raw`` into parts under ``work``; ``base_vocab``: the previous
+    partition's directory, whose vocabularies this one extends."""
     spec = TableSpec.from_config(cfg)
     if not spec.label:
         raise PrepareError("data.label is not set: name the label column (data.label=clicked)")
@@ -96,7 +100,13 @@ def prepare_table(cfg: TableDataConfig, *, work: Path, progress: bool) -> Pipeli
     if cfg.mapping == Mapping.vocab and hashed:
         counts = _run(_count_ids, [t for t in tasks if t.split == "train"], num_workers, progress)
         sizes = write_vocabularies(
-            work, hashed, counts, min_count=cfg.min_count, max_rows=[rows[n] for n in hashed]
+            work,
+            hashed,
+            counts,
+            min_count=cfg.min_count,
+            max_rows=[rows[n] for n in hashed],
+            base=base_vocab,
+            fixed_rows=bool(cfg.partition),
         )
         rows = dict(zip(hashed, sizes))
         vocab_dir = str(work)

@@ -320,6 +320,15 @@ class OnlineConfig:
     publish_every_steps: int = 0
     # Keep the newest K published versions (never the one LATEST names).
     publish_keep: int = 3
+    # Follow mode (trainer/online/follow.py): train the partitions of data.dir (a
+    # partitioned dataset, trainer/data/partitions.py) in order, each as it arrives.
+    follow: bool = False
+    # Steps per partition (0: one pass over its train rows at the global batch).
+    follow_steps: int = 0
+    # Seconds between looks at data.dir/manifest.json for a new partition.
+    poll_s: float = 30.0
+    # Stop (exit 0) after this many seconds with no new partition (0: never).
+    idle_timeout_s: float = 3600.0
 
 
 @dataclass

@@ -10,6 +10,10 @@ The order, and why:
    post-training quantization when QAT is off);
 3. **dense QAT** -- parametrizes the Linears DDP holds, after sharding; served
    as int8 weight-only Linears (swapped before the tables are quantized);
+3b. **low-rank dense** (``lowrank_dense.mode``) -- ``wrap_model`` factorizes the
+   meta model's MLP Linears before planning (the factors are nn.Linears, so dense
+   QAT covers them); after dense QAT in the list, so first in ``to_serving``:
+   the kept factors are cut out before dense QAT quantizes them;
 4. **loss scaling** (fp16) -- outermost: it wraps the optimizer the others
    produced and scales the loss the autocast forward returns.
 
@@ -45,6 +49,7 @@ from compression.converter import Converter, Converters
 from compression.dense_qat import DenseQAT
 from compression.distill import DistillConverter
 from compression.grad_scale import LossScaling
+from compression.lowrank_dense import LowRankDense
 from compression.precision import PrecisionConverter, resolve_precision
 from compression.prune import prune_converters
 from compression.table_qat import TableQAT
@@ -92,6 +97,8 @@ def build_converters(
     ]
     if cfg.qat.dense_bits:
         converters.append(DenseQAT())
+    if cfg.lowrank_dense.mode != "none":
+        converters.append(_lowrank_dense(cfg))
     if precision.loss_scaling:
         converters.append(LossScaling(init_scale=cfg.precision.loss_scale))
     if cfg.distill.name != "none":
@@ -125,4 +132,15 @@ def _distill_converter(cfg: Config, tables: Sequence[TableConfig]) -> DistillCon
             "student_embedding_dim": d.embedding_dim,
             "freeze_teacher": d.freeze_teacher,
         },
+    )
+
+
+def _lowrank_dense(cfg: Config) -> LowRankDense:
+    d = cfg.lowrank_dense
+    return LowRankDense(
+        mode=str(d.mode),
+        rank=d.rank,
+        fraction=d.fraction,
+        energy=d.energy,
+        start_step=d.start_step,
     )

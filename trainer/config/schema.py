@@ -23,6 +23,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from compression.lowrank_dense import MODES as LOWRANK_DENSE_MODES
 from compression.precision import PRECISIONS
 from compression.row_range import RANGES
 from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
@@ -56,6 +57,7 @@ LoggerName = _choices("LoggerName", LOGGER_NAMES)
 WandbMode = _choices("WandbMode", WANDB_MODES)
 OnNonfinite = _choices("OnNonfinite", ("stop", "skip"))
 OnCheckpointError = _choices("OnCheckpointError", ("stop", "warn"))
+LowRankDenseMode = _choices("LowRankDenseMode", LOWRANK_DENSE_MODES)
 
 STRATEGIES = tuple(Strategy)
 
@@ -253,6 +255,23 @@ class PruneConfig:
 
 
 @dataclass
+class LowRankDenseConfig:
+    """Low-rank dense layers (compression/lowrank_dense.py): the dense and over MLP
+    Linears as ``U V``; not the tables, not DCNv2's cross layers (model.dcn_low_rank_dim)."""
+
+    # none | from_start (factors trained from a random init) | svd (each trained Linear
+    # replaced by its truncated SVD at start_step, then fine-tuned).
+    mode: LowRankDenseMode = LowRankDenseMode.none
+    # How much each Linear keeps, one of: rank (capped per layer), fraction (of each
+    # layer's weights: 0.25 keeps about a quarter), energy (svd only: the share of the
+    # squared singular values kept, per layer).
+    rank: int = 0
+    fraction: float = 0.0
+    energy: float = 0.0
+    start_step: int = 0
+
+
+@dataclass
 class OptimConfig:
     # Tables: FBGEMM's fused exact row-wise Adagrad, applied inside backward.
     embedding_lr: float = 0.05
@@ -350,6 +369,7 @@ class Config:
     qat: QATConfig = field(default_factory=QATConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    lowrank_dense: LowRankDenseConfig = field(default_factory=LowRankDenseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)

@@ -31,7 +31,12 @@ from trainer.config.schema import (
     TableConfig,
 )
 from trainer.config.tables import run_tables, student_arch, wide_tables
-from trainer.config.validate_compression import validate_distill, validate_prune, validate_qat
+from trainer.config.validate_compression import (
+    validate_distill,
+    validate_lowrank_dense,
+    validate_prune,
+    validate_qat,
+)
 from trainer.config.validate_ids import validate_id_management
 from trainer.config.validate_online import validate_online
 from trainer.data import DataSource, make_source
@@ -164,6 +169,7 @@ def validate(
     _validate_student_arch(cfg)
     validate_distill(cfg)
     validate_prune(cfg)
+    validate_lowrank_dense(cfg)
     validate_id_management(cfg)
     # With distill=online, the student's own tables too (s_t_cat_0, ...).
     _validate_sharding(cfg, tables.trained, world_size, local_world_size or world_size)

@@ -93,6 +93,44 @@ def validate_prune(cfg: Config) -> None:
         )
 
 
+def validate_lowrank_dense(cfg: Config) -> None:
+    d = cfg.lowrank_dense
+    if d.mode == "none":
+        return
+    given = [k for k, v in (("rank", d.rank), ("fraction", d.fraction), ("energy", d.energy)) if v]
+    check(
+        len(given) == 1,
+        f"lowrank_dense.mode={d.mode} needs exactly one of lowrank_dense.rank, "
+        f"lowrank_dense.fraction, lowrank_dense.energy (> 0); got {given or 'none'}",
+    )
+    check(d.rank >= 0, f"lowrank_dense.rank={d.rank} must be >= 0 (0: not by rank)")
+    check(0 <= d.fraction < 1, f"lowrank_dense.fraction={d.fraction} must be in [0, 1)")
+    check(0 <= d.energy <= 1, f"lowrank_dense.energy={d.energy} must be in [0, 1]")
+    check(
+        not (d.energy and d.mode != "svd"),
+        "lowrank_dense.energy keeps singular values of trained weights; add "
+        "lowrank_dense.mode=svd (or give lowrank_dense.rank / fraction)",
+    )
+    check(
+        d.mode == "svd" or d.start_step == 0,
+        f"lowrank_dense.start_step={d.start_step} has no effect with mode=from_start",
+    )
+    check(
+        0 <= d.start_step < max(cfg.trainer.num_steps, 1),
+        f"lowrank_dense.start_step={d.start_step} must be in [0, trainer.num_steps="
+        f"{cfg.trainer.num_steps}): the step the SVD replaces the dense Linears",
+    )
+    check(
+        cfg.model.arch in ("dlrm", "dlrm_dcnv2"),
+        f"lowrank_dense with model.arch={cfg.model.arch}: only the DLRM dense/over MLPs "
+        "are factorized; use model=dlrm or model=dlrm_dcnv2",
+    )
+    check(
+        cfg.distill.name == "none",
+        "lowrank_dense with distill=online is not supported yet; use one of them",
+    )
+
+
 def validate_qat(cfg: Config, tables: Sequence[Any]) -> None:
     names = [t.name for t in tables]
     check(

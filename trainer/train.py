@@ -25,6 +25,7 @@ from typing import Any
 from trainer.config.schema import Config
 from trainer.export.step import export_step
 from trainer.online.days import walk
+from trainer.online.follow import follow
 from trainer.session import session
 
 
@@ -41,6 +42,8 @@ def train(
     """
     if cfg.online.days:  # the day walk: evaluate, then train, day after day
         return walk(cfg, run_dir=run_dir)
+    if cfg.online.follow:  # train a dataset's partitions as they arrive
+        return follow(cfg, run_dir=run_dir)
     with session(cfg, run_dir=run_dir, on_eval=on_eval) as s:
         s.resume()
         summary = s.trainer.fit(extra=s.extra())

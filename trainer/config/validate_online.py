@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from trainer.config.checks import check, positive
 from trainer.config.schema import Config
+from trainer.config.validate_follow import validate_follow
 from trainer.data.synthetic_config import SyntheticDataConfig
 
 
 def validate_online(cfg: Config) -> None:
     """``online.days`` needs the drifting synthetic stream with at least that many days."""
     o = cfg.online
+    validate_follow(cfg)  # online.follow: trainer/online/follow.py
     check(o.days >= 0, f"online.days={o.days} must be >= 0 (0: no day walk)")
     if not o.days:
         return

@@ -155,6 +155,41 @@ def stored_configs(
     return configs
 
 
+def _split_ids(
+    buckets: dict[str, int], keys: Sequence[str], ids: Tensor, lengths: Tensor
+) -> tuple[Tensor, Tensor]:
+    m = torch.tensor([buckets.get(k, 1) for k in keys], dtype=ids.dtype, device=ids.device)
+    per_bag = m.view(-1, 1).expand(len(keys), lengths.shape[0] // len(keys))
+    per_id = per_bag.reshape(-1).repeat_interleave(lengths, output_size=ids.shape[0])
+    return torch.cat([ids // per_id, ids % per_id]), torch.cat([lengths, lengths])
+
+
+def _lookup_keys(buckets: dict[str, int], keys: Sequence[str]) -> list[str]:
+    first = [k + QUOTIENT if k in buckets else k for k in keys]
+    return first + [k + REMAINDER for k in keys]
+
+
+def split_qr_kjt(kjt: KeyedJaggedTensor, buckets: tuple[tuple[str, int], ...]) -> KeyedJaggedTensor:
+    """The lookup's KJT for QR ``buckets`` ((feature, m) pairs), see the module docstring.
+
+    A leaf for torch.fx (``torch.fx.wrap``): torchrec's train pipeline traces the
+    model and cannot trace into a KJT's keys.
+    """
+    by_key = dict(buckets)
+    ids, lengths = _split_ids(by_key, kjt.keys(), kjt.values(), kjt.lengths())
+    per_key = kjt.length_per_key_or_none()  # reused if torchrec already computed it
+    return KeyedJaggedTensor(
+        keys=_lookup_keys(by_key, kjt.keys()),
+        values=ids,
+        lengths=lengths,
+        stride=kjt.stride(),
+        length_per_key=None if per_key is None else per_key + per_key,
+    )
+
+
+torch.fx.wrap("split_qr_kjt")
+
+
 class Factorized(nn.Module):
     """The steps around the lookup of factorized tables (module docstring).
 
@@ -182,34 +217,20 @@ class Factorized(nn.Module):
 
     def lookup_keys(self, keys: Sequence[str]) -> list[str]:
         """The lookup KJT's keys for input ``keys`` (input unchanged without QR)."""
-        if not self.any_qr:
-            return list(keys)
-        first = [k + QUOTIENT if k in self.buckets else k for k in keys]
-        return first + [k + REMAINDER for k in keys]
+        return _lookup_keys(self.buckets, keys) if self.any_qr else list(keys)
 
     def split_ids(self, keys: Sequence[str], ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """``(ids, lengths)`` of the lookup's KJT (keys :meth:`lookup_keys`) from the
         input's (feature-major, ``len(keys) * B`` lengths); on device, no host sync."""
         if not self.any_qr:
             return ids, lengths
-        m = torch.tensor([self.buckets.get(k, 1) for k in keys], dtype=ids.dtype)
-        per_bag = m.to(ids.device).view(-1, 1).expand(len(keys), lengths.shape[0] // len(keys))
-        per_id = per_bag.reshape(-1).repeat_interleave(lengths, output_size=ids.shape[0])
-        return torch.cat([ids // per_id, ids % per_id]), torch.cat([lengths, lengths])
+        return _split_ids(self.buckets, keys, ids, lengths)
 
     def split_kjt(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The lookup's KJT (module docstring); ``kjt`` itself without QR tables."""
         if not self.any_qr:
             return kjt
-        ids, lengths = self.split_ids(kjt.keys(), kjt.values(), kjt.lengths())
-        per_key = kjt.length_per_key_or_none()  # reused if torchrec already computed it
-        return KeyedJaggedTensor(
-            keys=self.lookup_keys(kjt.keys()),
-            values=ids,
-            lengths=lengths,
-            stride=kjt.stride(),
-            length_per_key=None if per_key is None else per_key + per_key,
-        )
+        return split_qr_kjt(kjt, tuple(self.buckets.items()))
 
     def combine(self, pooled: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each model feature's ``[B, dim]`` vector from the stored features' pooled ones."""

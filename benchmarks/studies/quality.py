@@ -143,6 +143,25 @@ def run_study(out: Path, ds_list: list[Dataset], names: list[str]) -> list[dict[
     return rows
 
 
+def reuse_fits(out: Path, defaults_csv: Path, names: list[str]) -> None:
+    """``lr_fit`` rows from the defaults study's CSV (the same rows, features and C grid).
+
+    scikit-learn's fit is the slowest baseline by far on the wide sets; the defaults
+    study (benchmarks/studies/defaults.py) has computed it for seed 0 already.
+    """
+    path = out / "quality.csv"
+    have = {(r["dataset"], r["system"]) for r in read_csv(path)}
+    for r in read_csv(defaults_csv):
+        if r["seed"] != "0" or not r["lr_auc"] or r["dataset"] not in names:
+            continue
+        if (r["dataset"], "lr_fit") not in have:
+            have.add((r["dataset"], "lr_fit"))
+            row = {"dataset": r["dataset"], "system": "lr_fit", "steps": r["steps"]}
+            row |= {"batch_size": r["batch_size"], "auc": r["lr_auc"], "logloss": ""}
+            row |= {"note": f"C={float(r['lr_c']):g}; defaults study", "seconds": ""}
+            append_row(path, {**row, "oracle_auc": r["oracle_auc"]}, FIELDS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="quality.csv/.md go here")
@@ -151,6 +170,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="shardrec's settings")
     parser.add_argument("--only", help="comma-separated system names (default: all)")
     parser.add_argument("--movielens", type=Path, help="a folder with ml-100k.inter/.user/.item")
+    parser.add_argument("--fits-from", type=Path, help="lr_fit rows from a defaults.csv")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -165,6 +185,9 @@ def main() -> None:
     ds_list = list(
         datasets(args.work or args.out / "data", args.datasets.split(","), args.movielens)
     )
+    if args.fits_from:
+        args.out.mkdir(parents=True, exist_ok=True)
+        reuse_fits(args.out, args.fits_from, [ds.name for ds in ds_list])
     rows = run_study(args.out, ds_list, names)
     (args.out / "quality.md").write_text(markdown(rows))
     print(markdown(rows))

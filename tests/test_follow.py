@@ -1,0 +1,179 @@
+"""Follow mode (trainer/online/follow.py): a job that trains partitions as they arrive,
+killed mid-partition, resumed: exactly the partitions and figures of an unbroken job.
+
+A real ``python -m trainer online.follow=true`` process starts on a dataset
+with one Criteo day; the test appends day 1 once day 0's end is checkpointed
+(the job is then polling), and the job SIGKILLs itself after step 14 (fault
+injection: a real SIGKILL), halfway through day 1 (checkpoints every 4 steps:
+step 12). Day 2 arrives; the same job again (``trainer.resume=auto``) goes on
+from step 12, trains the rest of day 1, then day 2, and stops when idle. An
+unbroken job over the three days gives the same records (partition, step,
+next-partition AUC), the same summary and the same final parameters, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.conftest import CONF_DIR, REPO
+from tests.test_partitions import day_lines
+from tests.test_prepare_criteo import write_tsv
+from trainer.config.run_dir import register_resolvers
+from trainer.config.schema import Config, ConfigError, register_configs, to_config
+from trainer.data.data_configs import CriteoDataConfig
+from trainer.online.follow import FOLLOW_FILE
+from trainer.prepare import prepare
+from trainer.train import train
+
+STEPS = 8  # per partition
+KILL_AT = 14  # day 1 trains steps 8-16; the last checkpoint before the kill is step 12
+RUN = [
+    "data=criteo",
+    "online.follow=true",
+    f"online.follow_steps={STEPS}",
+    "online.poll_s=0.2",
+    "optim.dense_lr_schedule=constant",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=128",
+    f"trainer.eval_every_steps={STEPS}",
+    "trainer.checkpoint_every_steps=4",
+    "trainer.async_checkpoint=false",
+    "trainer.progress_bar=false",
+    "trainer.plot=false",
+    "trainer.num_threads=1",
+    "model.embedding_dim=4",
+    "model.dense_arch_layer_sizes=[8,4]",
+    "model.over_arch_layer_sizes=[8,1]",
+]
+
+
+def add_day(dataset: Path, day: int) -> None:
+    raw = write_tsv(
+        dataset.parent / f"day_{day}", day_lines(300, low=10 * day, high=10 * day + 30, seed=day)
+    )
+    prepare(
+        CriteoDataConfig(
+            raw=[str(raw)],
+            dir=str(dataset),
+            partition=f"day_{day}",
+            mapping="vocab",
+            min_count=1,
+            table_rows=[48],
+            eval_fraction=0.1,
+            num_workers=1,
+        ),
+        progress=False,
+    )
+
+
+def _cfg(dataset: Path, *overrides: str) -> Config:
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[*RUN, f"data.dir={dataset}", *overrides])
+            return to_config(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / FOLLOW_FILE).read_text().splitlines() if x]
+
+
+def tensors(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The model entries of a DCP checkpoint, full size."""
+    dcp_to_torch_save(checkpoint, out)
+    return {k: v for k, v in torch.load(out)["model"].items() if isinstance(v, torch.Tensor)}
+
+
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {path} after {timeout_s}s"
+        time.sleep(0.2)
+
+
+def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path) -> None:
+    dataset = tmp_path / "days"
+    add_day(dataset, 0)
+    killed = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trainer",
+                *RUN,
+                f"data.dir={dataset}",
+                "online.idle_timeout_s=120",
+                f"hydra.run.dir={killed}",
+            ],
+            cwd=REPO,
+            env={
+                **os.environ,
+                "SHARDREC_FAULT_KILL_AT_STEP": str(KILL_AT),
+                "SHARDREC_FAULT_RANK": "0",
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(killed / "checkpoints" / f"step_{STEPS}", proc, log)  # day 0 done
+            add_day(dataset, 1)  # arrives while the job polls
+            assert proc.wait(timeout=240) == -signal.SIGKILL, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert [r["partition"] for r in records(killed)] == ["day_0", "day_1"]
+    saved = [int(p.name.split("_")[1]) for p in (killed / "checkpoints").glob("step_*")]
+    assert max(saved) == 12  # mid day 1: the resume redoes steps 13-14
+    add_day(dataset, 2)
+    resumed = train(_cfg(dataset, "online.idle_timeout_s=1"), run_dir=killed)
+    unbroken_dir = tmp_path / "unbroken"
+    unbroken = train(_cfg(dataset, "online.idle_timeout_s=1"), run_dir=unbroken_dir)
+
+    for summary in (resumed, unbroken):
+        assert summary["partitions"] == ["day_0", "day_1", "day_2"]
+        assert summary["steps"] == 3 * STEPS and summary["stopped"] == "idle"
+    got, want = records(killed), records(unbroken_dir)
+    assert [(r["partition"], r["step"], r["steps"]) for r in got] == [
+        ("day_0", 0, STEPS),
+        ("day_1", STEPS, STEPS),
+        ("day_2", 2 * STEPS, STEPS),
+    ]
+    assert got == want  # the same next-partition figures, bit for bit
+    for key in ("auc", "logloss", "last_partition_auc", "final_train_loss"):
+        assert resumed[key] == unbroken[key], key
+    final = f"step_{3 * STEPS}"
+    a = tensors(killed / "checkpoints" / final, tmp_path / "a.pt")
+    b = tensors(unbroken_dir / "checkpoints" / final, tmp_path / "b.pt")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # Nothing new: the job resumes at its end, trains nothing and stops when idle.
+    again = train(_cfg(dataset, "online.idle_timeout_s=0.5"), run_dir=unbroken_dir)
+    assert again["steps"] == 3 * STEPS and again["partitions"] == unbroken["partitions"]
+    assert records(unbroken_dir) == want
+
+
+def test_follow_settings_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="optim.dense_lr_schedule=constant"):
+        train(_cfg(tmp_path, "optim.dense_lr_schedule=cosine"), run_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="no partition in"):
+        train(_cfg(tmp_path / "empty", "online.idle_timeout_s=0.3"), run_dir=tmp_path / "r")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.builder.budget import apply_budget
 from trainer.config.schema import Config
 from trainer.export.step import export_step
 from trainer.online.days import walk
@@ -40,6 +41,8 @@ def train(
     ``on_eval``: the loop's hook after each intermediate eval (``Trainer``); a
     search's pruning (trainer/search.py) ends a trial early through it.
     """
+    if cfg.budget.ratio:  # the size budget chooses each table's form first
+        cfg = apply_budget(cfg, run_dir=run_dir)
     if cfg.online.days:  # the day walk: evaluate, then train, day after day
         return walk(cfg, run_dir=run_dir)
     if cfg.online.follow:  # train a dataset's partitions as they arrive

@@ -272,6 +272,20 @@ class LowRankDenseConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """The size budget (trainer/builder/budget.py, compression/budget.py): each table's
+    bits, rank or QR split chosen from measured sensitivity to fit the budget."""
+
+    # Served table bytes as a share of the fp32 table bytes (0.05: 1/20); 0: off.
+    ratio: float = 0.0
+    # The in-process probe run that the sensitivity is measured on, and its eval batches.
+    probe_steps: int = 300
+    eval_batches: int = 2
+    # Tables with fewer rows are only offered int8 / int4 / int2 (no rank, no QR).
+    min_rows: int = 1000
+
+
+@dataclass
 class OptimConfig:
     # Tables: FBGEMM's fused exact row-wise Adagrad, applied inside backward.
     embedding_lr: float = 0.05
@@ -370,6 +384,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     lowrank_dense: LowRankDenseConfig = field(default_factory=LowRankDenseConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainConfig = field(default_factory=TrainConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)

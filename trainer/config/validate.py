@@ -32,6 +32,7 @@ from trainer.config.schema import (
 )
 from trainer.config.tables import run_tables, student_arch, wide_tables
 from trainer.config.validate_compression import (
+    validate_budget,
     validate_distill,
     validate_lowrank_dense,
     validate_prune,
@@ -170,6 +171,7 @@ def validate(
     validate_distill(cfg)
     validate_prune(cfg)
     validate_lowrank_dense(cfg)
+    validate_budget(cfg)
     validate_id_management(cfg)
     # With distill=online, the student's own tables too (s_t_cat_0, ...).
     _validate_sharding(cfg, tables.trained, world_size, local_world_size or world_size)

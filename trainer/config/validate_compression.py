@@ -131,6 +131,19 @@ def validate_lowrank_dense(cfg: Config) -> None:
     )
 
 
+def validate_budget(cfg: Config) -> None:
+    b = cfg.budget
+    if not b.ratio:
+        return
+    check(0 < b.ratio < 1, f"budget.ratio={b.ratio}: a share of the fp32 table bytes in (0, 1)")
+    positive("budget.probe_steps", b.probe_steps)
+    positive("budget.eval_batches", b.eval_batches)
+    check(
+        cfg.distill.name == "none",
+        "budget.ratio with distill=online is not supported yet; use one of them",
+    )
+
+
 def validate_qat(cfg: Config, tables: Sequence[Any]) -> None:
     names = [t.name for t in tables]
     check(

@@ -4,9 +4,9 @@
 table, how it is stored and served before it trains:
 
 1. a short **probe**: the configured model, unsharded, fp32, trained in this
-   process for ``budget.probe_steps`` steps (dense Adam, row-wise Adagrad
-   tables, the run's rates and batch size; deterministic, so every rank
-   computes the same choice without talking);
+   process for ``budget.probe_steps`` steps (at most ``trainer.num_steps``;
+   dense Adam, row-wise Adagrad tables, the run's rates and batch size;
+   deterministic, so every rank computes the same choice without talking);
 2. **sensitivity**: for each table and each candidate, that table alone is
    replaced by what the candidate would serve, and the loss over the first
    ``budget.eval_batches`` eval batches is measured against the untouched
@@ -80,7 +80,7 @@ def _probe(cfg: Config, source: DataSource) -> nn.Module:
         batch_size=cfg.trainer.batch_size,
         rank=0,
         world_size=1,
-        num_batches=cfg.budget.probe_steps,
+        num_batches=min(cfg.budget.probe_steps, cfg.trainer.num_steps),  # no longer than the run
     )
     model.train()
     for batch in batches:

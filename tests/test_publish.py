@@ -1,0 +1,222 @@
+"""Published exports (trainer/online/publish.py): atomic versions, LATEST, keep K, blocked time.
+
+A reader process (plain torch + fbgemm_gpu, no shardrec: what a server runs)
+polls ``exports/LATEST`` in a loop and loads what it names, checking that each
+load is complete: schema.json parses, the program loads and scores the
+bundle's sample.pt as the trainer did, version.json names the version. It runs
+while (1) a tiny day walk with ``online.publish=true`` publishes every 20 steps
+and (2) a slow writer copies a bundle file by file in small chunks; no load
+may fail or see a partial bundle. (3) keep-K pruning, numbering after a
+restart, a failing writer; (4, slow) publishing does not change what the walk
+trains.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.test_online import _cfg
+from trainer.online.publish import LATEST_FILE, Publisher, latest_name, read_latest, versions
+from trainer.online.report import read_records
+from trainer.train import train
+
+TWO_DAYS = ["data.days=2", "online.days=2", "trainer.num_steps=80"]
+PUBLISH = ["online.publish=true", "online.publish_every_steps=20", "online.publish_keep=2"]
+
+# The reader: a server's loop, without shardrec. Loads until STOP exists, then writes
+# what it saw; a version pruned while it loaded (its directory gone) is counted apart.
+READER = r"""
+import json, sys, time
+from pathlib import Path
+import torch, fbgemm_gpu  # noqa: F401  (fbgemm_gpu registers the lookup op)
+
+exports, out, ready, stop = map(Path, sys.argv[1:5])
+if len(sys.argv) > 5:  # warm up: the first load imports much of torch.export
+    torch.export.load(str(Path(sys.argv[5]) / "model.pt2"))
+loads, errors, pruned = [], [], 0
+ready.touch()
+while not stop.exists():
+    try:
+        name = (exports / "LATEST").read_text().strip()
+    except FileNotFoundError:
+        time.sleep(0.02)
+        continue
+    bundle = exports / name
+    try:
+        schema = json.loads((bundle / "schema.json").read_text())
+        program = torch.export.load(str(bundle / schema["file"])).module()
+        sample = torch.load(bundle / "sample.pt", weights_only=True)
+        version = json.loads((bundle / "version.json").read_text())["version"]
+        with torch.no_grad():
+            scores = program(sample["dense"], sample["ids"], sample["lengths"])
+        diff = float((scores - sample["scores"]).abs().max())
+        loads.append({"name": name, "version": version, "max_abs_diff": diff})
+    except Exception as err:
+        if not bundle.exists():
+            pruned += 1
+        else:
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+    time.sleep(0.05)
+out.write_text(json.dumps({"loads": loads, "errors": errors, "pruned": pruned}))
+"""
+
+
+class Reader:
+    """The reader process polling ``exports`` (see READER)."""
+
+    def __init__(self, exports: Path, scratch: Path, *, warm_up: Path | None = None) -> None:
+        self.out, self.stop_file = scratch / "reads.json", scratch / "stop"
+        ready = scratch / "ready"
+        args = [str(p) for p in (exports, self.out, ready, self.stop_file, warm_up) if p]
+        self.proc = subprocess.Popen([sys.executable, "-c", READER, *args])
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert self.proc.poll() is None, "the reader died while starting"
+            assert time.monotonic() < deadline, "the reader did not start"
+            time.sleep(0.1)
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_file.touch()
+        assert self.proc.wait(timeout=120) == 0
+        return json.loads(self.out.read_text())
+
+
+def _check_reads(reads: dict[str, Any], *, min_versions: int) -> None:
+    assert reads["errors"] == []
+    loads = reads["loads"]
+    assert len(loads) >= 3
+    assert all(load["name"] == f"v{load['version']}" for load in loads)
+    assert all(load["max_abs_diff"] < 1e-5 for load in loads)
+    seen = [load["version"] for load in loads]
+    assert seen == sorted(seen)  # LATEST only moves forward
+    assert len(set(seen)) >= min_versions
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """The tiny walk, 2 days, publishing every 20 steps (4 versions, keep 2), read meanwhile."""
+    run_dir = tmp_path_factory.mktemp("walk")
+    reader = Reader(run_dir / "exports", tmp_path_factory.mktemp("reader"))
+    try:
+        summary = train(_cfg(*TWO_DAYS, *PUBLISH), run_dir=run_dir)
+    finally:
+        reads = reader.stop()
+    return run_dir, summary, reads
+
+
+def test_a_reader_polling_during_the_walk_never_loads_a_partial_bundle(published) -> None:
+    run_dir, summary, reads = published
+    _check_reads(reads, min_versions=2)
+    name, program = read_latest(run_dir / "exports")  # the helper a server may use
+    sample = torch.load(run_dir / "exports" / name / "sample.pt", weights_only=True)
+    with torch.no_grad():
+        scores = program(sample["dense"], sample["ids"], sample["lengths"])
+    assert torch.allclose(scores, sample["scores"], atol=1e-5)
+
+
+def test_the_walk_publishes_versions_and_reports_blocked_time(published) -> None:
+    run_dir, summary, _ = published
+    exports = run_dir / "exports"
+    assert versions(exports) == [3, 4]  # 80 steps / 20, the newest 2 kept
+    assert latest_name(exports) == "v4"
+    assert not [p.name for p in exports.iterdir() if p.name.startswith(".")]
+    assert json.loads((exports / "v4" / "version.json").read_text())["step"] == 80
+    records = read_records(run_dir)
+    assert [r["publish_version"] for r in records] == ["v2", "v4"]
+    for r in records:
+        assert r["publish_count"] == 2
+        assert 0 < r["publish_blocked_s"] < r["day_wall_s"]
+        assert r["publish_s"] > 0
+        assert r["publish_share"] == pytest.approx(r["publish_blocked_s"] / r["day_wall_s"])
+    p = summary["publish"]
+    assert (p["count"], p["latest"], p["errors"]) == (4, "v4", [])
+    assert 0 < p["blocked_share"] < 1
+    assert summary["export"]["path"] == "exports/v4"
+    assert summary["export"]["bundle_max_abs_diff"] < 1e-5
+
+
+def _slow_copy(source: Path, *, chunk_bytes: int = 16384, pause_s: float = 0.01):
+    """A writer that copies ``source``'s bundle file by file, a chunk at a time: a reader
+    that could see a directory being written would find it half done."""
+
+    def write(directory: Path) -> dict[str, Any]:
+        directory.mkdir()
+        for path in sorted(source.iterdir()):
+            if path.name == "version.json":
+                continue
+            data = path.read_bytes()
+            with (directory / path.name).open("wb") as out:
+                for at in range(0, len(data), chunk_bytes):
+                    out.write(data[at : at + chunk_bytes])
+                    out.flush()
+                    time.sleep(pause_s)
+        return {"files": len(list(directory.iterdir()))}
+
+    return write
+
+
+def test_a_reader_never_sees_a_slow_writer_half_done(published, tmp_path: Path) -> None:
+    run_dir, _, _ = published
+    exports = tmp_path / "exports"
+    publisher = Publisher(exports, keep=3)
+    reader = Reader(exports, tmp_path, warm_up=run_dir / "exports" / "v4")
+    try:
+        for step in range(4):
+            publisher.publish(_slow_copy(run_dir / "exports" / "v4"), info={"step": step})
+        publisher.close()
+        time.sleep(0.5)  # a few reads of the last version
+    finally:
+        reads = reader.stop()
+    _check_reads(reads, min_versions=2)
+    assert [d["result"] for d in publisher.finished()] == [{"files": 3}] * 4
+    assert versions(exports) == [2, 3, 4]
+
+
+def _touch(directory: Path) -> dict[str, Any]:
+    directory.mkdir()
+    (directory / "model.pt2").write_text("x")
+    return {}
+
+
+def _fail(directory: Path) -> dict[str, Any]:
+    directory.mkdir()
+    (directory / "model.pt2").write_text("half")
+    raise RuntimeError("disk full")
+
+
+def test_keep_k_numbering_after_a_restart_and_a_failed_writer(tmp_path: Path) -> None:
+    exports = tmp_path / "exports"
+    publisher = Publisher(exports, keep=2)
+    assert [publisher.publish(_touch, info={}) for _ in range(4)] == [1, 2, 3, 4]
+    publisher.close()
+    assert versions(exports) == [3, 4] and latest_name(exports) == "v4"
+    (exports / ".tmp-v9-123").mkdir()  # a killed run's half-written version
+    restarted = Publisher(exports, keep=2)  # a resumed walk goes on numbering
+    assert not (exports / ".tmp-v9-123").exists()
+    assert restarted.publish(_fail, info={"day": 1}) == 5
+    restarted.close()
+    (failed,) = restarted.finished()
+    assert (
+        failed["error"] == "RuntimeError: the writer process exited with 1: RuntimeError: disk full"
+    )
+    assert versions(exports) == [3, 4] and latest_name(exports) == "v4"
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
+    assert restarted.publish(_touch, info={}) == 6
+    restarted.close()
+    assert versions(exports) == [4, 6] and (exports / LATEST_FILE).read_text() == "v6\n"
+
+
+@pytest.mark.slow
+def test_publishing_does_not_change_what_the_walk_trains(published, tmp_path: Path) -> None:
+    run_dir, _, _ = published
+    train(_cfg(*TWO_DAYS), run_dir=tmp_path)
+    plain = [(r["day"], r["auc"], r["logloss"]) for r in read_records(tmp_path)]
+    assert [(r["day"], r["auc"], r["logloss"]) for r in read_records(run_dir)] == plain

@@ -54,6 +54,9 @@ CASES = [
     ("mixed-row_wise", "mixed", "row_wise"),
     ("mixed-column_wise", "mixed", "column_wise"),
 ]
+# The default tier runs one case per form (starting two ranks costs ~10 s; the machine
+# is shared), the slow tier the rest.
+DEFAULT_CASES = ("lowrank-row_wise", "qr_concat-table_wise", "mixed-row_wise")
 LOSS_ATOL = 1e-5  # as tests/test_sharding_equivalence.py (float sums in other orders)
 ROW_ATOL = 1e-4
 
@@ -111,10 +114,10 @@ def test_qr_ids_are_made_on_device_from_the_kjt() -> None:
     assert math.ceil(100 / 10) == spec.stored()[0].rows
 
 
-def _worker(rank: int, init_dir: str) -> None:
+def _worker(rank: int, init_dir: str, cases: list[tuple[str, str, str]]) -> None:
     env = init_distributed(device="cpu")
     try:
-        for case, form, strategy in CASES:
+        for case, form, strategy in cases:
             cfg = _config(form, strategy)
             built = build(cfg, env)
             load_unsharded(built.model, torch.load(Path(init_dir) / f"{case}-init.pt"))
@@ -141,20 +144,36 @@ def _worker(rank: int, init_dir: str) -> None:
         destroy_distributed()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("factorized2")
-    for case, form, strategy in CASES:
+def _run(out: Path, cases: list[tuple[str, str, str]]) -> Path:
+    for case, form, strategy in cases:
         torch.manual_seed(0)
         init = unsharded_model(_config(form, strategy), device=torch.device("cpu")).state_dict()
         torch.save(init, out / f"{case}-init.pt")
-    run_ranks(_worker, str(out), world_size=2)
+    run_ranks(_worker, str(out), cases, world_size=2)
     return out
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(tmp_path_factory.mktemp("fz2"), [c for c in CASES if c[0] in DEFAULT_CASES])
+
+
+@pytest.fixture(scope="module")
+def two_ranks_slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(tmp_path_factory.mktemp("fz2s"), [c for c in CASES if c[0] not in DEFAULT_CASES])
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("case,form,strategy", CASES, ids=[c[0] for c in CASES])
-def test_sharded_matches_unsharded(two_ranks: Path, case: str, form: str, strategy: str) -> None:
+@pytest.mark.parametrize(
+    "case,form,strategy",
+    [c if c[0] in DEFAULT_CASES else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_sharded_matches_unsharded(
+    request: pytest.FixtureRequest, case: str, form: str, strategy: str
+) -> None:
+    fixture = "two_ranks" if case in DEFAULT_CASES else "two_ranks_slow"
+    two_ranks = request.getfixturevalue(fixture)
     cfg = _config(form, strategy)
     init = torch.load(two_ranks / f"{case}-init.pt")
     ranks = [torch.load(two_ranks / f"{case}-rank{r}.pt") for r in range(2)]
@@ -200,7 +219,9 @@ def _flat_checkpoint(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-@pytest.mark.parametrize("form", list(RUN_FORMS))
+@pytest.mark.parametrize(
+    "form", ["lowrank", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qr_mul", "mixed"))]
+)
 def test_qat_export_parity_and_resume(form: str, compose_cfg, tmp_path: Path) -> None:
     from trainer.train import train  # in this process: a world of one
 

@@ -59,7 +59,7 @@ RUN = [
 ]
 
 
-def add_day(dataset: Path, day: int) -> None:
+def add_day(dataset: Path, day: int, *, table_rows: int = 48) -> None:
     raw = write_tsv(
         dataset.parent / f"day_{day}", day_lines(300, low=10 * day, high=10 * day + 30, seed=day)
     )
@@ -70,7 +70,7 @@ def add_day(dataset: Path, day: int) -> None:
             partition=f"day_{day}",
             mapping="vocab",
             min_count=1,
-            table_rows=[48],
+            table_rows=[table_rows],
             eval_fraction=0.1,
             num_workers=1,
         ),
@@ -177,3 +177,12 @@ def test_follow_settings_name_the_key(tmp_path: Path) -> None:
         train(_cfg(tmp_path, "optim.dense_lr_schedule=cosine"), run_dir=tmp_path / "r")
     with pytest.raises(ConfigError, match="no partition in"):
         train(_cfg(tmp_path / "empty", "online.idle_timeout_s=0.3"), run_dir=tmp_path / "r")
+
+
+def test_a_partition_whose_tables_grew_is_refused_naming_the_feature(tmp_path: Path) -> None:
+    dataset = tmp_path / "days"
+    for day in (0, 1):  # table_rows=0: each vocabulary's own size, growing with day 1's ids
+        add_day(dataset, day, table_rows=0)
+    with pytest.raises(ConfigError, match="feature 'cat_0'.*data.table_rows"):
+        train(_cfg(dataset, "online.idle_timeout_s=5"), run_dir=tmp_path / "r")
+    assert [r["partition"] for r in records(tmp_path / "r")] == ["day_0"]

@@ -106,7 +106,7 @@ class ModelConfig:
     tables: list[TableConfig] = field(default_factory=list)
     # How raw ids reach rows (trainer/models/collision.py): direct (a row per id), hash
     # (id % rows) or managed_collision (torchrec MCH remap with eviction); the last two
-    # keep at most mc_zch_size rows per table (0: the source's rows) and shard row-wise.
+    # keep mc_zch_size rows per table (0: the source's rows) and shard row-wise.
     id_management: IdManagementName = IdManagementName.direct
     mc_zch_size: int = 0
     mc_eviction: Eviction = Eviction.lru

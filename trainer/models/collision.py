@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -56,7 +57,13 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from trainer.errors import ConfigError
+
 ID_MANAGEMENT = ("direct", "hash", "managed_collision")
+# torchrec's planner refuses an MC table whose bucket count the world size does not
+# divide (uneven ZCH buckets); sharded, each rank's module is rebuilt with W buckets
+# anyway. This count is divided by every world size 2**a * (3, 5, 7, 9, 11 or 13).
+PLANNER_BUCKETS = 2**11 * 3**2 * 5 * 7 * 11 * 13
 EVICTIONS = ("lru", "lfu")
 
 
@@ -65,7 +72,7 @@ class IdManagement:
     """``model.id_management`` and its settings (see the module docstring)."""
 
     kind: str = "direct"
-    # Rows per table (a table with fewer ids keeps its own size); 0: the source's rows.
+    # Rows per table; 0: the source's rows.
     zch_size: int = 0
     eviction: str = "lru"
     eviction_interval: int = 1
@@ -187,6 +194,37 @@ class IdManagedTables(nn.Module):
         super().__init__()
         self.mc = mc
         self._configs = list(mc._embedding_module.embedding_bag_configs())
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.check_remap())
+
+    def remap_modules(self) -> dict[str, ManagedCollisionModule]:
+        """Each table's remap module (sharded: this rank's, for its block of ids)."""
+        return dict(self.mc._managed_collision_collection._managed_collision_modules.items())
+
+    def check_remap(self) -> None:
+        """After a load: every mapped id lies in this rank's block of the id range and maps
+        to this rank's rows. torchrec cannot reshard the remap state: a checkpoint saved
+        on another number of ranks (other than onto one rank) fails here, by name."""
+        for table, m in self.remap_modules().items():
+            if not isinstance(m, MCHManagedCollisionModule):
+                continue
+            start, size = m._output_global_offset, m._zch_size
+            # Sharded, torchrec rebuilt the module with one bucket per rank.
+            blocks = 1 if m.buckets() == PLANNER_BUCKETS else m.buckets()
+            rank = dist.get_rank() if blocks > 1 else 0
+            block = -(-m._input_hash_size // blocks)
+            ids = m._mch_sorted_raw_ids
+            used = ids != torch.iinfo(torch.int64).max
+            rows = m._mch_remapped_ids_mapping
+            ids_ok = bool(((ids[used] >= rank * block) & (ids[used] < (rank + 1) * block)).all())
+            rows_ok = bool(((rows >= start) & (rows < start + size)).all())
+            if not (ids_ok and rows_ok):
+                raise ConfigError(
+                    f"model.id_management=managed_collision: table {table}'s remap state "
+                    f"does not fit this plan (rank {rank} of {blocks}, rows "
+                    f"[{start}, {start + size})); it was saved on another number of ranks. "
+                    f"torchrec cannot reshard managed-collision state: resume on the world "
+                    f"size that saved it (or on one rank)"
+                )
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._configs
@@ -217,10 +255,11 @@ def reset_evicted_rows(
 
 
 def managed_rows(configs: Sequence[EmbeddingBagConfig], settings: IdManagement) -> list[int]:
-    """Rows each table keeps under ``settings`` (``zch_size``, or fewer if the source has)."""
+    """Rows each table keeps under ``settings``: ``zch_size`` (0: the source's rows). A
+    managed-collision table uses one row fewer for ids: its last row is the miss row."""
     if settings.kind == "direct" or settings.zch_size <= 0:
         return [c.num_embeddings for c in configs]
-    return [min(c.num_embeddings, settings.zch_size) for c in configs]
+    return [settings.zch_size for _ in configs]
 
 
 def id_managed_collection(
@@ -236,7 +275,9 @@ def id_managed_collection(
     for config, source_rows, n in zip(small, (c.num_embeddings for c in configs), rows):
         input_size = settings.input_hash_size or source_rows
         if settings.kind == "hash":
-            modules[config.name] = ModuloCollisionModule(n, device, input_size)
+            modules[config.name] = ModuloCollisionModule(
+                n, device, input_size, buckets=PLANNER_BUCKETS
+            )
         elif settings.kind == "managed_collision":
             modules[config.name] = MCHManagedCollisionModule(
                 zch_size=n,
@@ -245,6 +286,7 @@ def id_managed_collection(
                 eviction_interval=settings.eviction_interval,
                 input_hash_size=input_size,
                 name=config.name,
+                buckets=PLANNER_BUCKETS,
             )
         else:
             raise ValueError(f"model.id_management={settings.kind!r}: use one of {ID_MANAGEMENT}")

@@ -62,8 +62,8 @@ def _gap(value: float, wanted: float) -> str:
 
 
 def datasets_in(rows: list[dict[str, Any]]) -> list[str]:
-    """Data set names in first-seen order."""
-    return list(dict.fromkeys(r["dataset"] for r in rows))
+    """Data set names in first-seen order (those with a trained model: not only ``lr_fit``)."""
+    return list(dict.fromkeys(r["dataset"] for r in rows if r["system"] != "lr_fit"))
 
 
 def quality_table(rows: list[dict[str, Any]]) -> str:

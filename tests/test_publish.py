@@ -42,6 +42,7 @@ exports, out, ready, stop = map(Path, sys.argv[1:5])
 if len(sys.argv) > 5:  # warm up: the first load imports much of torch.export
     torch.export.load(str(Path(sys.argv[5]) / "model.pt2"))
 loads, errors, pruned = [], [], 0
+progress = out.with_suffix(".count")
 ready.touch()
 while not stop.exists():
     try:
@@ -59,6 +60,7 @@ while not stop.exists():
             scores = program(sample["dense"], sample["ids"], sample["lengths"])
         diff = float((scores - sample["scores"]).abs().max())
         loads.append({"name": name, "version": version, "max_abs_diff": diff})
+        progress.write_text(json.dumps(sorted({load["version"] for load in loads})))
     except Exception as err:
         if not bundle.exists():
             pruned += 1
@@ -82,6 +84,13 @@ class Reader:
             assert self.proc.poll() is None, "the reader died while starting"
             assert time.monotonic() < deadline, "the reader did not start"
             time.sleep(0.1)
+
+    def versions_loaded(self) -> list[int]:
+        """The versions loaded so far."""
+        try:
+            return json.loads(self.out.with_suffix(".count").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
 
     def stop(self) -> dict[str, Any]:
         self.stop_file.touch()
@@ -143,7 +152,7 @@ def test_the_walk_publishes_versions_and_reports_blocked_time(published) -> None
     assert summary["export"]["bundle_max_abs_diff"] < 1e-5
 
 
-def _slow_copy(source: Path, *, chunk_bytes: int = 16384, pause_s: float = 0.01):
+def _slow_copy(source: Path, *, chunk_bytes: int = 8192, pause_s: float = 0.01):
     """A writer that copies ``source``'s bundle file by file, a chunk at a time: a reader
     that could see a directory being written would find it half done."""
 
@@ -169,13 +178,16 @@ def test_a_reader_never_sees_a_slow_writer_half_done(published, tmp_path: Path) 
     publisher = Publisher(exports, keep=3)
     reader = Reader(exports, tmp_path, warm_up=run_dir / "exports" / "v4")
     try:
-        for step in range(4):
-            publisher.publish(_slow_copy(run_dir / "exports" / "v4"), info={"step": step})
-        publisher.close()
-        time.sleep(0.5)  # a few reads of the last version
+        for version in range(1, 5):  # v<k+1> is written while the reader loads v<k>
+            publisher.publish(_slow_copy(run_dir / "exports" / "v4"), info={})
+            publisher.wait()
+            deadline = time.monotonic() + 120  # the reader is slow on a loaded machine
+            while version not in reader.versions_loaded():
+                assert time.monotonic() < deadline, "the reader loaded nothing"
+                time.sleep(0.1)
     finally:
         reads = reader.stop()
-    _check_reads(reads, min_versions=2)
+    _check_reads(reads, min_versions=4)
     assert [d["result"] for d in publisher.finished()] == [{"files": 3}] * 4
     assert versions(exports) == [2, 3, 4]
 

@@ -1,21 +1,22 @@
 """The export of a model that goes on training: what to copy now, what to write later.
 
-:func:`snapshot_export` is trainer/export/step.py's ``export_step`` cut in two
-for trainer/online/publish.py. On the training thread, on every rank (the
-blocked part): the collective half, the same as ``export_step``'s -- the
-converters' state synced, every table packed where its rows are and gathered
-on rank 0 (``sharded_tables``: new tensors), the dense layers copied (the
-optimizer updates them in place right after). It returns rank 0 a writer that
-does the rest from those copies alone, on a background thread: build the
-served program, ``torch.export`` it, write the bundle, score the eval set
-(``export_streamed``). The other ranks get None.
+:func:`snapshot_export` gives trainer/online/publish.py a writer that its
+forked child runs; what the training thread does before the fork is the
+publish's blocked time.
 
-The converters the streamed export covers (table QAT, dense QAT, precision,
-dense pruning) read only their configuration there. Models that are not
-streamed (row pruning, distillation: their serving conversion reads state that
-training changes) are exported whole on the training thread into a staging
-directory, and the writer only moves the bundle into place: correct, but
-blocked for the whole export.
+* **One process**: the fork is the snapshot (the child sees the model as it
+  was, copy-on-write), so nothing is copied, and the writer runs
+  trainer/export/step.py's ``export_step`` whole (no collective with one rank),
+  for every model it exports.
+* **More ranks**: ``export_step`` cut in two. On every rank, before the fork:
+  its collective half -- the converters' state synced, every table packed
+  where its rows are and gathered on rank 0 (``sharded_tables``: new tensors),
+  rank 0's dense layers copied. Rank 0's writer does the rest from those:
+  build the served program, ``torch.export`` it, write the bundle, score the
+  eval set (``export_streamed``); the other ranks get None. Models that are not
+  streamed (row pruning, distillation) are exported whole before the fork
+  into a staging directory, and the writer only moves the bundle into place:
+  correct, but blocked for the whole export. (Not yet run by a test.)
 
 Example::
 
@@ -23,7 +24,7 @@ Example::
                             tables=built.tables, source=stream.source, eval_batch_size=512,
                             staging=run_dir / "exports" / ".tmp-stage")
     if write is not None:               # rank 0
-        result = write(Path("exports/.tmp-v3"))   # later, on another thread
+        result = write(Path("exports/.tmp-v3"))   # in the forked child
 """
 
 from __future__ import annotations
@@ -58,21 +59,22 @@ def snapshot_export(
     data_config: Any = None,
 ) -> Writer | None:
     """Collective: copies what the export needs; returns rank 0 the writer (see above)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    export: dict[str, Any] = {
+        "model_config": model_config,
+        "converters": converters,
+        "tables": tables,
+        "source": source,
+        "eval_batch_size": eval_batch_size,
+        "data_config": data_config,
+    }
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return _whole_in_child(model, **export)
+    rank = dist.get_rank()
     meta = meta_trained(
         model_config, tables=tables, num_dense=source.num_dense, converters=converters
     )
     if streamable(converters, meta) is not None:
-        return _exported_now(
-            model,
-            model_config=model_config,
-            converters=converters,
-            tables=tables,
-            source=source,
-            eval_batch_size=eval_batch_size,
-            staging=staging,
-            data_config=data_config,
-        )
+        return _exported_now(model, staging=staging, **export)
     converters.state_dict()  # collective, as export_step does
     specs = table_specs(meta, converters)
     packed = list(sharded_tables(model, specs))  # collective; packs are new tensors
@@ -93,6 +95,22 @@ def snapshot_export(
             bundle=directory,
             data_config=data_config,
         )
+        return result
+
+    return write
+
+
+def _whole_in_child(model: nn.Module, **export: Any) -> Writer:
+    """One process: nothing to copy, the fork is the snapshot; the writer runs
+    ``export_step`` (no collective with one rank) on the child's view of ``model``."""
+
+    def write(directory: Path) -> dict[str, Any]:
+        staging = directory.with_name(directory.name + ".stage")
+        result = export_step(model, run_dir=staging, **export)
+        if result.get("path") is None:
+            raise RuntimeError(f"no serving bundle: {result.get('bundle_error')}")
+        os.replace(staging / BUNDLE_DIR, directory)
+        shutil.rmtree(staging, ignore_errors=True)
         return result
 
     return write

@@ -1,12 +1,15 @@
 """2D sparse parallelism on any backend: K replica groups, each sharding the tables.
 
 The world of W ranks is cut into K groups of G = W / K ranks, laid out as
-torchrec's ``DMPCollection`` lays them out (``use_inter_host_allreduce=False``):
-group ``g`` holds global ranks ``g, g + K, g + 2K, ...``, so the K copies of a
-shard sit on neighbouring ranks of one host and the replica sync stays inside
-the host. Every group shards the tables by the same plan, made for G ranks
-(plan ranks are group ranks), with a DistributedModelParallel over the group's
-process group; the dense part stays one DDP over the whole world.
+torchrec's ``DMPCollection`` lays them out. ``interleaved``
+(``use_inter_host_allreduce=False``, the default): group ``g`` holds global
+ranks ``g, g + K, g + 2K, ...``, so the K copies of a shard sit on neighbouring
+ranks of one host and the replica sync stays inside the host. ``hosts``
+(``use_inter_host_allreduce=True``): group ``g`` holds ranks ``g G .. (g + 1) G
+- 1``, whole hosts, and the sync crosses hosts. Every group shards the tables
+by the same plan, made for G ranks (plan ranks are group ranks), with a
+DistributedModelParallel over the group's process group; the dense part stays
+one DDP over the whole world.
 
 torchrec's ``DMPCollection`` refuses anything but CUDA/MTIA, and its ``sync()``
 averages weights and optimizer state, which is not the optimizer the other
@@ -18,6 +21,14 @@ recovers the group's gradient of every row from the update FBGEMM applied
 (one all-reduce of this rank's rows per step) and re-applies row-wise Adagrad
 to the copy with the summed gradient. The price: one copy of the rank's rows
 and accumulators, and an all-reduce of its rows, every step.
+
+``every=N > 1`` (``sharding.replica_sync_every``) syncs every N steps instead:
+each replica trains on its own group's gradients in between, and the sync adds
+up the replicas' changes since the last sync, ``w = w_s + sum_k (w_k - w_s)``,
+likewise for the accumulators (one all-reduce of rows + accumulators). This is
+not the K = 1 trajectory: between syncs a replica does not see the others'
+updates (the divergence is measured in docs/scaling.md). Steps after the last
+sync stay unsynced until :meth:`ReplicaSync.flush`.
 
 Example::
 
@@ -80,11 +91,24 @@ def training_replicas(value: Any, world_size: int) -> int:
     return replicas
 
 
-def group_ranks(world_size: int, replicas: int) -> list[list[int]]:
-    """The global ranks of each group: group g is ``g, g + K, ...`` (torchrec's layout)."""
+def group_ranks(world_size: int, replicas: int, layout: str = "interleaved") -> list[list[int]]:
+    """The global ranks of each group: interleaved, group g is ``g, g + K, ...``; hosts,
+    group g is ``g G .. (g + 1) G - 1`` (torchrec's two layouts)."""
     if replicas < 1 or world_size % replicas:
         raise ValueError(f"sharding.replicas={replicas} must divide the world size {world_size}")
+    if layout == "hosts":
+        size = world_size // replicas
+        return [list(range(g * size, (g + 1) * size)) for g in range(replicas)]
+    if layout != "interleaved":
+        raise ValueError(f"sharding.replica_layout={layout!r}: use interleaved or hosts")
     return [list(range(g, world_size, replicas)) for g in range(replicas)]
+
+
+def global_rank(group_rank: int, group: int, *, replicas: int, group_size: int, layout: str) -> int:
+    """Where group ``group``'s rank ``group_rank`` sits in the world."""
+    if layout == "hosts":
+        return group * group_size + group_rank
+    return group_rank * replicas + group
 
 
 @dataclass(frozen=True)
@@ -98,23 +122,37 @@ class ReplicaGroups:
     sharding_pg: dist.ProcessGroup
     replica_pg: dist.ProcessGroup
     mesh: DeviceMesh
+    layout: str = "interleaved"
 
     @classmethod
-    def create(cls, *, world_size: int, replicas: int, device_type: str) -> ReplicaGroups:
+    def create(
+        cls, *, world_size: int, replicas: int, device_type: str, layout: str = "interleaved"
+    ) -> ReplicaGroups:
         """Collective: every rank calls it, with the same arguments."""
         rank = dist.get_rank()
+        layout_ranks = group_ranks(world_size, replicas, layout)
+        group = next(g for g, ranks in enumerate(layout_ranks) if rank in ranks)
         # Rows are sharding groups, columns replicas of one group rank (torchrec's mesh).
-        mesh = DeviceMesh(
-            device_type, group_ranks(world_size, replicas), mesh_dim_names=("replicate", "shard")
-        )
+        mesh = DeviceMesh(device_type, layout_ranks, mesh_dim_names=("replicate", "shard"))
         return cls(
             replicas=replicas,
-            group=rank % replicas,
-            group_rank=rank // replicas,
+            group=group,
+            group_rank=layout_ranks[group].index(rank),
             group_size=world_size // replicas,
             sharding_pg=mesh.get_group("shard"),
             replica_pg=mesh.get_group("replicate"),
             mesh=mesh,
+            layout=layout,
+        )
+
+    def to_global_rank(self, group_rank: int, group: int | None = None) -> int:
+        """Global rank of ``group_rank`` in ``group`` (default: this rank's group)."""
+        return global_rank(
+            group_rank,
+            self.group if group is None else group,
+            replicas=self.replicas,
+            group_size=self.group_size,
+            layout=self.layout,
         )
 
     def sharding_env(self, *, node_group_size: int) -> ShardingEnv2D:
@@ -135,14 +173,15 @@ class ReplicaGroups:
 
     def to_global(self, plan: ShardingPlan, device_type: str) -> ShardingPlan:
         """The group's plan (group ranks) on this group's global ranks, as DMPCollection
-        remaps it: group rank i is global rank ``i * K + group``."""
+        remaps it: group rank i is global rank ``i * K + group`` (interleaved) or
+        ``group * G + i`` (hosts)."""
         plan = copy.deepcopy(plan)
         for module_plan in plan.plan.values():
             for ps in module_plan.values():  # type: ignore[union-attr]
-                ps.ranks = [r * self.replicas + self.group for r in ps.ranks or []]
+                ps.ranks = [self.to_global_rank(r) for r in ps.ranks or []]
                 if isinstance(ps.sharding_spec, EnumerableShardingSpec):
                     for shard in ps.sharding_spec.shards:
-                        rank = int(shard.placement.rank()) * self.replicas + self.group
+                        rank = self.to_global_rank(int(shard.placement.rank()))
                         where = device_type if device_type == "cpu" else f"{device_type}:0"
                         shard.placement = _remote_device(f"rank:{rank}/{where}")
         return plan
@@ -199,10 +238,21 @@ def _fused_optimizer(dmp: DistributedModelParallel) -> KeyedOptimizer:
 class ReplicaSync:
     """Sums each step's table gradients over the replica group (see the module docstring)."""
 
-    def __init__(self, dmp: DistributedModelParallel, *, groups: ReplicaGroups, eps: float):
-        self.dmp, self.groups, self.eps = dmp, groups, eps
+    def __init__(
+        self,
+        dmp: DistributedModelParallel,
+        *,
+        groups: ReplicaGroups,
+        eps: float,
+        every: int = 1,
+    ):
+        if every < 1:
+            raise ValueError(f"sharding.replica_sync_every={every} must be >= 1")
+        self.dmp, self.groups, self.eps, self.every = dmp, groups, eps, every
         self._before: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.synced_bytes = 0  # per step, this rank's share of the all-reduce
+        self._anchor: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # every > 1
+        self._unsynced_steps = 0
+        self.synced_bytes = 0  # per sync, this rank's share of the all-reduce
         self._make_equal()
         dmp.register_forward_pre_hook(self._snapshot)
 
@@ -216,22 +266,37 @@ class ReplicaSync:
         """
         if self.groups.replicas == 1:
             return
-        src = self.groups.group_rank * self.groups.replicas  # group 0's member of this replica set
+        src = self.groups.to_global_rank(self.groups.group_rank, 0)  # group 0's member
         for rows, acc, _ in _shard_pairs(_fused_optimizer(self.dmp)):
             broadcast_tensor(rows, src=src, group=self.groups.replica_pg)
             broadcast_tensor(acc, src=src, group=self.groups.replica_pg)
 
+    def _copies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (rows.detach().clone(), acc.detach().clone())
+            for rows, acc, _ in _shard_pairs(_fused_optimizer(self.dmp))
+        ]
+
     def _snapshot(self, module: nn.Module, args: Any) -> None:
-        if module.training:
-            self._before = [
-                (rows.detach().clone(), acc.detach().clone())
-                for rows, acc, _ in _shard_pairs(_fused_optimizer(self.dmp))
-            ]
+        if not module.training:
+            return
+        if self.every == 1:
+            self._before = self._copies()
+        elif self._anchor is None:  # the rows every replica shares since the last sync
+            self._anchor = self._copies()
 
     @torch.no_grad()
     def sync(self) -> None:
-        """After the fused update: the replica group's summed gradient, re-applied."""
-        if self.groups.replicas == 1 or self._before is None:
+        """After the fused update: the replica group's summed gradient, re-applied
+        (every step), or the replicas' summed changes every ``every`` steps."""
+        if self.groups.replicas == 1:
+            return
+        if self.every > 1:
+            self._unsynced_steps += 1
+            if self._unsynced_steps >= self.every:
+                self.flush()
+            return
+        if self._before is None:
             return
         shards = list(_shard_pairs(_fused_optimizer(self.dmp)))
         grads = []
@@ -249,6 +314,26 @@ class ReplicaSync:
             acc.copy_(acc0 + grad.pow(2).mean(dim=1))
             rows.copy_(rows0 - (lr / (acc.sqrt() + self.eps)).unsqueeze(1) * grad)
         self._before = None
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Collective: adds up the replicas' changes since the last sync (every > 1)."""
+        if self.groups.replicas == 1 or self._anchor is None:
+            return
+        shards = list(_shard_pairs(_fused_optimizer(self.dmp)))
+        deltas = []
+        for (rows, acc, _), (rows0, acc0) in zip(shards, self._anchor, strict=True):
+            deltas += [(rows - rows0).reshape(-1), acc - acc0]
+        flat = torch.cat(deltas) if deltas else torch.zeros(0)
+        all_sum(flat, group=self.groups.replica_pg)
+        self.synced_bytes = flat.numel() * flat.element_size()
+        offset = 0
+        for (rows, acc, _), (rows0, acc0) in zip(shards, self._anchor, strict=True):
+            for now, then in ((rows, rows0), (acc, acc0)):
+                delta = flat[offset : offset + now.numel()].view_as(now)
+                offset += now.numel()
+                now.copy_(then + delta)
+        self._anchor, self._unsynced_steps = None, 0
 
 
 class ReplicaSyncOptimizer(OptimizerWrapper):

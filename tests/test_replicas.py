@@ -97,7 +97,7 @@ def test_world_estimate_from_one_group() -> None:
         return RankEstimate(r, shards, 10 * 2**30, 0, 80 * 2**30, 0, 68 * 2**30, 0, cost, 0, 0, 0)
 
     ranks = [rank(0, 1, 2.0), rank(1, 0, 0.0)]
-    est = estimate_replicas([], ranks, replicas=4, world_size=8, intra_host_bw_bytes_per_ms=1e6)
+    est = estimate_replicas([], ranks, replicas=4, world_size=8, sync_bw_bytes_per_ms=1e6)
     assert est.ranks_with_tables == 4 and est.share_with_tables == 0.5
     assert est.peak_cost_ms == est.peak_total_ms == 2.0 and est.fits
     assert sync_ms(10**6, 4, 1e6) == pytest.approx(1.5) and sync_ms(10**6, 1, 1e6) == 0

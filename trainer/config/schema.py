@@ -167,6 +167,13 @@ class ShardingConfig:
     # kept in sync each step (sharding/replicas.py). 1: today's one group. auto: the
     # planner picks K (python -m trainer.plan only).
     replicas: Any = 1
+    # Which ranks form a group (sharding/replica_plan.py): interleaved (torchrec's default:
+    # group g is ranks g, g+K, ...; sync inside a host) | hosts (whole hosts per group,
+    # torchrec's use_inter_host_allreduce; sync across hosts). The trainer runs interleaved.
+    replica_layout: str = "interleaved"
+    # Steps between replica syncs: 1 sums every step's gradients (exact, the K = 1 run);
+    # N > 1 sums the replicas' changes every N steps (sharding/replicas.py; diverges).
+    replica_sync_every: int = 1
 
 
 @dataclass

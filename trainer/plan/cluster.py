@@ -47,8 +47,10 @@ from sharding.memory_plot import plot_rank_memory
 from sharding.quiet import quiet_libraries
 from sharding.replica_plan import (
     ReplicaEstimate,
+    check_layout,
     estimate_replicas,
     format_replica_table,
+    group_shape,
     pick_replicas,
     replica_candidates,
 )
@@ -97,23 +99,61 @@ def _check_topology(cfg: Config) -> int:
 
 
 @dataclass
-class _GroupPlan:
+class GroupPlan:
+    """One group's plan (a world of its own: ``world_size`` ranks, ``local_world_size``
+    per host) with its estimates; the same for every N that has such groups."""
+
     planned: Planned
     capture: PlanCapture
     tables: list[TableEstimate]
     ranks: list[RankEstimate]
+
+
+@dataclass
+class _GroupPlan:
+    group: GroupPlan
     estimate: ReplicaEstimate
+
+
+def _sync_bw(cfg: Config) -> float:
+    """Bytes/ms of the replica sync: intra-host (interleaved) or inter-host (hosts)."""
+    topo = cfg.topology
+    if cfg.sharding.replica_layout == "hosts":  # torchrec's defaults: 12.5 and 600 GB/s
+        return (topo.inter_host_bw_gbps or 12.5) * 1024**3 / 1000
+    return (topo.intra_host_bw_gbps or 600) * 1024**3 / 1000
 
 
 def _plan_group(cfg: Config, ctx: dict[str, Any], replicas: int) -> _GroupPlan:
     """One group's plan (world_size/replicas ranks) and its figures for the whole world."""
-    topo, shard = cfg.topology, cfg.sharding
+    shard = cfg.sharding
     world_size, local = ctx["world_size"], ctx["local_world_size"]
+    try:
+        size, group_local = group_shape(world_size, local, replicas, shard.replica_layout)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cache: dict[tuple[int, int], GroupPlan] = ctx["group_cache"]
+    if (size, group_local) not in cache:
+        cache[size, group_local] = _plan_one_group(cfg, ctx, size, group_local)
+    group = cache[size, group_local]
+    estimate = estimate_replicas(
+        group.capture.best_plan,
+        group.ranks,
+        replicas=replicas,
+        world_size=world_size,
+        group_local_world_size=group_local,
+        sync_bw_bytes_per_ms=_sync_bw(cfg),
+        layout=shard.replica_layout,
+        sync_every=shard.replica_sync_every,
+        plan_time_s=group.capture.run_time_s,
+    )
+    return _GroupPlan(group, estimate)
+
+
+def _plan_one_group(cfg: Config, ctx: dict[str, Any], size: int, local: int) -> GroupPlan:
+    topo, shard = cfg.topology, cfg.sharding
     capture = PlanCapture()
     world = World(
-        world_size=world_size // replicas,
-        local_world_size=max(1, local // replicas),
-        device=torch.device(ctx["compute_device"]),
+        world_size=size, local_world_size=local, device=torch.device(ctx["compute_device"])
     )
     try:
         _, planned = plan_meta_model(
@@ -136,24 +176,22 @@ def _plan_group(cfg: Config, ctx: dict[str, Any], replicas: int) -> _GroupPlan:
         planned.topology,
         storage_reservation_percentage=topo.storage_reservation_percentage,
     )
-    bw = (topo.intra_host_bw_gbps or 600) * 1024**3 / 1000  # torchrec's default: 600 GB/s
-    estimate = estimate_replicas(
-        capture.best_plan,
-        ranks,
-        replicas=replicas,
-        world_size=world_size,
-        group_local_world_size=world.local_world_size,
-        intra_host_bw_bytes_per_ms=bw,
-        plan_time_s=capture.run_time_s,
-    )
-    return _GroupPlan(planned, capture, table_estimates(capture.best_plan), ranks, estimate)
+    return GroupPlan(planned, capture, table_estimates(capture.best_plan), ranks)
 
 
-def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
+def plan_cluster(
+    cfg: Config,
+    *,
+    run_dir: Path,
+    group_cache: dict[tuple[int, int], GroupPlan] | None = None,
+) -> ClusterPlan:
     """Plans ``cfg`` for its topology; writes plan.json, plan.txt, memory.png.
 
     ``sharding.replicas=K`` plans one group of world_size/K ranks; ``auto`` plans
     every K of :func:`sharding.replica_plan.replica_candidates` and keeps the best.
+    ``group_cache`` (keyed by the group's ranks and ranks per host) reuses group
+    plans across calls whose configs differ only in ``topology.world_size`` and
+    the replica settings (benchmarks/weak_scaling.py).
     """
     world_size = _check_topology(cfg)
     source = open_source(cfg.data)
@@ -170,15 +208,27 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
         "num_dense": source.num_dense,
         "converters": build_converters(cfg, tables=tables, device_type=compute_device),
     }
-    requested = parse_replicas(shard.replicas, world_size)
+    ctx["group_cache"] = {} if group_cache is None else group_cache
+    try:
+        layout = check_layout(shard.replica_layout)
+        requested = parse_replicas(shard.replicas, world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if shard.replica_sync_every < 1:
+        raise ConfigError(
+            f"sharding.replica_sync_every={shard.replica_sync_every} must be >= 1 (1: every step)"
+        )
     candidates = (
-        replica_candidates(world_size, local_world_size) if requested is None else [requested]
+        replica_candidates(world_size, local_world_size, layout)
+        if requested is None
+        else [requested]
     )
     groups = {k: _plan_group(cfg, ctx, k) for k in candidates}
     chosen = groups[pick_replicas([g.estimate for g in groups.values()]).replicas]
     replicas, est = chosen.estimate.replicas, chosen.estimate
-    plan, topology, capture = chosen.planned.plan, chosen.planned.topology, chosen.capture
-    table_est, rank_est = chosen.tables, chosen.ranks
+    group = chosen.group
+    plan, topology, capture = group.planned.plan, group.planned.topology, group.capture
+    table_est, rank_est = group.tables, group.ranks
     num_hosts = -(-world_size // local_world_size)
     batch = cfg.trainer.batch_size
     memory = f"HBM {topo.hbm_gb:g} GiB, " if compute_device != "cpu" else ""
@@ -190,11 +240,17 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
         f"({capture.num_proposals} proposals)\n"
     )
     if requested != 1:
+        mapping = (
+            f"group x {topology.world_size} + group rank"
+            if layout == "hosts"
+            else f"group rank x {replicas} + group"
+        )
         header += (
-            f"replicas {replicas} ({shard.replicas}): {replicas} groups of "
+            f"replicas {replicas} ({shard.replicas}, layout {layout}, sync every "
+            f"{shard.replica_sync_every} step(s)): {replicas} groups of "
             f"{topology.world_size} ranks ({est.group_local_world_size} per host), each "
             f"serving {batch * topology.world_size:,} samples; the tables below are one "
-            f"group's (group ranks; global rank = group rank x {replicas} + group)\n\n"
+            f"group's (group ranks; global rank = {mapping})\n\n"
             + format_replica_table([g.estimate for g in groups.values()], chosen=replicas)
             + "\n"
         )
@@ -213,6 +269,8 @@ def plan_cluster(cfg: Config, *, run_dir: Path) -> ClusterPlan:
         inter_host_bw_gbps=topo.inter_host_bw_gbps,
         storage_reservation_percentage=topo.storage_reservation_percentage,
         replicas=replicas,
+        replica_layout=layout,
+        replica_sync_every=shard.replica_sync_every,
         group_size=topology.world_size,
         replica_table=[{**asdict(g.estimate), "fits": g.estimate.fits} for g in groups.values()],
         **estimates_to_dict(table_est, rank_est),

@@ -294,3 +294,17 @@ def _jt(values: torch.Tensor):
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
     return JaggedTensor(values=values, lengths=torch.ones_like(values))
+
+
+def test_validation_names_the_setting() -> None:
+    from trainer.config.validate import validate
+
+    validate(tiny_config(), world_size=1)  # row_wise on one rank is fine with MC
+    cfg = tiny_config()
+    cfg.trainer.export = True
+    with pytest.raises(ConfigError, match="cannot carry the id remap"):
+        validate(cfg, world_size=1)
+    cfg = tiny_config()
+    cfg.sharding.strategy = "table_wise"
+    with pytest.raises(ConfigError, match="sharding=row_wise"):
+        validate(cfg, world_size=2)

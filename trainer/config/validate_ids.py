@@ -17,6 +17,17 @@ from trainer.config.checks import check
 from trainer.config.schema import Config
 
 
+def check_exportable(cfg: Config, *, key: str = "trainer.export") -> None:
+    """The serving bundle has no remap yet: a hashed or managed-collision model cannot be
+    exported (it would score every id through the wrong row)."""
+    kind = str(cfg.model.id_management)
+    check(
+        kind == "direct",
+        f"{key}: model.id_management={kind}: the serving bundle cannot carry the id remap "
+        f"yet, so this model is not exported (see docs/online.md, Managed collision)",
+    )
+
+
 def validate_id_management(cfg: Config) -> None:
     m = cfg.model
     kind = str(m.id_management)
@@ -39,11 +50,8 @@ def validate_id_management(cfg: Config) -> None:
         f"{key}: torchrec shards managed-collision tables row-wise only; pass "
         f"sharding=row_wise (also on one rank) and no other per-table strategy",
     )
-    check(
-        not cfg.trainer.export,
-        f"{key}: the serving bundle cannot carry the id remap yet; pass "
-        f"trainer.export=false (see docs/online.md, Managed collision)",
-    )
+    if cfg.trainer.export:
+        check_exportable(cfg, key="trainer.export=true")
     check(
         cfg.distill.name == "none",
         f"{key} with distill={cfg.distill.name} is not supported; use distill=none",

@@ -19,8 +19,8 @@ Numbering goes on after a resume from the versions already there.
 The walk's thread only gathers what the export needs (trainer/online/snapshot.py:
 the collective part, a few copies), then forks: the child process builds the
 program, ``torch.export``s it, writes and scores it from its copy-on-write view
-of that moment (one intra-op thread, no process group, no CUDA; it leaves with
-``os._exit``), while a parent thread waits for it and does the fsyncs and
+of that moment (one intra-op thread, ``nice`` 10, no process group, no CUDA; it
+leaves with ``os._exit``), while a parent thread waits for it and does the fsyncs and
 renames. A process, not a thread: ``torch.export`` sets process-wide state
 (``torch.compiler.is_exporting()``) under which the training thread's DDP
 forward raises. One publish in flight at a time: a publish that finds the
@@ -171,10 +171,12 @@ class Publisher:
         try:
             _, status = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(status)
+            reported = json.loads(result_file.read_text()) if result_file.exists() else {}
+            _remove(result_file)
             if code != 0:
-                raise RuntimeError(f"the writer process exited with {code} (see its log)")
-            record["result"] = json.loads(result_file.read_text())
-            result_file.unlink()
+                why = reported.get("error", "see its log")
+                raise RuntimeError(f"the writer process exited with {code}: {why}")
+            record["result"] = reported["result"]
             stamp = {"version": version, **info, "published_at": time.time()}
             (tmp / VERSION_FILE).write_text(json.dumps(stamp, indent=2))
             _fsync_tree(tmp)
@@ -218,11 +220,13 @@ def _child(write: Writer, tmp: Path, result_file: Path) -> None:
         # One intra-op thread: a forked OpenMP pool must not be entered (as in
         # torch's DataLoader workers); it also leaves the cores to training.
         torch.set_num_threads(1)
+        os.nice(10)  # background work: training keeps its cores when they are short
         result = write(tmp)
-        result_file.write_text(json.dumps(result, default=str))
+        result_file.write_text(json.dumps({"result": result}, default=str))
         code = 0
-    except BaseException:
+    except BaseException as err:
         traceback.print_exc()
+        result_file.write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

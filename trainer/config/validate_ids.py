@@ -50,6 +50,11 @@ def validate_id_management(cfg: Config) -> None:
         f"{key}: torchrec shards managed-collision tables row-wise only; pass "
         f"sharding=row_wise (also on one rank) and no other per-table strategy",
     )
+    check(
+        str(cfg.sharding.replicas) == "1",
+        f"{key} with sharding.replicas={cfg.sharding.replicas} (2D sparse parallelism) is "
+        f"not supported: each replica group would keep its own id maps; use sharding.replicas=1",
+    )
     if cfg.trainer.export:
         check_exportable(cfg, key="trainer.export=true")
     check(

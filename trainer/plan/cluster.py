@@ -115,7 +115,7 @@ class _GroupPlan:
     estimate: ReplicaEstimate
 
 
-def _sync_bw(cfg: Config) -> float:
+def sync_bandwidth(cfg: Config) -> float:
     """Bytes/ms of the replica sync: intra-host (interleaved) or inter-host (hosts)."""
     topo = cfg.topology
     if cfg.sharding.replica_layout == "hosts":  # torchrec's defaults: 12.5 and 600 GB/s
@@ -141,7 +141,7 @@ def _plan_group(cfg: Config, ctx: dict[str, Any], replicas: int) -> _GroupPlan:
         replicas=replicas,
         world_size=world_size,
         group_local_world_size=group_local,
-        sync_bw_bytes_per_ms=_sync_bw(cfg),
+        sync_bw_bytes_per_ms=sync_bandwidth(cfg),
         layout=shard.replica_layout,
         sync_every=shard.replica_sync_every,
         plan_time_s=group.capture.run_time_s,

@@ -14,7 +14,12 @@ from trainer.config.schema import (
     TableConfig,
     to_config,
 )
-from trainer.config.validate import open_source, validate, validate_for_device
+from trainer.config.validate import (
+    open_source,
+    validate,
+    validate_for_device,
+    validate_for_training,
+)
 
 GROUPS = ["model", "data", "sharding", "topology", "precision", "qat", "optim", "trainer", "logger"]
 
@@ -154,3 +159,22 @@ def test_uvm_caching_on_cpu_is_a_clear_error(compose_cfg) -> None:
     with pytest.raises(ConfigError, match="needs CUDA.*compute_kernel=fused"):
         validate_for_device(cfg, "cpu")
     validate_for_device(cfg, "cuda")
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("sharding.replica_layout=hosts", ["sharding.replica_layout=hosts", "planning-only"]),
+        ("sharding.replica_sync_every=10", ["sharding.replica_sync_every=10", "=1"]),
+    ],
+)
+def test_planning_only_replica_settings_refused_for_training(
+    compose_cfg, override: str, names: list[str]
+) -> None:
+    cfg = _cfg(compose_cfg, "sharding.replicas=2", override)
+    validate(cfg, world_size=4, local_world_size=2)  # python -m trainer.plan accepts it
+    with pytest.raises(ConfigError) as err:
+        validate_for_training(cfg)
+    for name in names:
+        assert name in str(err.value)
+    validate_for_training(_cfg(compose_cfg, "sharding.replicas=2"))  # the defaults train

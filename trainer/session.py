@@ -66,7 +66,12 @@ from trainer.config.run_dir import agree_on_run_dir
 from trainer.config.saved import check_resumable
 from trainer.config.schema import Config, ConfigError, config_to_yaml
 from trainer.config.tables import RunTables, run_tables
-from trainer.config.validate import open_source, validate, validate_for_device
+from trainer.config.validate import (
+    open_source,
+    validate,
+    validate_for_device,
+    validate_for_training,
+)
 from trainer.data.source import DataSource
 from trainer.loop.trainer import Trainer
 from trainer.plan.run_plan import World, plan_meta_model
@@ -242,6 +247,7 @@ def session(
         world_size=world_size_from_env(),
         local_world_size=local_world_size_from_env(),
     )
+    validate_for_training(cfg)  # what trainer.plan accepts but training does not apply
     env = init_distributed(
         backend=cfg.sharding.backend,
         device=cfg.sharding.device,

@@ -73,6 +73,28 @@ def open_source(data: Any, *, seed: int | None = None) -> DataSource:
         raise ConfigError(str(err)) from err
 
 
+def validate_for_training(cfg: Config) -> None:
+    """What a training run (``python -m trainer``) refuses that planning accepts.
+
+    ``python -m trainer.plan`` plans with ``sharding.replica_layout`` and
+    ``sharding.replica_sync_every``; the trainer does not apply them yet, so a run
+    with either set would silently train interleaved groups synced every step.
+    """
+    s = cfg.sharding
+    check(
+        s.replica_layout == "interleaved",
+        f"sharding.replica_layout={s.replica_layout} is planning-only today (python -m "
+        f"trainer.plan); the trainer lays the replica groups out interleaved. Train with "
+        f"sharding.replica_layout=interleaved (the default)",
+    )
+    check(
+        s.replica_sync_every == 1,
+        f"sharding.replica_sync_every={s.replica_sync_every} is planning-only today "
+        f"(python -m trainer.plan); the trainer syncs the replicas every step. Train with "
+        f"sharding.replica_sync_every=1 (the default)",
+    )
+
+
 def validate_synthetic(d: SyntheticDataConfig) -> None:
     """``data=synthetic``: what the planted model needs."""
     check(d.num_dense >= 0, f"data.num_dense={d.num_dense} must be >= 0")

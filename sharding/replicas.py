@@ -23,12 +23,16 @@ to the copy with the summed gradient. The price: one copy of the rank's rows
 and accumulators, and an all-reduce of its rows, every step.
 
 ``every=N > 1`` (``sharding.replica_sync_every``) syncs every N steps instead:
-each replica trains on its own group's gradients in between, and the sync adds
-up the replicas' changes since the last sync, ``w = w_s + sum_k (w_k - w_s)``,
-likewise for the accumulators (one all-reduce of rows + accumulators). This is
-not the K = 1 trajectory: between syncs a replica does not see the others'
-updates (the divergence is measured in docs/scaling.md). Steps after the last
-sync stay unsynced until :meth:`ReplicaSync.flush`.
+each replica trains on its own group's gradients in between, and the sync
+averages the replicas' changes since the last sync, ``w = w_s + mean_k (w_k -
+w_s)`` (the replicas' mean, as torchrec's ``DMPCollection.sync()``), likewise
+for the accumulators (one all-reduce of rows + accumulators). Summing instead
+would move a row both replicas touched about K times its K = 1 step (each
+replica's row-wise Adagrad normalises its own gradient). This is not the K = 1
+trajectory: between syncs a replica does not see the others' updates (the
+divergence is measured in docs/scaling.md). Steps after the last sync stay
+unsynced until :meth:`ReplicaSync.flush` (the trainer flushes before every
+checkpoint).
 
 Example::
 
@@ -167,6 +171,8 @@ class ReplicaGroups:
             global_pg=dist.group.WORLD,  # type: ignore[arg-type]
             device_mesh=self.mesh,
             node_group_size=node_group_size,
+            # torchrec's remap_rank and 2-D intra-host groups follow the layout
+            use_inter_host_allreduce=self.layout == "hosts",
         )
         env.output_dtensor = False
         return env
@@ -236,7 +242,8 @@ def _fused_optimizer(dmp: DistributedModelParallel) -> KeyedOptimizer:
 
 
 class ReplicaSync:
-    """Sums each step's table gradients over the replica group (see the module docstring)."""
+    """Sums each step's table gradients over the replica group, or averages the replicas'
+    changes every ``every`` steps (see the module docstring)."""
 
     def __init__(
         self,
@@ -288,7 +295,7 @@ class ReplicaSync:
     @torch.no_grad()
     def sync(self) -> None:
         """After the fused update: the replica group's summed gradient, re-applied
-        (every step), or the replicas' summed changes every ``every`` steps."""
+        (every step), or the replicas' averaged changes every ``every`` steps."""
         if self.groups.replicas == 1:
             return
         if self.every > 1:
@@ -317,7 +324,7 @@ class ReplicaSync:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Collective: adds up the replicas' changes since the last sync (every > 1)."""
+        """Collective: averages the replicas' changes since the last sync (every > 1)."""
         if self.groups.replicas == 1 or self._anchor is None:
             return
         shards = list(_shard_pairs(_fused_optimizer(self.dmp)))
@@ -326,6 +333,7 @@ class ReplicaSync:
             deltas += [(rows - rows0).reshape(-1), acc - acc0]
         flat = torch.cat(deltas) if deltas else torch.zeros(0)
         all_sum(flat, group=self.groups.replica_pg)
+        flat /= self.groups.replicas  # the mean change: every replica ends on the mean
         self.synced_bytes = flat.numel() * flat.element_size()
         offset = 0
         for (rows, acc, _), (rows0, acc0) in zip(shards, self._anchor, strict=True):

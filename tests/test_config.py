@@ -161,20 +161,19 @@ def test_uvm_caching_on_cpu_is_a_clear_error(compose_cfg) -> None:
     validate_for_device(cfg, "cuda")
 
 
-@pytest.mark.parametrize(
-    ("override", "names"),
-    [
-        ("sharding.replica_layout=hosts", ["sharding.replica_layout=hosts", "planning-only"]),
-        ("sharding.replica_sync_every=10", ["sharding.replica_sync_every=10", "=1"]),
-    ],
-)
-def test_planning_only_replica_settings_refused_for_training(
-    compose_cfg, override: str, names: list[str]
-) -> None:
-    cfg = _cfg(compose_cfg, "sharding.replicas=2", override)
-    validate(cfg, world_size=4, local_world_size=2)  # python -m trainer.plan accepts it
-    with pytest.raises(ConfigError) as err:
-        validate_for_training(cfg)
-    for name in names:
-        assert name in str(err.value)
-    validate_for_training(_cfg(compose_cfg, "sharding.replicas=2"))  # the defaults train
+def test_replica_layout_and_sync_every_checked_for_training(compose_cfg) -> None:
+    hosts = _cfg(compose_cfg, "sharding.replicas=2", "sharding.replica_layout=hosts")
+    validate_for_training(hosts, world_size=4, local_world_size=2)  # 2 hosts, one per group
+    with pytest.raises(ConfigError, match="replica_layout=hosts needs whole hosts"):
+        validate_for_training(hosts, world_size=4, local_world_size=4)  # 2 ranks of 1 host
+    validate_for_training(  # K = 1: the layout does not matter
+        _cfg(compose_cfg, "sharding.replica_layout=hosts"), world_size=4, local_world_size=4
+    )
+    every = _cfg(compose_cfg, "sharding.replicas=2", "sharding.replica_sync_every=10")
+    validate_for_training(every, world_size=4, local_world_size=2)
+    every.sharding.replica_sync_every = 0
+    with pytest.raises(ConfigError, match="replica_sync_every=0 must be >= 1"):
+        validate_for_training(every, world_size=4, local_world_size=2)
+    typo = _cfg(compose_cfg, "sharding.replicas=2", "sharding.replica_layout=rows")
+    with pytest.raises(ConfigError, match="replica_layout='rows'"):
+        validate_for_training(typo, world_size=4, local_world_size=2)

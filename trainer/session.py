@@ -51,6 +51,7 @@ from sharding import (
 from sharding.collectives import all_gather_object
 from sharding.dist import local_world_size_from_env, world_size_from_env
 from sharding.dmp import DenseLRSchedule, combined_optimizer, dense_lr_schedule
+from sharding.replica_plan import check_layout, group_shape
 from sharding.replicas import (
     ReplicaGroups,
     ReplicaSync,
@@ -108,18 +109,24 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
     # made for world/K ranks (sharding/replicas.py); 1 is one group, the whole world.
     try:
         replicas = training_replicas(cfg.sharding.replicas, env.world_size)
+        # interleaved: a group has L / K ranks on every host; hosts: whole hosts of L
+        layout = check_layout(cfg.sharding.replica_layout) if replicas > 1 else "interleaved"
+        group_size, group_local = group_shape(
+            env.world_size, cfg.topology.local_world_size or env.local_world_size, replicas, layout
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     groups = None
     if replicas > 1:
         groups = ReplicaGroups.create(
-            world_size=env.world_size, replicas=replicas, device_type=env.device.type
+            world_size=env.world_size,
+            replicas=replicas,
+            device_type=env.device.type,
+            layout=layout,
         )
     world = World(
-        world_size=env.world_size // replicas,
-        local_world_size=max(
-            1, (cfg.topology.local_world_size or env.local_world_size) // replicas
-        ),
+        world_size=group_size,
+        local_world_size=group_local,
         device=torch.device(cfg.topology.compute_device or env.device.type),
     )
     model, planned = plan_meta_model(
@@ -159,7 +166,12 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
         raise ConfigError(str(err)) from None
     optimizer = converters.wrap_optimizer(dmp, optimizer, device=env.device, process_group=env.pg)
     if groups is not None:  # step() then sums the tables' gradients over the replicas
-        sync = ReplicaSync(dmp, groups=groups, eps=cfg.optim.embedding_eps)
+        sync = ReplicaSync(
+            dmp,
+            groups=groups,
+            eps=cfg.optim.embedding_eps,
+            every=cfg.sharding.replica_sync_every,  # N > 1: averages every N steps
+        )
         optimizer = ReplicaSyncOptimizer(optimizer, sync)  # type: ignore[arg-type]
     return Built(
         model=dmp,
@@ -169,6 +181,12 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
         converters=converters,
         lr_schedule=lr_schedule,
     )
+
+
+def replica_flush(optimizer: Any) -> Callable[[], None] | None:
+    """K > 1 synced every N > 1 steps: replicas saved between syncs agree once flushed."""
+    sync = getattr(optimizer, "replica_sync", None)
+    return sync.flush if sync is not None else None
 
 
 def set_cpu_threads(num_threads: int | None, *, local_world_size: int) -> int:
@@ -247,7 +265,11 @@ def session(
         world_size=world_size_from_env(),
         local_world_size=local_world_size_from_env(),
     )
-    validate_for_training(cfg)  # what trainer.plan accepts but training does not apply
+    validate_for_training(  # the replica layout as build() applies it
+        cfg,
+        world_size=world_size_from_env(),
+        local_world_size=cfg.topology.local_world_size or local_world_size_from_env(),
+    )
     env = init_distributed(
         backend=cfg.sharding.backend,
         device=cfg.sharding.device,
@@ -279,6 +301,7 @@ def session(
             config_yaml=config_to_yaml(cfg),
             async_save=cfg.trainer.async_checkpoint,
             on_error=cfg.trainer.on_checkpoint_error,
+            before_save=replica_flush(built.optimizer),
         )
         trainer = Trainer(
             model=built.model,

@@ -37,6 +37,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,9 @@ class Checkpointer:
     config_yaml: str
     async_save: bool = False
     on_error: str = "stop"  # stop | warn
+    # Collective, run first in every save: e.g. the replica sync's flush(), so replicas
+    # saved between syncs agree (sharding/replicas.py).
+    before_save: Callable[[], None] | None = None
     blocked_s: list[float] = field(default_factory=list)  # per save: the loop's wait
     write_s: list[float] = field(default_factory=list)  # rank 0: save start to complete
     failed_saves: int = 0
@@ -154,6 +158,8 @@ class Checkpointer:
         """Collective: saves ``step`` (async: starts it). None if it failed under ``warn``."""
         start = time.perf_counter()
         self.wait()  # one save in flight at a time
+        if self.before_save is not None:
+            self.before_save()
         final = self.directory / f"step_{step}"
         tmp = self.directory / f"{_TMP_PREFIX}step_{step}"
         error = None

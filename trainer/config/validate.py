@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sharding.planner import HIERARCHICAL
+from sharding.replica_plan import check_layout, group_shape
 from sharding.replicas import parse_replicas
 from trainer.checkpoint.load import check_checkpoint
 from trainer.config.checks import check, layer_sizes, positive
@@ -73,26 +74,23 @@ def open_source(data: Any, *, seed: int | None = None) -> DataSource:
         raise ConfigError(str(err)) from err
 
 
-def validate_for_training(cfg: Config) -> None:
+def validate_for_training(cfg: Config, *, world_size: int, local_world_size: int) -> None:
     """What a training run (``python -m trainer``) refuses that planning accepts.
 
-    ``python -m trainer.plan`` plans with ``sharding.replica_layout`` and
-    ``sharding.replica_sync_every``; the trainer does not apply them yet, so a run
-    with either set would silently train interleaved groups synced every step.
+    ``sharding.replica_layout`` / ``replica_sync_every`` as the trainer applies them
+    (trainer/session.py): the layout must cut whole hosts per group, N >= 1.
     """
     s = cfg.sharding
     check(
-        s.replica_layout == "interleaved",
-        f"sharding.replica_layout={s.replica_layout} is planning-only today (python -m "
-        f"trainer.plan); the trainer lays the replica groups out interleaved. Train with "
-        f"sharding.replica_layout=interleaved (the default)",
+        s.replica_sync_every >= 1,
+        f"sharding.replica_sync_every={s.replica_sync_every} must be >= 1 (1: every step, exact)",
     )
-    check(
-        s.replica_sync_every == 1,
-        f"sharding.replica_sync_every={s.replica_sync_every} is planning-only today "
-        f"(python -m trainer.plan); the trainer syncs the replicas every step. Train with "
-        f"sharding.replica_sync_every=1 (the default)",
-    )
+    try:
+        replicas = parse_replicas(s.replicas, world_size)
+        if replicas is not None and replicas > 1:
+            group_shape(world_size, local_world_size, replicas, check_layout(s.replica_layout))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate_synthetic(d: SyntheticDataConfig) -> None:

@@ -35,8 +35,12 @@ train: $(STAMP)  ## train the built-in default (synthetic data, planted model) a
 prepare: $(STAMP)  ## raw data into shards once: make prepare ARGS="data=criteo 'data.raw=[day_0]' data.dir=DIR"
 	$(BIN)/python -m trainer.prepare $(ARGS)
 
+# Two pytest-xdist workers (TEST_WORKERS=0: one process): a test module stays on one
+# worker, and the tests that time processes against each other share one worker
+# (tests/conftest.py, SERIAL_MODULES).
+TEST_WORKERS ?= 2
 test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope $(ARGS)
 
 test-slow: $(STAMP)  ## the slow tier: e.g. the default job reaches the oracle AUC (minutes)
 	$(BIN)/python -m pytest -m slow -s $(ARGS)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: composing the real conf/ with Hydra's compose API."""
+"""Shared test fixtures (composing the real conf/ with Hydra's compose API) and the
+grouping of tests over ``make test``'s pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -38,6 +39,38 @@ def _slurm_tier(request: pytest.FixtureRequest) -> None:
         from tests.slurm_util import require_slurm
 
         require_slurm()
+
+
+# Tests that time real processes against each other (a rank killed at a step, an
+# elastic join, a SLURM job requeued, a follow job polling, a reader polling a
+# publisher): one worker runs them one after another, so two of them never share
+# the 2 cores. Every other test module stays whole on one worker (its module
+# fixtures run once) and the modules are spread over the workers.
+SERIAL_MODULES = frozenset(
+    {
+        "test_elastic",
+        "test_faults_blocked",
+        "test_faults_checkpoint",
+        "test_faults_kill",
+        "test_follow",
+        "test_publish",
+        "test_slurm",
+        "test_slurm_preempt",
+    }
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole modules to a worker; all of SERIAL_MODULES to the same one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "serial" if Path(module).stem in SERIAL_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 POSTGRES_URL = "postgresql://shardrec:shardrec@localhost:5432/shardrec_test"  # .ci/run's

@@ -5,7 +5,10 @@
 model trained so far (the next-day AUC), then train ``online.steps_per_day``
 steps on it, checkpoint, export. ``trainer/online/days.py`` is the walk,
 ``stream.py`` its day-switching source, ``report.py`` ``days.jsonl``, the
-per-day table and ``days.png``.
+per-day table and ``days.png``. ``publish.py`` publishes the serving bundle
+atomically (``exports/v<k>/`` and ``LATEST``) from a forked writer
+(``snapshot.py``); ``follow.py`` trains the partitions of a prepared dataset as
+they arrive (``partition_stream.py``, ``online.follow=true``).
 
 Example::
 

@@ -54,263 +54,22 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
-from torchrec.models.dlrm import DenseArch, OverArch
 
 from compression.converter import Converter, Forward
+from compression.lowrank_layers import (
+    SvdLowRankLinear,
+    dense_layers,
+    dense_report,
+    factorize_dense,
+    reset_optimizer_state,
+)
 
 MODES = ("none", "from_start", "svd")
-
-
-class _DownFactor(nn.Linear):
-    """``down`` of a from-start factorization: a Linear whose init is ``sqrt(3)`` wider,
-    so ``up @ down`` starts with the variance of a dense Linear's init (``1 / (3 in)``)."""
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        with torch.no_grad():
-            self.weight.mul_(math.sqrt(3.0))
-
-
-class LowRankLinear(nn.Module):
-    """``x -> up(down(x))``: ``down`` ``[rank x in]`` (no bias), ``up`` ``[out x rank]`` (bias)."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        *,
-        bias: bool = True,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.down = _DownFactor(in_features, rank, bias=False, device=device)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device)
-
-    @property
-    def rank(self) -> int:
-        return self.up.in_features
-
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        hidden = self.down(x)
-        return self.up(hidden if keep is None else hidden * keep)
-
-
-def master_weight(linear: nn.Linear) -> Tensor:
-    """The weight the optimizer updates (the fp32 master under dense QAT's parametrization)."""
-    if parametrize.is_parametrized(linear, "weight"):
-        return linear.parametrizations.weight.original
-    return linear.weight
-
-
-def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``(down [rank x in], up [out x rank])`` with ``up @ down`` the best rank-``rank``
-    approximation of ``weight`` (exact at ``min(in, out)``)."""
-    p, s, qh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return root[:, None] * qh[:rank], p[:, :rank] * root[None, :]
-
-
-def energy_rank(weight: Tensor, energy: float) -> int:
-    """The fewest singular values of ``weight`` whose squares reach ``energy`` of the total."""
-    s2 = torch.linalg.svdvals(weight.detach().float()) ** 2
-    share = torch.cumsum(s2, 0) / s2.sum().clamp(min=torch.finfo(s2.dtype).tiny)
-    return min(int((share < energy - 1e-7).sum()) + 1, s2.numel())
-
-
-def saves(in_features: int, out_features: int, rank: int) -> bool:
-    """Whether rank ``rank`` stores fewer weights than the dense ``[out x in]``."""
-    return rank * (in_features + out_features) < in_features * out_features
-
-
-def layer_rank(in_features: int, out_features: int, *, rank: int, fraction: float) -> int:
-    """The rank a layer gets from ``rank`` or ``fraction`` (module docstring)."""
-    if rank > 0:
-        return min(rank, in_features, out_features)
-    by_fraction = math.floor(fraction * in_features * out_features / (in_features + out_features))
-    return max(1, by_fraction)
-
-
-class SvdLowRankLinear(nn.Module):
-    """A dense Linear until :meth:`factorize`, then its truncated SVD, fine-tuned
-    (module docstring). ``capacity``: the largest rank the swap may keep."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        capacity: int,
-        *,
-        bias: bool = True,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.full = nn.Linear(in_features, out_features, bias=bias, device=device)
-        self.low = LowRankLinear(in_features, out_features, capacity, bias=bias, device=device)
-        # Zeros, as DMP materialises meta buffers: not yet factorized, nothing kept.
-        self.register_buffer("factorized", torch.zeros((), device=device))
-        self.register_buffer("keep", torch.zeros(capacity, device=device))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Both branches always run, so every parameter gets a gradient (zero for the
-        # branch that is off) and DDP's reducer sees the same parameters every step.
-        f = self.factorized
-        return (1 - f) * self.full(x) + f * self.low(x, self.keep)
-
-    @property
-    def kept_rank(self) -> int:
-        return int(self.keep.sum())
-
-    @torch.no_grad()
-    def factorize(self, *, rank: int = 0, energy: float = 0.0) -> int:
-        """Switches to the truncated SVD of the dense weight; returns the rank kept."""
-        weight = master_weight(self.full)
-        k = energy_rank(weight, energy) if energy > 0 else rank
-        k = min(k, self.low.rank)
-        down, up = svd_factors(weight, k)
-        down_w, up_w = master_weight(self.low.down), master_weight(self.low.up)
-        down_w.zero_()
-        up_w.zero_()
-        down_w[:k] = down
-        up_w[:, :k] = up
-        if self.full.bias is not None:
-            self.low.up.bias.copy_(self.full.bias)
-        self.keep.zero_()
-        self.keep[:k] = 1
-        self.factorized.fill_(1)
-        return k
-
-    @torch.no_grad()
-    def served(self) -> nn.Module:
-        """A plain module computing what this one computes: the kept factors, or the
-        dense Linear when not factorized (fp32 master weights, no parametrization)."""
-        device = self.keep.device
-        has_bias = self.full.bias is not None
-        if not bool(self.factorized):
-            dense = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=device)
-            dense.weight.copy_(master_weight(self.full))
-            if has_bias:
-                dense.bias.copy_(self.full.bias)
-            return dense
-        k = self.kept_rank
-        low = LowRankLinear(self.in_features, self.out_features, k, bias=has_bias, device=device)
-        low.down.weight.copy_(master_weight(self.low.down)[:k])
-        low.up.weight.copy_(master_weight(self.low.up)[:, :k])
-        if has_bias:
-            low.up.bias.copy_(self.low.up.bias)
-        return low
-
-
-_FACTORIZED = (LowRankLinear, SvdLowRankLinear)
-
-
-def _dense_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of each dense/over-arch layer: plain Linears not inside a
-    factorized layer, and the factorized layers themselves."""
-    found: list[tuple[str, nn.Module]] = []
-    for arch_name, arch in model.named_modules():
-        if not isinstance(arch, (DenseArch, OverArch)):
-            continue
-        inner: set[str] = set()
-        for name, m in arch.named_modules():
-            if any(name.startswith(f"{p}.") for p in inner):
-                continue
-            if isinstance(m, _FACTORIZED):
-                inner.add(name)
-                found.append((f"{arch_name}.{name}", m))
-            elif isinstance(m, nn.Linear):
-                found.append((f"{arch_name}.{name}", m))
-    return found
-
-
-def factorize_dense(
-    model: nn.Module, *, mode: str, rank: int = 0, fraction: float = 0.0, energy: float = 0.0
-) -> dict[str, int]:
-    """In place: the dense Linears that rank would shrink become factorized layers
-    (``from_start``: :class:`LowRankLinear`; ``svd``: :class:`SvdLowRankLinear`).
-
-    Returns ``{layer name: rank}`` (the capacity for ``svd`` with ``energy``). Works
-    on ``meta``; layers that are already factorized are left as they are.
-    """
-    out: dict[str, int] = {}
-    for name, linear in _dense_layers(model):
-        if not isinstance(linear, nn.Linear):
-            continue
-        n_in, n_out = linear.in_features, linear.out_features
-        if energy > 0:  # built at full rank; the SVD picks the rank
-            r, least = min(n_in, n_out), 1
-        else:
-            r = least = layer_rank(n_in, n_out, rank=rank, fraction=fraction)
-        if not saves(n_in, n_out, least):
-            continue
-        kwargs = {"bias": linear.bias is not None, "device": linear.weight.device}
-        if mode == "from_start":
-            layer: nn.Module = LowRankLinear(n_in, n_out, r, **kwargs)
-        else:
-            layer = SvdLowRankLinear(n_in, n_out, r, **kwargs)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-        out[name] = r
-    return out
-
-
-def _layer_params(m: nn.Module) -> tuple[int, int]:
-    """(weights + biases as served, as a dense Linear) of one dense layer."""
-    with_bias = {SvdLowRankLinear: "full", LowRankLinear: "up"}.get(type(m))
-    bias_of = getattr(m, with_bias) if with_bias else m
-    bias = m.out_features if bias_of.bias is not None else 0
-    dense = m.in_features * m.out_features + bias
-    if isinstance(m, SvdLowRankLinear) and bool(m.factorized):
-        return m.kept_rank * (m.in_features + m.out_features) + bias, dense
-    if isinstance(m, LowRankLinear):
-        return m.rank * (m.in_features + m.out_features) + bias, dense
-    return dense, dense
-
-
-def dense_report(model: nn.Module) -> dict[str, Any]:
-    """Ranks per factorized layer and the served / full-rank dense parameter counts."""
-    layers = _dense_layers(model)
-    counts = [_layer_params(m) for _, m in layers]
-    served, full = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    ranks = {}
-    for name, m in layers:
-        if isinstance(m, LowRankLinear):
-            ranks[name] = m.rank
-        elif isinstance(m, SvdLowRankLinear) and bool(m.factorized):
-            ranks[name] = m.kept_rank
-    return {
-        "ranks": ranks,
-        "dense_params": served,
-        "full_rank_dense_params": full,
-        "dense_params_fraction": served / max(full, 1),
-    }
-
-
-@torch.no_grad()
-def reset_optimizer_state(optimizer: Any, params: list[nn.Parameter]) -> int:
-    """Zeroes, in place, every state tensor the optimizer keeps for ``params`` (Adam's
-    moments and step count; Adagrad's sums): as if they had just been added. Returns
-    how many parameters had state."""
-    state = optimizer.state
-    reset = 0
-    for p in params:
-        entry = state.get(p) if hasattr(state, "get") else None
-        if not entry:
-            continue
-        for value in entry.values():
-            if isinstance(value, Tensor):
-                value.zero_()
-        reset += 1
-    return reset
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -404,7 +163,7 @@ class LowRankDense(Converter):
 
     def to_serving(self, model: nn.Module) -> nn.Module:
         served = copy.deepcopy(model)
-        for name, layer in _dense_layers(served):
+        for name, layer in dense_layers(served):
             if isinstance(layer, SvdLowRankLinear):
                 parent, _, child = name.rpartition(".")
                 setattr(served.get_submodule(parent), child, layer.served())

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from compression.lowrank_dense import (
-    LowRankDense,
+from compression.lowrank_dense import LowRankDense
+from compression.lowrank_layers import (
     LowRankLinear,
     SvdLowRankLinear,
     dense_report,

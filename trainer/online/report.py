@@ -106,8 +106,16 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def plot_days(records: list[dict[str, Any]], out_path: Path, *, title: str = "") -> Path:
-    """AUC (before training on the day) and oracle AUC per day, one PNG."""
+def plot_days(
+    records: list[dict[str, Any]],
+    out_path: Path,
+    *,
+    title: str = "",
+    baseline: list[dict[str, Any]] | None = None,
+    baseline_label: str = "baseline",
+) -> Path:
+    """AUC (before training on the day) and oracle AUC per day, one PNG; with
+    ``baseline`` (another walk's records, e.g. the frozen one) its AUC beside it."""
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -120,6 +128,14 @@ def plot_days(records: list[dict[str, Any]], out_path: Path, *, title: str = "")
         color="tab:orange",
         label="AUC of the model trained on the days before",
     )
+    if baseline:
+        ax.plot(
+            [r["day"] for r in baseline],
+            [r["auc"] for r in baseline],
+            marker="s",
+            color="tab:blue",
+            label=f"AUC of the {baseline_label} model",
+        )
     trained = [r["day"] for r in records if r.get("steps")]
     if trained and len(trained) < len(days):  # a frozen walk: mark where training stopped
         ax.axvline(

@@ -242,6 +242,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """AUC, log loss, NE and calibration over the whole eval set, all ranks."""
+        replica_sync = getattr(self.optimizer, "replica_sync", None)
+        if replica_sync is not None:  # synced every N > 1 steps: evaluate (and export) the mean
+            replica_sync.flush()
         self.model.eval()
         s = self.settings
         slices = eval_slices(

@@ -65,6 +65,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "mixed05_int8": ("mixed dims alpha 0.5, int8 QAT", ["model.mixed_dims=0.5", "qat=int8"]),
     "qr_int8": ("QR mul (>= 10k rows), int8 QAT", ["model.qr_min_rows=10000", "qat=int8"]),
     "qr_int4": ("QR mul (>= 10k rows), int4 QAT", ["model.qr_min_rows=10000", "qat=int4"]),
+    "qr5k_int4": ("QR mul (>= 5k rows), int4 QAT", ["model.qr_min_rows=5000", "qat=int4"]),
     "qr1k_int2": ("QR mul (>= 1k rows), int2 QAT", ["model.qr_min_rows=1000", "qat=int2"]),
     "distill_int8": (
         "distilled dim-4 student, int8 QAT",
@@ -263,7 +264,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"- at {_frac(b['budget'])}: best hand-picked is {rows[b['best']]['label']}, "
-            f"{b['gap']:+.4f} below fp32 (target <= {b['allowed']}): "
+            f"fp32 minus it {b['gap']:+.4f} AUC (target <= {b['allowed']}): "
             f"{'met' if b['met'] else 'missed'}"
         )
     for c in t["chooser"]:
@@ -272,7 +273,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"- chooser at {_frac(c['budget'])}: tables {c['ratio']:.4f} "
             f"({'within' if c['fits'] else 'OVER'} budget); best hand-picked at no more "
-            f"bytes: {versus}, ahead by {gap} (target <= {CHOOSER_TOLERANCE}): "
+            f"bytes: {versus}; it minus the chooser {gap} AUC (target <= {CHOOSER_TOLERANCE}): "
             f"{'-' if c['met'] is None else 'met' if c['met'] else 'missed'}"
         )
     for f in result["failed"]:

@@ -36,10 +36,13 @@ def _job(root: Path, arm: str, seed: int, summary: dict) -> None:
     (job / "summary.json").write_text(json.dumps(summary))
 
 
-def _export(auc: float, table_bytes: int) -> dict:
+def _export(auc: float, table_bytes: int, remap: int = 0) -> dict:
+    """An export entry; dense layers 1000 B; ``remap``: a pruned model's id map (not a
+    table in ``table_bytes``, but served beside the tables)."""
     return {
         "auc": auc,
-        "bytes": table_bytes + 1000,
+        "bytes": table_bytes + remap + 1000,
+        "fp32_bytes": FP32 + 1000,
         "table_bytes": table_bytes,
         "fp32_table_bytes": FP32,
     }
@@ -59,6 +62,8 @@ def test_report_front_targets_and_chooser(tmp_path: Path) -> None:
     for arm, per_seed in runs.items():
         for seed, (auc, size) in enumerate(per_seed):
             _job(tmp_path, arm, seed, {"auc": auc + 0.001, "export": _export(auc, size)})
+    # Pruned to 1/100 of the rows, but its id map (8 B per original row: 1/32) counts.
+    _job(tmp_path, "int2_prune", 0, {"auc": 0.8, "export": _export(0.7975, FP32 // 100, 16000)})
     (tmp_path / "int4" / "s0" / ".hydra").mkdir(parents=True)  # a failed job
     (tmp_path / "int4" / "s0" / ".hydra" / "overrides.yaml").write_text("- qat=int4\n")
 
@@ -71,6 +76,7 @@ def test_report_front_targets_and_chooser(tmp_path: Path) -> None:
     assert rows["qr_int8"]["auc"]["mean"] == pytest.approx(0.798)
     assert rows["qr_int8"]["auc"]["n"] == 2
     assert rows["qr_int8"]["served_bytes"] == FP32 // 25 + 1000
+    assert rows["int2_prune"]["ratio"] == pytest.approx(1 / 100 + 1 / 32, rel=1e-3)
     front = {n for n, r in rows.items() if r["pareto"]}
     assert front == {"fp32", "ptq_int8", "int2", "qr_int8", "qr1k_int2", "budget_50x"}
     t20, t50 = result["targets"]["budgets"]

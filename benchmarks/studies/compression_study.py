@@ -9,11 +9,13 @@ two: its fp32 eval (fp32 tables) and its int8 post-training export. The
 fp16-tables arm's own point is its training storage (the bundle has no 16-bit
 row format; its export is int8 PTQ, its second point).
 
-The x axis is the served *table* bytes (FBGEMM's packed rows with scale, bias
-and 16-byte row alignment, plus the factorized tables' fp32 projections:
-``export.table_bytes``) as a share of the unfactorized fp32 tables
-(rows x dim x 4 of the job's data), the quantity ``budget.ratio`` sets. The
-whole bundle (``export.bytes``: tables and dense layers) is in the table too.
+The x axis is the served *table-side* bytes: the export's ``bytes`` less its
+fp32 dense layers (``fp32_bytes - fp32_table_bytes``), i.e. FBGEMM's packed rows
+with scale, bias and 16-byte row alignment, the factorized tables' fp32
+projections, and a pruned model's id remap (int64 per original row), as a share
+of the unfactorized fp32 tables (rows x dim x 4 of the job's data), the quantity
+``budget.ratio`` sets. The whole served model (``export.bytes``) is in the table
+too.
 
 ``run`` trains the arms one job at a time (``nice -n 10``) into
 ``OUT/<arm>/s<seed>/`` (an existing ``summary.json`` is skipped, so a run can be
@@ -132,7 +134,7 @@ def points_of(job: Job) -> list[dict[str, Any]]:
     ref, export = fp32_table_bytes(job), summary.get("export", {})
     out = []
     if s in ("fp32", "fp16_tables"):  # the trained tables themselves (not a bundle format)
-        dense = export["bytes"] - export["table_bytes"]
+        dense = export["fp32_bytes"] - export["fp32_table_bytes"]
         storage = export["fp32_table_bytes"] if s == "fp32" else summary["embedding_bytes"]
         name = "fp32" if s == "fp32" else "fp16_tables"
         label = "fp32 tables" if s == "fp32" else "fp16 tables (training storage)"
@@ -142,9 +144,8 @@ def points_of(job: Job) -> list[dict[str, Any]]:
         label = {"fp32": "int8 PTQ of fp32", "fp16_tables": "int8 PTQ of fp16 tables"}.get(
             s, ARMS.get(s, (s,))[0]
         )
-        out.append(
-            _point(name, label, export["auc"], export["table_bytes"], export["bytes"], ref, s)
-        )
+        tables = export["bytes"] - (export["fp32_bytes"] - export["fp32_table_bytes"])
+        out.append(_point(name, label, export["auc"], tables, export["bytes"], ref, s))
     return out
 
 

@@ -138,7 +138,10 @@ def test_quantize_for_serving_names_bad_tables_and_bits() -> None:
         ["sharding=row_wise"],
         # Every table's columns split over both ranks: QAT all-reduces each row's
         # range, here the sums of its fitted range (compression/row_range.py).
-        ["sharding=column_wise", "sharding.column_shard_dim=8", "qat.range=mse"],
+        pytest.param(
+            ["sharding=column_wise", "sharding.column_shard_dim=8", "qat.range=mse"],
+            marks=pytest.mark.slow,  # a second torchrun export: the slow tier
+        ),
     ],
     ids=["row_wise", "column_wise-mse"],
 )
@@ -177,6 +180,7 @@ def test_torchrun_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
     assert abs(float(auc) - export["auc"]) < 1e-6
 
 
+@pytest.mark.slow  # the in-process export tests cover the PTQ error figure
 @pytest.mark.dist
 def test_python_m_trainer_ptq_export_shows_the_quantization_error(tmp_path: Path) -> None:
     """Without QAT, ``trainer.export_bits`` quantizes every table after training."""

@@ -124,6 +124,7 @@ def test_a_killed_rank_is_restarted_and_the_run_resumes_by_itself(tmp_path: Path
     _killed_run_resumes(tmp_path, nproc=2)
 
 
+@pytest.mark.slow  # 4 ranks: the 2-rank kill above stays in make test
 @pytest.mark.dist
 def test_a_killed_rank_of_four_is_restarted_and_resumes(tmp_path: Path) -> None:
     _killed_run_resumes(tmp_path, nproc=4)

@@ -205,5 +205,7 @@ def _sharded_worker(rank: int) -> None:
         destroy_distributed()
 
 
+@pytest.mark.slow  # 2 ranks, about 1.5 minutes; the one-process loss-scaling tests stay
+@pytest.mark.dist
 def test_two_ranks_unscale_once_and_skip_together() -> None:
     run_ranks(_sharded_worker, world_size=2)

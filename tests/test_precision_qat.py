@@ -180,6 +180,7 @@ def test_bf16_qat_distill_trains_and_exports_with_parity(tmp_path: Path) -> None
     assert abs(bf16["teacher.auc"] - fp32["teacher.auc"]) < 0.05
 
 
+@pytest.mark.slow  # the one-process bf16 + QAT + distillation run stays in make test
 @pytest.mark.dist
 def test_two_rank_bf16_qat_distill_exports_with_parity(tmp_path: Path) -> None:
     sharded = [*TINY, "sharding=row_wise"]

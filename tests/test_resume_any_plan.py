@@ -80,6 +80,7 @@ def test_resume_on_one_rank(saved: Path, compose_cfg, tmp_path: Path) -> None:
     _compare(saved, tmp_path, "1 rank auto")
 
 
+@pytest.mark.slow  # 4 ranks; resuming on one rank (another plan) stays in make test
 @pytest.mark.dist
 @pytest.mark.parametrize(
     ("label", "overrides"),

@@ -144,6 +144,7 @@ def test_report_of_an_empty_directory_says_how_to_sweep(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "+sweep=lr_batch" in proc.stderr
 
 
+@pytest.mark.slow  # a real multirun; tests/test_search.py runs real (optuna) sweeps in make test
 def test_a_real_sweep_with_a_failed_job(tmp_path: Path) -> None:
     """``python -m trainer -m +sweep=lr_batch`` (2 of its learning rates x steps 0 and 3):
     the num_steps=0 jobs fail validation, the sweep goes on, the report shows all 4."""

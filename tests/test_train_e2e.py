@@ -87,6 +87,7 @@ def test_torchrun_two_ranks_shards_the_tables(tmp_path: Path, strategy: str) -> 
     assert sorted(s["rank"] for s in shards) == [0, 1]
 
 
+@pytest.mark.slow  # 2 torchrun nodes; hierarchical equivalence stays (test_sharding_equivalence)
 @pytest.mark.dist
 def test_two_torchrun_nodes_train_table_row_wise(tmp_path: Path) -> None:
     """Two torchrun "hosts" on one machine (2 x 2 processes), static rendezvous."""

@@ -12,7 +12,7 @@ row format; its export is int8 PTQ, its second point).
 The x axis is the served *table-side* bytes: the export's ``bytes`` less its
 fp32 dense layers (``fp32_bytes - fp32_table_bytes``), i.e. FBGEMM's packed rows
 with scale, bias and 16-byte row alignment, the factorized tables' fp32
-projections, and a pruned model's id remap (int64 per original row), as a share
+projections, and a pruned model's id remap (about 8 bytes per id), as a share
 of the unfactorized fp32 tables (rows x dim x 4 of the job's data), the quantity
 ``budget.ratio`` sets. The whole served model (``export.bytes``) is in the table
 too.
@@ -303,7 +303,8 @@ def plot(result: dict[str, Any], out: Path, *, title: str = "") -> Path:
             color="tab:red" if r["chooser"] else ("tab:blue" if r["pareto"] else "tab:gray"),
             capsize=3,
         )
-        ax.annotate(r["label"], (r["ratio"], a["mean"]), fontsize=6, xytext=(4, 3),
+        offset = (4, -10) if r["chooser"] else (4, 3)  # chooser labels below the star
+        ax.annotate(r["label"], (r["ratio"], a["mean"]), fontsize=6, xytext=offset,
                     textcoords="offset points")  # fmt: skip
     front = sorted((r["ratio"], r["auc"]["mean"]) for r in rows.values() if r["pareto"])
     ax.plot([x for x, _ in front], [y for _, y in front], "-", color="tab:blue", alpha=0.5)

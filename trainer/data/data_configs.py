@@ -50,6 +50,21 @@ class TableFormat(StrEnum):
     atomic = "atomic"
 
 
+class PartitionBy(StrEnum):
+    none = "none"
+    day = "day"  # one partition per UTC day, named 2026-12-01
+    hour = "hour"  # one per UTC hour, named 2026-12-01T13
+
+
+class TimestampUnit(StrEnum):
+    """The unit of integer timestamps (seconds, milliseconds ... since 1970-01-01 UTC)."""
+
+    s = "s"
+    ms = "ms"
+    us = "us"
+    ns = "ns"
+
+
 class DenseNorm(StrEnum):
     standardize = "standardize"
     none = "none"
@@ -156,6 +171,13 @@ class TableDataConfig(PreparedDataConfig):
     buckets: dict[str, list[float]] = field(default_factory=dict)
     # Rows read per batch (bounds prepare's memory).
     batch_rows: int = 65536
+    # Cut the rows into partitions by timestamp_column (UTC day or hour), each
+    # appended to the partitioned dataset dir in time order (trainer.prepare.partition_by_time).
+    partition_by: PartitionBy = PartitionBy.none
+    # The time of each row: an Arrow timestamp or date, an integer (timestamp_unit
+    # since 1970 UTC), or text: such an integer or ISO 8601 (no zone: UTC). Not a feature.
+    timestamp_column: str = ""
+    timestamp_unit: TimestampUnit = TimestampUnit.s
 
 
 def register_data_schemas(cs: ConfigStore | None = None) -> None:

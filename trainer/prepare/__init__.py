@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trainer.data.data_configs import CriteoDataConfig, PreparedDataConfig, TableDataConfig
@@ -45,6 +45,8 @@ _NOT_IN_FINGERPRINT = {
     "check_ids",
     "dense_norm",
 }
+# data.partition_by's keys: in the fingerprint only when set (older fingerprints stay valid).
+_TIME_KEYS = ("partition_by", "timestamp_column", "timestamp_unit")
 
 
 @dataclass
@@ -53,11 +55,19 @@ class PrepareResult:
     metadata: ShardMetadata
     # True: data.dir already held these shards; nothing was written.
     up_to_date: bool
+    # data.partition_by: the partitions this call appended, in order.
+    appended: list[str] = field(default_factory=list)
+    # data.partition_by: the rows skipped (data.on_bad_row=skip), as metadata's bad_rows.
+    skipped: dict = field(default_factory=dict)
 
 
 def prepare(cfg: PreparedDataConfig, *, progress: bool = True) -> PrepareResult:
     """Prepares ``cfg.raw`` (and ``cfg.eval_raw``) into ``cfg.dir``; see the module docstring."""
     _check_settings(cfg)
+    if isinstance(cfg, TableDataConfig) and str(cfg.partition_by) != "none":
+        from trainer.prepare.partition_by_time import prepare_by_time
+
+        return prepare_by_time(cfg, progress=progress)
     if cfg.partition:  # one partition of a partitioned dataset, appended
         from trainer.prepare.partitions import prepare_partition
 
@@ -94,13 +104,22 @@ def prepare(cfg: PreparedDataConfig, *, progress: bool = True) -> PrepareResult:
 
 def settings_fingerprint(cfg: PreparedDataConfig, inputs: list[dict]) -> str:
     """sha256 of the settings that shape the arrays and of the inputs (path, size, mtime)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    settings = fingerprint_settings(cfg)
     blob = json.dumps(
         {"version": PREPARE_VERSION, "settings": settings, "inputs": inputs},
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprint_settings(cfg: PreparedDataConfig) -> dict:
+    """The settings that shape the arrays (the fingerprint's), as in ``asdict(cfg)``."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    if str(settings.get("partition_by", "none")) == "none":
+        for key in _TIME_KEYS:
+            settings.pop(key, None)
+    return settings
 
 
 def _check_settings(cfg: PreparedDataConfig) -> None:

@@ -52,9 +52,14 @@ def main(argv: list[str]) -> int:
         print(f"shardrec: prepare error: {_one_line(err)}", file=sys.stderr)
         return 2
     meta = result.metadata
+    skipped_rows = result.skipped or meta.bad_rows
     if result.up_to_date:
         print(f"{result.directory}: up to date (same settings and inputs), nothing to do")
+        _print_skipped(result.skipped)
         return 0
+    if result.appended:
+        names = ", ".join(result.appended)
+        print(f"{data.dir}: appended {len(result.appended)} partitions ({names}); the last:")
     seconds = time.perf_counter() - start
     rows = sum(s.num_rows for s in meta.splits.values())
     splits = ", ".join(f"{name} {s.num_rows:,} rows" for name, s in meta.splits.items())
@@ -63,12 +68,16 @@ def main(argv: list[str]) -> int:
         f"  {len(meta.features)} features ({meta.mapping['kind']}), "
         f"{meta.num_dense} dense, tables {[f.num_embeddings for f in meta.features]}"
     )
-    skipped = meta.bad_rows.get("skipped", 0)
-    if skipped:
-        print(f"  skipped {skipped} bad rows: {meta.bad_rows['by_reason']}")
-        for example in meta.bad_rows.get("examples", [])[:3]:
-            print(f"    {example}")
+    _print_skipped(skipped_rows)
     return 0
+
+
+def _print_skipped(bad_rows: dict) -> None:
+    skipped = bad_rows.get("skipped", 0)
+    if skipped:
+        print(f"  skipped {skipped} bad rows: {bad_rows['by_reason']}")
+        for example in bad_rows.get("examples", [])[:3]:
+            print(f"    {example}")
 
 
 def _one_line(err: BaseException) -> str:

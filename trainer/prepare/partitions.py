@@ -35,7 +35,6 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +49,22 @@ from trainer.data.partitions import (
 )
 from trainer.data.shard_format import METADATA_FILE, ShardMetadata
 from trainer.prepare import (
-    _NOT_IN_FINGERPRINT,
     PrepareError,
     PrepareResult,
     _finish,
     _inputs,
     _run_pipeline,
+    fingerprint_settings,
     settings_fingerprint,
 )
+from trainer.prepare.common import BadRowLog, merge_bad_rows
 from trainer.prepare.output import vocab_path
 
 LOCK_FILE = ".prepare.lock"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
-# What may differ between a dataset's partitions: the inputs and the name.
-_PER_PARTITION = {"raw", "eval_raw", "partition", "joins"}
+# What may differ between a dataset's partitions: the inputs, the name, and whether
+# a bad row stops the prepare (a partition's skipped rows are in its metadata.json).
+_PER_PARTITION = {"raw", "eval_raw", "partition", "joins", "on_bad_row"}
 
 
 def prepare_partition(cfg: PreparedDataConfig, *, progress: bool = True) -> PrepareResult:
@@ -74,19 +75,9 @@ def prepare_partition(cfg: PreparedDataConfig, *, progress: bool = True) -> Prep
             f"data.partition={name!r}: a partition name is letters, digits and _.=+- "
             "(not starting with one of those signs), e.g. data.partition=day_1"
         )
-    dataset = Path(cfg.dir).expanduser()
-    _check_dataset_dir(dataset)
     inputs = _inputs(cfg)
     fingerprint = settings_fingerprint(cfg, inputs)
-    settings = shared_settings(cfg)
-    parts = dataset / PARTITIONS_DIR
-    parts.mkdir(parents=True, exist_ok=True)
-    with _locked(dataset):
-        if is_partitioned(dataset):
-            manifest = Manifest.read(dataset)
-            _check_same_settings(manifest, settings, dataset)
-        else:
-            manifest = Manifest(source=cfg.name, mapping=str(cfg.mapping), settings=settings)
+    with open_dataset(cfg) as (dataset, manifest):
         listed = manifest.entry(name)
         if listed is not None:
             if listed.fingerprint != fingerprint:
@@ -97,50 +88,89 @@ def prepare_partition(cfg: PreparedDataConfig, *, progress: bool = True) -> Prep
                 )
             target = dataset / listed.path
             return PrepareResult(target, ShardMetadata.read(target), up_to_date=True)
-        vocab = str(cfg.mapping) == "vocab"
-        base = dataset / manifest.partitions[-1].path if vocab and manifest.partitions else None
-        _remove_stale(parts)
-        work = parts / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        target = parts / name
-        try:
-            output = _run_pipeline(cfg, work, progress=progress, base_vocab=base)
-            meta = _finish(cfg, work, output, fingerprint=fingerprint, inputs=inputs)
-            version = len(manifest.partitions) if vocab else None
-            if vocab:
-                meta.mapping["vocab_version"] = version
-                meta.write(work)
-            if target.exists():  # an unlisted partition of a killed prepare
-                shutil.rmtree(target)
-            work.rename(target)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        manifest.partitions.append(
-            PartitionEntry(
-                name=name,
-                path=f"{PARTITIONS_DIR}/{name}",
-                fingerprint=fingerprint,
-                num_rows={split: info.num_rows for split, info in meta.splits.items()},
-                table_rows=[f.num_embeddings for f in meta.features],
-                vocab_version=version,
-                vocab_ids=_vocab_sizes(target, meta) if vocab else [],
-            )
+        return append_partition(
+            cfg, dataset, manifest, inputs=inputs, fingerprint=fingerprint, progress=progress
         )
-        manifest.write(dataset)  # last: now readers see the partition
+
+
+@contextmanager
+def open_dataset(cfg: PreparedDataConfig) -> Iterator[tuple[Path, Manifest]]:
+    """The dataset ``cfg.dir`` and its manifest (a new one if none), locked: one prepare
+    at a time appends (each extends the last vocabulary). Other settings are refused."""
+    dataset = Path(cfg.dir).expanduser()
+    _check_dataset_dir(dataset)
+    settings = shared_settings(cfg)
+    (dataset / PARTITIONS_DIR).mkdir(parents=True, exist_ok=True)
+    with _locked(dataset):
+        if is_partitioned(dataset):
+            manifest = Manifest.read(dataset)
+            _check_same_settings(manifest, settings, dataset)
+        else:
+            manifest = Manifest(source=cfg.name, mapping=str(cfg.mapping), settings=settings)
+        yield dataset, manifest
+
+
+def append_partition(
+    cfg: PreparedDataConfig,
+    dataset: Path,
+    manifest: Manifest,
+    *,
+    inputs: list[dict],
+    fingerprint: str,
+    progress: bool,
+    bad_rows: list[BadRowLog] | None = None,
+) -> PrepareResult:
+    """Prepares ``cfg.raw`` as partition ``cfg.partition`` (not listed yet) and lists it
+    last in ``manifest`` (written); call inside :func:`open_dataset`. ``bad_rows``: rows
+    skipped before the pipeline, merged into the partition's ``metadata.json``."""
+    name = cfg.partition
+    parts = dataset / PARTITIONS_DIR
+    vocab = str(cfg.mapping) == "vocab"
+    base = dataset / manifest.partitions[-1].path if vocab and manifest.partitions else None
+    _remove_stale(parts)
+    work = parts / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    target = parts / name
+    try:
+        output = _run_pipeline(cfg, work, progress=progress, base_vocab=base)
+        if bad_rows:
+            pipeline = BadRowLog(file="", skip=True, **_log_fields(output.bad_rows))
+            output.bad_rows = merge_bad_rows([*bad_rows, pipeline])
+        meta = _finish(cfg, work, output, fingerprint=fingerprint, inputs=inputs)
+        version = len(manifest.partitions) if vocab else None
+        if vocab:
+            meta.mapping["vocab_version"] = version
+            meta.write(work)
+        if target.exists():  # an unlisted partition of a killed prepare
+            shutil.rmtree(target)
+        work.rename(target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    manifest.partitions.append(
+        PartitionEntry(
+            name=name,
+            path=f"{PARTITIONS_DIR}/{name}",
+            fingerprint=fingerprint,
+            num_rows={split: info.num_rows for split, info in meta.splits.items()},
+            table_rows=[f.num_embeddings for f in meta.features],
+            vocab_version=version,
+            vocab_ids=_vocab_sizes(target, meta) if vocab else [],
+        )
+    )
+    manifest.write(dataset)  # last: now readers see the partition
     return PrepareResult(target, meta, up_to_date=False)
 
 
 def shared_settings(cfg: PreparedDataConfig) -> dict[str, Any]:
     """The settings every partition of a dataset must share (as JSON values)."""
-    skip = _NOT_IN_FINGERPRINT | _PER_PARTITION
-    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    settings = {k: v for k, v in fingerprint_settings(cfg).items() if k not in _PER_PARTITION}
     return json.loads(json.dumps(settings, default=str))
 
 
 def _check_same_settings(manifest: Manifest, settings: dict[str, Any], dataset: Path) -> None:
-    keys = sorted(set(settings) | set(manifest.settings))
+    keys = sorted((set(settings) | set(manifest.settings)) - _PER_PARTITION)  # older manifests
     changed = [k for k in keys if settings.get(k) != manifest.settings.get(k)]
     if changed:
         diff = ", ".join(
@@ -148,8 +178,8 @@ def _check_same_settings(manifest: Manifest, settings: dict[str, Any], dataset: 
         )
         raise PrepareError(
             f"{dataset}'s partitions were prepared with other settings: {diff}; a partition "
-            "shares its dataset's settings (only data.raw / eval_raw / joins differ): pass "
-            "the dataset's values, or prepare into a new data.dir"
+            "shares its dataset's settings (only data.raw / eval_raw / joins / on_bad_row "
+            "differ): pass the dataset's values, or prepare into a new data.dir"
         )
 
 
@@ -178,6 +208,10 @@ def _locked(dataset: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _log_fields(bad_rows: dict) -> dict:
+    return {"by_reason": dict(bad_rows["by_reason"]), "examples": list(bad_rows["examples"])}
 
 
 def _vocab_sizes(partition: Path, meta: ShardMetadata) -> list[int]:

@@ -69,27 +69,15 @@ def prepare_table(
 ) -> PipelineOutput:
     """Reads ``cfg.raw`` into parts under ``work``; ``base_vocab``: the previous
     partition's directory, whose vocabularies this one extends."""
-    spec = TableSpec.from_config(cfg)
-    if not spec.label:
-        raise PrepareError("data.label is not set: name the label column (data.label=clicked)")
+    tasks = table_tasks(cfg)
+    spec = tasks[0].spec
     names = spec.feature_names
-    if not names:
-        raise PrepareError(
-            "data=table needs at least one of data.categorical / multi_hot / buckets"
-        )
     num_buckets = {f"{c}_bucket": len(b) + 2 for c, b in spec.buckets.items()}
     hashed = [n for n in names if n not in num_buckets]
     rows = dict(zip(hashed, per_feature(list(cfg.table_rows), hashed, "data.table_rows")))
     if cfg.mapping == Mapping.hash and hashed and min(rows.values()) < 2:
         raise PrepareError("data.table_rows: mapping=hash needs at least 2 rows per table")
-    try:
-        tasks = _tasks(cfg, spec)
-    except TableInputError as err:
-        raise PrepareError(str(err)) from err
     num_workers = default_workers(cfg.num_workers)
-    skip = cfg.on_bad_row == OnBadRow.skip
-    for task in tasks:
-        task.skip = skip
     index_tasks(
         tasks,
         [t.num_rows for t in tasks],
@@ -123,6 +111,42 @@ def prepare_table(
         num_dense=len(spec.dense),
         dense_names=list(spec.dense),
     )
+
+
+def table_tasks(cfg: TableDataConfig) -> list[TableTask]:
+    """One task per file of ``cfg.raw`` / ``eval_raw``, every named column checked."""
+    spec = TableSpec.from_config(cfg)
+    if not spec.label:
+        raise PrepareError("data.label is not set: name the label column (data.label=clicked)")
+    if not spec.feature_names:
+        raise PrepareError(
+            "data=table needs at least one of data.categorical / multi_hot / buckets"
+        )
+    try:
+        tasks = _tasks(cfg, spec)
+    except TableInputError as err:
+        raise PrepareError(str(err)) from err
+    for task in tasks:
+        task.skip = cfg.on_bad_row == OnBadRow.skip
+    return tasks
+
+
+def kept_rows(task: TableTask) -> tuple[np.ndarray, BadRowLog]:
+    """Which of the file's data rows prepare keeps (bool by 0-based data row; a row past
+    the array's end: not kept) and its bad rows, raised at once with on_bad_row=error:
+    ``data.partition_by``'s first pass, before any row is cut into a partition."""
+    bad = BadRowLog(file=task.path, skip=task.skip)
+    chunks, end = [], 0
+    for batch in _batches(task):
+        _record(bad, batch.bad)
+        if batch.rows.size:
+            stop = int(batch.rows[-1]) + 1
+            chunk = np.zeros(stop - end, bool)
+            chunk[batch.rows - end] = True
+            chunks.append(chunk)
+            end = stop
+        report_progress(batch.rows.size + len(batch.bad))
+    return (np.concatenate(chunks) if chunks else np.zeros(0, bool)), bad
 
 
 def _run(fn, tasks: list[TableTask], num_workers: int, progress: bool, total: int = 0) -> list:

@@ -1,0 +1,185 @@
+"""A table cut into partitions by a timestamp column (trainer/prepare/partition_by_time.py).
+
+Three UTC days interleaved in one Parquet file (and one CSV with ISO times)
+become three partitions in time order, each holding exactly that day's rows in
+file order; with ``mapping=vocab`` an id seen on day 0 keeps its row on day 2.
+A later call with the same file and a fourth day's file appends one partition;
+the same call again is a no-op. A missing timestamp column, an unparseable
+time and a late row (a day before the newest listed one, or other rows for a
+listed day) are named with file, line and column, or skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pv
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_prepare_table import hashed, read_split
+from trainer.data.data_configs import TableDataConfig
+from trainer.data.partitions import Manifest
+from trainer.prepare import PrepareError, prepare
+from trainer.prepare.__main__ import main as prepare_main
+
+DAY_S = 86_400
+DEC_1 = 1_796_083_200  # 2026-12-01T00:00:00Z
+ROWS = 50
+
+
+def days_table(days: list[int], n_per_day: int = 40, seed: int = 0) -> pa.Table:
+    """Rows of ``days`` (days after 2026-12-01) interleaved in file order; users
+    ``u0..u9`` on every day, ``d<day>-*`` only on theirs."""
+    rng = np.random.default_rng(seed)
+    day = np.repeat(days, n_per_day)
+    rng.shuffle(day)
+    n = day.size
+    ts = DEC_1 + day * DAY_S + rng.integers(0, DAY_S, n)
+    users = [
+        f"u{rng.integers(10)}" if rng.random() < 0.5 else f"d{d}-{i % 5}" for i, d in enumerate(day)
+    ]
+    return pa.table(
+        {
+            "ts": pa.array(ts, pa.int64()),
+            "clicked": pa.array(rng.integers(0, 2, n), pa.int8()),
+            "price": pa.array(np.round(rng.random(n) * 10, 2)),
+            "user": pa.array(users),
+            "tags": pa.array([["a", "b"][: i % 3] for i in range(n)], pa.list_(pa.string())),
+        }
+    )
+
+
+def cfg(dataset: Path, raw: list[Path], **kw) -> TableDataConfig:
+    base = dict(
+        dir=str(dataset),
+        label="clicked",
+        dense=["price"],
+        categorical=["user"],
+        multi_hot=["tags"],
+        table_rows=[ROWS],
+        eval_fraction=0.0,
+        num_workers=1,
+        partition_by="day",
+        timestamp_column="ts",
+    )
+    return TableDataConfig(raw=[str(p) for p in raw], **{**base, **kw})
+
+
+def rows_of_day(table: pa.Table, day: int) -> list[dict]:
+    return [r for r in table.to_pylist() if (r["ts"] - DEC_1) // DAY_S == day]
+
+
+def test_three_days_in_one_parquet_file_then_a_fourth(tmp_path: Path) -> None:
+    table = days_table([0, 1, 2])
+    pq.write_table(table, tmp_path / "events.parquet", row_group_size=32)
+    dataset = tmp_path / "days"
+    first = prepare(cfg(dataset, [tmp_path / "events.parquet"], batch_rows=50), progress=False)
+    names = ["2026-12-01", "2026-12-02", "2026-12-03"]
+    assert first.appended == names and not first.up_to_date
+    manifest = Manifest.read(dataset)
+    assert manifest.names == names
+    for day, entry in enumerate(manifest.partitions):  # exactly the day's rows, in file order
+        want = rows_of_day(table, day)
+        got = read_split(dataset / entry.path, "train")
+        assert entry.num_rows == {"train": len(want)}
+        np.testing.assert_array_equal(got["labels"], [r["clicked"] for r in want])
+        np.testing.assert_allclose(got["dense"][:, 0], [r["price"] for r in want])
+        assert got["ids"]["user"] == [[hashed(r["user"], ROWS)] for r in want]
+        assert got["ids"]["tags"] == [[hashed(t, ROWS) for t in r["tags"]] for r in want]
+        assert [f.name for f in entry_features(dataset / entry.path)] == ["user", "tags"]
+    # The same file and a fourth day: one partition appended, the three listed untouched.
+    pq.write_table(days_table([3], seed=1), tmp_path / "day_3.parquet")
+    raws = [tmp_path / "events.parquet", tmp_path / "day_3.parquet"]
+    second = prepare(cfg(dataset, raws), progress=False)
+    assert second.appended == ["2026-12-04"]
+    assert Manifest.read(dataset).partitions[:3] == manifest.partitions
+    again = prepare(cfg(dataset, raws), progress=False)
+    assert again.up_to_date and again.appended == []
+    assert Manifest.read(dataset).names == [*names, "2026-12-04"]
+
+
+def entry_features(directory: Path) -> list:
+    from trainer.data.shard_format import ShardMetadata
+
+    return ShardMetadata.read(directory).features
+
+
+def test_vocab_rows_are_stable_across_days_from_a_csv(tmp_path: Path, capsys) -> None:
+    table = days_table([0, 1, 2], seed=2)
+    iso = pa.array(
+        [f"{np.datetime64(int(t), 's')}Z" for t in table.column("ts").to_numpy()], pa.string()
+    )
+    csv_table = table.drop_columns(["tags"]).set_column(0, "ts", iso)
+    pv.write_csv(csv_table, tmp_path / "events.csv")
+    dataset = tmp_path / "days"
+    argv = [
+        "data=table",
+        f"data.raw=[{tmp_path / 'events.csv'}]",
+        f"data.dir={dataset}",
+        "data.label=clicked",
+        "data.categorical=[user]",
+        "data.mapping=vocab",
+        "data.min_count=1",
+        "data.eval_fraction=0",
+        "data.num_workers=1",
+        "data.partition_by=day",
+        "data.timestamp_column=ts",
+    ]
+    assert prepare_main(argv) == 0
+    assert "appended 3 partitions (2026-12-01, 2026-12-02, 2026-12-03)" in capsys.readouterr().out
+    manifest = Manifest.read(dataset)
+    assert [p.vocab_version for p in manifest.partitions] == [0, 1, 2]
+    rows_by_user: dict[str, int] = {}
+    for day, entry in enumerate(manifest.partitions):
+        want = rows_of_day(table, day)
+        got = read_split(dataset / entry.path, "train")["ids"]["user"]
+        assert len(got) == len(want)
+        for row, r in zip(got, want):  # one row per user, the same on every day
+            assert rows_by_user.setdefault(r["user"], row[0]) == row[0]
+    assert len(set(rows_by_user.values())) == len(rows_by_user)  # no two users share a row
+    assert prepare_main(argv) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_bad_times_and_late_rows_are_named_or_skipped(tmp_path: Path) -> None:
+    table = days_table([0, 1, 2], n_per_day=10, seed=3)
+    pq.write_table(table, tmp_path / "events.parquet")
+    dataset = tmp_path / "days"
+    with pytest.raises(PrepareError, match=r"events.parquet: no column 'when' for data.timestamp"):
+        prepare(cfg(dataset, [tmp_path / "events.parquet"], timestamp_column="when"))
+    with pytest.raises(PrepareError, match=r"timestamp_column=ts is also in data.dense"):
+        prepare(cfg(dataset, [tmp_path / "events.parquet"], dense=["ts"]))
+    text = tmp_path / "events.csv"
+    text.write_text("ts,clicked,price,user\n2026-12-01T10:00:00Z,1,1,a\nyesterday,0,2,b\n")
+    with pytest.raises(PrepareError, match=r"events.csv:3: column 'ts' is 'yesterday', not a time"):
+        prepare(cfg(dataset, [text], multi_hot=[]), progress=False)
+    prepare(cfg(dataset, [tmp_path / "events.parquet"]), progress=False)
+    before = (dataset / "manifest.json").read_text()
+    # A day before the newest listed one that is not listed: late; so are other rows for a
+    # listed day. Nothing is appended, not even the new day in the same call.
+    late = tmp_path / "late.csv"
+    late.write_text(
+        "ts,clicked,price,user,tags\n"
+        f"{DEC_1 + 3 * DAY_S},1,1,a,a b\n"
+        f"{DEC_1 - 5},0,2,b,\n"
+        f"{DEC_1 + 2 * DAY_S + 7},1,3,c,b\n"
+    )
+    with pytest.raises(PrepareError, match=r"late.csv:3: column 'ts' puts the row in 2026-11-30"):
+        prepare(cfg(dataset, [late]), progress=False)
+    with pytest.raises(PrepareError, match=r"settings: data.multi_hot=\[\]"):
+        prepare(cfg(dataset, [late], multi_hot=[]), progress=False)  # the dataset's settings
+    late.write_text(late.read_text().replace(f"{DEC_1 - 5}", f"{DEC_1 + 3 * DAY_S + 5}"))
+    both = [tmp_path / "events.parquet", late]
+    with pytest.raises(
+        PrepareError, match=r"the rows of 2026-12-03 .* are not those of the listed"
+    ):
+        prepare(cfg(dataset, both), progress=False)
+    assert (dataset / "manifest.json").read_text() == before
+    skipped = prepare(cfg(dataset, both, on_bad_row="skip"), progress=False)
+    assert skipped.appended == ["2026-12-04"]
+    assert skipped.skipped["by_reason"] == {"late_row": 11}  # day 2's 10 rows and the late one
+    assert skipped.metadata.splits["train"].num_rows == 2
+    assert skipped.metadata.bad_rows["skipped"] == 11

@@ -1,0 +1,133 @@
+"""A timestamp column into periods: UTC days or hours, numbered and named.
+
+``data.partition_by=day|hour`` cuts a table by ``data.timestamp_column``. The
+column may hold Arrow timestamps (any unit; with a zone: that instant, without:
+UTC), dates, integers or floats (``data.timestamp_unit`` since 1970-01-01 UTC),
+or text (a CSV's): such an integer, or ISO 8601 as pyarrow casts it
+(``2026-12-01``, ``2026-12-01 13:05:00``, ``2026-12-01T13:05:00Z``,
+``...+02:00``; no zone: UTC). A period is the number of whole days (hours)
+since 1970 UTC; its name is ``2026-12-01`` (``2026-12-01T13``), which sorts in
+time order.
+
+Example::
+
+    periods, ok = period_index(pa.array(["2026-12-01T13:05:00Z", "x"]),
+                               unit=TimestampUnit.s, period=PartitionBy.hour)
+    period_name(int(periods[0]), PartitionBy.hour)   # "2026-12-01T13"; ok: [True, False]
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from trainer.data.data_configs import PartitionBy, TimestampUnit
+
+US_PER = {"s": 10**6, "ms": 10**3, "us": 1, "ns": 10**-3}  # microseconds per unit
+PERIOD_US = {PartitionBy.day: 86_400 * 10**6, PartitionBy.hour: 3_600 * 10**6}
+NAME_FORMAT = {PartitionBy.day: "%Y-%m-%d", PartitionBy.hour: "%Y-%m-%dT%H"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INTEGER = r"^\s*[-+]?\d+\s*$"
+_ZONED = r"(Z|[-+]\d\d:?\d\d)\s*$"
+HELP = (
+    "a timestamp is an Arrow timestamp or date, an integer (data.timestamp_unit since 1970 UTC) "
+    "or ISO 8601 text such as 2026-12-01T13:05:00Z"
+)
+
+
+def period_index(
+    column: pa.Array | pa.ChunkedArray, *, unit: TimestampUnit, period: PartitionBy
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per value: its period (int64: whole days or hours since 1970 UTC), and whether
+    it is a timestamp at all (null, empty and unparseable values are not)."""
+    micros, ok = epoch_us(column, unit=unit)
+    return np.floor_divide(micros, PERIOD_US[period]), ok
+
+
+def period_name(index: int, period: PartitionBy) -> str:
+    return (_EPOCH + timedelta(microseconds=index * PERIOD_US[period])).strftime(
+        NAME_FORMAT[period]
+    )
+
+
+def parse_period_name(name: str, period: PartitionBy) -> int | None:
+    """The period a partition name stands for; None: not such a name."""
+    try:
+        when = datetime.strptime(name, NAME_FORMAT[period]).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return (when - _EPOCH) // timedelta(microseconds=PERIOD_US[period])
+
+
+def epoch_us(
+    column: pa.Array | pa.ChunkedArray, *, unit: TimestampUnit
+) -> tuple[np.ndarray, np.ndarray]:
+    """Microseconds since 1970 UTC (int64, 0 where not ok) and which values are timestamps."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        # A zoned timestamp is stored as UTC; a naive one is read as UTC.
+        zone = kind.tz if pa.types.is_timestamp(kind) else None
+        micros = pc.cast(column, pa.timestamp("us", tz=zone)).cast(pa.int64())
+        return _with_nulls(micros)
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        ok = ~np.asarray(column.is_null(), bool) & np.isfinite(values)
+        if pa.types.is_integer(kind):  # exact, no float rounding
+            whole = pc.fill_null(column, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
+            return np.where(ok, _integer_us(whole, unit), 0), ok
+        micros = np.where(ok, np.floor(np.where(ok, values, 0) * US_PER[str(unit)]), 0)
+        return micros.astype(np.int64), ok
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return _text_us(column, unit)
+    raise TypeError(f"a {kind} column; {HELP}")
+
+
+def _text_us(text: pa.Array, unit: TimestampUnit) -> tuple[np.ndarray, np.ndarray]:
+    micros = np.zeros(len(text), np.int64)
+    ok = np.zeros(len(text), bool)
+    text = pc.fill_null(text, "")
+    integer = np.asarray(pc.match_substring_regex(text, _INTEGER), bool)
+    if integer.any():
+        at = np.flatnonzero(integer)
+        values = pc.cast(pc.utf8_trim_whitespace(text.take(at)), pa.int64())
+        micros[at], ok[at] = _integer_us(values.to_numpy(), unit), True
+    zoned = np.asarray(pc.match_substring_regex(text, _ZONED), bool) & ~integer
+    for rows, kind in (
+        (np.flatnonzero(zoned), pa.timestamp("us", tz="UTC")),
+        (np.flatnonzero(~zoned & ~integer), pa.timestamp("us")),
+    ):
+        if rows.size:
+            micros[rows], ok[rows] = _cast_each(pc.utf8_trim_whitespace(text.take(rows)), kind)
+    return micros, ok
+
+
+def _integer_us(values: np.ndarray, unit: TimestampUnit) -> np.ndarray:
+    if str(unit) == "ns":
+        return np.floor_divide(values, 1000)
+    return values * int(US_PER[str(unit)])
+
+
+def _cast_each(text: pa.Array, kind: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
+    """pyarrow's cast of the whole array; when a value fails it, value by value (only
+    then), to find which."""
+    try:
+        return _with_nulls(pc.cast(text, kind).cast(pa.int64()))
+    except pa.ArrowInvalid:
+        pass
+    micros, ok = np.zeros(len(text), np.int64), np.zeros(len(text), bool)
+    for i in range(len(text)):
+        try:
+            micros[i], ok[i] = pc.cast(text.slice(i, 1), kind).cast(pa.int64())[0].as_py(), True
+        except (pa.ArrowInvalid, TypeError):
+            pass
+    return micros, ok
+
+
+def _with_nulls(micros: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    ok = ~np.asarray(micros.is_null(), bool)
+    return pc.fill_null(micros, 0).to_numpy(zero_copy_only=False).astype(np.int64), ok

@@ -3,8 +3,8 @@
 Three UTC days interleaved in one Parquet file (and one CSV with ISO times)
 become three partitions in time order, each holding exactly that day's rows in
 file order; with ``mapping=vocab`` an id seen on day 0 keeps its row on day 2.
-A later call with the same file and a fourth day's file appends one partition;
-the same call again is a no-op. A missing timestamp column, an unparseable
+A later call with the file grown by a fourth day appends one partition; the
+same rows again (in other files) are a no-op. A missing timestamp column, an unparseable
 time and a late row (a day before the newest listed one, or other rows for a
 listed day) are named with file, line and column, or skipped.
 """
@@ -22,12 +22,14 @@ import pytest
 from tests.test_prepare_table import hashed, read_split
 from trainer.data.data_configs import TableDataConfig
 from trainer.data.partitions import Manifest
+from trainer.online.partition_stream import PartitionStream
 from trainer.prepare import PrepareError, prepare
 from trainer.prepare.__main__ import main as prepare_main
 
 DAY_S = 86_400
 DEC_1 = 1_796_083_200  # 2026-12-01T00:00:00Z
 ROWS = 50
+ONE_BATCH = dict(batch_size=8, rank=0, world_size=1, first_step=0, num_steps=1)
 
 
 def days_table(days: list[int], n_per_day: int = 40, seed: int = 0) -> pa.Table:
@@ -90,12 +92,15 @@ def test_three_days_in_one_parquet_file_then_a_fourth(tmp_path: Path) -> None:
         assert got["ids"]["user"] == [[hashed(r["user"], ROWS)] for r in want]
         assert got["ids"]["tags"] == [[hashed(t, ROWS) for t in r["tags"]] for r in want]
         assert [f.name for f in entry_features(dataset / entry.path)] == ["user", "tags"]
-    # The same file and a fourth day: one partition appended, the three listed untouched.
-    pq.write_table(days_table([3], seed=1), tmp_path / "day_3.parquet")
-    raws = [tmp_path / "events.parquet", tmp_path / "day_3.parquet"]
-    second = prepare(cfg(dataset, raws), progress=False)
+    # The file grown by a fourth day: one partition appended, the three listed untouched.
+    day_3 = days_table([3], seed=1)
+    pq.write_table(pa.concat_tables([table, day_3]), tmp_path / "grown.parquet")
+    second = prepare(cfg(dataset, [tmp_path / "grown.parquet"]), progress=False)
     assert second.appended == ["2026-12-04"]
     assert Manifest.read(dataset).partitions[:3] == manifest.partitions
+    # The same rows, each day's in one file, from other files: a no-op (the rows decide).
+    pq.write_table(day_3, tmp_path / "day_3.parquet")
+    raws = [tmp_path / "events.parquet", tmp_path / "day_3.parquet"]
     again = prepare(cfg(dataset, raws), progress=False)
     assert again.up_to_date and again.appended == []
     assert Manifest.read(dataset).names == [*names, "2026-12-04"]
@@ -123,7 +128,7 @@ def test_vocab_rows_are_stable_across_days_from_a_csv(tmp_path: Path, capsys) ->
         "data.categorical=[user]",
         "data.mapping=vocab",
         "data.min_count=1",
-        "data.eval_fraction=0",
+        "data.eval_fraction=0.1",
         "data.num_workers=1",
         "data.partition_by=day",
         "data.timestamp_column=ts",
@@ -135,11 +140,22 @@ def test_vocab_rows_are_stable_across_days_from_a_csv(tmp_path: Path, capsys) ->
     rows_by_user: dict[str, int] = {}
     for day, entry in enumerate(manifest.partitions):
         want = rows_of_day(table, day)
-        got = read_split(dataset / entry.path, "train")["ids"]["user"]
-        assert len(got) == len(want)
+        got = [
+            u for s in ("train", "eval") for u in read_split(dataset / entry.path, s)["ids"]["user"]
+        ]
+        assert len(got) == len(want) and entry.num_rows == {"train": 36, "eval": 4}
         for row, r in zip(got, want):  # one row per user, the same on every day
             assert rows_by_user.setdefault(r["user"], row[0]) == row[0]
     assert len(set(rows_by_user.values())) == len(rows_by_user)  # no two users share a row
+    # Follow mode's reader opens each day with the first day's tables.
+    stream = PartitionStream(cfg(dataset, [], mapping="vocab", eval_fraction=0.1), seed=0)
+    assert stream.refresh() == manifest.names
+    for day in range(3):
+        stream.open(day)
+        stream.begin(start_step=0, end_step=1)
+        assert stream.num_train_samples == 36
+        batch = next(iter(stream.train_batches(**ONE_BATCH)))
+        assert batch.sparse_features.keys() == ["user"]
     assert prepare_main(argv) == 0
     assert "up to date" in capsys.readouterr().out
 
@@ -183,3 +199,31 @@ def test_bad_times_and_late_rows_are_named_or_skipped(tmp_path: Path) -> None:
     assert skipped.skipped["by_reason"] == {"late_row": 11}  # day 2's 10 rows and the late one
     assert skipped.metadata.splits["train"].num_rows == 2
     assert skipped.metadata.bad_rows["skipped"] == 11
+
+
+def test_hours_from_arrow_timestamps_with_a_zone(tmp_path: Path) -> None:
+    paris = pa.timestamp("ms", tz="Europe/Paris")
+    # 14:30 and 15:10 in Paris are 13:30 and 14:10 UTC; a naive timestamp is UTC.
+    stamps = [(DEC_1 + h * 3600 + m * 60) * 1000 for h, m in ((13, 30), (14, 10), (13, 50))]
+    table = pa.table(
+        {
+            "at": pa.array(stamps, paris),
+            "clicked": pa.array([1, 0, 1], pa.int8()),
+            "user": pa.array(["a", "b", "c"]),
+        }
+    )
+    pq.write_table(table, tmp_path / "events.parquet")
+    result = prepare(
+        cfg(
+            tmp_path / "hours",
+            [tmp_path / "events.parquet"],
+            dense=[],
+            multi_hot=[],
+            partition_by="hour",
+            timestamp_column="at",
+        ),
+        progress=False,
+    )
+    assert result.appended == ["2026-12-01T13", "2026-12-01T14"]
+    first = read_split(tmp_path / "hours" / "partitions" / "2026-12-01T13", "train")
+    assert first["ids"]["user"] == [[hashed("a", ROWS)], [hashed("c", ROWS)]]

@@ -9,6 +9,13 @@ step 12). Day 2 arrives; the same job again (``trainer.resume=auto``) goes on
 from step 12, trains the rest of day 1, then day 2, and stops when idle. An
 unbroken job over the three days gives the same records (partition, step,
 next-partition AUC), the same summary and the same final parameters, bit for bit.
+
+Publishing (``online.publish=true``, trainer/online/follow_publish.py), in one
+process: a job resumed after a kill that landed between a partition's last
+checkpoint and its publish publishes it first, then a version per new
+partition (a complete bundle that scores its sample.pt, ``LATEST`` on the last,
+keep-K), and nothing twice. With publishing on (slow tier), the killed job above
+publishes one version per partition, none lost or repeated across the kill.
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from compression.bundle import PROGRAM_FILE, load_program
 from tests.conftest import CONF_DIR, REPO
 from tests.test_partitions import day_lines
 from tests.test_prepare_criteo import write_tsv
 from trainer.config.run_dir import register_resolvers
 from trainer.config.schema import Config, ConfigError, register_configs, to_config
 from trainer.data.data_configs import CriteoDataConfig
-from trainer.online.follow import FOLLOW_FILE
+from trainer.online.follow import FOLLOW_FILE, FOLLOW_PLOT
+from trainer.online.publish import VERSION_FILE, latest_name, versions
 from trainer.prepare import prepare
 from trainer.train import train
 
@@ -100,6 +109,15 @@ def tensors(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in torch.load(out)["model"].items() if isinstance(v, torch.Tensor)}
 
 
+def without_publish(record: dict) -> dict:
+    """A follow.jsonl record less what publishing adds to it (timings, versions)."""
+    return {k: v for k, v in record.items() if not k.startswith(("publish_", "partition_wall"))}
+
+
+def stamp(exports: Path, version: int) -> dict:
+    return json.loads((exports / f"v{version}" / VERSION_FILE).read_text())
+
+
 def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
@@ -108,7 +126,10 @@ def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 2
         time.sleep(0.2)
 
 
-def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path) -> None:
+# Publishing on (slow: three niced exports): no version lost or repeated across the kill.
+@pytest.mark.parametrize("publish", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path, publish: bool) -> None:
+    published = ["online.publish=true", "online.publish_keep=3"] if publish else []
     dataset = tmp_path / "days"
     add_day(dataset, 0)
     killed = tmp_path / "killed"
@@ -122,6 +143,7 @@ def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path) -> None
                 *RUN,
                 f"data.dir={dataset}",
                 "online.idle_timeout_s=120",
+                *published,
                 f"hydra.run.dir={killed}",
             ],
             cwd=REPO,
@@ -135,6 +157,8 @@ def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path) -> None
         )
         try:
             wait_for(killed / "checkpoints" / f"step_{STEPS}", proc, log)  # day 0 done
+            if publish:  # day 0's version lands before the kill (one in flight is lost)
+                wait_for(killed / "exports" / "v1", proc, log)
             add_day(dataset, 1)  # arrives while the job polls
             assert proc.wait(timeout=240) == -signal.SIGKILL, log.read_text()[-3000:]
         finally:
@@ -144,7 +168,7 @@ def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path) -> None
     saved = [int(p.name.split("_")[1]) for p in (killed / "checkpoints").glob("step_*")]
     assert max(saved) == 12  # mid day 1: the resume redoes steps 13-14
     add_day(dataset, 2)
-    resumed = train(_cfg(dataset, "online.idle_timeout_s=1"), run_dir=killed)
+    resumed = train(_cfg(dataset, "online.idle_timeout_s=1", *published), run_dir=killed)
     unbroken_dir = tmp_path / "unbroken"
     unbroken = train(_cfg(dataset, "online.idle_timeout_s=1"), run_dir=unbroken_dir)
 
@@ -157,7 +181,17 @@ def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path) -> None
         ("day_1", STEPS, STEPS),
         ("day_2", 2 * STEPS, STEPS),
     ]
-    assert got == want  # the same next-partition figures, bit for bit
+    assert [without_publish(r) for r in got] == want  # the same figures, bit for bit
+    if publish:  # v1 before the kill; day_1 (its rest trained after the resume) and day_2
+        exports = killed / "exports"
+        assert latest_name(exports) == "v3" and resumed["publish"]["count"] == 2
+        stamps = [stamp(exports, k) for k in versions(exports)]
+        assert [(x["version"], x["partition"], x["step"]) for x in stamps] == [
+            (1, "day_0", STEPS),
+            (2, "day_1", 2 * STEPS),
+            (3, "day_2", 3 * STEPS),
+        ]
+        assert [r["publish_version"] for r in got] == ["v1", "v2", "v3"]
     for key in ("auc", "logloss", "last_partition_auc", "final_train_loss"):
         assert resumed[key] == unbroken[key], key
     final = f"step_{3 * STEPS}"
@@ -186,3 +220,55 @@ def test_a_partition_whose_tables_grew_is_refused_naming_the_feature(tmp_path: P
     with pytest.raises(ConfigError, match="feature 'cat_0'.*data.table_rows"):
         train(_cfg(dataset, "online.idle_timeout_s=5"), run_dir=tmp_path / "r")
     assert [r["partition"] for r in records(tmp_path / "r")] == ["day_0"]
+
+
+PUBLISH = ["online.publish=true", "online.publish_keep=1", "online.idle_timeout_s=0.3"]
+
+
+def scores_its_sample(bundle: Path) -> float:
+    """The bundle's program on its sample.pt: the largest gap to the scores it holds."""
+    sample = torch.load(bundle / "sample.pt", weights_only=True)
+    with torch.no_grad():
+        scores = load_program(bundle / PROGRAM_FILE)(
+            sample["dense"], sample["ids"], sample["lengths"]
+        )
+    return float((scores - sample["scores"]).abs().max())
+
+
+def test_follow_publishes_each_partition_once_across_a_resume(tmp_path: Path) -> None:
+    # What a kill after day_0's last checkpoint (step 8), before v1 was renamed into
+    # place, leaves: that checkpoint, nothing published, a hidden half-written version
+    # (day_0 trained here with publishing off).
+    dataset = tmp_path / "days"
+    add_day(dataset, 0)
+    run_dir = tmp_path / "run"
+    train(_cfg(dataset, *PUBLISH, "online.publish=false"), run_dir=run_dir)
+    exports = run_dir / "exports"
+    (exports / ".tmp-v1-1").mkdir(parents=True)
+    add_day(dataset, 1)
+    summary = train(_cfg(dataset, *PUBLISH, "trainer.plot=true"), run_dir=run_dir)
+    assert summary["partitions"] == ["day_0", "day_1"]
+    assert latest_name(exports) == "v2" and versions(exports) == [2]  # keep 1
+    assert not [p.name for p in exports.iterdir() if p.name.startswith(".")]
+    assert stamp(exports, 2) | {"published_at": 0} == {
+        "version": 2,
+        "step": 2 * STEPS,  # day_1's end
+        "partition": "day_1",
+        "index": 1,
+        "published_at": 0,
+    }
+    assert scores_its_sample(exports / "v2") < 1e-5
+    got = records(run_dir)
+    assert [r["publish_version"] for r in got] == ["v1", "v2"]  # day_0's on resuming
+    for r in got:
+        assert r["publish_count"] == 1 and r["publish_s"] > 0 and r["publish_blocked_s"] > 0
+    assert got[1]["publish_blocked_s"] < got[1]["partition_wall_s"]  # trained here
+    p = summary["publish"]
+    assert (p["count"], p["latest"], p["errors"]) == (2, "v2", [])
+    assert p["blocked_s"] == pytest.approx(sum(r["publish_blocked_s"] for r in got))
+    assert summary["export"]["path"] == "exports/v2"
+    assert (run_dir / FOLLOW_PLOT).stat().st_size > 0
+    # Published already: a resume publishes nothing.
+    again = train(_cfg(dataset, *PUBLISH), run_dir=run_dir)
+    assert again["publish"]["count"] == 0 and versions(exports) == [2]
+    assert records(run_dir) == got

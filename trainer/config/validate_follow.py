@@ -8,7 +8,7 @@ Example::
 
 from __future__ import annotations
 
-from trainer.config.checks import check
+from trainer.config.checks import check, positive
 from trainer.config.schema import Config
 from trainer.data.data_configs import PreparedDataConfig
 
@@ -36,3 +36,9 @@ def validate_follow(cfg: Config) -> None:
         f"{cfg.optim.dense_lr_schedule} (a decay to 0 at trainer.num_steps) does not fit; "
         "pass optim.dense_lr_schedule=constant",
     )
+    check(
+        o.publish_every_steps >= 0,
+        f"online.publish_every_steps={o.publish_every_steps} must be >= 0 "
+        "(0: at each partition's end)",
+    )
+    positive("online.publish_keep", o.publish_keep)

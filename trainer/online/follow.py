@@ -12,7 +12,13 @@ each partition in the manifest's order:
 3. train ``online.follow_steps`` steps on it (0: one pass over its train rows)
    with the same ``Trainer`` (its ``num_steps`` moved to the partition's end),
    which evaluates at the end and checkpoints (every
-   ``trainer.checkpoint_every_steps`` and at each partition's end).
+   ``trainer.checkpoint_every_steps`` and at each partition's end);
+4. with ``online.publish``, publish the serving bundle at the partition's end (and
+   every ``online.publish_every_steps`` steps): ``exports/v<k>/`` and
+   ``exports/LATEST``, written in the background
+   (trainer/online/follow_publish.py); the record gets ``publish_version``,
+   ``publish_blocked_s``, ``publish_s``, ``partition_wall_s`` and
+   ``publish_share``, the summary ``publish`` and ``export``.
 
 With nothing new it looks again every ``online.poll_s`` seconds and stops
 cleanly after ``online.idle_timeout_s`` (exit 0; 0: never). A SIGTERM/SIGUSR1
@@ -22,8 +28,10 @@ checkpoint, exit 75; trainer/resilience/preempt.py). The checkpoint's ``data``
 entry holds the partition, its steps and the manifest's history up to it, so
 ``trainer.resume=auto`` after a kill goes on exactly: the rest of that
 partition from the checkpoint's step, then the next; no partition twice, none
-skipped. Rank 0 reads the manifest and tells the others (every rank trains the
-same partition).
+skipped (nor published twice or left unpublished: follow_publish.py). At
+the end, with ``trainer.plot``, ``follow.png``: the AUC before training on each
+partition (trainer/online/report.py). Rank 0 reads the manifest and tells the
+others (every rank trains the same partition).
 
 Example::
 
@@ -46,12 +54,15 @@ from sharding.collectives import any_rank, broadcast_object
 from trainer.config.schema import Config, ConfigError
 from trainer.config.validate_follow import validate_follow
 from trainer.loop.trainer import Trainer
+from trainer.online import report
+from trainer.online.follow_publish import FollowPublishing
 from trainer.online.partition_stream import PartitionStream
-from trainer.session import session
+from trainer.session import Built, session
 
 log = logging.getLogger(__name__)
 
 FOLLOW_FILE = "follow.jsonl"
+FOLLOW_PLOT = "follow.png"
 # Checkpoints at each partition's end (the Trainer saves at its last step) when
 # trainer.checkpoint_every_steps is 0: an interval no run reaches.
 AT_PARTITION_END = 1 << 62
@@ -69,8 +80,9 @@ def follow(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
         raise ConfigError(str(err)) from err
     every = cfg.trainer.checkpoint_every_steps or AT_PARTITION_END
     with session(cfg, run_dir=run_dir, source=stream, checkpoint_every_steps=every) as s:
-        job = Follow(cfg, trainer=s.trainer, stream=stream, run_dir=s.run_dir)
-        if s.resume() is not None:
+        resumed = s.resume() is not None
+        job = Follow(cfg, trainer=s.trainer, stream=stream, built=s.built, run_dir=s.run_dir)
+        if resumed:
             job.resumed()
         return s.finish(job.run(extra=s.extra()))
 
@@ -92,7 +104,7 @@ class Follow:
     """Evaluate-then-train over the partitions as they arrive (see the module docstring)."""
 
     def __init__(
-        self, cfg: Config, *, trainer: Trainer, stream: PartitionStream, run_dir: Path
+        self, cfg: Config, *, trainer: Trainer, stream: PartitionStream, built: Built, run_dir: Path
     ) -> None:
         self.cfg = cfg
         self.trainer = trainer
@@ -101,6 +113,11 @@ class Follow:
         self.is_main = trainer.env.is_main
         self.records: list[dict[str, Any]] = []
         self.is_resumed = False
+        self.publishing = (
+            FollowPublishing(cfg, built=built, stream=stream, run_dir=run_dir, is_main=self.is_main)
+            if cfg.online.publish
+            else None
+        )
 
     def resumed(self) -> None:
         """After a checkpoint was loaded: keep the records up to its partition."""
@@ -109,39 +126,28 @@ class Follow:
         if path.is_file():
             lines = [json.loads(x) for x in path.read_text().splitlines() if x]
             self.records = [r for r in lines if r["index"] <= self.stream.index]
+        self._write_records()
         if self.is_main:
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
             log.info("resumed in partition %s at step %d", self.stream.name, self.trainer.step)
 
     def run(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Follows the dataset until idle or stopped; returns the summary."""
-        t, o = self.trainer, self.cfg.online
-        first_step, last_fit, stopped = t.step, {}, "idle"
+        t = self.trainer
+        first_step, last_fit = t.step, {}
         if self.is_main and not self.is_resumed:
             (self.run_dir / FOLLOW_FILE).write_text("")
-        if self.stream.begun and t.step < self.stream.end_step:  # resumed mid-partition
-            last_fit = self._train(extra)
-        idle_since = time.monotonic()
-        while True:
-            # Rank 0's view of the manifest, on every rank: they train the same partition.
-            names, paths, idle = broadcast_object(
-                (self.stream.refresh(), self.stream.paths, time.monotonic() - idle_since)
-                if self.is_main
-                else None
-            )
-            self.stream.names, self.stream.paths = names, paths
-            following = self.stream.index + 1 if self.stream.begun else 0
-            if following < len(names):
-                self._start(following)
-                last_fit = self._train(extra)
-                idle_since = time.monotonic()
-                continue
-            if self._signalled():
-                stopped = "signal"
-                break
-            if o.idle_timeout_s and idle >= o.idle_timeout_s:
-                break
-            time.sleep(o.poll_s)
+        try:
+            if self.stream.begun:  # resumed
+                if self.publishing and self.publishing.due(t.step):  # killed before publishing
+                    self._publish()
+                if t.step < self.stream.end_step:  # mid-partition: the rest of it
+                    last_fit = self._train(extra, start=time.perf_counter())
+            stopped, fit = self._follow(extra)
+            last_fit = fit or last_fit
+        except BaseException:  # e.g. preempted: the publish in flight still lands
+            if self.publishing is not None:
+                self.publishing.close(self.records)
+            raise
         if not last_fit:  # nothing trained in this process: report the model as it is
             last_fit = t.summarise({**t.evaluate(), **extra})
         later = self.records[1:]  # partition 0 meets an untrained model
@@ -159,9 +165,43 @@ class Follow:
                 / max(t.train_time_s, 1e-9),
             }
         )
+        if self.publishing is not None:
+            summary.update(self.publishing.summary(self.records))
+            self._write_records()
         if self.is_main:
             log.info("follow: %s after %s", stopped, summary["partitions"])
+            if self.cfg.trainer.plot and self.records:
+                report.plot_partitions(self.records, self.run_dir / FOLLOW_PLOT)
         return summary
+
+    def _follow(self, extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Trains each new partition until idle or signalled; returns why it stopped and
+        the last fit's summary ({} if none)."""
+        o = self.cfg.online
+        last_fit: dict[str, Any] = {}
+        idle_since = time.monotonic()
+        while True:
+            # Rank 0's view of the manifest, on every rank: they train the same partition.
+            names, paths, idle = broadcast_object(
+                (self.stream.refresh(), self.stream.paths, time.monotonic() - idle_since)
+                if self.is_main
+                else None
+            )
+            self.stream.names, self.stream.paths = names, paths
+            following = self.stream.index + 1 if self.stream.begun else 0
+            if following < len(names):
+                start = time.perf_counter()
+                self._start(following)
+                last_fit = self._train(extra, start=start)
+                idle_since = time.monotonic()
+                continue
+            if self._signalled():
+                return "signal", last_fit
+            if o.idle_timeout_s and idle >= o.idle_timeout_s:
+                return "idle", last_fit
+            if self.publishing is not None and self.publishing.collect(self.records):
+                self._write_records()  # publish_s while it waits
+            time.sleep(o.poll_s)
 
     def _start(self, index: int) -> None:
         """Opens partition ``index``, evaluates on it, and sets the steps it trains."""
@@ -193,10 +233,39 @@ class Follow:
             )
         self.stream.begin(start_step=t.step, end_step=t.step + steps)
 
-    def _train(self, extra: dict[str, Any]) -> dict[str, Any]:
-        t = self.trainer
-        t.settings = dataclasses.replace(t.settings, num_steps=self.stream.end_step)
-        return t.fit(extra=extra)
+    def _train(self, extra: dict[str, Any], *, start: float) -> dict[str, Any]:
+        """Trains the current partition to its end, publishing where due; ``start``: when
+        this process began on it (its wall time)."""
+        t, end = self.trainer, self.stream.end_step
+        if self.publishing is None:
+            t.settings = dataclasses.replace(t.settings, num_steps=end)
+            return t.fit(extra=extra)
+        last_fit: dict[str, Any] = {}
+        for stop, publish in self.publishing.stops(t.step, end):
+            t.settings = dataclasses.replace(t.settings, num_steps=stop)
+            last_fit = t.fit(extra=extra)
+            if publish:
+                self._publish()
+        self.publishing.partition_done(self._record(), wall_s=time.perf_counter() - start)
+        self.publishing.collect(self.records)
+        self._write_records()
+        return last_fit
+
+    def _publish(self) -> None:
+        """Collective: publishes the model at this step into the partition's record."""
+        assert self.publishing is not None
+        self.publishing.publish(step=self.trainer.step, record=self._record())
+        self._write_records()
+
+    def _record(self) -> dict[str, Any]:
+        return next(r for r in self.records if r["index"] == self.stream.index)
+
+    def _write_records(self) -> None:
+        """follow.jsonl, replaced whole (rank 0): records change as publishes finish."""
+        if self.is_main:
+            tmp = self.run_dir / f".{FOLLOW_FILE}.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            tmp.replace(self.run_dir / FOLLOW_FILE)
 
     def _signalled(self) -> bool:
         """Whether any rank got SIGTERM/SIGUSR1 (all ranks agree)."""

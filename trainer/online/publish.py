@@ -1,10 +1,12 @@
 """Published exports: serving bundles written in the background, switched in atomically.
 
 A walk with ``online.publish=true`` publishes the serving bundle at each day's
-end (or every ``online.publish_every_steps`` steps) into ``<run_dir>/exports/``::
+end (or every ``online.publish_every_steps`` steps) into ``<run_dir>/exports/``,
+and a follow job at each partition's end (trainer/online/follow_publish.py)::
 
     exports/v1/ v2/ v3/      complete bundles (model.pt2, schema.json, sample.pt, ...,
-                             and version.json: version, step, day, publish time)
+                             and version.json: version, step, the day or the
+                             partition and its index, publish time)
     exports/LATEST           one line, the newest version's name: "v3"
     exports/.tmp-v4-<pid>/   the version being written (hidden; never read)
 

@@ -1,4 +1,5 @@
-"""What a day walk reports: ``days.jsonl``, the per-day table, ``days.png``.
+"""What a day walk reports: ``days.jsonl``, the per-day table, ``days.png``; and
+follow mode's ``follow.png`` (:func:`plot_partitions`, from its ``follow.jsonl``).
 
 One record per day, written when the day is evaluated (before training on it)::
 
@@ -150,6 +151,32 @@ def plot_days(
         ylabel="AUC",
     )
     ax.set_xticks(days)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.savefig(out_path, dpi=110)
+    return out_path
+
+
+def plot_partitions(records: list[dict[str, Any]], out_path: Path, *, title: str = "") -> Path:
+    """Follow mode's records (trainer/online/follow.py): the AUC before training on each
+    partition (the model trained on the ones before), one PNG, partitions named."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    at = list(range(len(records)))
+    ax.plot(
+        at,
+        [r["auc"] for r in records],
+        marker="o",
+        color="tab:orange",
+        label="AUC of the model trained on the partitions before",
+    )
+    ax.set(
+        title=f"next-partition AUC{f' ({title})' if title else ''}",
+        xlabel="partition",
+        ylabel="AUC",
+    )
+    ax.set_xticks(at, [r["partition"] for r in records], rotation=30, ha="right")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.savefig(out_path, dpi=110)

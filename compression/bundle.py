@@ -59,7 +59,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 
+from compression.bundle_remap import IdRemap
 from compression.bundle_tables import PackedTable, PackedTables, packed_tables, tbe_tables
 from compression.factorized_serving import factorized_lookup
 
@@ -97,15 +99,23 @@ class ServingProgram(nn.Module):
     ``collections``: name -> :class:`PackedTables` (registered under that name, so the
     first, ``tables``, keeps the DLRM program's buffer names); ``head`` is called as
     ``head(dense, *pooled) -> float32[B]`` logits, ``pooled`` each collection's
-    ``float32[B, total_D]`` in the order given.
+    ``float32[B, total_D]`` in the order given. ``remap``: the raw ids' remap to
+    rows (compression/bundle_remap.py; hashed and managed-collision tables), before
+    every lookup.
     """
 
-    def __init__(self, collections: Mapping[str, PackedTables], head: nn.Module) -> None:
+    def __init__(
+        self,
+        collections: Mapping[str, PackedTables],
+        head: nn.Module,
+        remap: IdRemap | None = None,
+    ) -> None:
         super().__init__()
         self.collection_names = list(collections)
         for name, lookups in collections.items():
             self.add_module(name, lookups)
         self.head = head
+        self.remap = remap
 
     @property
     def collections(self) -> dict[str, PackedTables]:
@@ -129,6 +139,8 @@ class ServingProgram(nn.Module):
 
     def logits(self, dense: Tensor, ids: Tensor, lengths: Tensor) -> Tensor:
         """``float32[B]`` logits (eager only: the exported program is ``forward``)."""
+        if self.remap is not None:
+            ids = self.remap(ids, lengths)
         pooled = [getattr(self, name)(ids, lengths) for name in self.collection_names]
         return self.head(dense, *pooled)
 
@@ -194,11 +206,16 @@ def family(model: nn.Module) -> str:
 
 def collections_of(model: nn.Module) -> dict[str, nn.Module]:
     """The model's embedding collections (fp32, quantized or on meta) by program name,
-    in the order its head reads them."""
+    in the order its head reads them; of a managed-collision collection (hashing too,
+    trainer/models/collision.py), the tables behind the remap."""
     sparse = model.sparse_arch
+    tables = sparse.embedding_bag_collection
+    mc = getattr(tables, "mc", None)
+    if isinstance(mc, ManagedCollisionEmbeddingBagCollection):
+        tables = mc._embedding_module
     if family(model) == "dlrm":
-        return {"tables": sparse.embedding_bag_collection}
-    return {"tables": sparse.embedding_bag_collection, "wide": sparse.wide_collection}
+        return {"tables": tables}
+    return {"tables": tables, "wide": sparse.wide_collection}
 
 
 def _model_order(model: nn.Module) -> list[str]:
@@ -229,10 +246,12 @@ def build_program(
     model: nn.Module,
     feature_names: list[str],
     head_model: nn.Module | None = None,
+    remap: IdRemap | None = None,
 ) -> ServingProgram:
     """:class:`ServingProgram` of the packed ``tables`` (every collection's, by table
     name; emptied as they are copied in) laid out as ``model``'s collections, with
-    the head of ``head_model`` (default ``model``; e.g. its int8 dense-QAT copy).
+    the head of ``head_model`` (default ``model``; e.g. its int8 dense-QAT copy)
+    and the raw ids' ``remap`` (if any).
 
     ``feature_names``: the input order of the sparse features (the KJT keys).
     """
@@ -256,7 +275,7 @@ def build_program(
         collections[name] = packed_tables(
             own, feature_tables=feature_tables, feature_names=feature_names, model_order=order
         )
-    return ServingProgram(collections, program_head(head_model, collections)).eval()
+    return ServingProgram(collections, program_head(head_model, collections), remap).eval()
 
 
 def serving_program(served: nn.Module, *, feature_names: list[str]) -> ServingProgram:

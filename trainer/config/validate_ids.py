@@ -2,9 +2,10 @@
 
 Both put a torchrec managed-collision collection in front of the tables, which
 torchrec shards row-wise only, and which the parts of shardrec that walk a plain
-EmbeddingBagCollection (export, distillation, pruning, the wide tables of
-deepfm / wide_deep) do not know yet: those combinations are refused here, each
-with the key and the fix.
+EmbeddingBagCollection (distillation, pruning, the wide tables of deepfm /
+wide_deep) do not know yet: those combinations are refused here, each with the
+key and the fix. The export serves both (the program remaps the raw ids:
+trainer/export/remap.py).
 
 Example::
 
@@ -18,14 +19,9 @@ from trainer.config.schema import Config
 
 
 def check_exportable(cfg: Config, *, key: str = "trainer.export") -> None:
-    """The serving bundle has no remap yet: a hashed or managed-collision model cannot be
-    exported (it would score every id through the wrong row)."""
-    kind = str(cfg.model.id_management)
-    check(
-        kind == "direct",
-        f"{key}: model.id_management={kind}: the serving bundle cannot carry the id remap "
-        f"yet, so this model is not exported (see docs/online.md, Managed collision)",
-    )
+    """Every ``model.id_management`` exports now (the serving program remaps the raw ids,
+    trainer/export/remap.py): nothing is refused. Kept for its callers (online.publish in
+    follow mode) until they drop the call."""
 
 
 def validate_id_management(cfg: Config) -> None:
@@ -55,8 +51,6 @@ def validate_id_management(cfg: Config) -> None:
         f"{key} with sharding.replicas={cfg.sharding.replicas} (2D sparse parallelism) is "
         f"not supported: each replica group would keep its own id maps; use sharding.replicas=1",
     )
-    if cfg.trainer.export:
-        check_exportable(cfg, key="trainer.export=true")
     check(
         cfg.distill.name == "none",
         f"{key} with distill={cfg.distill.name} is not supported; use distill=none",

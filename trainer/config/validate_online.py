@@ -10,7 +10,6 @@ from __future__ import annotations
 from trainer.config.checks import check, positive
 from trainer.config.schema import Config
 from trainer.config.validate_follow import validate_follow
-from trainer.config.validate_ids import check_exportable
 from trainer.data.synthetic_config import SyntheticDataConfig
 
 
@@ -37,5 +36,3 @@ def validate_online(cfg: Config) -> None:
         f"online.publish_every_steps={o.publish_every_steps} must be >= 0 (0: each day's end)",
     )
     positive("online.publish_keep", o.publish_keep)
-    if o.publish:
-        check_exportable(cfg, key="online.publish")

@@ -21,7 +21,13 @@ inputs' and output's layout, the versions, and the eval metrics. Table data
 columns, label and threshold, each dense column's transform and mean/std, the
 categorical and multi-hot columns (separator), buckets, joins (side tables:
 key and columns) and the feature order; a bucket feature's mapping is
-``bucket`` (row ``1 +`` its bucket, 0 missing).
+``bucket`` (row ``1 +`` its bucket, 0 missing). A hashed or managed-collision
+model's program takes the raw ids and remaps them itself; each feature then
+has ``id_management`` (compression/bundle_remap.py: ``TableRemap.describe``):
+``kind`` (``hash`` / ``managed_collision``), ``rows``, ``input_size``, ``row``
+(how an id becomes a row), a map's ``map_size`` and ``miss_row``, and
+``blocks`` when it was trained on several ranks (each rank's block of ids and
+rows).
 
 Example::
 
@@ -83,6 +89,13 @@ def write_bundle(
         "versions": versions(),
         "metrics": {},
     }
+    if program.remap is not None:  # hashed / managed-collision tables: raw ids in
+        schema["inputs"]["ids"] = (
+            "int64[N]: every feature's raw ids (as a training batch carries them, before "
+            "the id remap: the program applies each feature's id_management), feature-major"
+        )
+        for feature, remap in zip(schema["features"], program.remap.describe()):
+            feature["id_management"] = remap
     (directory / SCHEMA_FILE).write_text(json.dumps(schema, indent=2))
     kjt = sample.sparse_features
     torch.save(

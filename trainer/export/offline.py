@@ -46,7 +46,6 @@ from trainer.config.saved import read_config
 from trainer.config.schema import ConfigError
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
-from trainer.config.validate_ids import check_exportable
 from trainer.export.bundle import BUNDLE_DIR
 from trainer.export.step import build_trained, export_model, export_streamed, meta_trained
 from trainer.export.stream import checkpoint_dense, checkpoint_tables, streamable, table_specs
@@ -65,7 +64,6 @@ def export_checkpoint(
         raise FileNotFoundError(missing_message(checkpoint, key="checkpoint_dir"))
     check_checkpoint(checkpoint, key="checkpoint_dir")  # before any data or model is built
     cfg = read_config(checkpoint)
-    check_exportable(cfg, key=f"trainer.export {checkpoint}")  # no remap in the bundle yet
     source = open_source(cfg.data)
     tables = run_tables(cfg, features=source.features, export_bits_override=bits)
     converters = build_converters(

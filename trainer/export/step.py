@@ -86,8 +86,9 @@ from trainer.config.schema import ModelConfig
 from trainer.config.tables import RunTables
 from trainer.data.source import DataSource
 from trainer.export.bundle import BUNDLE_DIR, add_metrics, write_bundle
+from trainer.export.remap import id_remap
 from trainer.export.stream import (
-    Packing,
+    TablePacks,
     TableSpec,
     dense_state,
     load_dense,
@@ -186,7 +187,7 @@ def meta_trained(
 def export_streamed(
     trained: nn.Module,
     specs: list[TableSpec],
-    stream: Iterator[tuple[TableSpec, dict[Packing, Tensor] | None]],
+    stream: Iterator[tuple[TableSpec, TablePacks | None]],
     dense: dict[str, Tensor],
     *,
     converters: Converters,
@@ -198,33 +199,42 @@ def export_streamed(
     """Rank 0 (or one process): the served and trained programs from the packed tables
     ``stream`` yields and the ``dense`` state, the bundle written, the eval scored.
 
-    ``trained`` is :func:`meta_trained`; its dense layers are loaded in place.
+    ``trained`` is :func:`meta_trained`; its dense layers (and the remap state of a
+    hashed or managed-collision model) are loaded in place.
     """
+    served: dict[str, PackedTable] = {}
+    as_trained: dict[str, PackedTable] = {}
+    row_blocks: dict[str, list[int]] = {}
+    dense = dict(dense)
+    for spec, packs in stream:
+        assert packs is not None, "rank 0 receives every table"
+        served[spec.name] = packed_table(spec, packs, spec.served)
+        if spec.trained != spec.served:
+            as_trained[spec.name] = packed_table(spec, packs, spec.trained)
+        row_blocks[spec.name] = packs.row_blocks
+        dense.update(packs.remap_state)
     load_dense(trained, dense, tables={t.key for t in specs}, converters=converters)
     model = trained.model.eval()  # a DLRM, DeepFM or Wide&Deep (compression.bundle.family)
     served_dense = model
     for c in converters:
         if isinstance(c, DenseQAT):
             served_dense = c.to_serving(model)
-    served: dict[str, PackedTable] = {}
-    as_trained: dict[str, PackedTable] = {}
-    for spec, packs in stream:
-        assert packs is not None, "rank 0 receives every table"
-        served[spec.name] = packed_table(spec, packs, spec.served)
-        if spec.trained != spec.served:
-            as_trained[spec.name] = packed_table(spec, packs, spec.trained)
     fp32_tables = sum(t.rows * t.dim * 4 for t in specs)
     feature_names = [f.name for f in source.features]
+    remap = id_remap(model, row_blocks=row_blocks, feature_names=feature_names)
     trained_program = None
     if as_trained:  # the trained eval reads other rows than serving for these tables
         tables = {name: as_trained.get(name, table) for name, table in served.items()}
-        trained_program = build_program(tables, model=model, feature_names=feature_names)
+        trained_program = build_program(
+            tables, model=model, feature_names=feature_names, remap=remap
+        )
     program = build_program(
-        served, model=model, head_model=served_dense, feature_names=feature_names
+        served, model=model, head_model=served_dense, feature_names=feature_names, remap=remap
     )
     if trained_program is None:
         collections = program.collections
-        trained_program = ServingProgram(collections, program_head(model, collections)).eval()
+        head = program_head(model, collections)
+        trained_program = ServingProgram(collections, head, remap).eval()
     sizes = {
         "bytes": program.table_bytes() + model_bytes(program.head),
         "fp32_bytes": fp32_tables + model_bytes(trained_program.head),

@@ -26,6 +26,12 @@ tables served with other bits (post-training quantization) are packed fp32:
 when every table is served as it trained, both are one program and nothing
 more is held; otherwise rank 0 also holds those tables' trained rows.
 
+A hashed or managed-collision DLRM (``model.id_management``) is streamed the
+same way: its tables are the ones behind the remap, each rank's row block is
+recorded (``TablePacks.row_blocks``: the served remap is the sharded one), and
+a managed-collision table's map (row-wise sharded like its rows) meets on rank
+0 with it (trainer/export/remap.py).
+
 Covered: DLRMs, DeepFM and Wide&Deep (their wide ``w_<table>`` tables are
 ordinary tables here, walked after the field tables) under the converters
 table QAT, dense QAT and those with no export hooks (precision, dense
@@ -62,6 +68,7 @@ from compression.dense_qat import DenseQAT
 from compression.serving import pack_rows
 from compression.table_qat import TableQAT
 from trainer.checkpoint.safe_reader import SafeReader, read_checkpoint_metadata
+from trainer.export.remap import remap_specs
 
 # (bits or None for fp32, row range): how a table's rows are packed.
 Packing = tuple[int | None, str]
@@ -82,9 +89,24 @@ class TableSpec:
     pooling: int
     served: Packing
     trained: Packing
+    # model.id_management of the table, and the state keys of its remap (a
+    # managed-collision map: row-wise sharded like the table, gathered with it).
+    id_management: str = "direct"
+    remap_keys: tuple[str, ...] = ()
 
     def packings(self) -> list[Packing]:
         return list(dict.fromkeys([self.served, self.trained]))
+
+
+@dataclass
+class TablePacks:
+    """What rank 0 receives of one table: its rows packed each way; the first row of each
+    rank's block of rows, then the rows (``[0, rows]`` when not row-sharded); and its
+    remap state (``spec.remap_keys``, whole) where it is not in the dense state."""
+
+    rows: dict[Packing, Tensor]
+    row_blocks: list[int]
+    remap_state: dict[str, Tensor]
 
 
 def streamable(converters: Converters, meta_trained: nn.Module) -> str | None:
@@ -108,15 +130,19 @@ def table_specs(meta_trained: nn.Module, converters: Converters) -> list[TableSp
     (compression.bundle.collections_of: a DeepFM / Wide&Deep's wide tables after
     its field tables), in the collection's order."""
     qat = next((c for c in converters if isinstance(c, TableQAT)), None)
+    remaps = remap_specs(meta_trained)
     return [
         spec
         for ebc in collections_of(meta_trained.model).values()
-        for spec in _collection_specs(meta_trained, ebc, qat)
+        for spec in _collection_specs(meta_trained, ebc, qat, remaps)
     ]
 
 
 def _collection_specs(
-    meta_trained: nn.Module, ebc: nn.Module, qat: TableQAT | None
+    meta_trained: nn.Module,
+    ebc: nn.Module,
+    qat: TableQAT | None,
+    remaps: dict[str, tuple[str, tuple[str, ...]]],
 ) -> list[TableSpec]:
     assert isinstance(ebc, EmbeddingBagCollection), type(ebc)
     prefix = next(n for n, m in meta_trained.named_modules() if m is ebc)
@@ -138,14 +164,16 @@ def _collection_specs(
                 pooling=0 if config.pooling == PoolingType.SUM else 1,
                 served=served,
                 trained=trained,
+                id_management=remaps[name][0] if name in remaps else "direct",
+                remap_keys=remaps[name][1] if name in remaps else (),
             )
         )
     return specs
 
 
-def packed_table(spec: TableSpec, packs: dict[Packing, Tensor], packing: Packing) -> PackedTable:
+def packed_table(spec: TableSpec, packs: TablePacks, packing: Packing) -> PackedTable:
     """The :class:`PackedTable` of ``spec`` packed as ``packing``."""
-    return PackedTable(packs[packing], _TY[packing[0]], spec.dim, spec.pooling)
+    return PackedTable(packs.rows[packing], _TY[packing[0]], spec.dim, spec.pooling)
 
 
 def _pack(rows: Tensor, spec: TableSpec) -> dict[Packing, Tensor]:
@@ -154,17 +182,21 @@ def _pack(rows: Tensor, spec: TableSpec) -> dict[Packing, Tensor]:
 
 def sharded_tables(
     model: nn.Module, specs: list[TableSpec]
-) -> Iterator[tuple[TableSpec, dict[Packing, Tensor] | None]]:
-    """Collective: per table, its packed rows on rank 0 (None on the other ranks)."""
+) -> Iterator[tuple[TableSpec, TablePacks | None]]:
+    """Collective: per table, its packed rows (and remap state) on rank 0 (None on the
+    other ranks)."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     state = model.state_dict()
     for spec in specs:
         value = state[spec.key]
+        remap_state = {k: _whole(state[k], rank) for k in spec.remap_keys}  # collective
         if not isinstance(value, ShardedTensor):  # data parallel: replicated, rank 0's
-            yield spec, _pack(value.detach().cpu(), spec) if rank == 0 else None
+            packs = _pack(value.detach().cpu(), spec) if rank == 0 else None
+            yield spec, None if packs is None else TablePacks(packs, [0, spec.rows], remap_state)
             continue
         shards = value.metadata().shards_metadata
+        row_blocks = sorted({m.shard_offsets[0] for m in shards}) + [spec.rows]
         column_split = any(m.shard_sizes[1] < spec.dim for m in shards)
         pieces = []
         for shard in value.local_shards():
@@ -191,9 +223,18 @@ def sharded_tables(
             del all_pieces
             if full.isnan().any():
                 raise RuntimeError(f"{spec.key}: the shards do not cover the table")
-            yield spec, _pack(full, spec)
+            yield spec, TablePacks(_pack(full, spec), row_blocks, remap_state)
             continue
-        yield spec, _assemble_rows(spec, all_pieces)
+        yield spec, TablePacks(_assemble_rows(spec, all_pieces), row_blocks, remap_state)
+
+
+def _whole(value: Tensor, rank: int) -> Tensor:
+    """Collective for a ShardedTensor: the whole tensor on rank 0 (an empty one elsewhere)."""
+    if not isinstance(value, ShardedTensor):
+        return value.detach().cpu().clone()
+    whole = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+    value.gather(dst=0, out=whole)
+    return whole if whole is not None else torch.empty(0)
 
 
 def _assemble_rows(spec: TableSpec, pieces: list) -> dict[Packing, Tensor]:
@@ -215,15 +256,20 @@ def _assemble_rows(spec: TableSpec, pieces: list) -> dict[Packing, Tensor]:
 
 def checkpoint_tables(
     checkpoint: Path, specs: list[TableSpec]
-) -> Iterator[tuple[TableSpec, dict[Packing, Tensor]]]:
+) -> Iterator[tuple[TableSpec, TablePacks]]:
     """One process: each table read alone from the checkpoint (every rank's shards),
-    packed, and dropped before the next is read."""
+    packed, and dropped before the next is read; its remap state is in the dense
+    state (:func:`checkpoint_dense`), its ranks' row blocks from the saved shards."""
     metadata = read_checkpoint_metadata(checkpoint).state_dict_metadata
     for spec in specs:
-        dtype = metadata[f"model.{spec.key}"].properties.dtype
-        state = {"model": {spec.key: torch.empty(spec.rows, spec.dim, dtype=dtype)}}
+        saved = metadata[f"model.{spec.key}"]
+        state = {
+            "model": {spec.key: torch.empty(spec.rows, spec.dim, dtype=saved.properties.dtype)}
+        }
         _load(checkpoint, state)
-        yield spec, _pack(state["model"].pop(spec.key), spec)
+        starts = sorted({c.offsets[0] for c in getattr(saved, "chunks", [])} | {0})
+        rows = _pack(state["model"].pop(spec.key), spec)
+        yield spec, TablePacks(rows, starts + [spec.rows], {})
 
 
 def checkpoint_dense(checkpoint: Path, *, skip: set[str]) -> tuple[dict[str, Tensor], int]:

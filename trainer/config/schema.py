@@ -70,7 +70,7 @@ class TableConfig:
     embedding_dim: int = 0
     feature_names: list[str] = field(default_factory=list)
     pooling: Pooling = Pooling.sum
-    # Factorized (compression/factorized.py, dlrm / dlrm_dcnv2): stored width (a rank-r
+    # Factorized (compression/factorized.py, every arch): stored width (a rank-r
     # table plus an r x dim projection; 0: model.table_rank / mixed_dims / full width),
     # quotient-remainder split into tables of ceil(rows/m) and m rows (0: model.qr_*),
     # and how the pair combines: mul | add | concat ("": model.qr_op).
@@ -90,7 +90,7 @@ class ModelConfig:
     # DLRM-DCNv2 only: low-rank cross layers (MLPerf reference: 3 layers, rank 512).
     dcn_num_layers: int = 3
     dcn_low_rank_dim: int = 64
-    # Factorized tables (dlrm / dlrm_dcnv2; per table in tables[].rank / qr_*; docs/compression.md):
+    # Factorized tables (every arch; per table in tables[].rank / qr_*; docs/compression.md):
     # table_rank: every table stored rank-r (projected to embedding_dim; 0: off);
     # qr_min_rows: tables with at least this many rows split quotient-remainder into
     # qr_buckets (0: ceil(sqrt(rows))) combined by qr_op (mul | add | concat); 0: off;

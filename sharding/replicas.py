@@ -17,10 +17,14 @@ strategies run. :class:`ReplicaSync` keeps the replicas on exactly the K = 1
 trajectory instead: before each training forward it copies this rank's shard
 rows and their row-wise Adagrad accumulators; after the fused update it
 recovers the group's gradient of every row from the update FBGEMM applied
-(``g = (w0 - w1) (sqrt(m1) + eps) / lr``), sums it over the replica group
+(``g = (w0 - w1) (sqrt(m1) + eps) / lr``), averages it over the replica group
 (one all-reduce of this rank's rows per step) and re-applies row-wise Adagrad
-to the copy with the summed gradient. The price: one copy of the rank's rows
-and accumulators, and an all-reduce of its rows, every step.
+to the copy with the averaged gradient. Averaged, not summed: torchrec divides
+the tables' backward collectives by the sharding group's size, so a group's
+gradient is the mean over its own samples and the K groups' mean is the global
+batch's mean, the gradient of a K = 1 run of any world size (a checkpoint then
+resumes with another K). The price: one copy of the rank's rows and
+accumulators, and an all-reduce of its rows, every step.
 
 ``every=N > 1`` (``sharding.replica_sync_every``) syncs every N steps instead:
 each replica trains on its own group's gradients in between, and the sync
@@ -242,7 +246,7 @@ def _fused_optimizer(dmp: DistributedModelParallel) -> KeyedOptimizer:
 
 
 class ReplicaSync:
-    """Sums each step's table gradients over the replica group, or averages the replicas'
+    """Averages each step's table gradients over the replica group, or the replicas'
     changes every ``every`` steps (see the module docstring)."""
 
     def __init__(
@@ -294,7 +298,7 @@ class ReplicaSync:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """After the fused update: the replica group's summed gradient, re-applied
+        """After the fused update: the replica group's mean gradient, re-applied
         (every step), or the replicas' averaged changes every ``every`` steps."""
         if self.groups.replicas == 1:
             return
@@ -312,7 +316,14 @@ class ReplicaSync:
             scale = (acc.sqrt() + self.eps) / lr
             grads.append(((rows0 - rows) * scale.unsqueeze(1)).reshape(-1))
         flat = torch.cat(grads) if grads else torch.zeros(0)
+        # torchrec divides the backward all-to-all / reduce-scatter by the sharding
+        # group's size, so each group's gradient is the mean over its own samples; the
+        # mean over the K groups is the global batch's, which K = 1 trains with at any
+        # world size. (A sum is K times that: unseen in a run from a zero accumulator,
+        # where row-wise Adagrad's update ignores a constant scale, but not once the
+        # accumulator came from another K: a resume.)
         all_sum(flat, group=self.groups.replica_pg)
+        flat /= self.groups.replicas
         self.synced_bytes = flat.numel() * flat.element_size()
         offset = 0
         for (rows, acc, lr), (rows0, acc0) in zip(shards, self._before, strict=True):

@@ -165,7 +165,7 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
     except ValueError as err:
         raise ConfigError(str(err)) from None
     optimizer = converters.wrap_optimizer(dmp, optimizer, device=env.device, process_group=env.pg)
-    if groups is not None:  # step() then sums the tables' gradients over the replicas
+    if groups is not None:  # step() then averages the tables' gradients over the replicas
         sync = ReplicaSync(
             dmp,
             groups=groups,

@@ -8,8 +8,9 @@ Adagrad accumulator (as after a resume), K = 1 and K = 2, matches a reference
 whose table gradient is the global batch's mean: the sync once summed the K
 groups' mean gradients, K times too much, unseen from a zero accumulator. A
 checkpoint saved with K = 2 resumes with K = 1 and one saved with K = 1 resumes
-with K = 2, onto the original run's step-8 metrics (slow tier). The planning side (one group planned, costed for the
-world; ``replicas=auto``) is checked on small worlds.
+with K = 2, onto the original run's step-8 metrics (slow tier). The planning
+side (one group planned, costed for the world; ``replicas=auto``) is checked on
+small worlds.
 """
 
 from __future__ import annotations

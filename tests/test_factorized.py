@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compression.bundle import load_program
@@ -31,8 +32,15 @@ from compression.serving import fake_quantize_tables
 from sharding import destroy_distributed, init_distributed
 from sharding.state import assemble, load_unsharded, local_shards
 from tests.distributed import run_ranks
-from tests.reference import synthetic_tables, unsharded_model
-from tests.test_sharding_equivalence import BATCH_SIZE, NUM_STEPS, _reference, tiny_config
+from tests.reference import (
+    block_width,
+    reference_optimizers,
+    reference_step,
+    synthetic_tables,
+    table_parameters,
+    unsharded_model,
+)
+from tests.test_sharding_equivalence import BATCH_SIZE, NUM_STEPS, tiny_config
 from trainer.config.schema import Config, to_config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain
@@ -44,6 +52,8 @@ FORMS = {
     "qr_mul": {"qr_min_rows": 50},
     "qr_concat": {"qr_min_rows": 50, "qr_op": "concat", "table_rank": 4},
     "mixed": {"mixed_dims": 0.5},
+    # DeepFM's field tables low rank, the two of >= 50 rows also QR; its wide tables plain.
+    "deepfm_lowrank_qr": {"arch": "deepfm", "table_rank": 4, "qr_min_rows": 50},
 }
 # (case, form, strategy); column_wise splits the dim-8 stored tables into 4-wide blocks.
 CASES = [
@@ -53,10 +63,13 @@ CASES = [
     ("qr_concat-table_wise", "qr_concat", "table_wise"),
     ("mixed-row_wise", "mixed", "row_wise"),
     ("mixed-column_wise", "mixed", "column_wise"),
+    ("deepfm_lowrank_qr-row_wise", "deepfm_lowrank_qr", "row_wise"),
 ]
 # The default tier runs one case per form (starting two ranks costs ~10 s; the machine
 # is shared), the slow tier the rest.
-DEFAULT_CASES = ("lowrank-row_wise", "qr_concat-table_wise", "mixed-row_wise")
+DEFAULT_CASES = (
+    "lowrank-row_wise", "qr_concat-table_wise", "mixed-row_wise", "deepfm_lowrank_qr-row_wise",
+)  # fmt: skip
 LOSS_ATOL = 1e-5  # as tests/test_sharding_equivalence.py (float sums in other orders)
 ROW_ATOL = 1e-4
 
@@ -91,13 +104,15 @@ def test_stored_tables_and_parameters() -> None:
     assert {k: v[1] for k, v in stored["mixed"].items()} == {
         "t_cat_0": 4, "t_cat_1": 4, "t_cat_2": 8, "t_cat_3": 4,
     }  # fmt: skip
-    full = sum(
-        p.numel()
-        for p in unsharded_model(tiny_config("table_wise"), device=torch.device("cpu")).parameters()
-    )
+
+    def num_params(cfg: Config) -> int:
+        return sum(p.numel() for p in unsharded_model(cfg, device=torch.device("cpu")).parameters())
+
     for form in FORMS:
+        full = tiny_config("table_wise")  # the same architecture, unfactorized
+        full.model.arch = FORMS[form].get("arch", full.model.arch)
+        assert num_params(_config(form)) < num_params(full), form
         model = unsharded_model(_config(form), device=torch.device("cpu"))
-        assert sum(p.numel() for p in model.parameters()) < full, form
         loss, (_, logits, _) = model(SyntheticCriteo(_config(form).data).batch("train", 0, 8))
         assert logits.shape == (8,) and torch.isfinite(loss)
 
@@ -144,23 +159,87 @@ def _worker(rank: int, init_dir: str, cases: list[tuple[str, str, str]]) -> None
         destroy_distributed()
 
 
-def _run(out: Path, cases: list[tuple[str, str, str]]) -> Path:
+def run_cases(
+    out: Path,
+    cases: list[tuple[str, str, str]],
+    *,
+    world_size: int = 2,
+    local_world_size: int | None = None,
+) -> Path:
+    """Every ``(case, form, strategy)`` trained in one process group of ``world_size``
+    ranks (``local_world_size`` per host), from an init saved here."""
     for case, form, strategy in cases:
         torch.manual_seed(0)
         init = unsharded_model(_config(form, strategy), device=torch.device("cpu")).state_dict()
         torch.save(init, out / f"{case}-init.pt")
-    run_ranks(_worker, str(out), cases, world_size=2)
+    run_ranks(_worker, str(out), cases, world_size=world_size, local_world_size=local_world_size)
     return out
+
+
+def _reference(
+    cfg: Config, init: dict, world_size: int, plan: dict[str, tuple[str, list[int]]]
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process trains the model on the global batches (every collection's tables:
+    a wide model's too; column-split ones per column block, tests/reference.py)."""
+    model = unsharded_model(cfg, device=torch.device("cpu"))
+    model.load_state_dict(init)
+    named = {
+        name: bag
+        for ebc in model.modules()
+        if isinstance(ebc, EmbeddingBagCollection)
+        for name, bag in ebc.embedding_bags.items()
+    }
+    width = cfg.sharding.column_shard_dim
+    tables = [
+        p
+        for n, t in named.items()
+        for p in table_parameters(t, width=block_width(plan[n][0], width))
+    ]
+    optimizers = reference_optimizers(model, tables, cfg.optim)
+    source = SyntheticCriteo(cfg.data)
+    size = BATCH_SIZE * world_size
+    losses = [
+        reference_step(
+            model, source.batch("train", s * size, size), optimizers, tables, world_size=world_size
+        )
+        for s in range(NUM_STEPS)
+    ]
+    rows = {k: named[k.split(".")[-2]].weight for k in init if "embedding_bags" in k}
+    return losses, {k: w.detach().clone() for k, w in rows.items()}
+
+
+def check_sharded(out: Path, case: str, form: str, strategy: str, *, world_size: int) -> dict:
+    """The ranks' losses and assembled rows of ``case`` equal the unsharded reference's;
+    returns the plan (table -> (sharding type, ranks))."""
+    cfg = _config(form, strategy)
+    init = torch.load(out / f"{case}-init.pt")
+    ranks = [torch.load(out / f"{case}-rank{r}.pt") for r in range(world_size)]
+    plan = ranks[0]["plan"]
+    ref_losses, ref_tables = _reference(cfg, init, world_size, plan)
+    assert max(ref_losses) - min(ref_losses) > 1e-3
+    torch.testing.assert_close(
+        torch.tensor(ranks[0]["losses"]), torch.tensor(ref_losses), atol=LOSS_ATOL, rtol=0
+    )
+    assert set(ref_tables) == set(ranks[0]["shards"]), "a table was not compared"
+    for key, ref in ref_tables.items():
+        full = assemble([r["shards"][key] for r in ranks], tuple(ref.shape))
+        assert not torch.isnan(full).any(), f"{key}: shards do not cover the table"
+        assert not torch.equal(ref, init[key]), f"{key}: reference rows never moved"
+        torch.testing.assert_close(
+            full, ref, atol=ROW_ATOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}"
+        )
+    return plan
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _run(tmp_path_factory.mktemp("fz2"), [c for c in CASES if c[0] in DEFAULT_CASES])
+    return run_cases(tmp_path_factory.mktemp("fz2"), [c for c in CASES if c[0] in DEFAULT_CASES])
 
 
 @pytest.fixture(scope="module")
 def two_ranks_slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _run(tmp_path_factory.mktemp("fz2s"), [c for c in CASES if c[0] not in DEFAULT_CASES])
+    cases = [c for c in CASES if c[0] not in DEFAULT_CASES]
+    return run_cases(tmp_path_factory.mktemp("fz2s"), cases)
 
 
 @pytest.mark.dist
@@ -173,23 +252,10 @@ def test_sharded_matches_unsharded(
     request: pytest.FixtureRequest, case: str, form: str, strategy: str
 ) -> None:
     fixture = "two_ranks" if case in DEFAULT_CASES else "two_ranks_slow"
-    two_ranks = request.getfixturevalue(fixture)
-    cfg = _config(form, strategy)
-    init = torch.load(two_ranks / f"{case}-init.pt")
-    ranks = [torch.load(two_ranks / f"{case}-rank{r}.pt") for r in range(2)]
-    plan = ranks[0]["plan"]
+    plan = check_sharded(request.getfixturevalue(fixture), case, form, strategy, world_size=2)
     assert {v[0] for v in plan.values()} == {strategy}
-    ref_losses, ref_tables = _reference(cfg, init, 2, plan)
-    assert max(ref_losses) - min(ref_losses) > 1e-3
-    torch.testing.assert_close(
-        torch.tensor(ranks[0]["losses"]), torch.tensor(ref_losses), atol=LOSS_ATOL, rtol=0
-    )
-    for key, ref in ref_tables.items():
-        full = assemble([r["shards"][key] for r in ranks], tuple(ref.shape))
-        assert not torch.equal(ref, init[key]), f"{key}: reference rows never moved"
-        torch.testing.assert_close(
-            full, ref, atol=ROW_ATOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}"
-        )
+    if FORMS[form].get("arch") == "deepfm":  # the stored QR pairs and the plain wide tables
+        assert {"t_cat_1_q", "t_cat_1_r", "w_t_cat_1", "w_t_cat_3"} <= set(plan), plan
 
 
 TINY = [
@@ -203,6 +269,9 @@ RUN_FORMS = {
     "lowrank": ["model.table_rank=4"],
     "qr_mul": ["model.qr_min_rows=300"],
     "mixed": ["model.mixed_dims=1.0"],
+    # DeepFM: low rank 4 on every field table, the 400-row one also QR (m = 20); its
+    # wide w_<table> tables stay plain.
+    "deepfm_lowrank_qr": ["model=deepfm", "model.table_rank=4", "model.qr_min_rows=300"],
 }
 
 
@@ -220,7 +289,12 @@ def _flat_checkpoint(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "form", ["lowrank", *(pytest.param(f, marks=pytest.mark.slow) for f in ("qr_mul", "mixed"))]
+    "form",
+    [
+        "lowrank",
+        "deepfm_lowrank_qr",
+        *(pytest.param(f, marks=pytest.mark.slow) for f in ("qr_mul", "mixed")),
+    ],
 )
 def test_qat_export_parity_and_resume(form: str, compose_cfg, tmp_path: Path) -> None:
     from trainer.train import train  # in this process: a world of one

@@ -33,8 +33,6 @@ from compression.factorized import QR_OPS, FactorSpec
 from trainer.config.schema import ModelConfig, TableConfig
 from trainer.errors import ConfigError
 
-FACTORIZED_ARCHS = ("dlrm", "dlrm_dcnv2")
-
 
 def _key(model: ModelConfig, i: int, name: str) -> str:
     return f"model.tables[{i}]" if model.tables else f"table {name}"
@@ -69,11 +67,6 @@ def factorize(model: ModelConfig, tables: Sequence[TableConfig]) -> list[TableCo
         if op not in QR_OPS:
             raise ConfigError(f"{key}: qr_op={op!r} is not known; use one of {list(QR_OPS)}")
         out.append(replace(t, rank=rank, qr_buckets=buckets, qr_op=op))
-    if any(t.rank or t.qr_buckets for t in out) and model.arch not in FACTORIZED_ARCHS:
-        raise ConfigError(
-            f"model.arch={model.arch}: factorized tables (rank, qr_*, mixed_dims) are for "
-            f"{' / '.join(FACTORIZED_ARCHS)} only; drop them or use model=dlrm"
-        )
     return out
 
 

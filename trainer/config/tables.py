@@ -89,7 +89,9 @@ def run_tables(
             "do not yet combine with distill=online or row pruning (prune.min_access, "
             "prune.row_min_norm); drop one"
         )
-    teacher = arch_tables(str(cfg.model.arch), stored_tables(model))
+    # A wide model's w_<table> tables stay plain, over the input features (factorized or not).
+    wide = wide_tables(model) if str(cfg.model.arch) in WIDE_ARCHS else []
+    teacher = stored_tables(model) + wide
     student = own_student_tables(cfg.distill, cfg.model, model)
     trained = teacher + student
     served = student or teacher
@@ -145,7 +147,10 @@ def student_tables(tables: Sequence[TableConfig], *, embedding_dim: int) -> list
 def wide_tables(tables: Sequence[TableConfig]) -> list[TableConfig]:
     """The first-order tables of ``tables``: ``w_<name>``, same rows, features and
     pooling, ``WIDE_DIM`` columns of which the model reads the first."""
-    return [replace(t, name=WIDE_PREFIX + t.name, embedding_dim=WIDE_DIM) for t in tables]
+    return [
+        replace(t, name=WIDE_PREFIX + t.name, embedding_dim=WIDE_DIM, rank=0, qr_buckets=0)
+        for t in tables
+    ]
 
 
 def arch_tables(arch: str, tables: Sequence[TableConfig]) -> list[TableConfig]:

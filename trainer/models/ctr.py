@@ -23,6 +23,13 @@ linear model's weights usually do. Everything after the lookup is one module
 (``head``) without tables: torchrec's train pipeline traces through
 ``sparse_arch`` to pipeline the lookups and treats ``head`` as a leaf.
 
+Factorized field tables (low rank, quotient-remainder, mixed dims;
+compression/factorized.py): the field collection holds the *stored* tables and
+``sparse_arch.factorized`` derives the lookup's ids before it (QR) and brings
+each pooled field back to its ``dim`` after it (:meth:`CTRSparseArch.embedded`),
+so the head reads what an unfactorized model's fields give it. The wide tables
+stay plain, one ``w_<table>`` per model table over the input features.
+
 The predictor is called like DLRM's, ``(dense [B, num_dense], sparse KJT) ->
 logits [B, 1]``, so the loop, eval, export and distillation are unchanged.
 ``num_dense=0``: the batches' dense tensor is ``[B, 0]``; the first-order
@@ -48,6 +55,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compression.factorized import Factorized, FactorSpec, stored_configs
 from trainer.config.tables import WIDE_DIM, WIDE_PREFIX
 
 
@@ -57,15 +65,30 @@ class CTRSparseArch(nn.Module):
 
     Returns their outputs as they come (KeyedTensors, or LazyAwaitables of them
     when sharded: the all-to-alls stay in flight until the head reads them).
+    ``factorized``: the steps around the field lookup when its tables are
+    factorized (the collection then holds the stored tables), else None.
     """
 
-    def __init__(self, fields: EmbeddingBagCollection, wide: EmbeddingBagCollection) -> None:
+    def __init__(
+        self,
+        fields: EmbeddingBagCollection,
+        wide: EmbeddingBagCollection,
+        factorized: Factorized | None = None,
+    ) -> None:
         super().__init__()
         self.embedding_bag_collection = fields
         self.wide_collection = wide
+        self.factorized = factorized
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[Any, Any]:
-        return self.embedding_bag_collection(features), self.wide_collection(features)
+        lookup = features if self.factorized is None else self.factorized.split_kjt(features)
+        return self.embedding_bag_collection(lookup), self.wide_collection(features)
+
+    def embedded(self, fields: Any) -> dict[str, Tensor]:
+        """Each field's pooled ``[B, D]`` by feature name from the field lookup's output
+        (the first use waits for it); a factorized one projected / combined to ``D``."""
+        pooled = fields.to_dict()
+        return pooled if self.factorized is None else self.factorized.combine(pooled)
 
 
 class CTRHead(nn.Module):
@@ -96,9 +119,10 @@ class CTRHead(nn.Module):
         # QAT (compression/dense_qat.py) finds its Linears as it finds DLRM's.
         self.deep = OverArch(deep_in_features + num_dense, list(layer_sizes), device=device)
 
-    def forward(self, dense: Tensor, fields: Any, wide: Any) -> Tensor:
-        # to_dict waits for a lookup still in flight.
-        pooled, weights = fields.to_dict(), wide.to_dict()
+    def forward(
+        self, dense: Tensor, pooled: dict[str, Tensor], weights: dict[str, Tensor]
+    ) -> Tensor:
+        """``pooled``: each field's ``[B, D_f]``, ``weights``: its wide row, by feature."""
         embedded = [pooled[name] for name in self.feature_names]  # F x (B x D_f)
         # Column 0 of each wide row (the others are padding, see the module docstring).
         first = torch.cat([weights[name][:, :1] for name in self.feature_names], dim=1)
@@ -139,15 +163,20 @@ class CTRModel(nn.Module):
         num_dense: int,
         layer_sizes: Sequence[int],
         fm: bool,
+        factorized: Factorized | None = None,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        configs = fields.embedding_bag_configs()
+        if factorized is None:
+            configs = fields.embedding_bag_configs()
+            dims = {f: c.embedding_dim for c in configs for f in c.feature_names}
+        else:  # the collection holds the stored tables; the head reads the model's
+            dims = {f: s.dim for s in factorized.specs for f in s.feature_names}
         self.num_dense = num_dense
-        self.sparse_arch = CTRSparseArch(fields, wide)
+        self.sparse_arch = CTRSparseArch(fields, wide, factorized)
         self.head = CTRHead(
-            feature_names=[f for c in configs for f in c.feature_names],
-            deep_in_features=sum(c.embedding_dim * len(c.feature_names) for c in configs),
+            feature_names=list(dims),
+            deep_in_features=sum(dims.values()),
             num_dense=num_dense,
             layer_sizes=layer_sizes,
             fm=fm,
@@ -155,7 +184,8 @@ class CTRModel(nn.Module):
         )
 
     def logits_from_pooled(self, dense: Tensor, pooled: tuple[Any, Any]) -> Tensor:
-        return self.head(dense, *pooled)
+        fields, wide = pooled  # to_dict (in embedded) waits for a lookup still in flight
+        return self.head(dense, self.sparse_arch.embedded(fields), wide.to_dict())
 
     def forward(self, dense_features: Tensor, sparse_features: KeyedJaggedTensor) -> Tensor:
         return self.logits_from_pooled(dense_features, self.sparse_arch(sparse_features))
@@ -190,18 +220,25 @@ def build_ctr(
     device: torch.device,
     tables_device: torch.device | None = None,
     data_type: DataType = DataType.FP32,
+    factors: Sequence[FactorSpec] | None = None,
 ) -> CTRModel:
-    """``arch="deepfm"`` or ``"wide_deep"`` over the field tables ``fields``."""
+    """``arch="deepfm"`` or ``"wide_deep"`` over the field tables ``fields``.
+
+    ``factors``: the field tables as factorized (trainer/models/factorized.py
+    ``factor_specs``), or None: stored as they are. The wide tables follow ``fields``.
+    """
     if arch not in ("deepfm", "wide_deep"):
         raise ValueError(f"build_ctr builds deepfm or wide_deep, not {arch!r}")
     if arch == "deepfm" and len({c.embedding_dim for c in fields}) > 1:
         raise ValueError("deepfm's FM term needs every field table of one embedding_dim")
     where = tables_device or device
+    stored = stored_configs(factors, data_type) if factors else list(fields)
     return CTRModel(
-        fields=EmbeddingBagCollection(tables=list(fields), device=where),
+        fields=EmbeddingBagCollection(tables=stored, device=where),
         wide=EmbeddingBagCollection(tables=wide_bag_configs(fields, data_type), device=where),
         num_dense=num_dense,
         layer_sizes=over_arch_layer_sizes,
         fm=arch == "deepfm",
+        factorized=Factorized(factors, device=device) if factors else None,
         device=device,
     )

@@ -156,12 +156,7 @@ def build_model(
 
     specs = factor_specs(tables)
     factorized = any(s.factorized for s in specs)
-    stored_device = tables_device
-    if factorized:  # the collection built below only sizes the arch; the stored one replaces it
-        tables_device = torch.device("meta")
     if arch in ("deepfm", "wide_deep"):
-        if factorized:
-            raise ValueError(f"model.arch={arch}: factorized tables are for dlrm / dlrm_dcnv2 only")
         ctr = build_ctr(
             arch=arch,
             fields=embedding_bag_configs(tables, table_data_type),
@@ -170,8 +165,12 @@ def build_model(
             device=device,
             tables_device=tables_device,
             data_type=table_data_type,
+            factors=specs if factorized else None,
         )
         return DLRMTrain(ctr)  # torchrec's wrapper only calls model(dense, sparse)
+    stored_device = tables_device
+    if factorized:  # the collection built below only sizes the arch; the stored one replaces it
+        tables_device = torch.device("meta")
     ebc = id_managed_collection(
         embedding_bag_configs(tables, table_data_type),
         id_management,

@@ -9,12 +9,16 @@ sharding does), and hashing (``ModuloCollisionModule``).
 its lookups on new ids; 16 rows for up to 141 ids, so many eval ids miss the
 map), exported (``export_step``): the bundle's program scores ``sample.pt`` as
 the trained model's eval forward does (torchrec's remap; with ``qat=int8`` the
-tables fake-quantized), in this process and in a fresh interpreter that cannot
-import shardrec or torchrec.
+tables fake-quantized), in this process and (``qat=int8``) in a fresh
+interpreter that cannot import shardrec or torchrec. The 2-rank export is
+tests/test_managed_collision.py's.
 
-(c) The trainer's path: a one-process ``trainer.export=true`` run and ``python
--m trainer.export`` of its checkpoint give bundles that score the sample as the
-checkpoint loaded into the unsharded model does.
+(c) The trainer's path (slow tier): a one-process ``trainer.export=true`` run
+and ``python -m trainer.export`` of its checkpoint give bundles that score the
+sample as the checkpoint loaded into the unsharded model does.
+
+Served tables are int8 (``qat=int8``, or ``trainer.export_bits=8`` after
+training in fp32): the reference's tables hold ``fake_quantize_rows`` of theirs.
 """
 
 from __future__ import annotations
@@ -142,8 +146,12 @@ def _eval_scores(dlrm: torch.nn.Module, sample: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("kind", "qat_bits"),
-    [("managed_collision", 0), ("managed_collision", 8), ("hash", 0)],
-    ids=["mc-fp32", "mc-qat-int8", "hash-fp32"],
+    [
+        ("managed_collision", 8),
+        ("hash", 0),
+        pytest.param("managed_collision", 0, marks=pytest.mark.slow),
+    ],
+    ids=["mc-qat-int8", "hash-ptq-int8", "mc-ptq-int8"],
 )
 def test_bundle_remaps_raw_ids(tmp_path: Path, kind: str, qat_bits: int) -> None:
     cfg, model, source = _trained(kind, qat_bits)
@@ -185,9 +193,53 @@ def test_bundle_remaps_raw_ids(tmp_path: Path, kind: str, qat_bits: int) -> None
         ids = sample["ids"][int(lengths[0].sum()) :][: int(lengths[1].sum())]
         missing = ~torch.isin(ids, mapped)
         assert 0 < int(missing.sum()) < ids.numel()  # the sample hits and misses the map
-    if kind == "managed_collision" and not qat_bits:
+    if not qat_bits:  # the fresh interpreter (~20 s on 2 busy cores) once
         return
     inputs = [(sample["dense"], sample["ids"], sample["lengths"])]
     server = load_in_fresh_interpreter(bundle, inputs, tmp_path / "server")
     assert server["loaded"] == 0
     assert float((server["sample"] - expected).abs().max()) <= ATOL
+
+
+@pytest.mark.slow  # ~60 s on 2 busy cores; the 2-rank export is in test_managed_collision.py
+def test_trainer_and_offline_export_remap(tmp_path: Path, compose_cfg) -> None:
+    from tests.test_bundle import _run
+    from trainer.builder.model import build_unsharded
+    from trainer.checkpoint.load import load_unsharded_model
+    from trainer.config.schema import to_config
+    from trainer.export.offline import export_checkpoint
+
+    overrides = [
+        "model.id_management=managed_collision",
+        "model.mc_zch_size=64",
+        "sharding=row_wise",
+        "trainer.checkpoint_every_steps=8",
+    ]
+    summary = _run(tmp_path / "run", compose_cfg, *overrides)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_8"
+    offline = export_checkpoint(checkpoint, out=tmp_path / "offline")
+    assert offline["auc"] == summary["export"]["auc"]
+
+    cfg = to_config(compose_cfg(["trainer=smoke", *overrides]))
+    source = SyntheticSource(cfg.data)
+    tables = run_tables(cfg, features=source.features)
+    model = build_unsharded(
+        cfg.model, tables=tables, num_dense=source.num_dense, device=torch.device("cpu")
+    )
+    load_unsharded_model(checkpoint, model)
+    dlrm = model.model.eval()
+    fake_quantize_tables(dlrm, table_bits=offline["bits"], row_range=offline["row_range"])
+    for bundle in (tmp_path / "run" / "bundle", tmp_path / "offline"):
+        sample = torch.load(bundle / "sample.pt", weights_only=True)
+        names = [f.name for f in source.features]
+        kjt = KeyedJaggedTensor(keys=names, values=sample["ids"], lengths=sample["lengths"])
+        with torch.no_grad():
+            expected = torch.sigmoid(dlrm(sample["dense"], kjt).flatten())
+            got = load_program(bundle / "model.pt2")(
+                sample["dense"], sample["ids"], sample["lengths"]
+            )
+        assert float((got - expected).abs().max()) <= ATOL, bundle
+        schema = json.loads((bundle / "schema.json").read_text())
+        remap = schema["features"][0]["id_management"]
+        assert remap["kind"] == "managed_collision" and remap["rows"] == 64
+        assert 0 < remap["map_size"] <= 63

@@ -17,6 +17,8 @@ evicted for lack of room in one layout and not in the other.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compression.bundle import load_program
+from compression.serving import fake_quantize_tables
 from sharding import destroy_distributed, init_distributed
 from sharding.state import _pieces, local_shards
 from tests.distributed import run_ranks
@@ -34,6 +39,7 @@ from trainer.checkpoint.load import ModelState, load_checkpoint, load_unsharded_
 from trainer.config.schema import Config, ModelConfig, OptimConfig, ShardingConfig, TrainConfig
 from trainer.data import SyntheticDataConfig, SyntheticSource, rank_batches
 from trainer.errors import ConfigError
+from trainer.export.step import export_step
 from trainer.loop.train_pipeline import drain
 from trainer.models.collision import IdManagedTables
 from trainer.session import build
@@ -45,6 +51,7 @@ INIT = 0.05
 LOSS_ATOL = 1e-5
 ROW_ATOL = 1e-4
 EMPTY = torch.iinfo(torch.int64).max
+TABLES = [f"t_cat_{i}" for i in range(4)]
 
 
 def tiny_config(**model: object) -> Config:
@@ -130,6 +137,18 @@ def _worker(rank: int, out_dir: str) -> None:
         ((_, logits, _),) = list(drain(pipeline, iter([probe])))
         states = {"model": ModelState(built.model), "trainer": {"step": torch.tensor(NUM_STEPS)}}
         dcp.save(states, checkpoint_id=out / "ckpt")
+        # The export (collective): each rank's map and rows meet on rank 0's bundle,
+        # scored on the eval set the probes make up.
+        data = dataclasses.replace(cfg.data, num_eval_samples=2 * BATCH_SIZE)
+        export_step(
+            built.model,
+            model_config=cfg.model,
+            converters=built.converters,
+            tables=built.tables,
+            source=SyntheticSource(data, day=DAY),
+            eval_batch_size=2 * BATCH_SIZE,
+            run_dir=out / "export",
+        )
         # The trainer's load path into a fresh sharded model (the same plan).
         fresh = build(cfg, env)
         load_checkpoint(out / "ckpt", states={"model": ModelState(fresh.model)})
@@ -237,6 +256,36 @@ def test_checkpoint_keeps_remap_state(two_ranks: Path) -> None:
         _, (_, logits, _) = model(source.batch("eval", 0, 2 * BATCH_SIZE))
     expected = torch.cat([r["logits"] for r in ranks])
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_two_rank_export_serves_the_sharded_scores(two_ranks: Path) -> None:
+    """The bundle of the 2-rank model (its ranks' maps merged, each block's rows) scores
+    the eval probes as the sharded model did, from the raw ids."""
+    ranks = [torch.load(two_ranks / f"rank{r}.pt") for r in range(2)]
+    bundle = two_ranks / "export" / "bundle"
+    sample = torch.load(bundle / "sample.pt", weights_only=True)
+    with torch.no_grad():
+        got = load_program(bundle / "model.pt2")(sample["dense"], sample["ids"], sample["lengths"])
+    sharded = torch.sigmoid(torch.cat([r["logits"] for r in ranks]).flatten())
+    # The served tables are int8 (trainer.export_bits), the sharded model's fp32 ...
+    assert float((got - sharded).abs().max()) <= 1e-3
+    # ... and the checkpoint's model with its tables int8-rounded scores as the bundle does.
+    model = unsharded_model(tiny_config(), device=torch.device("cpu"))
+    load_unsharded_model(two_ranks / "ckpt", model)
+    dlrm = model.model.eval()
+    fake_quantize_tables(dlrm, table_bits=dict.fromkeys(TABLES, 8))
+    kjt = KeyedJaggedTensor(
+        keys=[f"cat_{i}" for i in range(4)], values=sample["ids"], lengths=sample["lengths"]
+    )
+    with torch.no_grad():
+        expected = torch.sigmoid(dlrm(sample["dense"], kjt).flatten())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample["scores"], got, atol=1e-5, rtol=0)
+    schema = json.loads((bundle / "schema.json").read_text())
+    remap = schema["features"][1]["id_management"]
+    assert remap["blocks"]["count"] == 2 and remap["blocks"]["row_starts"] == [0, 150, 300]
+    merged = sum(r["remap"]["t_cat_1"][0].numel() for r in ranks)
+    assert remap["map_size"] == merged
 
 
 def test_unsharded_admits_evicts_and_misses() -> None:

@@ -232,9 +232,20 @@ def _whole(value: Tensor, rank: int) -> Tensor:
     """Collective for a ShardedTensor: the whole tensor on rank 0 (an empty one elsewhere)."""
     if not isinstance(value, ShardedTensor):
         return value.detach().cpu().clone()
-    whole = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
-    value.gather(dst=0, out=whole)
-    return whole if whole is not None else torch.empty(0)
+    # Not ShardedTensor.gather: it turns torchrec's empty slots (int64 max) into int64 min.
+    pieces = [(s.metadata.shard_offsets[0], s.tensor.detach().cpu()) for s in value.local_shards()]
+    gathered: list | None = [None] * dist.get_world_size() if rank == 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.gather_object(pieces, gathered, dst=0)
+    else:
+        gathered = [pieces]
+    if rank != 0:
+        return torch.empty(0)
+    assert gathered is not None
+    whole = torch.empty(value.size(), dtype=value.dtype)
+    for offset, local in (p for rank_pieces in gathered for p in rank_pieces):
+        whole[offset : offset + local.shape[0]] = local
+    return whole
 
 
 def _assemble_rows(spec: TableSpec, pieces: list) -> dict[Packing, Tensor]:

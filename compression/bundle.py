@@ -36,7 +36,9 @@ The program's inputs are plain tensors::
     lengths  int64[num_features * B]     ids per (feature, sample), torchrec's KJT order
 
 and it returns ``float32[B]`` click probabilities. Ids outside a feature's rows
-read row 0 (FBGEMM's ``BoundsCheckMode.WARNING``, the eager TBE's default).
+read row 0 (FBGEMM's ``BoundsCheckMode.WARNING``, the eager TBE's default). A
+program with a ``remap`` (hashed or managed-collision tables,
+compression/bundle_remap.py) takes the raw ids and remaps them to rows first.
 
 Loading needs torch and ``fbgemm_gpu`` only (the op registrations), no pickled
 Python objects::

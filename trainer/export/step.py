@@ -18,6 +18,11 @@ one table in flight, and rank 0 the packed (served) tables. Rank 0 then
    trained model's eval forward (the QAT tables as QAT computed them, tables
    served with other bits in fp32; dense QAT Linears still parametrized).
 
+Hashed and managed-collision DLRMs (``model.id_management``) are streamed too:
+each table's remap state (a map, row-wise sharded like its rows) meets on rank 0
+with its rows and is loaded into the trained model there, and the program
+remaps the raw ids as the sharded model did (trainer/export/remap.py).
+
 Other runs (row pruning, distillation: a DLRM, DeepFM or Wide&Deep student)
 are gathered whole onto rank 0 (``compression.serving.gather_full_state``) and
 exported by :func:`export_model` through torchrec's quantized modules; a model

@@ -18,12 +18,6 @@ from trainer.config.checks import check
 from trainer.config.schema import Config
 
 
-def check_exportable(cfg: Config, *, key: str = "trainer.export") -> None:
-    """Every ``model.id_management`` exports now (the serving program remaps the raw ids,
-    trainer/export/remap.py): nothing is refused. Kept for its callers (online.publish in
-    follow mode) until they drop the call."""
-
-
 def validate_id_management(cfg: Config) -> None:
     m = cfg.model
     kind = str(m.id_management)

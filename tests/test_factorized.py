@@ -15,6 +15,7 @@ training against an unsharded reference, QAT export parity, checkpoint resume.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from tests.reference import (
     unsharded_model,
 )
 from tests.test_sharding_equivalence import BATCH_SIZE, NUM_STEPS, tiny_config
-from trainer.config.schema import Config, to_config
+from trainer.config.schema import Config, TableConfig, to_config
 from trainer.data import SyntheticCriteo, rank_batches
 from trainer.loop.train_pipeline import drain
 from trainer.session import build
@@ -52,6 +53,25 @@ FORMS = {
     "qr_mul": {"qr_min_rows": 50},
     "qr_concat": {"qr_min_rows": 50, "qr_op": "concat", "table_rank": 4},
     "mixed": {"mixed_dims": 0.5},
+    # Each form on its own tables (tests/test_factorized_hier.py): t_cat_0 low rank 4,
+    # t_cat_1 QR concat (10 x 8 and 10 x 8, projected 16 -> 8), t_cat_2 (the smallest)
+    # full, t_cat_3 mixed dims (8 * (7 / 64)^0.5 -> 4 wide).
+    "each": {
+        "mixed_dims": 0.5,
+        "tables": [
+            TableConfig(name="t_cat_0", num_embeddings=40, feature_names=["cat_0"], rank=4),
+            TableConfig(
+                name="t_cat_1",
+                num_embeddings=100,
+                feature_names=["cat_1"],
+                rank=8,
+                qr_buckets=10,
+                qr_op="concat",
+            ),
+            TableConfig(name="t_cat_2", num_embeddings=7, feature_names=["cat_2"]),
+            TableConfig(name="t_cat_3", num_embeddings=64, feature_names=["cat_3"]),
+        ],
+    },  # fmt: skip
     # DeepFM's field tables low rank, the two of >= 50 rows also QR; its wide tables plain.
     "deepfm_lowrank_qr": {"arch": "deepfm", "table_rank": 4, "qr_min_rows": 50},
 }
@@ -77,7 +97,7 @@ ROW_ATOL = 1e-4
 def _config(form: str, strategy: str = "table_wise") -> Config:
     cfg = tiny_config(strategy)
     for key, value in FORMS[form].items():
-        setattr(cfg.model, key, value)
+        setattr(cfg.model, key, copy.deepcopy(value))
     return cfg
 
 
@@ -99,6 +119,10 @@ def test_stored_tables_and_parameters() -> None:
     assert stored["qr_mul"] == {
         "t_cat_0": (40, 8), "t_cat_1_q": (10, 8), "t_cat_1_r": (10, 8),
         "t_cat_2": (7, 8), "t_cat_3_q": (8, 8), "t_cat_3_r": (8, 8),
+    }  # fmt: skip
+    assert stored["each"] == {
+        "t_cat_0": (40, 4), "t_cat_1_q": (10, 8), "t_cat_1_r": (10, 8),
+        "t_cat_2": (7, 8), "t_cat_3": (64, 4),
     }  # fmt: skip
     # dim * sqrt(7 / rows), rounded up to a multiple of 4: the smallest table keeps 8.
     assert {k: v[1] for k, v in stored["mixed"].items()} == {

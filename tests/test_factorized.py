@@ -74,6 +74,7 @@ FORMS = {
     },  # fmt: skip
     # DeepFM's field tables low rank, the two of >= 50 rows also QR; its wide tables plain.
     "deepfm_lowrank_qr": {"arch": "deepfm", "table_rank": 4, "qr_min_rows": 50},
+    "wide_deep_qr_mixed": {"arch": "wide_deep", "qr_min_rows": 50, "mixed_dims": 0.5},
 }
 # (case, form, strategy); column_wise splits the dim-8 stored tables into 4-wide blocks.
 CASES = [
@@ -123,6 +124,15 @@ def test_stored_tables_and_parameters() -> None:
     assert stored["each"] == {
         "t_cat_0": (40, 4), "t_cat_1_q": (10, 8), "t_cat_1_r": (10, 8),
         "t_cat_2": (7, 8), "t_cat_3": (64, 4),
+    }  # fmt: skip
+    # DeepFM / Wide&Deep: the field tables as stored, the wide ones plain (rows x 4).
+    assert stored["deepfm_lowrank_qr"] == {
+        "t_cat_0": (40, 4), "t_cat_1_q": (10, 4), "t_cat_1_r": (10, 4), "t_cat_2": (7, 4),
+        "t_cat_3_q": (8, 4), "t_cat_3_r": (8, 4),
+        "w_t_cat_0": (40, 4), "w_t_cat_1": (100, 4), "w_t_cat_2": (7, 4), "w_t_cat_3": (64, 4),
+    }  # fmt: skip
+    assert {k: v for k, v in stored["wide_deep_qr_mixed"].items() if k.startswith("w_")} == {
+        "w_t_cat_0": (40, 4), "w_t_cat_1": (100, 4), "w_t_cat_2": (7, 4), "w_t_cat_3": (64, 4),
     }  # fmt: skip
     # dim * sqrt(7 / rows), rounded up to a multiple of 4: the smallest table keeps 8.
     assert {k: v[1] for k, v in stored["mixed"].items()} == {

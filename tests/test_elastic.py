@@ -120,12 +120,35 @@ def _wait_for(predicate, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def _listening(port: int) -> bool:
+    """Whether some process listens on TCP ``port`` (read from /proc: no connection is made,
+    which a TCPStore would count as a client)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                return True
+    return False
+
+
+def _store_bound(port: int, agent_proc: subprocess.Popen) -> None:
+    """Wait until ``agent_proc`` (the first agent) listens on the rendezvous port, so it
+    hosts the store. A fixed sleep raced a loaded machine: the second agent bound the
+    store first, and killing it took the store from the survivor."""
+    _wait_for(lambda: _listening(port) or agent_proc.poll() is not None, timeout_s=120)
+    assert agent_proc.poll() is None, "the first agent exited before binding its store"
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_a_lost_node_continues_on_fewer(tmp_path: Path) -> None:
     run_dir, port = tmp_path / "run", free_port()
     a = agent(port, run_dir, tmp_path / "a.log")
-    time.sleep(1)  # A binds the rendezvous store; B joins within the last call
+    _store_bound(port, a)  # A hosts the rendezvous store; B joins within the last call
     b = agent(port, run_dir, tmp_path / "b.log")
     try:
         plan = run_dir / "plan.json"
@@ -181,7 +204,7 @@ def test_a_lost_host_continues_on_fewer_fast(tmp_path: Path) -> None:
     # last call: B's agent must join A's first round within it; A's re-formed round
     # (B gone) also waits for it.
     a = agent(port, run_dir, logs[0], last_call_s=8, run=FAST_RUN)
-    time.sleep(1)  # A binds the rendezvous store
+    _store_bound(port, a)  # A hosts the rendezvous store
     kill = {"SHARDREC_FAULT_KILL_HOST_AT_STEP": str(FAST_KILL_AT), "SHARDREC_FAULT_RANK": "any"}
     b = agent(port, run_dir, logs[1], last_call_s=8, run=FAST_RUN, env=kill)
     try:

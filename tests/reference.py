@@ -86,21 +86,18 @@ def reference_step(
     model: nn.Module,
     batch: Any,
     optimizers: list[torch.optim.Optimizer],
-    tables: list[nn.Parameter],
-    *,
-    world_size: int,
 ) -> float:
     """One step on the global batch; returns the loss.
 
-    Table gradients are scaled by the world size: torchrec sums the embedding
-    gradients of the ranks' mean losses (see tests/test_sharding_equivalence.py).
+    The gradients are those of the global batch's mean loss, tables included:
+    torchrec divides the backward all-to-all / reduce-scatter by the group size
+    (``comm_ops`` gradient division, on by default), as DDP averages the dense
+    gradients (see tests/test_sharding_equivalence.py): nothing is rescaled.
     """
     loss, _ = model(batch)
     for opt in optimizers:
         opt.zero_grad()
     loss.backward()
-    for p in tables:
-        p.grad *= world_size
     for opt in optimizers:
         opt.step()
     return float(loss.detach())

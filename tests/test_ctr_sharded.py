@@ -156,13 +156,7 @@ def _reference(cfg: Config, init: dict, plan: dict[str, str]) -> tuple[list[floa
     optimizers = reference_optimizers(model, tables, cfg.optim)
     source = SyntheticCriteo(cfg.data)
     losses = [
-        reference_step(
-            model,
-            source.batch("train", s * 2 * BATCH_SIZE, 2 * BATCH_SIZE),
-            optimizers,
-            tables,
-            world_size=2,
-        )
+        reference_step(model, source.batch("train", s * 2 * BATCH_SIZE, 2 * BATCH_SIZE), optimizers)
         for s in range(NUM_STEPS)
     ]
     weights = {

@@ -104,7 +104,7 @@ def _reference(cfg: Config, init: dict) -> tuple[list[float], dict[str, torch.Te
     losses = []
     for step in range(NUM_STEPS):
         batch = source.batch("train", step * 2 * BATCH_SIZE, 2 * BATCH_SIZE)
-        losses.append(reference_step(pair, batch, optimizers, table_params, world_size=2))
+        losses.append(reference_step(pair, batch, optimizers))
     return losses, {name: b.weight.detach().clone() for name, b in bags.items()}
 
 

@@ -233,9 +233,7 @@ def _reference(
     source = SyntheticCriteo(cfg.data)
     size = BATCH_SIZE * world_size
     losses = [
-        reference_step(
-            model, source.batch("train", s * size, size), optimizers, tables, world_size=world_size
-        )
+        reference_step(model, source.batch("train", s * size, size), optimizers)
         for s in range(NUM_STEPS)
     ]
     rows = {k: named[k.split(".")[-2]].weight for k in init if "embedding_bags" in k}

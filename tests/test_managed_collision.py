@@ -195,13 +195,7 @@ def _reference(init: dict[str, torch.Tensor]) -> tuple[list[float], torch.nn.Mod
     source = SyntheticSource(cfg.data, day=DAY)
     global_batch = 2 * BATCH_SIZE
     losses = [
-        reference_step(
-            model,
-            source.batch("train", step * global_batch, global_batch),
-            optimizers,
-            params,
-            world_size=2,
-        )
+        reference_step(model, source.batch("train", step * global_batch, global_batch), optimizers)
         for step in range(NUM_STEPS)
     ]
     return losses, model

@@ -226,7 +226,7 @@ def _reference(
         if starts is not None:
             load(starts[step])
         batch = source.batch("train", step * global_batch, global_batch)
-        losses.append(reference_step(model, batch, optimizers, tables, world_size=world_size))
+        losses.append(reference_step(model, batch, optimizers))
         after.append({name: torch.cat(parts, dim=1).detach() for name, parts in masters.items()})
     if starts is not None:
         load(starts[NUM_STEPS])

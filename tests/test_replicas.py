@@ -99,10 +99,7 @@ def _warm_reference(init: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
         optimizers[-1].state[table]["sum"].fill_(WARM_ACCUMULATOR)
     source, global_batch = SyntheticCriteo(cfg.data), eq.BATCH_SIZE * 4
     losses = [
-        reference_step(
-            model, source.batch("train", step * global_batch, global_batch), optimizers, tables,
-            world_size=1,
-        )
+        reference_step(model, source.batch("train", step * global_batch, global_batch), optimizers)
         for step in range(eq.NUM_STEPS)
     ]  # fmt: skip
     rows = {

@@ -6,12 +6,14 @@ trainer's own build path and pipeline;
 one process trains the same model, from the same weights, on the same global
 batches without sharding. Losses and every embedding row must agree.
 
-Why the reference scales table gradients by the world size: DDP averages the
-dense gradients over ranks, but torchrec *sums* the embedding gradients that
-the backward all-to-all returns to each shard's owner. With each rank's loss a
-mean over its local batch, the sharded table gradient is W times the gradient
-of the global-mean loss. Data-parallel tables are replicated dense parameters:
-averaged like the dense layers and updated by the dense optimizer.
+The reference steps on the global batch's mean loss, tables included: DDP
+averages the dense gradients over ranks, and torchrec divides the embedding
+gradients that the backward all-to-all (or reduce-scatter) returns to each
+shard's owner by the group size (``comm_ops`` gradient division, on by
+default), so every sharded gradient is the global-mean loss's. (Row-wise
+Adagrad from zero state would not notice a constant factor; the warm-state
+case in tests/test_replicas.py does.) Data-parallel tables are replicated dense
+parameters: averaged like the dense layers and updated by the dense optimizer.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _reference(
     losses = []
     for step in range(NUM_STEPS):
         batch = source.batch("train", step * global_batch, global_batch)
-        losses.append(reference_step(model, batch, optimizers, tables, world_size=world_size))
+        losses.append(reference_step(model, batch, optimizers))
     weights = {k: named_tables[k.split(".")[-2]].weight for k in init if "embedding_bags" in k}
     return losses, {k: w.detach().clone() for k, w in weights.items()}
 

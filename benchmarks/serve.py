@@ -20,7 +20,7 @@ program paths refuse batch 1, which is then timed on 2 rows and noted.
 
 Example::
 
-    python -m benchmarks.serve                      # int8 + int4, about 10 minutes
+    python -m benchmarks.serve                      # int8 + int4, about 4 minutes (2 cores)
     python -m benchmarks.serve --quick --skip aoti  # smoke: tiny model, few calls
     python -m benchmarks.serve --run outputs/run --bits 8 --out outputs/bench-serve
 """

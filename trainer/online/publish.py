@@ -43,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -129,11 +130,20 @@ class Publisher:
         start = time.perf_counter()
         sys.stdout.flush()
         sys.stderr.flush()
-        with warnings.catch_warnings():  # Python 3.12: "multi-threaded, fork() may deadlock"
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        # Nothing alive (or garbage) at the fork is collected in the child: finalising a
+        # stale gloo ProcessGroup there waits on threads only the parent has (measured:
+        # a writer hung in ProcessGroupGloo's destructor during torch.export).
+        gc.freeze()
+        try:
+            with warnings.catch_warnings():  # Python 3.12: "multi-threaded, fork() may deadlock"
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except BaseException:
+            gc.unfreeze()
+            raise
         if pid == 0:  # the child: never returns
             _child(write, tmp, result_file)
+        gc.unfreeze()
         self.thread = threading.Thread(
             target=self._publish,
             args=(version, pid, tmp, result_file, info, start),

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from trainer.builder.model import build_unsharded
@@ -80,6 +81,17 @@ def reference_optimizers(
     if tables:
         optimizers.append(RowWiseAdagrad(tables, lr=optim.embedding_lr, eps=optim.embedding_eps))
     return optimizers
+
+
+def table_bags(model: nn.Module) -> dict[str, nn.Module]:
+    """Every table of ``model`` by name, across its collections (a DeepFM / Wide&Deep's
+    field and wide tables alike)."""
+    return {
+        name: bag
+        for ebc in model.modules()
+        if isinstance(ebc, EmbeddingBagCollection)
+        for name, bag in ebc.embedding_bags.items()
+    }
 
 
 def reference_step(

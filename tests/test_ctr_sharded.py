@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
@@ -32,6 +31,7 @@ from tests.reference import (
     block_width,
     reference_optimizers,
     reference_step,
+    table_bags,
     table_parameters,
     unsharded_model,
 )
@@ -143,12 +143,7 @@ def _reference(cfg: Config, init: dict, plan: dict[str, str]) -> tuple[list[floa
     model = unsharded_model(cfg, device=torch.device("cpu"))
     model.load_state_dict(init)
     # Both collections: the field tables and the wide ones.
-    named = {
-        name: bag
-        for ebc in model.modules()
-        if isinstance(ebc, EmbeddingBagCollection)
-        for name, bag in ebc.embedding_bags.items()
-    }
+    named = table_bags(model)
     width = cfg.sharding.column_shard_dim
     tables = [
         p for n, t in named.items() for p in table_parameters(t, width=block_width(plan[n], width))

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compression.bundle import load_program
@@ -38,6 +37,7 @@ from tests.reference import (
     reference_optimizers,
     reference_step,
     synthetic_tables,
+    table_bags,
     table_parameters,
     unsharded_model,
 )
@@ -217,12 +217,7 @@ def _reference(
     a wide model's too; column-split ones per column block, tests/reference.py)."""
     model = unsharded_model(cfg, device=torch.device("cpu"))
     model.load_state_dict(init)
-    named = {
-        name: bag
-        for ebc in model.modules()
-        if isinstance(ebc, EmbeddingBagCollection)
-        for name, bag in ebc.embedding_bags.items()
-    }
+    named = table_bags(model)
     width = cfg.sharding.column_shard_dim
     tables = [
         p

@@ -147,8 +147,10 @@ def table_day(
             u = uniform(stream_key(seed, "new_ids", f, d), old)
             order = torch.argsort(torch.where(eligible, u, 2.0))  # eligible first, shuffled
             mass = torch.where(eligible, probabilities, 0.0)[order]
-            # The prefix whose mass reaches the share (each rank counted at its midpoint).
-            taken = min(int((torch.cumsum(mass, 0) - mass / 2 < share).sum()), per_day)
+            # The prefix whose mass reaches the share (each rank counted at its midpoint),
+            # of eligible ranks only: a small table's head never goes to new items.
+            reach = int((torch.cumsum(mass, 0) - mass / 2 < share).sum())
+            taken = min(reach, per_day, int(eligible.sum()))
             slots = order[:taken]
             entering = cardinality + (d - 1) * per_day + torch.arange(taken)
             slot_item[slots] = entering
@@ -161,7 +163,12 @@ def table_day(
 
 
 def apply_day(
-    cfg: SyntheticDataConfig, day: int, tables: ZipfTables, planted: PlantedModel
+    cfg: SyntheticDataConfig,
+    day: int,
+    tables: ZipfTables,
+    planted: PlantedModel,
+    *,
+    known_through: int | None = None,
 ) -> tuple[int, torch.Tensor | None]:
     """Installs day ``day``'s catalogue in ``planted`` (in place); returns the day's
     sample seed and its rows per rank (int64, concatenated over the tables like
@@ -170,12 +177,27 @@ def apply_day(
 
     Each term is standardised again under the Zipf law, as day 0's is
     (planted.py), so its standard deviation stays the configured one every day.
+
+    ``known_through=k`` (``-1 <= k < day``): the day as the end of day ``k`` tells
+    it instead, the expected logit given days ``0 .. k`` (``k = day - 1``: the
+    knowable oracle, the best any model trained on the earlier days can score, up
+    to the difference between the expected logit and the expected probability).
+    Day ``day``'s items at their ranks, each with its effects of day ``k`` moved
+    by the AR(1)'s expected steps (times ``sqrt(1 - δ²)`` per day), items entering
+    after day ``k`` at their prior mean (0), all standardised as on day ``k``.
+    With ``k = -1`` every item is unknown: only the dense terms are left.
     """
     check_day(cfg, day)
-    if day == 0:
+    if known_through is None and day == 0:
         return cfg.seed, None
+    if known_through is not None and not -1 <= known_through < day:
+        raise ValueError(f"known_through={known_through} must be in [-1, day={day})")
     num_features = len(cfg.cardinalities)
     latent_features = planted._latent_features.tolist()
+    # Days 0 .. k tell day k's values, expected day - k AR(1) steps on; none: nothing.
+    known_share = 0.0
+    if known_through is not None and known_through >= 0:
+        known_share = (1.0 - cfg.effect_drift**2) ** ((day - known_through) / 2)
     rows, effects, vectors, means, whiteners = [], [], [], [], []
     for f, cardinality in enumerate(cfg.cardinalities):
         probabilities = tables.head_probabilities(f)
@@ -184,20 +206,30 @@ def apply_day(
                 f"data.cardinalities[{f}]={cardinality} is too large for data.days: a drifting "
                 f"table is tabulated whole (at most {probabilities.numel()} rows); lower it"
             )
-        catalogue = table_day(
-            cfg, planted, probabilities, table=f, day=day, latent=f in latent_features
-        )
+        latent = f in latent_features
+        catalogue = table_day(cfg, planted, probabilities, table=f, day=day, latent=latent)
+        # The values and the standardisation come from `basis`: the day itself, or
+        # day k when what days 0 .. k tell is asked for.
+        basis, share = catalogue, 1.0
+        if known_through is not None:
+            share = known_share
+            if known_through >= 0:
+                k = known_through
+                basis = table_day(cfg, planted, probabilities, table=f, day=k, latent=latent)
         items = catalogue.slot_item
         decay = planted._rank_decay(catalogue.entry_rank[items])
-        raw = catalogue.first_order[items] * decay
-        mean = probabilities @ raw
-        std = float(torch.sqrt(probabilities @ (raw - mean).square()))
+        basis_decay = planted._rank_decay(basis.entry_rank[basis.slot_item])
+        # Rows entering after day k hold 0 in day k's catalogue: their prior mean.
+        raw = basis.first_order[items] * decay * share
+        basis_raw = basis.first_order[basis.slot_item] * basis_decay
+        mean = probabilities @ basis_raw
+        std = float(torch.sqrt(probabilities @ (basis_raw - mean).square()))
         gain = cfg.first_order_scale / math.sqrt(num_features) / std if std > 0 else 0.0
         effects.append((raw - mean) * gain)
-        if catalogue.latent is not None:
-            v = catalogue.latent[items] * decay.unsqueeze(1)
-            vectors.append(v)
-            mean_v, whitener = _whitening(v, probabilities)
+        if catalogue.latent is not None and basis.latent is not None:
+            vectors.append(basis.latent[items] * decay.unsqueeze(1) * share)
+            basis_v = basis.latent[basis.slot_item] * basis_decay.unsqueeze(1)
+            mean_v, whitener = _whitening(basis_v, probabilities)
             means.append(mean_v)
             whiteners.append(whitener)
         day0_rows = tables.ids(items.clamp(max=cardinality - 1), torch.tensor(f))
@@ -210,7 +242,18 @@ def apply_day(
         planted._head_latent = torch.cat(vectors)
         planted._latent_means = torch.stack(means)
         planted._whiteners = torch.stack(whiteners)
-    return sample_seed(cfg.seed, day), torch.cat(rows)
+    return sample_seed(cfg.seed, day), (torch.cat(rows) if day > 0 else None)
+
+
+def first_new_rows(cfg: SyntheticDataConfig, day: int) -> list[int]:
+    """Per table, the first row of the ids entering on day ``day`` (every row on day
+    0): an id ``>=`` it was never used before the day (rows are handed out in order)."""
+    if day == 0:
+        return [0] * len(cfg.cardinalities)
+    per_day = [
+        new_ids_per_day(c, cfg.new_id_share) if cfg.days > 1 else 0 for c in cfg.cardinalities
+    ]
+    return [c + (day - 1) * n for c, n in zip(cfg.cardinalities, per_day, strict=True)]
 
 
 def _whitening(

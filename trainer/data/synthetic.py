@@ -104,6 +104,7 @@ class SyntheticSource:
         # reach the KJT's feature-major layout by one transpose.
         self._runs = self._planted.feature_runs
         self._oracle_auc: float | None = None
+        self._known: PlantedModel | None = None  # known_model(), built when asked
         # The day's sample seed and rows per rank (None: ZipfTables.ids); drift.py.
         self._seed, self._day_rows = apply_day(cfg, day, self._tables, self._planted)
 
@@ -296,11 +297,31 @@ class SyntheticSource:
             length_per_key=length_per_key,
         )
 
-    def click_probability(self, split: str, start: int, size: int) -> torch.Tensor:
-        """True click probabilities (float64 ``[size]``) of the samples ``batch`` returns."""
+    def click_probability(
+        self, split: str, start: int, size: int, *, model: PlantedModel | None = None
+    ) -> torch.Tensor:
+        """True click probabilities (float64 ``[size]``) of the samples ``batch`` returns;
+        ``model``: another planted model's (e.g. :meth:`known_model`) for the same samples."""
         self._check_range(split, start, size)
         draw = self._draw_with_head(split, self._indices(start, size))
-        return torch.sigmoid(self._planted.logits(*draw))
+        return torch.sigmoid((model or self._planted).logits(*draw))
+
+    def known_model(self) -> PlantedModel:
+        """The planted model as far as the days before this one tell it (drift.py's
+        ``apply_day(known_through=day - 1)``): what the knowable oracle scores with."""
+        if self._known is None:
+            known = PlantedModel(self.cfg, self._tables, self._slot_features)
+            apply_day(self.cfg, self.day, self._tables, known, known_through=self.day - 1)
+            self._known = known.to(self.device)
+        return self._known
+
+    def batch_at(self, split: str, indices: torch.Tensor) -> Batch:
+        """The samples ``indices`` (int64, any subset, any order) of ``split`` as one batch."""
+        lo, hi = (int(indices.min()), int(indices.max()) + 1) if indices.numel() else (0, 0)
+        self._check_range(split, lo, hi - lo)
+        host = indices.cpu() if self._host_lengths else None
+        (batch,) = self._batches(split, indices.to(self.device), indices.numel(), host)
+        return batch
 
     def oracle_auc(self) -> float:
         """AUC of the true probabilities against the drawn labels on the whole eval set."""

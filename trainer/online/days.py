@@ -6,8 +6,10 @@ with one model, one optimizer, one plan. For day ``t``:
 
 1. switch the source to day ``t`` (:class:`trainer.online.stream.DayStream`);
 2. evaluate the model trained so far on day ``t``'s eval set: the next-day AUC,
-   NE, calibration and the gap to day ``t``'s oracle AUC, one record in
-   ``days.jsonl`` (trainer/online/report.py);
+   NE, calibration and the gap to day ``t``'s oracle AUC and to its knowable
+   oracle (the best a model of the days before can do: trainer/online/knowable.py),
+   also on the samples with only seen ids and on those with new ids, one record
+   in ``days.jsonl`` (trainer/online/report.py);
 3. train ``online.steps_per_day`` steps on day ``t`` with the same ``Trainer``
    (trainer/loop/trainer.py; its ``num_steps`` moved to the day's last step),
    which evaluates on day ``t`` at its end and checkpoints (at least at each
@@ -52,7 +54,7 @@ from trainer.config.schema import Config
 from trainer.config.validate import open_source
 from trainer.export.step import export_step
 from trainer.loop.trainer import Trainer
-from trainer.online import report
+from trainer.online import knowable, report
 from trainer.online.publish import EXPORTS_DIR, Publisher
 from trainer.online.snapshot import snapshot_export
 from trainer.online.stream import DayStream
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 
 # An eval's figures: in the summary they are the next-day means, not the last eval's.
 _EVAL_KEYS = ("auc", "logloss", "ne", "calibration", "ctr", "num_samples")
+# A day's reference figures, also as means over days 1 .. N-1 in the summary.
+_DAY_KEYS = ("oracle_auc", "knowable_auc", "knowable_gap", "auc_seen_ids", "auc_new_ids")
 
 
 def walk(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
@@ -153,7 +157,7 @@ class DayWalk:
         later = report.next_days(self.records)
         summary.update(
             {
-                **{key: report.mean_of(later, key) for key in (*_EVAL_KEYS[:4], "oracle_auc")},
+                **{key: report.mean_of(later, key) for key in (*_EVAL_KEYS[:4], *_DAY_KEYS)},
                 "oracle_gap": report.mean_gap(self.records),
                 "train_day_auc": last_fit.get("auc"),
                 "days": self.cfg.online.days,
@@ -177,9 +181,12 @@ class DayWalk:
         return summary
 
     def _evaluate(self, day: int, *, steps: int) -> None:
-        """Day ``day``'s record: the model so far on its eval set, before training on it."""
+        """Day ``day``'s record: the model so far on its eval set, before training on it;
+        the day's oracle and knowable oracle (trainer/online/knowable.py), and the
+        model's AUC on the samples with only seen ids and on those with new ids."""
         metrics = self.trainer.evaluate()
-        oracle = self.stream.reference_metrics()["oracle_auc"]
+        figures, new = knowable.day_figures(self.stream.source)
+        oracle = figures["oracle_auc"]  # the source's reference_metrics(), computed anew
         record = {
             "day": day,
             "step": self.trainer.step,
@@ -187,15 +194,29 @@ class DayWalk:
             **{key: metrics[key] for key in _EVAL_KEYS[:5]},
             "oracle_auc": oracle,
             "oracle_gap": oracle - metrics["auc"],
+            "knowable_auc": figures["knowable_auc"],
+            "knowable_gap": figures["knowable_auc"] - metrics["auc"],
         }
+        for part, mask in (("seen_ids", ~new), ("new_ids", new)):
+            if f"oracle_auc_{part}" not in figures:  # no AUC on it (day 0: no seen ids)
+                continue
+            if bool(mask.all()):
+                record[f"auc_{part}"] = metrics["auc"]
+            else:
+                with self.stream.eval_only(mask.nonzero().squeeze(1)):
+                    record[f"auc_{part}"] = self.trainer.evaluate()["auc"]
+            for name in ("oracle_auc", "knowable_auc"):
+                record[f"{name}_{part}"] = figures[f"{name}_{part}"]
+        record["new_id_samples"] = figures["new_id_samples"]
         self.records.append(record)
         if self.is_main:
             report.append_record(self.run_dir, record)
             log.info(
-                "day %d: auc %.4f (oracle %.4f) before %d steps on it",
+                "day %d: auc %.4f (oracle %.4f, knowable %.4f) before %d steps on it",
                 day,
                 metrics["auc"],
                 oracle,
+                figures["knowable_auc"],
                 steps,
             )
 

@@ -4,13 +4,21 @@ follow mode's ``follow.png`` (:func:`plot_partitions`, from its ``follow.jsonl``
 One record per day, written when the day is evaluated (before training on it)::
 
     {"day": 3, "step": 1500, "steps": 500, "auc": 0.791, "oracle_auc": 0.803,
-     "oracle_gap": 0.012, "ne": 0.83, "calibration": 1.01, "logloss": 0.31, "ctr": 0.12}
+     "oracle_gap": 0.012, "knowable_auc": 0.795, "knowable_gap": 0.004,
+     "auc_seen_ids": 0.793, "oracle_auc_seen_ids": 0.802, "knowable_auc_seen_ids": 0.797,
+     "auc_new_ids": 0.790, ..., "new_id_samples": 0.67,
+     "ne": 0.83, "calibration": 1.01, "logloss": 0.31, "ctr": 0.12}
 
 ``auc`` (and ``ne``, ``calibration``, ``logloss``) are the model trained on days
 ``< day`` on day ``day``'s eval set: the next-day figures. ``step`` is the walk's
 global step when evaluated, ``steps`` what it then trains on that day (0 once
-``trainer.num_steps`` are spent). :func:`mean_gap` is the walk's figure of merit:
-the mean of ``oracle_gap`` over days 1 .. N-1 (day 0 meets an untrained model).
+``trainer.num_steps`` are spent). ``knowable_auc`` is the day's knowable oracle
+(the planted model as the days before tell it: trainer/online/knowable.py) and
+``knowable_gap`` = ``knowable_auc - auc``; ``*_seen_ids`` / ``*_new_ids`` are
+the figures on the eval samples with only ids used before the day / with an id
+new that day (``new_id_samples``: their share; no seen ids on day 0).
+:func:`mean_gap` is the walk's figure of merit: the mean of ``oracle_gap`` over
+days 1 .. N-1 (day 0 meets an untrained model).
 
 Example::
 
@@ -39,6 +47,10 @@ _COLUMNS = [
     ("auc", "{:.4f}"),
     ("oracle_auc", "{:.4f}"),
     ("oracle_gap", "{:.4f}"),
+    ("knowable_auc", "{:.4f}"),
+    ("knowable_gap", "{:.4f}"),
+    ("auc_seen_ids", "{:.4f}"),
+    ("auc_new_ids", "{:.4f}"),
     ("ne", "{:.4f}"),
     ("calibration", "{:.3f}"),
 ]
@@ -122,6 +134,14 @@ def plot_days(
     ax = fig.subplots()
     days = [r["day"] for r in records]
     ax.plot(days, [r["oracle_auc"] for r in records], "--", color="gray", label="oracle AUC")
+    if all("knowable_auc" in r for r in records[1:]) and len(records) > 1:  # day 0: no model
+        ax.plot(
+            days[1:],
+            [r["knowable_auc"] for r in records[1:]],
+            ":",
+            color="black",
+            label="knowable oracle (what the days before tell)",
+        )
     ax.plot(
         days,
         [r["auc"] for r in records],

@@ -16,12 +16,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torchrec.datasets.utils import Batch
 
+from trainer.data.loader import eval_slices
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic import SyntheticSource
 from trainer.data.synthetic_config import SyntheticDataConfig
@@ -36,6 +38,7 @@ class DayStream:
     ) -> None:
         self.cfg = cfg
         self.current = first if first is not None and first.day == day else None
+        self.eval_indices: torch.Tensor | None = None  # eval_only's part of the eval set
         self.set_day(day)
 
     def set_day(self, day: int) -> None:
@@ -63,7 +66,19 @@ class DayStream:
 
     @property
     def num_eval_samples(self) -> int:
+        if self.eval_indices is not None:
+            return self.eval_indices.numel()
         return self.source.num_eval_samples
+
+    @contextlib.contextmanager
+    def eval_only(self, indices: torch.Tensor) -> Iterator[None]:
+        """Within it the eval set is the day's eval samples ``indices`` (int64, the same
+        on every rank): ``Trainer.evaluate`` on a part, e.g. the samples with new ids."""
+        self.eval_indices = indices
+        try:
+            yield
+        finally:
+            self.eval_indices = None
 
     def train_batches(
         self, *, batch_size: int, rank: int, world_size: int, first_step: int, num_steps: int
@@ -79,7 +94,11 @@ class DayStream:
         )
 
     def eval_batches(self, *, batch_size: int, rank: int, world_size: int) -> Iterator[Batch]:
-        return self.source.eval_batches(batch_size=batch_size, rank=rank, world_size=world_size)
+        part = self.eval_indices
+        if part is None:
+            return self.source.eval_batches(batch_size=batch_size, rank=rank, world_size=world_size)
+        slices = eval_slices(part.numel(), batch_size=batch_size, rank=rank, world_size=world_size)
+        return (self.source.batch_at("eval", part[lo : lo + size]) for lo, size in slices)
 
     def batch(self, split: str, start: int, size: int) -> Batch:
         return self.source.batch(split, start, size)

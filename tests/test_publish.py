@@ -24,7 +24,14 @@ import pytest
 import torch
 
 from tests.test_online import _cfg
-from trainer.online.publish import LATEST_FILE, Publisher, latest_name, read_latest, versions
+from trainer.online.publish import (
+    HANG_ENV,
+    LATEST_FILE,
+    Publisher,
+    latest_name,
+    read_latest,
+    versions,
+)
 from trainer.online.report import read_records
 from trainer.train import train
 
@@ -145,7 +152,9 @@ def test_the_walk_publishes_versions_and_reports_blocked_time(published) -> None
     exports = run_dir / "exports"
     assert versions(exports) == [1, 2] and latest_name(exports) == "v2"
     assert not [p.name for p in exports.iterdir() if p.name.startswith(".")]
-    assert json.loads((exports / "v2" / "version.json").read_text())["step"] == 60
+    # online.publish_every_steps=30: each version is the model at its step.
+    steps = [json.loads((exports / f"v{k}" / "version.json").read_text())["step"] for k in (1, 2)]
+    assert steps == [30, 60]
     records = read_records(run_dir)
     assert [r["publish_version"] for r in records] == ["v1", "v2"]
     for r in records:
@@ -229,6 +238,53 @@ def test_keep_k_numbering_after_a_restart_and_a_failed_writer(tmp_path: Path) ->
     assert restarted.publish(_touch, info={}) == 6
     restarted.close()
     assert versions(exports) == [4, 6] and (exports / LATEST_FILE).read_text() == "v6\n"
+
+
+def _hang(directory: Path) -> dict[str, Any]:
+    """A writer that really hangs, half done, with a child of its own."""
+    directory.mkdir()
+    (directory / "model.pt2").write_text("half")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    (directory.parent / "grandchild.pid").write_text(str(child.pid))
+    time.sleep(3600)
+    return {}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # killed, not reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_a_hung_writer_is_killed_at_the_timeout(tmp_path: Path, monkeypatch) -> None:
+    exports = tmp_path / "exports"
+    publisher = Publisher(exports, keep=3)
+    publisher.publish(_touch, info={})
+    publisher.wait()
+    publisher.timeout_s = 2.0  # the genuine writers above and below may take longer
+    start = time.perf_counter()
+    assert publisher.publish(_hang, info={"step": 2}) == 2
+    assert latest_name(exports) == "v1"
+    assert publisher.wait() < 10  # the timeout, not the writer's hour
+    (hung,) = [d for d in publisher.finished() if d["version"] == 2]
+    assert hung["error"].startswith("TimeoutError: the writer ran past online.publish_timeout_s=2s")
+    assert time.perf_counter() - start >= 2.0
+    assert _gone(int((exports / "grandchild.pid").read_text()))  # its process group went too
+    (exports / "grandchild.pid").unlink()
+    assert latest_name(exports) == "v1" and versions(exports) == [1]
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
+    # The test hook: version 3's writer writes its bundle, then hangs.
+    monkeypatch.setenv(HANG_ENV, "3")
+    publisher.publish(_touch, info={})
+    publisher.wait()
+    assert "TimeoutError" in publisher.finished()[0]["error"]
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
+    publisher.timeout_s = 600.0
+    assert publisher.publish(_touch, info={}) == 4  # the next publish goes on
+    publisher.close()
+    assert "error" not in publisher.finished()[0]
+    assert versions(exports) == [1, 4] and latest_name(exports) == "v4"
 
 
 @pytest.mark.slow

@@ -360,6 +360,8 @@ class OnlineConfig:
     publish_every_steps: int = 0
     # Keep the newest K published versions (never the one LATEST names).
     publish_keep: int = 3
+    # A writer running longer is killed, its version dropped; training goes on.
+    publish_timeout_s: float = 600.0
     # Follow mode (trainer/online/follow.py): train the partitions of data.dir (a
     # partitioned dataset, trainer/data/partitions.py) in order, each as it arrives.
     follow: bool = False

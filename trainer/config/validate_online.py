@@ -17,6 +17,7 @@ def validate_online(cfg: Config) -> None:
     """``online.days`` needs the drifting synthetic stream with at least that many days."""
     o = cfg.online
     validate_follow(cfg)  # online.follow: trainer/online/follow.py
+    positive("online.publish_timeout_s", o.publish_timeout_s)
     check(o.days >= 0, f"online.days={o.days} must be >= 0 (0: no day walk)")
     if not o.days:
         return

@@ -103,7 +103,12 @@ class DayWalk:
         self.is_resumed = False
         o = cfg.online
         self.publisher = (
-            Publisher(run_dir / EXPORTS_DIR, keep=o.publish_keep, active=self.is_main)
+            Publisher(
+                run_dir / EXPORTS_DIR,
+                keep=o.publish_keep,
+                active=self.is_main,
+                timeout_s=o.publish_timeout_s,
+            )
             if o.publish
             else None
         )

@@ -65,7 +65,10 @@ class FollowPublishing:
         self.is_main = is_main
         self.every = cfg.online.publish_every_steps
         self.publisher = Publisher(
-            run_dir / EXPORTS_DIR, keep=cfg.online.publish_keep, active=is_main
+            run_dir / EXPORTS_DIR,
+            keep=cfg.online.publish_keep,
+            active=is_main,
+            timeout_s=cfg.online.publish_timeout_s,
         )
         # A resumed job's versions: rank 0 reads them, the snapshot is collective.
         self.published_step: int = broadcast_object(

@@ -23,7 +23,12 @@ the collective part, a few copies), then forks: the child process builds the
 program, ``torch.export``s it, writes and scores it from its copy-on-write view
 of that moment (one intra-op thread, ``nice`` 10, no process group, no CUDA; it
 leaves with ``os._exit``), while a parent thread waits for it and does the fsyncs and
-renames. A process, not a thread: ``torch.export`` sets process-wide state
+renames. A writer still running ``timeout_s`` after its fork
+(``online.publish_timeout_s``; one hung in ``torch.export`` once) is killed with
+its process group, its hidden directory removed and the version dropped with a
+warning: ``LATEST`` keeps the last good version, training goes on, and the next
+publish tries again (tests make a writer hang with ``SHARDREC_FAULT_PUBLISH_HANG=k``:
+version k's). A process, not a thread: ``torch.export`` sets process-wide state
 (``torch.compiler.is_exporting()``) under which the training thread's DDP
 forward raises. One publish in flight at a time: a publish that finds the
 previous one still running waits for it, and that wait counts as blocked time.
@@ -35,7 +40,7 @@ read was pruned under it.
 
 Example::
 
-    publisher = Publisher(run_dir / "exports", keep=3)
+    publisher = Publisher(run_dir / "exports", keep=3, timeout_s=600)
     blocked_s = publisher.publish(write, info={"step": 500, "day": 0})  # write(dir) -> dict
     publisher.close()                  # waits for the last one
     version, program = read_latest(run_dir / "exports")
@@ -49,6 +54,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -68,6 +74,10 @@ VERSION_FILE = "version.json"
 EXPORTS_DIR = "exports"
 _VERSION = re.compile(r"^v(\d+)$")
 _HIDDEN = (".tmp-", ".old-", ".LATEST")
+STAGE_SUFFIX = ".stage"  # a writer's scratch beside its hidden version (snapshot.py)
+_POLL_S = 0.1  # how often the waiting thread looks at the writer
+# Tests only: the writer of this version number hangs (after writing) until killed.
+HANG_ENV = "SHARDREC_FAULT_PUBLISH_HANG"
 
 Writer = Callable[[Path], dict[str, Any]]
 
@@ -92,10 +102,13 @@ class Publisher:
     """Versions in ``directory`` (see the module docstring); ``active``: this process
     writes (rank 0), the others only take part in the snapshot's collectives."""
 
-    def __init__(self, directory: Path, *, keep: int, active: bool = True) -> None:
+    def __init__(
+        self, directory: Path, *, keep: int, active: bool = True, timeout_s: float = 600.0
+    ) -> None:
         self.directory = directory
         self.keep = keep
         self.active = active
+        self.timeout_s = timeout_s
         self.thread: threading.Thread | None = None
         self.done: list[dict[str, Any]] = []  # finished publishes, taken by :meth:`finished`
         self._lock = threading.Lock()
@@ -110,7 +123,8 @@ class Publisher:
             self.next_version = max([0, *versions(directory), *named]) + 1
 
     def wait(self) -> float:
-        """Waits for the publish in flight; returns the seconds waited."""
+        """Waits for the publish in flight (at most until its writer's timeout, when it is
+        killed); returns the seconds waited."""
         start = time.perf_counter()
         if self.thread is not None:
             self.thread.join()
@@ -142,8 +156,12 @@ class Publisher:
             gc.unfreeze()
             raise
         if pid == 0:  # the child: never returns
-            _child(write, tmp, result_file)
+            _child(write, tmp, result_file, hang=os.environ.get(HANG_ENV) == str(version))
         gc.unfreeze()
+        try:  # its own process group (the child sets it too: whichever runs first)
+            os.setpgid(pid, pid)
+        except OSError:  # it already did, or already exited
+            pass
         self.thread = threading.Thread(
             target=self._publish,
             args=(version, pid, tmp, result_file, info, start),
@@ -181,7 +199,19 @@ class Publisher:
         name = f"v{version}"
         record: dict[str, Any] = {"version": version, "info": info}
         try:
-            _, status = os.waitpid(pid, 0)
+            status = self._reap(pid, deadline=start + self.timeout_s)
+            if status is None:
+                log.warning(
+                    "publishing %s: the writer (pid %d) ran past online.publish_timeout_s="
+                    "%gs and was killed; LATEST stays %s, the next publish tries again",
+                    name,
+                    pid,
+                    self.timeout_s,
+                    latest_name(self.directory),
+                )
+                raise TimeoutError(
+                    f"the writer ran past online.publish_timeout_s={self.timeout_s:g}s; killed"
+                )
             code = os.waitstatus_to_exitcode(status)
             reported = json.loads(result_file.read_text()) if result_file.exists() else {}
             _remove(result_file)
@@ -198,13 +228,34 @@ class Publisher:
             self._prune()
             log.info("published %s (%.2fs)", self.directory / name, time.perf_counter() - start)
         except Exception as err:  # reported in days.jsonl; training goes on
-            log.exception("publishing %s failed", name)
+            if not isinstance(err, TimeoutError):
+                log.exception("publishing %s failed", name)
             record["error"] = f"{type(err).__name__}: {err}"
             _remove(tmp)
+            _remove(tmp.with_name(tmp.name + STAGE_SUFFIX))
             _remove(result_file)
         record["publish_s"] = time.perf_counter() - start
         with self._lock:
             self.done.append(record)
+
+    @staticmethod
+    def _reap(pid: int, *, deadline: float) -> int | None:
+        """The writer's wait status; None when it ran past ``deadline`` (perf_counter),
+        after killing its process group and reaping it."""
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            time.sleep(min(_POLL_S, left))
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the writer and anything it started
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        return None
 
     def _point_latest(self, name: str) -> None:
         tmp = self.directory / f".LATEST.tmp-{os.getpid()}"
@@ -225,15 +276,19 @@ class Publisher:
             _remove(gone)
 
 
-def _child(write: Writer, tmp: Path, result_file: Path) -> None:
-    """The forked writer: ``write(tmp)``, its result into ``result_file``; exits."""
+def _child(write: Writer, tmp: Path, result_file: Path, *, hang: bool = False) -> None:
+    """The forked writer: ``write(tmp)``, its result into ``result_file``; exits.
+    ``hang`` (tests only, :data:`HANG_ENV`): it never finishes, once it has written."""
     code = 1
     try:
+        os.setpgid(0, 0)  # its own process group: a timeout kills it and its children
         # One intra-op thread: a forked OpenMP pool must not be entered (as in
         # torch's DataLoader workers); it also leaves the cores to training.
         torch.set_num_threads(1)
         os.nice(10)  # background work: training keeps its cores when they are short
         result = write(tmp)
+        while hang:  # a writer stuck before it reports (as one in torch.export once was)
+            time.sleep(1)
         result_file.write_text(json.dumps({"result": result}, default=str))
         code = 0
     except BaseException as err:

@@ -44,7 +44,7 @@ from trainer.data.source import DataSource
 from trainer.export.bundle import BUNDLE_DIR
 from trainer.export.step import export_step, export_streamed, meta_trained
 from trainer.export.stream import dense_state, sharded_tables, streamable, table_specs
-from trainer.online.publish import Writer
+from trainer.online.publish import STAGE_SUFFIX, Writer
 
 
 def snapshot_export(
@@ -105,7 +105,7 @@ def _whole_in_child(model: nn.Module, **export: Any) -> Writer:
     ``export_step`` (no collective with one rank) on the child's view of ``model``."""
 
     def write(directory: Path) -> dict[str, Any]:
-        staging = directory.with_name(directory.name + ".stage")
+        staging = directory.with_name(directory.name + STAGE_SUFFIX)
         result = export_step(model, run_dir=staging, **export)
         if result.get("path") is None:
             raise RuntimeError(f"no serving bundle: {result.get('bundle_error')}")

@@ -155,8 +155,11 @@ def _worker(rank: int, out_dir: str) -> None:
         fresh.model.eval()
         with torch.no_grad():
             _, (_, fresh_logits, _) = fresh.model(probe)
+        hash_logits, hash_fresh_logits = _hash_checkpoint(env, probe, out / "hash_ckpt")
         torch.save(
             {
+                "hash_logits": hash_logits,
+                "hash_fresh_logits": hash_fresh_logits,
                 "losses": losses,
                 "remap": _remap_state(_tables(built.model.module)),
                 "fresh_remap": _remap_state(_tables(fresh.model.module)),
@@ -168,6 +171,38 @@ def _worker(rank: int, out_dir: str) -> None:
         )
     finally:
         destroy_distributed()
+
+
+def hash_config() -> Config:
+    cfg = tiny_config()
+    cfg.model.id_management = "hash"
+    return cfg
+
+
+def _hash_checkpoint(env, probe, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-rank hashed model (its random init: each rank hashes its block of ids into
+    its own rows) scored on ``probe`` and saved; then loaded into a fresh 2-rank model
+    (the trainer's load path) and scored again."""
+    built = build(hash_config(), env)
+    # Every row its own values (each rank's seeded init would repeat the other's rows).
+    rows = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, value in built.model.state_dict().items():
+            if ".embedding_bags." in key:
+                full = 0.1 * torch.randn(tuple(value.size()), generator=rows)
+                for offsets, local in _pieces(value):
+                    local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))])
+    built.model.eval()
+    with torch.no_grad():
+        _, (_, logits, _) = built.model(probe)
+    states = {"model": ModelState(built.model), "trainer": {"step": torch.tensor(0)}}
+    dcp.save(states, checkpoint_id=path)
+    fresh = build(hash_config(), env)
+    load_checkpoint(path, states={"model": ModelState(fresh.model)})
+    fresh.model.eval()
+    with torch.no_grad():
+        _, (_, fresh_logits, _) = fresh.model(probe)
+    return logits.detach().clone(), fresh_logits.detach().clone()
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +285,29 @@ def test_checkpoint_keeps_remap_state(two_ranks: Path) -> None:
         _, (_, logits, _) = model(source.batch("eval", 0, 2 * BATCH_SIZE))
     expected = torch.cat([r["logits"] for r in ranks])
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_one_process_resume_of_rank_blocks_is_refused(two_ranks: Path) -> None:
+    """A 2-rank hashed / MC checkpoint remaps ids in 2 rank blocks; one process would
+    remap them with the whole-table rule (``id % rows``, the table's last row for a
+    miss): the trainer's load path refuses it, naming the fix. On 2 ranks it resumes."""
+    ranks = [torch.load(two_ranks / f"rank{r}.pt") for r in range(2)]
+    expected = torch.cat([r["hash_logits"] for r in ranks])
+    for r in ranks:  # the same layout resumes and scores as before
+        torch.testing.assert_close(r["hash_fresh_logits"], r["hash_logits"], atol=1e-6, rtol=0)
+    # The bug the refusal prevents: the whole-table rule reads other rows.
+    model = unsharded_model(hash_config(), device=torch.device("cpu"))
+    load_unsharded_model(two_ranks / "hash_ckpt", model)
+    model.eval()
+    with torch.no_grad():
+        _, (_, logits, _) = model(
+            SyntheticSource(tiny_config().data, day=DAY).batch("eval", 0, 2 * BATCH_SIZE)
+        )
+    assert float((logits - expected).abs().max()) > 1e-3
+    for cfg, ckpt in ((hash_config(), "hash_ckpt"), (tiny_config(), "ckpt")):
+        model = unsharded_model(cfg, device=torch.device("cpu"))
+        with pytest.raises(ConfigError, match=r"2 id blocks.*torchrun --nproc_per_node=2"):
+            load_checkpoint(two_ranks / ckpt, states={"model": ModelState(model)})
 
 
 def test_two_rank_export_serves_the_sharded_scores(two_ranks: Path) -> None:

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
+from trainer.checkpoint.id_layout import check_id_layout
 from trainer.checkpoint.safe_reader import (
     METADATA_FILE,
     BadCheckpointError,
@@ -205,6 +206,7 @@ def load_checkpoint(path: Path, *, states: dict[str, Stateful]) -> None:
                 if f"{key}.{name}" in saved_prefixes
             }
     _check_same_layout(path, template, saved=set(metadata))
+    check_id_layout(path, template, metadata)  # a hashed / MC model's rank blocks of ids
     dcp.load(template, storage_reader=SafeReader(path))
     for key, value in wanted.items():
         value.load_state_dict(template[key])

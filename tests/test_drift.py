@@ -15,8 +15,10 @@ import torch
 
 from trainer.config.schema import ConfigError
 from trainer.config.validate import validate_synthetic
+from trainer.data.drift import table_day
 from trainer.data.synthetic import SyntheticSource
 from trainer.data.synthetic_config import SyntheticDataConfig, new_ids_per_day
+from trainer.online.knowable import day_figures
 
 SMALL = SyntheticDataConfig(
     cardinalities=[10, 50, 400, 3000],
@@ -115,6 +117,47 @@ def test_the_share_of_new_ids_is_new_id_share(day: int) -> None:
     assert abs(entered / total - SMALL.new_id_share) < 0.025
     # Unseen in the samples drawn: the new ids, and tail ids no earlier sample hit.
     assert entered <= unseen and abs(unseen / total - SMALL.new_id_share) < 0.03
+
+
+def test_new_ids_never_take_a_rank_over_half_the_share() -> None:
+    # At 5% no rank of the 10-row table is that light: its head ranks stay its own
+    # (they once went to new ids: 58% of its lookups on ids new that day).
+    cfg = dataclasses.replace(SMALL, new_id_share=0.05)
+    source = SyntheticSource(cfg, day=0)
+    for f, cardinality in enumerate(cfg.cardinalities):
+        probabilities = source._tables.head_probabilities(f)
+        day1 = table_day(cfg, source._planted, probabilities, table=f, day=1, latent=False)
+        taken = day1.slot_item >= cardinality  # no popularity step after they enter
+        assert bool((probabilities[taken] <= cfg.new_id_share / 2).all())
+        assert bool(taken.any()) == (f > 0)
+
+
+KNOWABLE = dataclasses.replace(SMALL, effect_drift=0.3)
+
+
+def test_the_knowable_oracle_is_below_the_oracle_and_deterministic() -> None:
+    source = SyntheticSource(KNOWABLE, day=2)
+    figures, new = day_figures(source)
+    assert 0.6 < figures["knowable_auc"] < figures["oracle_auc"] - 0.005
+    for part in ("seen_ids", "new_ids"):
+        assert figures[f"knowable_auc_{part}"] < figures[f"oracle_auc_{part}"]
+    assert 0.1 < float(new.double().mean()) == figures["new_id_samples"] < 0.9
+    # Day 0: nothing known yet, every sample is new; only the dense terms are scored.
+    first, is_new = day_figures(SyntheticSource(KNOWABLE, day=0))
+    assert bool(is_new.all()) and "knowable_auc_seen_ids" not in first
+    assert first["knowable_auc"] < figures["knowable_auc"]
+    again = SyntheticSource(KNOWABLE, day=2)  # another source, after day 0's
+    assert torch.equal(
+        source.click_probability("eval", 0, 512, model=source.known_model()),
+        again.click_probability("eval", 0, 512, model=again.known_model()),
+    )
+
+
+def test_the_knowable_oracle_is_the_oracle_when_nothing_changes() -> None:
+    still = dataclasses.replace(SMALL, new_id_share=0.0, effect_drift=0.0, popularity_shift=0.0)
+    figures, new = day_figures(SyntheticSource(still, day=2))
+    assert figures["knowable_auc"] == figures["oracle_auc"]
+    assert not bool(new.any()) and figures["new_id_samples"] == 0.0
 
 
 def test_without_new_ids_the_id_set_stays() -> None:

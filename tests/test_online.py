@@ -81,6 +81,13 @@ def test_the_walk_evaluates_each_day_before_training_on_it(walked) -> None:
     assert min(day1, day2) > day0 + 0.05
     for r in records:
         assert r["oracle_gap"] == pytest.approx(r["oracle_auc"] - r["auc"])
+        assert r["knowable_gap"] == pytest.approx(r["knowable_auc"] - r["auc"])
+        assert r["knowable_auc"] < r["oracle_auc"]  # effects drift, new ids enter
+    assert "auc_seen_ids" not in records[0]  # day 0: every id is new
+    for r in records[1:]:
+        assert 0.2 < r["new_id_samples"] < 0.9
+        assert r["knowable_auc_seen_ids"] < r["oracle_auc_seen_ids"]
+        assert 0.5 < min(r["auc_seen_ids"], r["auc_new_ids"])
     assert summary["steps"] == 120 and summary["days"] == 3
     assert summary["auc"] == pytest.approx((day1 + day2) / 2)
     gaps = [r["oracle_gap"] for r in records[1:]]

@@ -18,9 +18,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from omegaconf import DictConfig
 
 from tests.conftest import REPO
 from trainer import search
+from trainer.config.compose import CONF_DIR, _sweep_jobs
+from trainer.config.run_dir import register_resolvers
+from trainer.config.schema import register_configs
 from trainer.report import optuna_trials
 from trainer.report import sweep as sweep_report
 
@@ -130,3 +137,32 @@ def test_a_trial_below_the_median_is_pruned(tmp_path: Path) -> None:
     trials = optuna.load_study(study_name="s", storage=storage).trials  # not the cached ones
     assert trials[2].user_attrs["pruned"] is True and "pruned" not in trials[3].user_attrs
     assert isinstance(search.make_pruner({search.PRUNER_ENV: "none"}), optuna.pruners.NopPruner)
+
+
+def _sweep_params(sweep: str) -> tuple[DictConfig, dict[str, str]]:
+    register_configs()
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", [f"+sweep={sweep}"], return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg, {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+
+
+def test_the_grid_spans_the_search_space_in_80_points() -> None:
+    """search/lr_grid (the grid a 20-trial search is measured against) is 80 jobs over
+    search/lr's ranges: each axis from the search's low end to its high end."""
+    cfg, grid = _sweep_params("search/lr_grid")
+    assert len(_sweep_jobs(cfg, ["+sweep=search/lr_grid"])) == 80
+    _, searched = _sweep_params("search/lr")
+    space, _ = create_params_from_overrides([f"{k}={v}" for k, v in searched.items()])
+    assert set(grid) == set(space)
+    for key, dist in space.items():
+        values = [float(v) for v in grid[key].split(",")]
+        choices = getattr(dist, "choices", None)
+        if choices is not None:
+            assert values == [float(c) for c in choices], key
+        else:
+            assert (min(values), max(values)) == pytest.approx((dist.low, dist.high)), key

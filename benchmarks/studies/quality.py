@@ -19,8 +19,12 @@ same order) and is scored on the same eval rows:
 The data sets are the defaults study's (benchmarks/studies/defaults.py):
 planted TSV round trips prepared with ``data=criteo``, planted Criteo files of
 other shapes, ``data=synthetic`` and MovieLens-100k (``--movielens DIR``).
-Writes ``OUT/quality.csv`` (a row per run, appended; a rerun skips what it
-has) and ``OUT/quality.md`` (the tables, quality_table.py).
+``--seeds 0,1,2`` runs every system with each trainer seed (the rows' order and
+the initialization; DeepCTR-Torch and the logistic regression get the same
+order and seed), so every family has the same settings and seeds; the tables
+average each system over its seeds. Writes ``OUT/quality.csv`` (a row per run,
+appended; a rerun skips what it has) and ``OUT/quality.md`` (the tables,
+quality_table.py).
 
 Example::
 
@@ -57,7 +61,6 @@ SETTINGS: dict[str, list[str]] = {
 }
 LR_RATES = (0.03, 0.1, 0.3)
 DEEPCTR_RATES = (0.001, 0.003, 0.01)
-SEED = 0
 
 
 def systems(settings: list[str], deepctr: bool) -> list[str]:
@@ -69,20 +72,23 @@ def systems(settings: list[str], deepctr: bool) -> list[str]:
     return names
 
 
-def trainer_overrides(ds: Dataset) -> list[str]:
-    """One epoch of ``ds`` (eval once, at the end), seed 0, one thread."""
+def trainer_overrides(ds: Dataset, seed: int) -> list[str]:
+    """One epoch of ``ds`` (eval once, at the end), one thread; ``seed`` orders the
+    rows (prepared shards) and initializes the model."""
     return [
         f"trainer.num_steps={ds.num_steps}",
         f"trainer.batch_size={ds.batch_size}",
         f"trainer.eval_every_steps={ds.num_steps}",
-        f"trainer.seed={SEED}",
+        f"trainer.seed={seed}",
         "trainer.num_threads=1",
         *QUIET,
     ]
 
 
-def run_one(name: str, ds: Dataset, split: Callable[[], tuple[Rows, Rows]], out: Path) -> dict:
-    """Trains and scores one system on ``ds``: its CSV row."""
+def run_one(
+    name: str, ds: Dataset, split: Callable[[], tuple[Rows, Rows]], out: Path, seed: int
+) -> dict:
+    """Trains and scores one system on ``ds`` with ``seed``: its CSV row."""
     family, _, setting = name.partition("@")
     note = ""
     if family == "lr_1ep":
@@ -93,42 +99,47 @@ def run_one(name: str, ds: Dataset, split: Callable[[], tuple[Rows, Rows]], out:
     elif family.startswith("deepctr_"):
         model = family.removeprefix("deepctr_")
         auc, logloss = quality_deepctr.train_deepctr(
-            model, *split(), lr=float(setting), batch_size=ds.batch_size, seed=SEED
+            model, *split(), lr=float(setting), batch_size=ds.batch_size, seed=seed
         )
     else:
         model = family.removeprefix("shardrec_")
-        overrides = [*ds.overrides, f"model={model}", *trainer_overrides(ds), *SETTINGS[setting]]
+        overrides = [*ds.overrides, f"model={model}", *trainer_overrides(ds, seed)]
+        run_dir = out / "runs" / f"{ds.name}-{name}-{seed}"
         summary = train(
-            to_config(compose_config(overrides)), run_dir=out / "runs" / f"{ds.name}-{name}"
+            to_config(compose_config([*overrides, *SETTINGS[setting]])), run_dir=run_dir
         )
         auc, logloss = summary["auc"], summary["logloss"]
     return {"auc": auc, "logloss": logloss, "note": note}
 
 
-def run_study(out: Path, ds_list: list[Dataset], names: list[str]) -> list[dict[str, Any]]:
-    """Every system on every data set; appends ``OUT/quality.csv`` as runs finish."""
+def run_study(
+    out: Path, ds_list: list[Dataset], names: list[str], seeds: list[int]
+) -> list[dict[str, Any]]:
+    """Every system on every data set with every seed; appends ``OUT/quality.csv`` as
+    runs finish. ``lr_fit`` (order-free, the slowest) runs with the first seed only."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "quality.csv"
     rows = read_csv(path)
-    done = {(r["dataset"], r["system"]) for r in rows}
-    for ds in ds_list:
+    done = {(r["dataset"], r["system"], int(r.get("seed") or 0)) for r in rows}
+    for ds, seed in ((ds, seed) for ds in ds_list for seed in seeds):
         cache: dict[str, tuple[Rows, Rows]] = {}
 
-        def split(ds: Dataset = ds, cache: dict = cache) -> tuple[Rows, Rows]:
+        def split(ds: Dataset = ds, cache: dict = cache, seed: int = seed) -> tuple[Rows, Rows]:
             if "rows" not in cache:  # the rows every baseline sees, read once per data set
-                cfg = to_config(compose_config([*ds.overrides, *trainer_overrides(ds)]))
+                cfg = to_config(compose_config([*ds.overrides, *trainer_overrides(ds, seed)]))
                 source = open_source(cfg.data, seed=cfg.trainer.seed)
                 cache["rows"] = read_split(source, num_steps=ds.num_steps, batch_size=ds.batch_size)
             return cache["rows"]
 
         for name in names:
-            if (ds.name, name) in done:
+            if (ds.name, name, seed) in done or (name == "lr_fit" and seed != seeds[0]):
                 continue
             start = time.perf_counter()
-            result = run_one(name, ds, split, out)
+            result = run_one(name, ds, split, out, seed)
             row = {
                 "dataset": ds.name,
                 "system": name,
+                "seed": seed,
                 "steps": ds.num_steps,
                 "batch_size": ds.batch_size,
                 **result,
@@ -137,9 +148,8 @@ def run_study(out: Path, ds_list: list[Dataset], names: list[str]) -> list[dict[
             }
             append_row(path, row, FIELDS)
             rows.append(row)
-            print(
-                f"{ds.name} {name}: auc {float(row['auc']):.4f} logloss {float(row['logloss']):.4f}"
-            )
+            auc, logloss = float(row["auc"]), float(row["logloss"])
+            print(f"{ds.name} {name} seed {seed}: auc {auc:.4f} logloss {logloss:.4f}")
     return rows
 
 
@@ -156,7 +166,7 @@ def reuse_fits(out: Path, defaults_csv: Path, names: list[str]) -> None:
             continue
         if (r["dataset"], "lr_fit") not in have:
             have.add((r["dataset"], "lr_fit"))
-            row = {"dataset": r["dataset"], "system": "lr_fit", "steps": r["steps"]}
+            row = {"dataset": r["dataset"], "system": "lr_fit", "seed": 0, "steps": r["steps"]}
             row |= {"batch_size": r["batch_size"], "auc": r["lr_auc"], "logloss": ""}
             row |= {"note": f"C={float(r['lr_c']):g}; defaults study", "seconds": ""}
             append_row(path, {**row, "oracle_auc": r["oracle_auc"]}, FIELDS)
@@ -168,6 +178,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="generated data (default: OUT/data)")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--settings", default=",".join(SETTINGS), help="shardrec's settings")
+    parser.add_argument("--seeds", default="0", help="comma-separated trainer seeds")
     parser.add_argument("--only", help="comma-separated system names (default: all)")
     parser.add_argument("--movielens", type=Path, help="a folder with ml-100k.inter/.user/.item")
     parser.add_argument("--fits-from", type=Path, help="lr_fit rows from a defaults.csv")
@@ -188,7 +199,8 @@ def main() -> None:
     if args.fits_from:
         args.out.mkdir(parents=True, exist_ok=True)
         reuse_fits(args.out, args.fits_from, [ds.name for ds in ds_list])
-    rows = run_study(args.out, ds_list, names)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = run_study(args.out, ds_list, names, seeds)
     (args.out / "quality.md").write_text(markdown(rows))
     print(markdown(rows))
 

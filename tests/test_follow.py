@@ -12,9 +12,10 @@ next-partition AUC), the same summary and the same final parameters, bit for bit
 
 Publishing (``online.publish=true``, trainer/online/follow_publish.py), in one
 process: a job resumed after a kill that landed between a partition's last
-checkpoint and its publish publishes it first, then a version per new
-partition (a complete bundle that scores its sample.pt, ``LATEST`` on the last,
-keep-K), and nothing twice. With publishing on (slow tier), the killed job above
+checkpoint and its publish publishes it first, then day 1 mid-partition
+(``online.publish_every_steps``) and at its end (complete bundles: each
+``version.json`` names its step, the last scores its sample.pt, ``LATEST`` on
+it, keep-K), and nothing twice. With publishing on (slow tier), the killed job above
 publishes one version per partition, none lost or repeated across the kill.
 """
 
@@ -222,7 +223,14 @@ def test_a_partition_whose_tables_grew_is_refused_naming_the_feature(tmp_path: P
     assert [r["partition"] for r in records(tmp_path / "r")] == ["day_0"]
 
 
-PUBLISH = ["online.publish=true", "online.publish_keep=1", "online.idle_timeout_s=0.3"]
+# Day 1 (steps 8-16) is also published mid-partition, at step 12.
+EVERY = 12
+PUBLISH = [
+    "online.publish=true",
+    "online.publish_keep=2",
+    f"online.publish_every_steps={EVERY}",
+    "online.idle_timeout_s=0.3",
+]
 
 
 def scores_its_sample(bundle: Path) -> float:
@@ -248,27 +256,30 @@ def test_follow_publishes_each_partition_once_across_a_resume(tmp_path: Path) ->
     add_day(dataset, 1)
     summary = train(_cfg(dataset, *PUBLISH, "trainer.plot=true"), run_dir=run_dir)
     assert summary["partitions"] == ["day_0", "day_1"]
-    assert latest_name(exports) == "v2" and versions(exports) == [2]  # keep 1
+    assert latest_name(exports) == "v3" and versions(exports) == [2, 3]  # keep 2
     assert not [p.name for p in exports.iterdir() if p.name.startswith(".")]
-    assert stamp(exports, 2) | {"published_at": 0} == {
-        "version": 2,
-        "step": 2 * STEPS,  # day_1's end
-        "partition": "day_1",
-        "index": 1,
-        "published_at": 0,
-    }
-    assert scores_its_sample(exports / "v2") < 1e-5
+    # online.publish_every_steps=12: day_1's model at step 12, then at its end.
+    for version, step in ((2, EVERY), (3, 2 * STEPS)):
+        assert stamp(exports, version) | {"published_at": 0} == {
+            "version": version,
+            "step": step,
+            "partition": "day_1",
+            "index": 1,
+            "published_at": 0,
+        }
+    assert scores_its_sample(exports / "v3") < 1e-5
     got = records(run_dir)
-    assert [r["publish_version"] for r in got] == ["v1", "v2"]  # day_0's on resuming
+    assert [r["publish_version"] for r in got] == ["v1", "v3"]  # day_0's on resuming
+    assert [r["publish_count"] for r in got] == [1, 2]
     for r in got:
-        assert r["publish_count"] == 1 and r["publish_s"] > 0 and r["publish_blocked_s"] > 0
+        assert r["publish_s"] > 0 and r["publish_blocked_s"] > 0
     assert got[1]["publish_blocked_s"] < got[1]["partition_wall_s"]  # trained here
     p = summary["publish"]
-    assert (p["count"], p["latest"], p["errors"]) == (2, "v2", [])
+    assert (p["count"], p["latest"], p["errors"]) == (3, "v3", [])
     assert p["blocked_s"] == pytest.approx(sum(r["publish_blocked_s"] for r in got))
-    assert summary["export"]["path"] == "exports/v2"
+    assert summary["export"]["path"] == "exports/v3"
     assert (run_dir / FOLLOW_PLOT).stat().st_size > 0
     # Published already: a resume publishes nothing.
     again = train(_cfg(dataset, *PUBLISH), run_dir=run_dir)
-    assert again["publish"]["count"] == 0 and versions(exports) == [2]
+    assert again["publish"]["count"] == 0 and versions(exports) == [2, 3]
     assert records(run_dir) == got

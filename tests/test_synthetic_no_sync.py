@@ -16,6 +16,7 @@ there tries to initialise CUDA.)
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -114,6 +115,48 @@ def test_lookups_by_the_draws_head_positions_equal_lookups_by_rank(variable: boo
     assert torch.equal(fast, planted.logits(dense, ranks, lengths))
     per_feature = torch.arange(700 * 4).view(700, 4)
     assert torch.equal(planted.per_slot(per_feature), per_feature[:, data._slot_features])
+
+
+def _reference_logits(data: SyntheticCriteo, n: int) -> torch.Tensor:
+    """The planted logit term by term, as planted.py's docstring writes it: raw
+    vectors pooled per bag, centred and whitened per feature, then the pairs."""
+    planted, (dense, ranks, lengths) = data._planted, data._draw("train", torch.arange(n))
+    hotness = torch.tensor(data.hotness)
+    kept = hotness.expand(n, -1) if lengths is None else lengths  # [n, F]
+    in_bag = planted._slot_positions < kept[:, data._slot_features]
+    weights = in_bag / kept[:, data._slot_features].double()  # 1 / length, 0 if dropped
+    logit = planted._dense_offset + dense @ planted._dense_linear
+    logit = logit + (dense.square() * math.sqrt(0.5)) @ planted._dense_square
+    logit = logit + (planted.first_order(data._slot_features, ranks) * weights).sum(1)
+    whitened = {}
+    for f in sorted({f for pair in planted.pairs for f in pair}):
+        slots = data._slot_features == f
+        vectors = planted.latent(torch.tensor(f), ranks[:, slots])  # raw, [n, h, d]
+        pooled = (vectors * weights[:, slots].unsqueeze(-1)).sum(1)
+        latent = int(planted._latent_index[f])
+        centred = pooled - planted._latent_means[latent]
+        whitened[f] = centred @ planted._whiteners[latent].T
+    for i, j in planted.pairs:
+        logit = logit + (whitened[i] * whitened[j]).sum(1) * planted._pair_scale
+    return logit
+
+
+@pytest.mark.parametrize("variable", [False, True], ids=["full_bags", "variable_bags"])
+def test_interactions_as_matrix_products_equal_the_term_by_term_logit(variable: bool) -> None:
+    # planted.py whitens the table rows once and pools and pairs by two matrix
+    # products; the same numbers up to float64 rounding (HUGE: hashed tail vectors).
+    data = SyntheticCriteo(dataclasses.replace(HUGE, variable_hotness=variable))
+    expected = _reference_logits(data, 700)
+    torch.testing.assert_close(
+        data._planted.logits(*data._draw("train", torch.arange(700))), expected, rtol=0, atol=1e-12
+    )
+    single = SyntheticCriteo(dataclasses.replace(SMALL, num_interactions=3))
+    torch.testing.assert_close(
+        single._planted.logits(*single._draw("train", torch.arange(500))),
+        _reference_logits(single, 500),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_full_bags_build_a_static_kjt() -> None:

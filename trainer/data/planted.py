@@ -66,7 +66,6 @@ class PlantedModel:
         # Runs of equally hot features (slot_features is sorted; see planted_layout.hotness_runs).
         hotness = torch.bincount(slot_features, minlength=num_features).tolist()
         self.feature_runs = hotness_runs(hotness)
-        self._base_logit = cfg.base_logit
         self._decay_rank = cfg.effect_decay_rank
         self._latent_dim = cfg.latent_dim
         self._first_order_key = stream_key(cfg.seed, "first_order")
@@ -78,6 +77,9 @@ class PlantedModel:
         self._dense_square = _unit(normal(stream_key(cfg.seed, "dense_square"), dense_idx)) * (
             cfg.dense_nonlinear_scale
         )
+        # The base logit and the -1 of every (x**2 - 1) / sqrt(2), one number (no host
+        # read per draw: a GPU would sync on it).
+        self._dense_offset = cfg.base_logit - math.sqrt(0.5) * float(self._dense_square.sum())
 
         head_effects = [
             self._raw_first_order(torch.tensor(f), torch.arange(len(tables.head_probabilities(f))))
@@ -143,6 +145,10 @@ class PlantedModel:
         self._latent_head_last = latent_lengths - 1
         # From a row's place in every table's head to its place among the latent rows.
         self._latent_shift = self._latent_head_starts - self._head_starts
+        # The feature of each row of the latent table (days keep the layout; drift.py).
+        self._latent_row_features = torch.repeat_interleave(
+            self._latent_features, latent_lengths[self._latent_features]
+        )
         self._head_latent = (
             torch.cat(heads) if heads else torch.zeros(0, cfg.latent_dim, dtype=torch.float64)
         )
@@ -163,6 +169,25 @@ class PlantedModel:
         )
         # Whitened vectors have identity covariance: <u_i, u_j> has variance latent_dim.
         self._pair_scale = cfg.interaction_scale / math.sqrt(max(len(self.pairs), 1)) / math.sqrt(d)
+        # The interaction term as matrices on a sample's flattened [latent slots * d]
+        # vectors (see ``_interactions``): pooling into features (kron with I_d: every
+        # dimension alike), with the full bags' 1 / hotness folded in (None: single-hot,
+        # nothing to pool), and the pairs' quadratic form, scale included.
+        eye = torch.eye(d, dtype=torch.float64)
+        self._pool = torch.kron(self._latent_slot_to_feature, eye)
+        slot_weights = self._full_bag_weights[self._latent_slots].unsqueeze(1)
+        single = len(latent_slot_positions) == len(latent_features)
+        self._pool_full = (
+            None if single else torch.kron(self._latent_slot_to_feature * slot_weights, eye)
+        )
+        pair_matrix = torch.zeros(len(latent_features), len(latent_features), dtype=torch.float64)
+        for i, j in zip(self._pair_left.tolist(), self._pair_right.tolist(), strict=True):
+            pair_matrix[i, j] += self._pair_scale
+        self._pair_matrix = torch.kron(pair_matrix, eye)
+        # Which latent feature each feature is (0 for the others: never read).
+        self._latent_index = torch.zeros(num_features, dtype=torch.int64)
+        self._latent_index[self._latent_features] = torch.arange(len(latent_features))
+        self._whitened: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
 
     def per_slot(self, per_feature: torch.Tensor) -> torch.Tensor:
         """``[size, F]`` -> ``[size, num_slots]``, each feature's value over its bag's
@@ -256,17 +281,24 @@ class PlantedModel:
         return effects
 
     def latent(
-        self, features: torch.Tensor, ranks: torch.Tensor, head: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        ranks: torch.Tensor,
+        head: torch.Tensor | None = None,
+        *,
+        whitened: bool = False,
     ) -> torch.Tensor:
         """Raw latent vectors ``v_f[r]`` (before whitening) of latent features,
         ``ranks.shape + (latent_dim,)``; ``features`` broadcasts against ``ranks``;
-        ``head``: their head positions from ``ZipfTables.draw`` (optional)."""
+        ``head``: their head positions from ``ZipfTables.draw`` (optional);
+        ``whitened``: ``W_f (v_f[r] - m_f)`` instead, what the interactions multiply."""
         last = self._latent_head_last[features]
         if head is None:
             positions = torch.minimum(ranks, last) + self._latent_head_starts[features]
         else:  # the same rows, laid out for the latent features only
             positions = head + self._latent_shift[features]
-        vectors = self._head_latent.index_select(0, positions.reshape(-1))
+        table = self._whitened_head() if whitened else self._head_latent
+        vectors = table.index_select(0, positions.reshape(-1))
         vectors = vectors.view(*positions.shape, self._latent_dim)
         if not self._latent_has_tail:
             return vectors
@@ -274,13 +306,36 @@ class PlantedModel:
         if ranks.device.type != "cpu":  # no host sync: compute everywhere
             features = features.expand_as(in_tail)
             raw = self._raw_latent(features, ranks)
+            if whitened:
+                raw = self._whiten(raw, features)
             return torch.where(in_tail.unsqueeze(-1), raw, vectors)
         at = flat_nonzero(in_tail)
         if at.numel():
             f = broadcast_take(features, in_tail.shape, at)
             r = ranks.expand(in_tail.shape).reshape(-1).index_select(0, at)
-            vectors.view(-1, self._latent_dim).index_copy_(0, at, self._raw_latent(f, r))
+            raw = self._raw_latent(f, r)
+            vectors.view(-1, self._latent_dim).index_copy_(
+                0, at, self._whiten(raw, f) if whitened else raw
+            )
         return vectors
+
+    def _whiten(self, vectors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """``W_f (v - m_f)`` of vectors ``[..., d]`` of latent features ``features``."""
+        latent = self._latent_index[features]
+        centred = (vectors - self._latent_means[latent]).unsqueeze(-1)
+        return (self._whiteners[latent] @ centred).squeeze(-1)
+
+    def _whitened_head(self) -> torch.Tensor:
+        """The whitened vectors of every tabulated latent row, laid out like
+        ``_head_latent``; made again when the raw table, means or whiteners were
+        replaced (drift.py installs a day's) or moved (``to``)."""
+        sources = (self._head_latent, self._latent_means, self._whiteners)
+        if self._whitened is None or any(
+            a is not b for a, b in zip(self._whitened[0], sources, strict=True)
+        ):
+            whitened = self._whiten(self._head_latent, self._latent_row_features)
+            self._whitened = (sources, whitened)
+        return self._whitened[1]
 
     def logits(
         self,
@@ -299,31 +354,45 @@ class PlantedModel:
         positions and tail indices from ``ZipfTables.draw``, saving their lookups.
         """
         dense = dense.to(torch.float64)
-        logit = self._base_logit + dense @ self._dense_linear
-        logit = logit + ((dense.square() - 1.0) * math.sqrt(0.5)) @ self._dense_square
+        logit = torch.mv(dense, self._dense_linear)
+        logit.addmv_(dense.square(), self._dense_square, alpha=math.sqrt(0.5))
+        logit.add_(self._dense_offset)
         # Multi-hot bags contribute the mean over their ids.
+        effects = self.first_order(self._slot_features, ranks, head, tail_at)
         if lengths is None:
-            weights = self._full_bag_weights  # [num_slots], broadcast over samples
+            weights = None
+            logit.addmv_(effects, self._full_bag_weights)  # [num_slots]: the same every sample
         else:
             # 1 / length on [size, F], then spread over the slots: the same bits as
             # dividing a 0/1 mask by the length per slot, in fewer passes.
             inverse = 1.0 / lengths.clamp(min=1).to(torch.float64)
             dropped = self._slot_positions >= self.per_slot(lengths)
             weights = self.per_slot(inverse).masked_fill_(dropped, 0.0)
-        effects = self.first_order(self._slot_features, ranks, head, tail_at)
-        logit = logit + (effects * weights).sum(1)
+            logit.add_((effects * weights).sum(1))
         if self.pairs:
-            vectors = self.latent(
-                self._slot_features[self._latent_slots],
-                self._latent_columns(ranks),
-                None if head is None else self._latent_columns(head),
-            )
-            vectors = vectors * self._latent_columns(weights).unsqueeze(-1)
-            pooled = torch.einsum("bsd,sl->bld", vectors, self._latent_slot_to_feature)
-            whitened = torch.einsum("lij,blj->bli", self._whiteners, pooled - self._latent_means)
-            products = whitened[:, self._pair_left] * whitened[:, self._pair_right]
-            logit = logit + products.sum((1, 2)) * self._pair_scale
+            logit.add_(self._interactions(ranks, head, weights))
         return logit
+
+    def _interactions(
+        self, ranks: torch.Tensor, head: torch.Tensor | None, weights: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The pairs' term, ``sum <u_i, u_j>`` times its scale, ``[size]``: the bags'
+        whitened vectors (whitening is affine and a bag's weights sum to 1, so the
+        bag's mean of whitened rows is the whitened mean), pooled per feature and
+        put through the pairs' quadratic form: two small matrix products."""
+        vectors = self.latent(
+            self._slot_features[self._latent_slots],
+            self._latent_columns(ranks),
+            None if head is None else self._latent_columns(head),
+            whitened=True,
+        )
+        if weights is None:  # full bags: the 1 / hotness weights are in the pooling
+            flat = vectors.view(vectors.shape[0], -1)
+            pooled = flat if self._pool_full is None else flat @ self._pool_full
+        else:
+            vectors = vectors * self._latent_columns(weights).unsqueeze(-1)
+            pooled = vectors.view(vectors.shape[0], -1) @ self._pool
+        return (pooled @ self._pair_matrix).mul_(pooled).sum(1)
 
 
 def _weighted_mean_std(probs: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:

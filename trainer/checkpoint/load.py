@@ -18,11 +18,13 @@ lists a non-tensor (bytes) entry, which DCP would
 before any process group exists. Rank 0 adds
 the resolved config as ``config.yaml``, so a checkpoint can be rebuilt without
 the run that wrote it. Each rank writes only its own shards, and DCP reshards
-on load, so a checkpoint loads into another plan or world size, or into one
-process with plain tensors (:func:`load_unsharded_model`, used by ``python -m
-trainer.export``). Sources address samples by step, so the step restores the
-data position; a source with more state keeps it in its own entry. Saving
-(atomic, async, failure policy) is trainer/checkpoint/save.py.
+on load, so a checkpoint loads into another plan or world size (a hashed or
+managed-collision model only into its own rank blocks of ids:
+trainer/checkpoint/id_layout.py), or into one process with plain tensors
+(:func:`load_unsharded_model`, used by ``python -m trainer.export``). Sources
+address samples by step, so the step restores the data position; a source
+with more state keeps it in its own entry. Saving (atomic, async, failure
+policy) is trainer/checkpoint/save.py.
 
 Layout, written atomically (DCP writes into ``.tmp-step_N``; rank 0 renames it
 once every rank has finished and the config is in), so a job killed mid-save

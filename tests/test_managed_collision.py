@@ -55,13 +55,12 @@ TABLES = [f"t_cat_{i}" for i in range(4)]
 
 
 def tiny_config(**model: object) -> Config:
-    model = {"mc_zch_size": 300, **model}
+    model = {"mc_zch_size": 300, "id_management": "managed_collision", **model}
     return Config(
         model=ModelConfig(
             embedding_dim=8,
             dense_arch_layer_sizes=[16, 8],
             over_arch_layer_sizes=[16, 1],
-            id_management="managed_collision",
             **model,
         ),
         data=SyntheticDataConfig(
@@ -155,11 +154,9 @@ def _worker(rank: int, out_dir: str) -> None:
         fresh.model.eval()
         with torch.no_grad():
             _, (_, fresh_logits, _) = fresh.model(probe)
-        hash_logits, hash_fresh_logits = _hash_checkpoint(env, probe, out / "hash_ckpt")
         torch.save(
             {
-                "hash_logits": hash_logits,
-                "hash_fresh_logits": hash_fresh_logits,
+                **_hash_checkpoint(env, probe, out / "hash_ckpt"),
                 "losses": losses,
                 "remap": _remap_state(_tables(built.model.module)),
                 "fresh_remap": _remap_state(_tables(fresh.model.module)),
@@ -173,36 +170,23 @@ def _worker(rank: int, out_dir: str) -> None:
         destroy_distributed()
 
 
-def hash_config() -> Config:
-    cfg = tiny_config()
-    cfg.model.id_management = "hash"
-    return cfg
-
-
-def _hash_checkpoint(env, probe, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 2-rank hashed model (its random init: each rank hashes its block of ids into
-    its own rows) scored on ``probe`` and saved; then loaded into a fresh 2-rank model
+def _hash_checkpoint(env, probe, path: Path) -> dict[str, torch.Tensor]:
+    """A 2-rank hashed model scored on ``probe``, saved, loaded into a fresh 2-rank model
     (the trainer's load path) and scored again."""
-    built = build(hash_config(), env)
-    # Every row its own values (each rank's seeded init would repeat the other's rows).
+    built, fresh = (build(tiny_config(id_management="hash"), env) for _ in range(2))
+    # Every row its own values (each rank's seeded init repeats the other's rows).
     rows = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, value in built.model.state_dict().items():
-            if ".embedding_bags." in key:
-                full = 0.1 * torch.randn(tuple(value.size()), generator=rows)
-                for offsets, local in _pieces(value):
-                    local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))])
-    built.model.eval()
-    with torch.no_grad():
-        _, (_, logits, _) = built.model(probe)
+    tables = {k: v for k, v in built.model.state_dict().items() if ".embedding_bags." in k}
+    _copy_init(built.model, {k: torch.randn(v.size(), generator=rows) for k, v in tables.items()})
     states = {"model": ModelState(built.model), "trainer": {"step": torch.tensor(0)}}
     dcp.save(states, checkpoint_id=path)
-    fresh = build(hash_config(), env)
     load_checkpoint(path, states={"model": ModelState(fresh.model)})
-    fresh.model.eval()
-    with torch.no_grad():
-        _, (_, fresh_logits, _) = fresh.model(probe)
-    return logits.detach().clone(), fresh_logits.detach().clone()
+    out = {}
+    for name, model in (("hash_logits", built.model), ("hash_fresh_logits", fresh.model)):
+        model.eval()
+        with torch.no_grad():
+            out[name] = model(probe)[1][1].detach().clone()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +280,7 @@ def test_one_process_resume_of_rank_blocks_is_refused(two_ranks: Path) -> None:
     for r in ranks:  # the same layout resumes and scores as before
         torch.testing.assert_close(r["hash_fresh_logits"], r["hash_logits"], atol=1e-6, rtol=0)
     # The bug the refusal prevents: the whole-table rule reads other rows.
-    model = unsharded_model(hash_config(), device=torch.device("cpu"))
+    model = unsharded_model(tiny_config(id_management="hash"), device=torch.device("cpu"))
     load_unsharded_model(two_ranks / "hash_ckpt", model)
     model.eval()
     with torch.no_grad():
@@ -304,7 +288,7 @@ def test_one_process_resume_of_rank_blocks_is_refused(two_ranks: Path) -> None:
             SyntheticSource(tiny_config().data, day=DAY).batch("eval", 0, 2 * BATCH_SIZE)
         )
     assert float((logits - expected).abs().max()) > 1e-3
-    for cfg, ckpt in ((hash_config(), "hash_ckpt"), (tiny_config(), "ckpt")):
+    for cfg, ckpt in ((tiny_config(id_management="hash"), "hash_ckpt"), (tiny_config(), "ckpt")):
         model = unsharded_model(cfg, device=torch.device("cpu"))
         with pytest.raises(ConfigError, match=r"2 id blocks.*torchrun --nproc_per_node=2"):
             load_checkpoint(two_ranks / ckpt, states={"model": ModelState(model)})

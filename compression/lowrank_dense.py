@@ -15,7 +15,15 @@ How much each layer keeps (one of them):
 - ``fraction``: ``r = floor(fraction * in * out / (in + out))`` (at least 1), so each
   layer keeps about that fraction of its weights (0.25: a quarter of the dense params);
 - ``energy`` (``svd`` only): the fewest singular values whose squares sum to that
-  fraction of the layer's total, chosen per layer at the SVD.
+  fraction of the layer's total, chosen per layer at the SVD;
+- ``ranks``: one rank per dense Linear in model order (bottom MLP, then top MLP
+  with the logit layer; 0: stays dense), each capped at ``min(in, out)``.
+
+``allocate`` says how ``fraction`` is read: ``per_layer`` (above) or ``global``:
+one budget of ``fraction`` of all the dense parameters, spent on the layers whose
+spectra keep the most per weight (compression/lowrank_allocate.py; the trained
+spectra at the swap under ``svd``, flat ones under ``from_start``). The ranks
+chosen are logged and reported in the summary.
 
 Two modes:
 
@@ -54,6 +62,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -61,15 +70,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from compression.converter import Converter, Forward
+from compression.lowrank_allocate import allocate_ranks
 from compression.lowrank_layers import (
     SvdLowRankLinear,
     dense_layers,
     dense_report,
     factorize_dense,
+    master_weight,
     reset_optimizer_state,
 )
 
 MODES = ("none", "from_start", "svd")
+ALLOCATIONS = ("per_layer", "global")
+log = logging.getLogger(__name__)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -89,14 +102,19 @@ class LowRankDense(Converter):
         fraction: float = 0.0,
         energy: float = 0.0,
         start_step: int = 0,
+        allocate: str = "per_layer",
+        ranks: tuple[int, ...] = (),
     ) -> None:
         if mode not in MODES[1:]:
             raise ValueError(f"lowrank_dense.mode={mode!r}: use from_start or svd")
-        if sum(x > 0 for x in (rank, fraction, energy)) != 1:
-            raise ValueError("lowrank_dense: give one of rank, fraction or energy (> 0)")
+        if sum(bool(x) for x in (rank, fraction, energy, ranks)) != 1:
+            raise ValueError("lowrank_dense: give one of rank, fraction, energy or ranks")
         if energy > 0 and mode != "svd":
             raise ValueError("lowrank_dense.energy needs lowrank_dense.mode=svd")
+        if allocate not in ALLOCATIONS or (allocate == "global" and not fraction):
+            raise ValueError("lowrank_dense.allocate: per_layer, or global with a fraction")
         self.mode, self.rank, self.fraction, self.energy = mode, rank, fraction, energy
+        self.allocate, self.ranks = allocate, tuple(ranks)
         self.start_step = start_step
         self.step = 0
         self.layers: list[SvdLowRankLinear] = []
@@ -106,9 +124,17 @@ class LowRankDense(Converter):
         self.served_report: dict[str, Any] = {}
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        factorize_dense(
-            model, mode=self.mode, rank=self.rank, fraction=self.fraction, energy=self.energy
+        ranks = factorize_dense(
+            model,
+            mode=self.mode,
+            rank=self.rank,
+            fraction=self.fraction,
+            energy=self.energy,
+            allocate=self.allocate,
+            ranks=self.ranks,
         )
+        if self.mode == "from_start":
+            log.info("lowrank_dense ranks: %s", ranks)
         return model
 
     def convert_sharded(
@@ -144,15 +170,30 @@ class LowRankDense(Converter):
     @torch.no_grad()
     def factorize(self) -> dict[str, int]:
         """The swap (module docstring), on every rank; returns the rank kept per layer."""
+        ranks = self._global_ranks() if self.allocate == "global" else {}
         kept = {}
         for i, layer in enumerate(self.layers):
-            kept[i] = layer.factorize(rank=layer.low.rank, energy=self.energy)
+            rank = ranks.get(id(layer), layer.low.rank)
+            kept[i] = layer.factorize(rank=rank, energy=self.energy)
             if self.process_group is not None and dist.get_world_size(self.process_group) > 1:
                 for t in [*layer.low.parameters(), layer.keep]:
                     dist.broadcast(t.data, group=self.process_group, group_src=0)
             if self.optimizer is not None:
                 reset_optimizer_state(self.optimizer, list(layer.parameters()))
+        log.info("lowrank_dense: SVD at step %d, ranks kept %s", self.step, kept)
         return kept
+
+    def _global_ranks(self) -> dict[int, int]:
+        """``{id(layer): rank}`` from one budget over the trained spectra (module docstring)."""
+        layers = [m for _, m in dense_layers(self.model)]
+        shapes, spectra = [], []
+        for m in layers:
+            linear = m.full if isinstance(m, SvdLowRankLinear) else m
+            shapes.append((m.in_features, m.out_features, linear.bias is not None))
+            factorized = isinstance(m, SvdLowRankLinear)
+            spectra.append(torch.linalg.svdvals(master_weight(linear)) if factorized else None)
+        ranks = allocate_ranks(shapes, fraction=self.fraction, spectra=spectra)
+        return {id(m): r for m, r in zip(layers, ranks) if isinstance(m, SvdLowRankLinear)}
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"step": torch.tensor(self.step, dtype=torch.int64)} if self.mode == "svd" else {}
@@ -172,6 +213,7 @@ class LowRankDense(Converter):
 
     def _settings(self) -> dict[str, Any]:
         how = {"rank": self.rank, "fraction": self.fraction, "energy": self.energy}
+        how["allocate"] = self.allocate if self.fraction else ""
         return {"mode": self.mode, **{k: v for k, v in how.items() if v}} | (
             {"start_step": self.start_step} if self.mode == "svd" else {}
         )

@@ -17,12 +17,15 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchrec.models.dlrm import DenseArch, OverArch
+
+from compression.lowrank_allocate import allocate_ranks, max_saving_rank
 
 
 class _DownFactor(nn.Linear):
@@ -190,15 +193,51 @@ def dense_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def factorize_dense(
-    model: nn.Module, *, mode: str, rank: int = 0, fraction: float = 0.0, energy: float = 0.0
+    model: nn.Module,
+    *,
+    mode: str,
+    rank: int = 0,
+    fraction: float = 0.0,
+    energy: float = 0.0,
+    allocate: str = "per_layer",
+    ranks: Sequence[int] = (),
 ) -> dict[str, int]:
     """In place: the dense Linears that rank would shrink become factorized layers
     (``from_start``: :class:`LowRankLinear`; ``svd``: :class:`SvdLowRankLinear`).
 
-    Returns ``{layer name: rank}`` (the capacity for ``svd`` with ``energy``). Works
-    on ``meta``; layers that are already factorized are left as they are.
+    ``allocate="global"`` spreads ``fraction`` of all the dense parameters over the
+    layers (compression/lowrank_allocate.py): ``from_start`` builds those ranks;
+    ``svd`` builds each layer at the largest rank that saves, chosen at the swap.
+    ``ranks``: one per dense Linear in model order (0: stays dense), capped like ``rank``.
+    Returns ``{layer name: rank}`` (the capacity for ``svd`` with ``energy`` or
+    ``global``). Works on ``meta``; layers already factorized are left as they are.
     """
     out: dict[str, int] = {}
+    if ranks:
+        layers = dense_layers(model)
+        if len(ranks) != len(layers):
+            raise ValueError(
+                f"lowrank_dense.ranks has {len(ranks)} entries; the model has "
+                f"{len(layers)} dense Linears (bottom MLP, then top MLP with the logit layer)"
+            )
+        for (name, linear), r in zip(layers, ranks):
+            if r and isinstance(linear, nn.Linear):
+                r = min(r, linear.in_features, linear.out_features)
+                out[name] = _replace(model, name, linear, mode=mode, rank=r)
+        return out
+    if allocate == "global":
+        layers = dense_layers(model)
+        if not all(isinstance(m, nn.Linear) for _, m in layers):
+            return out
+        shapes = [(m.in_features, m.out_features, m.bias is not None) for _, m in layers]
+        if mode == "from_start":
+            ranks = allocate_ranks(shapes, fraction=fraction)
+        else:
+            ranks = [max_saving_rank(i, o) for i, o, _ in shapes]
+        for (name, linear), r in zip(layers, ranks):
+            if r:
+                out[name] = _replace(model, name, linear, mode=mode, rank=r)
+        return out
     for name, linear in dense_layers(model):
         if not isinstance(linear, nn.Linear):
             continue
@@ -209,15 +248,20 @@ def factorize_dense(
             r = least = layer_rank(n_in, n_out, rank=rank, fraction=fraction)
         if not saves(n_in, n_out, least):
             continue
-        kwargs = {"bias": linear.bias is not None, "device": linear.weight.device}
-        if mode == "from_start":
-            layer: nn.Module = LowRankLinear(n_in, n_out, r, **kwargs)
-        else:
-            layer = SvdLowRankLinear(n_in, n_out, r, **kwargs)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-        out[name] = r
+        out[name] = _replace(model, name, linear, mode=mode, rank=r)
     return out
+
+
+def _replace(model: nn.Module, name: str, linear: nn.Linear, *, mode: str, rank: int) -> int:
+    kwargs = {"bias": linear.bias is not None, "device": linear.weight.device}
+    n_in, n_out = linear.in_features, linear.out_features
+    if mode == "from_start":
+        layer: nn.Module = LowRankLinear(n_in, n_out, rank, **kwargs)
+    else:
+        layer = SvdLowRankLinear(n_in, n_out, rank, **kwargs)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
+    return rank
 
 
 def _layer_params(m: nn.Module) -> tuple[int, int]:

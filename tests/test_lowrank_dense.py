@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from compression.lowrank_allocate import allocate_ranks, max_saving_rank
 from compression.lowrank_dense import LowRankDense
 from compression.lowrank_layers import (
     LowRankLinear,
@@ -47,6 +48,7 @@ CASES = {
     "svd": {"mode": "svd", "fraction": 0.25, "start_step": SWAP_STEP},
     "svd_energy": {"mode": "svd", "energy": 0.9, "start_step": SWAP_STEP},
     "from_start": {"mode": "from_start", "rank": 2},
+    "svd_global": {"mode": "svd", "fraction": 0.5, "allocate": "global", "start_step": SWAP_STEP},
 }
 
 
@@ -79,6 +81,22 @@ def test_rank_and_fraction_set_shapes_and_param_counts() -> None:
     # floor(0.25 * in * out / (in + out)), at least 1: 0.8 -> 1, 1.33 -> 1, 2.1 -> 2.
     assert list(factorize_dense(by_fraction, mode="svd", fraction=0.25).values()) == [1, 1, 2]
     assert factorize_dense(by_fraction, mode="svd", fraction=0.25) == {}  # already done
+
+
+def test_ranks_per_layer_on_the_default_dlrm_keep_a_quarter(compose_cfg) -> None:
+    overrides = ["lowrank_dense.mode=from_start", "lowrank_dense.ranks=[0,0,9,8,0]"]
+    cfg = to_config(compose_cfg(overrides))
+    validate(cfg, world_size=1)
+    d = cfg.lowrank_dense
+    model = LowRankDense(mode=str(d.mode), ranks=tuple(d.ranks)).wrap_model(
+        unsharded_model(cfg, device=torch.device("meta"))
+    )
+    report = dense_report(model)
+    # [13 -> 64], [64 -> 16] dense; [367 -> 64] rank 9, [64 -> 32] rank 8; the logit dense.
+    assert list(report["ranks"].values()) == [9, 8]
+    assert report["full_rank_dense_params"] == 27_601
+    assert report["dense_params"] == 896 + 1040 + 9 * 431 + 64 + 8 * 96 + 32 + 33 == 6712
+    assert report["dense_params_fraction"] <= 0.25
 
 
 def test_energy_keeps_the_fewest_singular_values_reaching_the_share() -> None:
@@ -123,6 +141,40 @@ def test_svd_swap_reproduces_the_layer_within_the_truncation_error(rank: int) ->
     torch.testing.assert_close(layer.served()(x), layer(x), atol=1e-6, rtol=0)
 
 
+DLRM_SHAPES = [(13, 64, True), (64, 16, True), (367, 64, True), (64, 32, True), (32, 1, True)]
+
+
+def _served(shapes: list[tuple[int, int, bool]], ranks: list[int]) -> int:
+    return sum(
+        (o if b else 0) + (r * (i + o) if r else i * o) for (i, o, b), r in zip(shapes, ranks)
+    )
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_global_allocation_fits_the_budget_and_fills_small_layers_first(fraction: float) -> None:
+    full = _served(DLRM_SHAPES, [0] * len(DLRM_SHAPES))
+    ranks = allocate_ranks(DLRM_SHAPES, fraction=fraction)
+    assert ranks[-1] == 0  # the logit layer: no rank saves, stays dense
+    assert all(0 < r <= max_saving_rank(i, o) for (i, o, _), r in zip(DLRM_SHAPES[:-1], ranks))
+    served = _served(DLRM_SHAPES, ranks)
+    assert served <= fraction * full
+    assert served + 431 > fraction * full  # no room left for one more component
+    if fraction == 0.25:  # flat spectra: the small layers fill up, the rest to [367 -> 64]
+        assert ranks == [10, 12, 6, 21, 0]
+
+
+def test_global_allocation_follows_the_spectra() -> None:
+    shapes = [(32, 32, False), (32, 32, False)]
+    steep = torch.tensor([10.0] * 4 + [0.1] * 28)  # 4 components hold ~all the energy
+    flat = torch.ones(32)
+    # 0.375 of 2048 weights: 12 components of 64 weights; the steep layer stops at its 4.
+    ranks = allocate_ranks(shapes, fraction=0.375, spectra=[steep, flat])
+    assert ranks == [4, 8] and _served(shapes, ranks) == 0.375 * 2 * 32 * 32
+    assert allocate_ranks(shapes, fraction=0.375, spectra=[flat, steep]) == [8, 4]
+    with pytest.raises(ValueError, match="lowrank_dense.fraction"):
+        allocate_ranks(shapes, fraction=0.02)
+
+
 def test_bad_settings_name_the_key(compose_cfg) -> None:
     cases = [
         (["lowrank_dense.mode=svd"], "lowrank_dense.rank"),
@@ -133,6 +185,11 @@ def test_bad_settings_name_the_key(compose_cfg) -> None:
             "lowrank_dense.start_step",
         ),
         (["lowrank_dense.mode=from_start", "lowrank_dense.rank=4", "model=deepfm"], "model.arch"),
+        (["lowrank_dense.mode=from_start", "lowrank_dense.ranks=[1,2]"], "lowrank_dense.ranks"),
+        (
+            ["lowrank_dense.mode=svd", "lowrank_dense.rank=4", "lowrank_dense.allocate=global"],
+            "lowrank_dense.allocate",
+        ),
     ]
     for overrides, key in cases:
         cfg = to_config(compose_cfg(["trainer=smoke", *overrides]))
@@ -184,7 +241,12 @@ def _reference(cfg: Config, init: dict) -> tuple[list[float], dict[str, torch.Te
     """The unsharded model through the same converter: the swap on its own plain Adam."""
     d = cfg.lowrank_dense
     lowrank = LowRankDense(
-        mode=str(d.mode), rank=d.rank, fraction=d.fraction, energy=d.energy, start_step=d.start_step
+        mode=str(d.mode),
+        rank=d.rank,
+        fraction=d.fraction,
+        energy=d.energy,
+        start_step=d.start_step,
+        allocate=str(d.allocate),
     )
     model = lowrank.wrap_model(unsharded_model(cfg, device=torch.device("cpu")))
     model.load_state_dict(init)

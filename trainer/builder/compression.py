@@ -143,4 +143,6 @@ def _lowrank_dense(cfg: Config) -> LowRankDense:
         fraction=d.fraction,
         energy=d.energy,
         start_step=d.start_step,
+        allocate=str(d.allocate),
+        ranks=tuple(d.ranks),
     )

@@ -23,6 +23,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from compression.lowrank_dense import ALLOCATIONS as LOWRANK_DENSE_ALLOCATIONS
 from compression.lowrank_dense import MODES as LOWRANK_DENSE_MODES
 from compression.precision import PRECISIONS
 from compression.row_range import RANGES
@@ -58,6 +59,7 @@ WandbMode = _choices("WandbMode", WANDB_MODES)
 OnNonfinite = _choices("OnNonfinite", ("stop", "skip"))
 OnCheckpointError = _choices("OnCheckpointError", ("stop", "warn"))
 LowRankDenseMode = _choices("LowRankDenseMode", LOWRANK_DENSE_MODES)
+LowRankDenseAllocate = _choices("LowRankDenseAllocate", LOWRANK_DENSE_ALLOCATIONS)
 
 STRATEGIES = tuple(Strategy)
 
@@ -276,6 +278,12 @@ class LowRankDenseConfig:
     fraction: float = 0.0
     energy: float = 0.0
     start_step: int = 0
+    # How fraction is spent: per_layer (each layer its share) | global (one budget over
+    # all the layers, where the spectra keep the most; compression/lowrank_allocate.py).
+    allocate: LowRankDenseAllocate = LowRankDenseAllocate.per_layer
+    # Or one rank per dense Linear in model order (bottom MLP, then top MLP with the
+    # logit layer; 0: stays dense), e.g. [0,0,9,8,0] on the default DLRM.
+    ranks: list[int] = field(default_factory=list)
 
 
 @dataclass

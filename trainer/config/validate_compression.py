@@ -97,11 +97,19 @@ def validate_lowrank_dense(cfg: Config) -> None:
     d = cfg.lowrank_dense
     if d.mode == "none":
         return
-    given = [k for k, v in (("rank", d.rank), ("fraction", d.fraction), ("energy", d.energy)) if v]
+    how = (("rank", d.rank), ("fraction", d.fraction), ("energy", d.energy), ("ranks", d.ranks))
+    given = [k for k, v in how if v]
     check(
         len(given) == 1,
         f"lowrank_dense.mode={d.mode} needs exactly one of lowrank_dense.rank, "
-        f"lowrank_dense.fraction, lowrank_dense.energy (> 0); got {given or 'none'}",
+        f"lowrank_dense.fraction, lowrank_dense.energy (> 0), lowrank_dense.ranks; "
+        f"got {given or 'none'}",
+    )
+    num_linears = len(cfg.model.dense_arch_layer_sizes) + len(cfg.model.over_arch_layer_sizes)
+    check(
+        not d.ranks or (len(d.ranks) == num_linears and min(d.ranks) >= 0),
+        f"lowrank_dense.ranks={list(d.ranks)}: give {num_linears} ranks >= 0, one per "
+        "dense Linear (model.dense_arch_layer_sizes, then model.over_arch_layer_sizes; 0: dense)",
     )
     check(d.rank >= 0, f"lowrank_dense.rank={d.rank} must be >= 0 (0: not by rank)")
     check(0 <= d.fraction < 1, f"lowrank_dense.fraction={d.fraction} must be in [0, 1)")
@@ -110,6 +118,11 @@ def validate_lowrank_dense(cfg: Config) -> None:
         not (d.energy and d.mode != "svd"),
         "lowrank_dense.energy keeps singular values of trained weights; add "
         "lowrank_dense.mode=svd (or give lowrank_dense.rank / fraction)",
+    )
+    check(
+        d.allocate == "per_layer" or d.fraction > 0,
+        "lowrank_dense.allocate=global spreads lowrank_dense.fraction over the layers; "
+        "give lowrank_dense.fraction (not rank or energy)",
     )
     check(
         d.mode == "svd" or d.start_step == 0,

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.data.drift import first_new_rows
 from trainer.data.synthetic import SyntheticSource
@@ -36,11 +37,11 @@ from trainer.report.metrics import binary_auc
 _CHUNK = 65536
 
 
-def new_id_samples(source: SyntheticSource, start: int, size: int) -> torch.Tensor:
-    """Bool ``[size]``: which eval samples ``[start, start + size)`` hold an id first
-    used on the source's day."""
+def new_id_samples(source: SyntheticSource, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    """Bool ``[size]``: which samples of the source's day's batch ``kjt`` hold an id
+    first used on that day."""
     first = first_new_rows(source.cfg, source.day)
-    kjt = source.batch("eval", start, size).sparse_features
+    size = kjt.stride()
     hits = torch.zeros(size, dtype=torch.int64)
     for key, row in zip(kjt.keys(), first, strict=True):
         bags = kjt[key]
@@ -58,8 +59,9 @@ def day_figures(source: SyntheticSource) -> tuple[dict[str, float], torch.Tensor
         size = min(_CHUNK, source.num_eval_samples - start)
         oracle.append(source.click_probability("eval", start, size).cpu())
         knowable.append(source.click_probability("eval", start, size, model=known).cpu())
-        labels.append(source.batch("eval", start, size).labels.cpu())
-        new.append(new_id_samples(source, start, size))
+        batch = source.batch("eval", start, size)  # drawn once: labels and ids
+        labels.append(batch.labels.cpu())
+        new.append(new_id_samples(source, batch.sparse_features))
     scores = {"oracle_auc": torch.cat(oracle), "knowable_auc": torch.cat(knowable)}
     y, is_new = torch.cat(labels), torch.cat(new)
     figures = {name: binary_auc(p, y) for name, p in scores.items()}

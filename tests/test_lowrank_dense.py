@@ -34,6 +34,7 @@ from sharding.state import load_unsharded
 from tests.distributed import run_ranks
 from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import BATCH_SIZE, tiny_config
+from trainer.builder.compression import lowrank_dense
 from trainer.config.schema import Config, ConfigError, to_config
 from trainer.config.validate import validate
 from trainer.data import SyntheticCriteo, rank_batches
@@ -239,15 +240,7 @@ def _sharded_worker(rank: int, out_dir: str) -> None:
 
 def _reference(cfg: Config, init: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The unsharded model through the same converter: the swap on its own plain Adam."""
-    d = cfg.lowrank_dense
-    lowrank = LowRankDense(
-        mode=str(d.mode),
-        rank=d.rank,
-        fraction=d.fraction,
-        energy=d.energy,
-        start_step=d.start_step,
-        allocate=str(d.allocate),
-    )
+    lowrank = lowrank_dense(cfg)  # the converter the run builds
     model = lowrank.wrap_model(unsharded_model(cfg, device=torch.device("cpu")))
     model.load_state_dict(init)
     tables = list(model.model.sparse_arch.embedding_bag_collection.parameters())

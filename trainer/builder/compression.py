@@ -98,7 +98,7 @@ def build_converters(
     if cfg.qat.dense_bits:
         converters.append(DenseQAT())
     if cfg.lowrank_dense.mode != "none":
-        converters.append(_lowrank_dense(cfg))
+        converters.append(lowrank_dense(cfg))
     if precision.loss_scaling:
         converters.append(LossScaling(init_scale=cfg.precision.loss_scale))
     if cfg.distill.name != "none":
@@ -135,7 +135,8 @@ def _distill_converter(cfg: Config, tables: Sequence[TableConfig]) -> DistillCon
     )
 
 
-def _lowrank_dense(cfg: Config) -> LowRankDense:
+def lowrank_dense(cfg: Config) -> LowRankDense:
+    """The low-rank dense converter ``lowrank_dense.*`` describes."""
     d = cfg.lowrank_dense
     return LowRankDense(
         mode=str(d.mode),

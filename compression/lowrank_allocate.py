@@ -39,6 +39,22 @@ def max_saving_rank(in_features: int, out_features: int) -> int:
     return max(0, (in_features * out_features - 1) // (in_features + out_features))
 
 
+class FractionTooSmall(ValueError):
+    """``lowrank_dense.fraction`` below what rank 1 in every layer needs (``allocate=global``)."""
+
+
+def check_fraction(shapes: Sequence[Shape], fraction: float) -> None:
+    """Raise :class:`FractionTooSmall` unless rank 1 in every layer fits ``fraction``."""
+    full = sum(i * o + (o if b else 0) for i, o, b in shapes)
+    need = sum((o if b else 0) + (i + o if max_saving_rank(i, o) else i * o) for i, o, b in shapes)
+    if need > fraction * full:
+        raise FractionTooSmall(
+            f"lowrank_dense.fraction={fraction} keeps {int(fraction * full)} of {full} dense "
+            f"parameters, below the {need} that rank 1 in every layer needs; raise it to at "
+            f"least {need / full:.3f} (or use lowrank_dense.allocate=per_layer)"
+        )
+
+
 def _shares(spectrum: Tensor | None, n: int) -> list[float]:
     if spectrum is None:
         return [1.0 / n] * n
@@ -56,20 +72,15 @@ def allocate_ranks(
     the dense total, greedily by share of squared singular values kept per weight
     (module docstring). ``spectra[i]``: layer ``i``'s singular values, or None (flat).
 
-    Raises ValueError when rank 1 everywhere does not fit.
+    Raises :class:`FractionTooSmall` when rank 1 everywhere does not fit.
     """
+    check_fraction(shapes, fraction)
     spectra = list(spectra) if spectra is not None else [None] * len(shapes)
-    full = sum(i * o + (o if b else 0) for i, o, b in shapes)
-    budget = fraction * full
+    budget = fraction * sum(i * o + (o if b else 0) for i, o, b in shapes)
     ranks = [1 if max_saving_rank(i, o) else 0 for i, o, _ in shapes]
     spent = sum(
         (o if b else 0) + (r * (i + o) if r else i * o) for (i, o, b), r in zip(shapes, ranks)
     )
-    if spent > budget:
-        raise ValueError(
-            f"lowrank_dense.fraction={fraction} keeps {int(budget)} of {full} dense "
-            f"parameters, below the {spent} that rank 1 in every layer needs; raise it"
-        )
     shares = [_shares(s, min(i, o)) for (i, o, _), s in zip(shapes, spectra)]
     while True:
         best, pick = -1.0, -1

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchrec.models.dlrm import DenseArch, OverArch
 
-from compression.lowrank_allocate import allocate_ranks, max_saving_rank
+from compression.lowrank_allocate import allocate_ranks, check_fraction, max_saving_rank
 
 
 class _DownFactor(nn.Linear):
@@ -230,6 +230,7 @@ def factorize_dense(
         if not all(isinstance(m, nn.Linear) for _, m in layers):
             return out
         shapes = [(m.in_features, m.out_features, m.bias is not None) for _, m in layers]
+        check_fraction(shapes, fraction)  # svd: at build, not at the swap
         if mode == "from_start":
             ranks = allocate_ranks(shapes, fraction=fraction)
         else:

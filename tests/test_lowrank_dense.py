@@ -347,3 +347,18 @@ def test_resume_after_the_swap_and_export_parity_under_qat(compose_cfg, tmp_path
     assert b["lowrank_dense"]["ranks"] == a["lowrank_dense"]["ranks"]
     summary = json.loads((run_b / "summary.json").read_text())
     assert summary["lowrank_dense"]["dense_params_fraction"] < 0.5
+
+
+@pytest.mark.parametrize("mode", ["from_start", "svd"])
+def test_global_fraction_below_rank_one_is_a_config_error(
+    compose_cfg, tmp_path: Path, mode: str
+) -> None:
+    """Too small a fraction stops the build (svd: not at the swap) with a ConfigError."""
+    from trainer.train import train  # in this process: a world of one
+
+    overrides = [o for o in RUN if not o.startswith(("lowrank_dense.", "qat"))]
+    overrides += [f"lowrank_dense.mode={mode}", "lowrank_dense.fraction=0.05"]
+    overrides += ["lowrank_dense.allocate=global"]
+    with pytest.raises(ConfigError, match=r"lowrank_dense\.fraction=0\.05 .* at least 0\.\d+"):
+        train(to_config(compose_cfg(overrides)), run_dir=tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # stopped before a step

@@ -31,6 +31,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from compression.converter import Converters
+from compression.lowrank_allocate import FractionTooSmall
 from sharding import embedding_sharders, make_topology, plan_sharding
 from sharding.codecs import comm_codecs
 from sharding.collectives import broadcast_object, is_main
@@ -185,7 +186,10 @@ def plan_meta_model(
         device=torch.device("meta"),
         table_data_type=converters.table_data_type(),
     )
-    model = converters.wrap_model(model)
+    try:
+        model = converters.wrap_model(model)
+    except FractionTooSmall as err:  # the fraction the model's layer shapes need
+        raise ConfigError(str(err)) from None
     planned = plan_model(
         model,
         tables=tables,

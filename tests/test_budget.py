@@ -121,3 +121,41 @@ def test_budget_run_serves_tables_within_the_budget(compose_cfg, tmp_path: Path)
     assert export["fp32_table_bytes"] < report["fp32_bytes"]
     assert {"auc", "bytes", "fp32_bytes"} <= export.keys()
     assert export["max_abs_logit_diff"] <= 1e-5  # the served bits are the QAT bits
+
+
+def test_budget_probe_reads_a_prepared_table_data_set(compose_cfg, tmp_path: Path) -> None:
+    """The probe trains on any data source (it once read synthetic's ``batch()`` only)."""
+    from tests.test_predict_table import _planted
+    from trainer.data.data_configs import TableDataConfig
+    from trainer.prepare import prepare
+    from trainer.train import train  # in this process: a world of one
+
+    events, _, _ = _planted(tmp_path)
+    keys = dict(label="clicked", dense=["price"], categorical=["user"], multi_hot=["tags"])
+    shards = tmp_path / "shards"
+    prepare(TableDataConfig(raw=[str(events)], dir=str(shards), table_rows=[64], **keys))
+    overrides = [
+        "data=table",
+        f"data.dir={shards}",
+        f"data.raw=[{events}]",
+        "data.label=clicked",
+        "data.dense=[price]",
+        "data.categorical=[user]",
+        "data.multi_hot=[tags]",
+        "data.table_rows=[64]",
+        "trainer=smoke",
+        "trainer.num_steps=4",
+        "trainer.eval_every_steps=4",
+        "trainer.batch_size=64",
+        "trainer.export=true",
+        "trainer.progress_bar=false",
+        "trainer.plot=false",
+        "budget.ratio=0.1",
+        "budget.probe_steps=4",
+        "budget.eval_batches=1",
+        "budget.min_rows=32",
+    ]
+    summary = train(to_config(compose_cfg(overrides)), run_dir=tmp_path / "run")
+    report = json.loads((tmp_path / "run" / BUDGET_FILE).read_text())
+    assert report["chosen_bytes"] <= report["budget_bytes"]
+    assert summary["export"]["table_bytes"] <= report["budget_bytes"]

@@ -52,7 +52,6 @@ from trainer.config.schema import Config, ConfigError, TableConfig
 from trainer.config.tables import resolved_tables, run_tables
 from trainer.config.validate import open_source
 from trainer.config.validate_compression import validate_budget
-from trainer.data import rank_batches
 from trainer.data.source import DataSource
 
 log = logging.getLogger(__name__)
@@ -74,13 +73,12 @@ def _probe(cfg: Config, source: DataSource) -> nn.Module:
         [p for p in model.parameters() if id(p) not in ids], lr=cfg.optim.dense_lr
     )
     table_opt = RowWiseAdagrad(tables, lr=cfg.optim.embedding_lr, eps=cfg.optim.embedding_eps)
-    batches = rank_batches(
-        source,
-        "train",
+    batches = source.train_batches(  # any data source (was synthetic's batch() only)
         batch_size=cfg.trainer.batch_size,
         rank=0,
         world_size=1,
-        num_batches=min(cfg.budget.probe_steps, cfg.trainer.num_steps),  # no longer than the run
+        first_step=0,
+        num_steps=min(cfg.budget.probe_steps, cfg.trainer.num_steps),  # no longer than the run
     )
     model.train()
     for batch in batches:
@@ -147,6 +145,8 @@ def _candidates(t: TableConfig, min_rows: int) -> list[tuple[str, int, dict[str,
         if rank < 4 or rank % 4:
             continue
         for bits in BITS:
+            if rank * bits % 16:  # FBGEMM packs whole 2-byte words (rank 4 at int2 cannot)
+                continue
             size = rows * row_bytes(rank, bits) + rank * dim * 4
             out.append(
                 (

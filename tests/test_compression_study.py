@@ -94,3 +94,32 @@ def test_report_front_targets_and_chooser(tmp_path: Path) -> None:
     text = (tmp_path / "compression_study.md").read_text()
     assert "| QR mul (>= 10k rows), int8 QAT | 21,480 |" in text and "missed" in text
     assert (tmp_path / "compression_study.png").stat().st_size > 1000
+
+
+def test_report_reads_table_rows_and_adds_a_prior(tmp_path: Path) -> None:
+    """A table data set's rows come from its metadata.json; ``--prior`` adds an earlier
+    report's seeds (runs whose directories were not kept)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    features = [{"name": f"t{i}", "num_embeddings": n} for i, n in enumerate(CARDS)]
+    (data / "metadata.json").write_text(json.dumps({"features": features}))
+    study = tmp_path / "study"
+    for arm, auc, size in [("fp32", 0.78, FP32 // 3), ("budget_20x", 0.77, FP32 // 21)]:
+        _job(study, arm, 1, {"auc": auc, "export": _export(auc, size)})
+        config = {"data": {"dir": str(data)}, "model": {"embedding_dim": 64}}
+        (study / arm / "s1" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    earlier = {
+        "label": "chooser, budget 1/20",
+        "chooser": True,
+        "auc": {"values": [0.775]},
+        "table_bytes": FP32 // 19,
+        "served_bytes": FP32 // 19 + 1000,
+        "ratio": 1 / 19,
+    }
+    prior = {"rows": {"budget_20x": earlier}}
+    (tmp_path / "prior.json").write_text(json.dumps(prior))
+    assert main(["report", str(study), "--prior", str(tmp_path / "prior.json")]) == 0
+    rows = json.loads((study / "compression_study.json").read_text())["rows"]
+    assert rows["fp32"]["ratio"] == 1.0  # 2000 rows x 64 x 4 from metadata.json
+    assert rows["budget_20x"]["auc"]["values"] == [0.775, 0.77]
+    assert rows["budget_20x"]["ratio"] == pytest.approx((1 / 19 + 1 / 21) / 2, rel=1e-3)

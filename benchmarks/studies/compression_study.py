@@ -31,6 +31,12 @@ Example::
     python -m benchmarks.studies.compression_study run --out outputs/compression_study \
         --seeds 1 2 --arms fp32 qr_int8 qr_int4 budget_20x budget_50x
     python -m benchmarks.studies.compression_study report outputs/compression_study
+    python -m benchmarks.studies.compression_study run --data movielens \
+        --movielens /tmp/ml-100k --out outputs/compression_study_ml --seeds 0 1 2
+
+``--data movielens``: the same model on MovieLens-100k, with its own QR arms
+(benchmarks/studies/compression_study_data.py). ``report --prior OLD.json`` adds
+an earlier report's seeds to the directory's.
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ from typing import Any
 
 import yaml
 
+from benchmarks.studies.compression_study_data import (
+    DEFAULT_STEPS,
+    MOVIELENS_ARMS,
+    MOVIELENS_SHARED,
+    movielens_overrides,
+    table_rows,
+)
 from benchmarks.studies.distill import seed_stats
 from trainer.report.sweep import Job, collect_jobs, pareto_front
 
@@ -82,19 +95,25 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "budget_20x": ("chooser, budget 1/20", ["budget.ratio=0.05"]),
     "budget_50x": ("chooser, budget 1/50", ["budget.ratio=0.02"]),
 }
+SYNTHETIC_ARMS = list(ARMS)
+ARMS.update(MOVIELENS_ARMS)
+DATA_ARMS = {"synthetic": SYNTHETIC_ARMS, "movielens": [*MOVIELENS_SHARED, *MOVIELENS_ARMS]}
 CHOOSER = {"budget_10x": 0.1, "budget_20x": 0.05, "budget_50x": 0.02}
 # (budget as a share of fp32 table bytes, AUC the best configuration may lose vs fp32).
 TARGETS = ((1 / 20, 0.003), (1 / 50, 0.006))
 CHOOSER_TOLERANCE = 0.001
 
 
-def job_command(arm: str, seed: int, steps: int, run_dir: Path) -> list[str]:
-    """The ``python -m trainer`` command line of one arm and seed."""
+def job_command(
+    arm: str, seed: int, steps: int, run_dir: Path, data: list[str] | None = None
+) -> list[str]:
+    """The ``python -m trainer`` command line of one arm and seed (``data``: its data overrides)."""
     return [
         sys.executable,
         "-m",
         "trainer",
         *BASE,
+        *(data or []),
         f"trainer.num_steps={steps}",
         f"trainer.eval_every_steps={steps}",
         f"trainer.seed={seed}",
@@ -103,7 +122,9 @@ def job_command(arm: str, seed: int, steps: int, run_dir: Path) -> list[str]:
     ]
 
 
-def run(out: Path, arms: list[str], seeds: list[int], steps: int) -> int:
+def run(
+    out: Path, arms: list[str], seeds: list[int], steps: int, data: list[str] | None = None
+) -> int:
     """Train each (arm, seed) without a summary yet, one at a time; returns failures."""
     failed = 0
     for seed in seeds:
@@ -111,7 +132,7 @@ def run(out: Path, arms: list[str], seeds: list[int], steps: int) -> int:
             run_dir = out / arm / f"s{seed}"
             if (run_dir / "summary.json").exists():
                 continue
-            cmd = ["nice", "-n", "10", *job_command(arm, seed, steps, run_dir)]
+            cmd = ["nice", "-n", "10", *job_command(arm, seed, steps, run_dir, data)]
             print(" ".join(cmd[3:]), flush=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "stdout.log", "w") as log:
@@ -124,8 +145,7 @@ def run(out: Path, arms: list[str], seeds: list[int], steps: int) -> int:
 def fp32_table_bytes(job: Job) -> int:
     """rows x dim x 4 of the job's unfactorized tables (its resolved Hydra config)."""
     cfg = yaml.safe_load((job.path / ".hydra" / "config.yaml").read_text())
-    rows = sum(int(n) for n in cfg["data"]["cardinalities"])
-    return rows * int(cfg["model"]["embedding_dim"]) * 4
+    return sum(table_rows(cfg["data"])) * int(cfg["model"]["embedding_dim"]) * 4
 
 
 def points_of(job: Job) -> list[dict[str, Any]]:
@@ -163,9 +183,22 @@ def _point(
     }
 
 
-def summarise(study_dir: Path) -> dict[str, Any]:
-    """Per point: AUC mean ± sd over seeds, bytes; the Pareto front; the targets."""
+def prior_points(prior: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """An earlier report's rows (its ``.json``) as points: one per seed value, at its mean bytes."""
     per: dict[str, list[dict[str, Any]]] = {}
+    for name, r in prior["rows"].items():
+        keep = {k: r[k] for k in ("label", "chooser", "table_bytes", "served_bytes", "ratio")}
+        per[name] = [{"name": name, **keep, "auc": v} for v in r["auc"]["values"]]
+    return per
+
+
+def summarise(study_dir: Path, prior: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per point: AUC mean ± sd over seeds, bytes; the Pareto front; the targets.
+
+    ``prior``: an earlier report's ``.json`` whose seeds are added to this directory's
+    (for runs whose directories were not kept; a seed in both counts twice).
+    """
+    per = prior_points(prior) if prior else {}
     failed = []
     for job in collect_jobs(study_dir):
         if not job.ok:
@@ -329,19 +362,30 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train the arms one job at a time")
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    r.add_argument("--data", choices=list(DATA_ARMS), default="synthetic")
+    r.add_argument("--movielens", type=Path, help="--data movielens: ml-100k.inter/.user/.item")
+    r.add_argument("--work", type=Path, help="--data movielens: prepared here (default OUT/data)")
+    r.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: the data's arms")
     r.add_argument("--seeds", nargs="+", type=int, default=[0])
-    r.add_argument("--steps", type=int, default=500)
+    r.add_argument("--steps", type=int, help="default: 500 (synthetic), 351 (movielens)")
     p = sub.add_parser("report", help="table, targets and Pareto PNG of a study directory")
     p.add_argument("study_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: the study directory")
     p.add_argument("--title", default="")
+    p.add_argument("--prior", type=Path, help="an earlier report's .json: its seeds are added")
     args = parser.parse_args(argv)
     if args.cmd == "run":
-        return 1 if run(args.out, args.arms, args.seeds, args.steps) else 0
+        data = []
+        if args.data == "movielens":
+            if args.movielens is None:
+                parser.error("--data movielens needs --movielens DIR (RecBole's ml-100k files)")
+            data = movielens_overrides(args.work or args.out / "data", args.movielens)
+        arms, steps = args.arms or DATA_ARMS[args.data], args.steps or DEFAULT_STEPS[args.data]
+        return 1 if run(args.out, arms, args.seeds, steps, data) else 0
     out = args.out or args.study_dir
     out.mkdir(parents=True, exist_ok=True)
-    result = summarise(args.study_dir)
+    prior = json.loads(args.prior.read_text()) if args.prior else None
+    result = summarise(args.study_dir, prior)
     text = to_markdown(result)
     (out / "compression_study.md").write_text(text)
     (out / "compression_study.json").write_text(json.dumps(result, indent=2, default=str))

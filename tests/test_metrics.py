@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, roc_auc_score
 
+from tests.distributed import run_ranks
 from trainer.report.metrics import EvalMetrics
 
 BATCH_SIZE = 128
@@ -159,7 +159,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.mark.dist
 def test_two_gloo_ranks_match_full_data_reference(tmp_path: Path) -> None:
     world_size = 2
-    mp.spawn(_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    run_ranks(_worker, world_size, _free_port(), str(tmp_path), world_size=world_size)
     per_rank = [
         json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world_size)
     ]

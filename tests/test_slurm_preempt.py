@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.distributed import run_ranks
 from trainer.resilience.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
 
 
@@ -49,13 +49,7 @@ def _agree(rank: int, store_path: str, results: str) -> None:
 
 @pytest.mark.dist
 def test_every_rank_stops_when_one_is_signalled(tmp_path: Path) -> None:
-    mp.start_processes(
-        _agree,
-        args=(str(tmp_path / "store"), str(tmp_path)),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    run_ranks(_agree, str(tmp_path / "store"), str(tmp_path))
     assert (tmp_path / "rank0").read_text() == "[True, True]"
     assert (tmp_path / "rank1").read_text() == "[True, True]"
 

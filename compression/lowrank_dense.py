@@ -79,9 +79,10 @@ from compression.lowrank_layers import (
     master_weight,
     reset_optimizer_state,
 )
+from compression.names import LOWRANK_DENSE_ALLOCATIONS, LOWRANK_DENSE_MODES
 
-MODES = ("none", "from_start", "svd")
-ALLOCATIONS = ("per_layer", "global")
+MODES = LOWRANK_DENSE_MODES
+ALLOCATIONS = LOWRANK_DENSE_ALLOCATIONS
 log = logging.getLogger(__name__)
 
 

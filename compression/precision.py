@@ -51,10 +51,10 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
 
 from compression.converter import Converter, Forward
+from compression.names import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # precision.tables: "auto" follows precision.name, but keeps fp32 when QAT is on.
 TABLE_PRECISIONS = ("auto", *PRECISIONS)
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

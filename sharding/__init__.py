@@ -15,11 +15,40 @@ for a cluster you do not have is ``python -m trainer.plan`` (the trainer
 composes the config and calls the same planning function it trains with).
 """
 
-from sharding.dist import DistEnv, destroy_distributed, init_distributed
-from sharding.dmp import shard_model
-from sharding.planner import STRATEGIES, make_topology, plan_sharding
-from sharding.report import format_plan, plan_to_dict, save_plan
-from sharding.sharders import embedding_sharders
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sharding.dist import DistEnv, destroy_distributed, init_distributed
+    from sharding.dmp import shard_model
+    from sharding.planner import STRATEGIES, make_topology, plan_sharding
+    from sharding.report import format_plan, plan_to_dict, save_plan
+    from sharding.sharders import embedding_sharders
+
+# Imported on first use (PEP 562): ``sharding.quiet`` or ``sharding.collectives``
+# alone does not pull in torchrec, so a command line mistake fails in a second.
+_EXPORTS = {
+    "DistEnv": "sharding.dist",
+    "destroy_distributed": "sharding.dist",
+    "init_distributed": "sharding.dist",
+    "shard_model": "sharding.dmp",
+    "STRATEGIES": "sharding.strategies",
+    "make_topology": "sharding.planner",
+    "plan_sharding": "sharding.planner",
+    "format_plan": "sharding.report",
+    "plan_to_dict": "sharding.report",
+    "save_plan": "sharding.report",
+    "embedding_sharders": "sharding.sharders",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sharding' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
 
 __all__ = [
     "STRATEGIES",

@@ -51,19 +51,8 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from sharding.sharders import auto_sharding_types
+from sharding.strategies import STRATEGIES
 
-STRATEGIES = (
-    "auto",
-    "table_wise",
-    "row_wise",
-    "column_wise",
-    "table_row_wise",
-    "table_column_wise",
-    "grid",
-    "data_parallel",
-)
-# Strategies that split a table inside a host and need several hosts to mean anything.
-HIERARCHICAL = ("table_row_wise", "table_column_wise", "grid")
 # Config names that differ from torchrec's ShardingType values.
 _SHARDING_TYPES = {"grid": "grid_shard"}
 

@@ -4,8 +4,9 @@ A dozen representative mistakes go through the real entry point,
 ``trainer.__main__.main(argv)``, in this process (compose mistakes stop before
 Hydra runs the job; cross-field ones inside it, before any process group);
 three go through real processes: ``python -m trainer``, ``python -m
-trainer.plan``, and two ranks on gloo whose mistake shows only once the process
-group is up (every rank ends in the same line, none hangs).
+trainer.plan`` (which fail before torch is imported), and two ranks on gloo
+whose mistake shows only once the process group is up (every rank ends in the
+same line, none hangs).
 """
 
 from __future__ import annotations
@@ -81,6 +82,28 @@ def test_python_m_trainer_and_trainer_plan(tmp_path: Path) -> None:
     proc = _run(["-m", "trainer.plan", "precision=bf61", "topology.world_size=2"])
     assert proc.returncode == 2, proc.stderr
     assert "bf16, fp16, fp32" in _one_clean_line(proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("module", "mistake"), [("trainer", "sharding=row_wsie"), ("trainer.plan", "precision=bf61")]
+)
+def test_a_mistake_fails_before_torch_is_imported(module: str, mistake: str) -> None:
+    """A typo costs under a second: the entry points check the command line before
+    they import torch, torchrec or FBGEMM (about 9 s on a small machine)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{module!r}, {mistake!r}]\n"
+        "try:\n"
+        f"    runpy.run_module({module!r}, run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 2, stop.code\n"
+        "heavy = {'torch', 'torchrec', 'fbgemm_gpu', 'torchmetrics', 'tensordict'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout[:500]
+    assert mistake in _one_clean_line(proc.stderr)
 
 
 @pytest.mark.dist

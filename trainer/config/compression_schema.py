@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compression.lowrank_dense import ALLOCATIONS as LOWRANK_DENSE_ALLOCATIONS
-from compression.lowrank_dense import MODES as LOWRANK_DENSE_MODES
-from compression.precision import PRECISIONS
-from compression.row_range import RANGES
+from compression.names import (
+    LOWRANK_DENSE_ALLOCATIONS,
+    LOWRANK_DENSE_MODES,
+    PRECISIONS,
+    RANGES,
+)
 from trainer.config.choices import choices
 
 PrecisionName = choices("PrecisionName", PRECISIONS)

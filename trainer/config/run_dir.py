@@ -15,7 +15,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sharding.collectives import all_gather_object
 from trainer.config.schema import ConfigError
 
 
@@ -38,6 +37,8 @@ def register_resolvers() -> None:
 def agree_on_run_dir(run_dir: Path) -> Path:
     """Raises ConfigError on every rank if ranks resolved different run directories
     (only possible without a launch id); a collective: every rank calls it."""
+    from sharding.collectives import all_gather_object  # torch.distributed: not at compose
+
     dirs = all_gather_object(str(run_dir.resolve()))
     if len(set(dirs)) != 1:
         raise ConfigError(

@@ -21,7 +21,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sharding.planner import STRATEGIES as PLANNER_STRATEGIES
+from sharding.strategies import STRATEGIES as PLANNER_STRATEGIES
 from trainer.config.choices import choices as _choices
 from trainer.config.compression_schema import (
     BudgetConfig,

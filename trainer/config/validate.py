@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sharding.planner import HIERARCHICAL
 from sharding.replica_plan import check_layout, group_shape
 from sharding.replicas import parse_replicas
+from sharding.strategies import HIERARCHICAL
 from trainer.checkpoint.load import check_checkpoint
 from trainer.config.checks import check, layer_sizes, positive
 from trainer.config.schema import (

@@ -18,12 +18,33 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from trainer.data.loader import eval_batches, eval_slices, rank_batches
-from trainer.data.source import DataSource, FeatureSpec
-from trainer.data.synthetic import SyntheticCriteo, SyntheticSource
-from trainer.data.synthetic_config import SyntheticDataConfig
+if TYPE_CHECKING:
+    from trainer.data.loader import eval_batches, eval_slices, rank_batches
+    from trainer.data.source import DataSource, FeatureSpec
+    from trainer.data.synthetic import SyntheticCriteo, SyntheticSource
+    from trainer.data.synthetic_config import SyntheticDataConfig
+
+# Imported on first use (PEP 562): the config schema imports
+# ``trainer.data.synthetic_config`` without pulling in torchrec through the sources.
+_EXPORTS = {
+    "eval_batches": "trainer.data.loader",
+    "eval_slices": "trainer.data.loader",
+    "rank_batches": "trainer.data.loader",
+    "DataSource": "trainer.data.source",
+    "FeatureSpec": "trainer.data.source",
+    "SyntheticCriteo": "trainer.data.synthetic",
+    "SyntheticSource": "trainer.data.synthetic",
+    "SyntheticDataConfig": "trainer.data.synthetic_config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
 def make_source(cfg: Any, *, seed: int | None = None) -> DataSource:
@@ -32,6 +53,9 @@ def make_source(cfg: Any, *, seed: int | None = None) -> DataSource:
     ``seed``: the run's (``trainer.seed``), for sources whose order it sets when
     their own ``data.seed`` is unset (the prepared shards' per-epoch shuffle).
     """
+    from trainer.data.synthetic import SyntheticSource
+    from trainer.data.synthetic_config import SyntheticDataConfig
+
     if isinstance(cfg, SyntheticDataConfig):
         return SyntheticSource(cfg)
     if getattr(cfg, "name", None) in ("criteo", "table"):

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from torchrec.datasets.utils import Batch
+if TYPE_CHECKING:
+    from torchrec.datasets.utils import Batch
 
 
 @dataclass(frozen=True)

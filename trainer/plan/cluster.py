@@ -57,9 +57,8 @@ from sharding.replica_plan import (
 from sharding.replicas import parse_replicas
 from sharding.report import estimates_to_dict, format_estimates
 from trainer.builder.compression import build_converters
-from trainer.config.compose import CONF_DIR, config_error_line, exit_on_compose_error
-from trainer.config.run_dir import register_resolvers
-from trainer.config.schema import Config, ConfigError, register_configs, to_config
+from trainer.config.compose import CONF_DIR, config_error_line
+from trainer.config.schema import Config, ConfigError, to_config
 from trainer.config.tables import run_tables
 from trainer.config.validate import open_source
 from trainer.config.validate import validate as validate_config
@@ -310,8 +309,5 @@ def _run(dict_cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Registers the config schema and resolvers, then runs the Hydra app."""
-    register_configs()
-    register_resolvers()
-    exit_on_compose_error(sys.argv[1:])  # one line and exit 2, before Hydra's report
+    """Runs the Hydra app (``python -m trainer.plan`` has checked the command line)."""
     _run()

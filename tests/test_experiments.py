@@ -48,7 +48,9 @@ def test_experiment_composes(compose_cfg, name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) - PLANNING_ONLY))
 def test_experiment_trains_one_step(compose_cfg, name: str, tmp_path: Path) -> None:
-    cfg = to_config(compose_cfg([f"experiment={name}", *ONE_STEP]))
+    # A day walk: two of its days (evaluate, train, publish; then evaluate the next).
+    walk = ["online.days=2", "data.days=2"] if name.startswith("online/") else []
+    cfg = to_config(compose_cfg([f"experiment={name}", *ONE_STEP, *walk]))
     summary = train(cfg, run_dir=tmp_path)
     assert summary["steps"] == 1
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 1

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_online import _cfg
+from tests.distributed import torchrun_trainer
+from tests.test_online import TINY, _cfg
 from trainer.online.publish import (
     HANG_ENV,
     LATEST_FILE,
@@ -293,3 +294,26 @@ def test_publishing_does_not_change_what_the_walk_trains(published, tmp_path: Pa
     train(_cfg(*TWO_DAYS), run_dir=tmp_path)
     plain = [(r["day"], r["auc"], r["logloss"]) for r in read_records(tmp_path)]
     assert [(r["day"], r["auc"], r["logloss"]) for r in read_records(run_dir)] == plain
+
+
+@pytest.mark.dist
+def test_two_ranks_publish_the_gathered_model(tmp_path: Path) -> None:
+    """The 2-rank path: every rank's table shards are packed and gathered before the
+    fork, rank 0's writer publishes; the bundle scores as the trainer's model did."""
+    run_dir = tmp_path / "run"
+    torchrun_trainer(*TINY, *TWO_DAYS, *PUBLISH, "sharding=row_wise", run_dir=run_dir)
+    exports = run_dir / "exports"
+    assert versions(exports) == [1, 2] and latest_name(exports) == "v2"
+    steps = [json.loads((exports / f"v{k}" / "version.json").read_text())["step"] for k in (1, 2)]
+    assert steps == [30, 60]
+    assert [r["publish_version"] for r in read_records(run_dir)] == ["v1", "v2"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert (summary["publish"]["count"], summary["publish"]["errors"]) == (2, [])
+    export = summary["export"]
+    assert export["path"] == "exports/v2" and export["bundle_max_abs_diff"] < 1e-5
+    name, program = read_latest(exports)
+    sample = torch.load(exports / name / "sample.pt", weights_only=True)
+    with torch.no_grad():
+        scores = program(sample["dense"], sample["ids"], sample["lengths"])
+    assert float((scores - sample["scores"]).abs().max()) < 1e-5

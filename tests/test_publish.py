@@ -8,7 +8,7 @@ while (1) a tiny day walk with ``online.publish=true`` publishes every 30 steps
 and (2) a slow writer copies a bundle file by file in small chunks; no load
 may fail or see a partial bundle. (3) keep-K pruning, numbering after a
 restart, a failing writer; (4, slow) publishing does not change what the walk
-trains.
+trains; (5) a 2-rank walk under torchrun publishes the gathered model.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ while (1) a tiny day walk with ``online.publish=true`` publishes every 30 steps
 and (2) a slow writer copies a bundle file by file in small chunks; no load
 may fail or see a partial bundle. (3) keep-K pruning, numbering after a
 restart, a failing writer; (4, slow) publishing does not change what the walk
-trains; (5) a 2-rank walk under torchrun publishes the gathered model.
+trains; (5) a 2-rank walk under torchrun publishes the gathered model; (6) a
+stopping walk waits only ``online.publish_stop_wait_s`` for a hung writer.
 """
 
 from __future__ import annotations
@@ -286,6 +287,23 @@ def test_a_hung_writer_is_killed_at_the_timeout(tmp_path: Path, monkeypatch) -> 
     publisher.close()
     assert "error" not in publisher.finished()[0]
     assert versions(exports) == [1, 4] and latest_name(exports) == "v4"
+
+
+def test_a_stopping_walk_cuts_the_writer_in_flight_short(tmp_path: Path, monkeypatch) -> None:
+    """A walk that stops (here a raise after step 70; a preemption takes the same path)
+    gives the writer in flight ``online.publish_stop_wait_s``, not the 600 s timeout:
+    under SLURM the job must exit inside its grace period. v2's writer (step 60)
+    writes, then hangs; it is killed and dropped, LATEST stays v1."""
+    monkeypatch.setenv(HANG_ENV, "2")
+    monkeypatch.setenv("SHARDREC_FAULT_RAISE_AT_STEP", "70")
+    monkeypatch.setenv("SHARDREC_FAULT_RANK", "0")
+    cfg = _cfg(*TWO_DAYS, *PUBLISH, "online.publish_stop_wait_s=2")
+    with pytest.raises(RuntimeError, match="step 70"):
+        train(cfg, run_dir=tmp_path)
+    exports = tmp_path / "exports"
+    # Already settled when train() raised: the writer killed, its directory removed.
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
+    assert versions(exports) == [1] and latest_name(exports) == "v1"
 
 
 @pytest.mark.slow

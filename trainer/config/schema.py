@@ -271,6 +271,10 @@ class OnlineConfig:
     publish_keep: int = 3
     # A writer running longer is killed, its version dropped; training goes on.
     publish_timeout_s: float = 600.0
+    # A stopping job (preempted, failed) waits at most this long for the publish in
+    # flight, then kills its writer: under SLURM it must exit within the grace period
+    # (conf/hydra/launcher/slurm.yaml: signal_delay_s=90).
+    publish_stop_wait_s: float = 30.0
     # Follow mode (trainer/online/follow.py): train the partitions of data.dir (a
     # partitioned dataset, trainer/data/partitions.py) in order, each as it arrives.
     follow: bool = False

@@ -18,6 +18,7 @@ def validate_online(cfg: Config) -> None:
     o = cfg.online
     validate_follow(cfg)  # online.follow: trainer/online/follow.py
     positive("online.publish_timeout_s", o.publish_timeout_s)
+    positive("online.publish_stop_wait_s", o.publish_stop_wait_s)
     check(o.days >= 0, f"online.days={o.days} must be >= 0 (0: no day walk)")
     if not o.days:
         return

@@ -137,23 +137,28 @@ class DayWalk:
         if self.is_main and not self.is_resumed:  # a fresh walk: a fresh file
             (self.run_dir / report.DAYS_FILE).write_text("")
         walk_start = time.perf_counter()
-        for day in range(self.first_day, self.cfg.online.days):
-            day_start = time.perf_counter()
-            self.stream.set_day(day)
-            end = self.day_end(day)
-            if day != self.evaluated:
-                self._evaluate(day, steps=max(end - t.step, 0))
-            if t.step >= end:
-                continue
-            for stop, publish in self._stops(t.step, end):
-                t.settings = dataclasses.replace(s, num_steps=stop)  # this day's last step
-                last_fit = t.fit(extra=extra)
-                if publish:
-                    self._publish(day)
+        try:
+            for day in range(self.first_day, self.cfg.online.days):
+                day_start = time.perf_counter()
+                self.stream.set_day(day)
+                end = self.day_end(day)
+                if day != self.evaluated:
+                    self._evaluate(day, steps=max(end - t.step, 0))
+                if t.step >= end:
+                    continue
+                for stop, publish in self._stops(t.step, end):
+                    t.settings = dataclasses.replace(s, num_steps=stop)  # this day's last step
+                    last_fit = t.fit(extra=extra)
+                    if publish:
+                        self._publish(day)
+                if self.publisher is not None:
+                    self._day_published(day, wall_s=time.perf_counter() - day_start)
+                elif s.export:
+                    export = self._export(day)
+        except BaseException:  # e.g. preempted: the publish in flight lands, or is cut
             if self.publisher is not None:
-                self._day_published(day, wall_s=time.perf_counter() - day_start)
-            elif s.export:
-                export = self._export(day)
+                self.publisher.close(within_s=self.cfg.online.publish_stop_wait_s)
+            raise
         walk_s = time.perf_counter() - walk_start
         if not last_fit:  # nothing trained in this process: report the model as it is
             last_fit = t.summarise({**t.evaluate(), **extra})

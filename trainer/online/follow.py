@@ -144,9 +144,10 @@ class Follow:
                     last_fit = self._train(extra, start=time.perf_counter())
             stopped, fit = self._follow(extra)
             last_fit = fit or last_fit
-        except BaseException:  # e.g. preempted: the publish in flight still lands
+        except BaseException:  # e.g. preempted: the publish in flight lands, or is cut
             if self.publishing is not None:
-                self.publishing.close(self.records)
+                wait_s = self.cfg.online.publish_stop_wait_s
+                self.publishing.close(self.records, within_s=wait_s)
             raise
         if not last_fit:  # nothing trained in this process: report the model as it is
             last_fit = t.summarise({**t.evaluate(), **extra})

@@ -145,9 +145,10 @@ class FollowPublishing:
                 self.last = {**done["result"], "path": f"{EXPORTS_DIR}/{name}", "version": name}
         return bool(finished)
 
-    def close(self, records: list[dict[str, Any]]) -> float:
-        """Waits for the publish in flight and collects it; returns the seconds waited."""
-        waited = self.publisher.close()
+    def close(self, records: list[dict[str, Any]], *, within_s: float | None = None) -> float:
+        """Waits for the publish in flight (a stopping job: at most ``within_s``) and
+        collects it; returns the seconds waited."""
+        waited = self.publisher.close(within_s=within_s)
         self.collect(records)
         return waited
 

@@ -28,7 +28,10 @@ renames. A writer still running ``timeout_s`` after its fork
 its process group, its hidden directory removed and the version dropped with a
 warning: ``LATEST`` keeps the last good version, training goes on, and the next
 publish tries again (tests make a writer hang with ``SHARDREC_FAULT_PUBLISH_HANG=k``:
-version k's). A process, not a thread: ``torch.export`` sets process-wide state
+version k's). A job that is stopping (preempted, failed) gives the writer in
+flight at most ``online.publish_stop_wait_s`` more (``close(within_s=...)``), so
+it exits inside SLURM's grace period whatever the writer does.
+A process, not a thread: ``torch.export`` sets process-wide state
 (``torch.compiler.is_exporting()``) under which the training thread's DDP
 forward raises. One publish in flight at a time: a publish that finds the
 previous one still running waits for it, and that wait counts as blocked time.
@@ -43,6 +46,7 @@ Example::
     publisher = Publisher(run_dir / "exports", keep=3, timeout_s=600)
     blocked_s = publisher.publish(write, info={"step": 500, "day": 0})  # write(dir) -> dict
     publisher.close()                  # waits for the last one
+    publisher.close(within_s=30)       # a stopping job: at most 30 s more
     version, program = read_latest(run_dir / "exports")
 """
 
@@ -51,6 +55,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -109,6 +114,7 @@ class Publisher:
         self.keep = keep
         self.active = active
         self.timeout_s = timeout_s
+        self.cut_at = math.inf  # close(within_s=...): an earlier deadline for the writer
         self.thread: threading.Thread | None = None
         self.done: list[dict[str, Any]] = []  # finished publishes, taken by :meth:`finished`
         self._lock = threading.Lock()
@@ -182,8 +188,13 @@ class Publisher:
             done, self.done = self.done, []
         return done
 
-    def close(self) -> float:
-        """Waits for the last publish; returns the seconds waited."""
+    def close(self, *, within_s: float | None = None) -> float:
+        """Waits for the last publish; returns the seconds waited. ``within_s``: a
+        stopping job's (``online.publish_stop_wait_s``): the writer in flight gets at
+        most that long from now, then it is killed as at its timeout (a preempted job
+        must exit before SLURM's grace period ends, whatever the writer does)."""
+        if within_s is not None:
+            self.cut_at = min(self.cut_at, time.perf_counter() + within_s)
         return self.wait()
 
     def _publish(
@@ -200,6 +211,18 @@ class Publisher:
         record: dict[str, Any] = {"version": version, "info": info}
         try:
             status = self._reap(pid, deadline=start + self.timeout_s)
+            stopped = status is None and self.cut_at < start + self.timeout_s
+            if stopped:
+                log.warning(
+                    "publishing %s: the job is stopping and the writer (pid %d) ran past "
+                    "online.publish_stop_wait_s; killed, LATEST stays %s",
+                    name,
+                    pid,
+                    latest_name(self.directory),
+                )
+                raise TimeoutError(
+                    "the job stopped; the writer ran past online.publish_stop_wait_s"
+                )
             if status is None:
                 log.warning(
                     "publishing %s: the writer (pid %d) ran past online.publish_timeout_s="
@@ -238,15 +261,14 @@ class Publisher:
         with self._lock:
             self.done.append(record)
 
-    @staticmethod
-    def _reap(pid: int, *, deadline: float) -> int | None:
-        """The writer's wait status; None when it ran past ``deadline`` (perf_counter),
-        after killing its process group and reaping it."""
+    def _reap(self, pid: int, *, deadline: float) -> int | None:
+        """The writer's wait status; None when it ran past ``deadline`` (perf_counter)
+        or :attr:`cut_at`, after killing its process group and reaping it."""
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 return status
-            left = deadline - time.perf_counter()
+            left = min(deadline, self.cut_at) - time.perf_counter()
             if left <= 0:
                 break
             time.sleep(min(_POLL_S, left))

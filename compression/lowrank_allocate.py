@@ -43,10 +43,19 @@ class FractionTooSmall(ValueError):
     """``lowrank_dense.fraction`` below what rank 1 in every layer needs (``allocate=global``)."""
 
 
-def check_fraction(shapes: Sequence[Shape], fraction: float) -> None:
-    """Raise :class:`FractionTooSmall` unless rank 1 in every layer fits ``fraction``."""
+def _full_and_rank_one(shapes: Sequence[Shape]) -> tuple[int, int]:
+    """Parameters of the dense layers, and of rank 1 in each layer that saves by it."""
     full = sum(i * o + (o if b else 0) for i, o, b in shapes)
     need = sum((o if b else 0) + (i + o if max_saving_rank(i, o) else i * o) for i, o, b in shapes)
+    return full, need
+
+
+def check_fraction(shapes: Sequence[Shape], fraction: float) -> None:
+    """Raise :class:`FractionTooSmall` unless rank 1 in every layer fits ``fraction``."""
+    _check(fraction, *_full_and_rank_one(shapes))
+
+
+def _check(fraction: float, full: int, need: int) -> None:
     if need > fraction * full:
         raise FractionTooSmall(
             f"lowrank_dense.fraction={fraction} keeps {int(fraction * full)} of {full} dense "
@@ -74,13 +83,11 @@ def allocate_ranks(
 
     Raises :class:`FractionTooSmall` when rank 1 everywhere does not fit.
     """
-    check_fraction(shapes, fraction)
+    full, spent = _full_and_rank_one(shapes)  # start: rank 1 wherever it saves
+    _check(fraction, full, spent)
     spectra = list(spectra) if spectra is not None else [None] * len(shapes)
-    budget = fraction * sum(i * o + (o if b else 0) for i, o, b in shapes)
+    budget = fraction * full
     ranks = [1 if max_saving_rank(i, o) else 0 for i, o, _ in shapes]
-    spent = sum(
-        (o if b else 0) + (r * (i + o) if r else i * o) for (i, o, b), r in zip(shapes, ranks)
-    )
     shares = [_shares(s, min(i, o)) for (i, o, _), s in zip(shapes, spectra)]
     while True:
         best, pick = -1.0, -1

@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from tests.conftest import CONF_DIR
 from trainer.config.run_dir import register_resolvers
 from trainer.config.schema import Config, ConfigError, register_configs, to_config
+from trainer.online.days import day_end
 from trainer.online.report import DAYS_FILE, DAYS_PLOT, read_records
 from trainer.train import train
 
@@ -117,9 +118,11 @@ def test_a_walk_killed_mid_day_resumes_from_its_step_and_day(
 
 
 def test_incremental_beats_frozen_on_the_last_day(walked, tmp_path: Path) -> None:
-    train(_cfg("trainer.num_steps=40", "trainer.plot=false"), run_dir=tmp_path)
+    # A longer first day (the history), all the frozen baseline trains.
+    first_day = ("online.first_day_steps=60", "trainer.num_steps=60", "trainer.plot=false")
+    train(_cfg(*first_day), run_dir=tmp_path)
     frozen = read_records(tmp_path)
-    assert [r["steps"] for r in frozen] == [40, 0, 0]
+    assert [(r["step"], r["steps"]) for r in frozen] == [(0, 60), (60, 0), (60, 0)]
     incremental = read_records(walked[0])
     assert frozen[0]["auc"] == pytest.approx(incremental[0]["auc"])  # the same start
     assert incremental[-1]["auc"] > frozen[-1]["auc"] + 0.01
@@ -130,6 +133,16 @@ def test_online_settings_name_the_key() -> None:
         train(_cfg("online.days=4"), run_dir=Path("/nonexistent"))
     with pytest.raises(ConfigError, match="online.steps_per_day"):
         train(_cfg("online.steps_per_day=0"), run_dir=Path("/nonexistent"))
+    with pytest.raises(ConfigError, match="online.first_day_steps=-1"):
+        train(_cfg("online.first_day_steps=-1"), run_dir=Path("/nonexistent"))
+
+
+def test_the_first_day_can_be_longer() -> None:
+    online = _cfg("online.first_day_steps=100").online  # then 40 a day, 3 days
+    ends = [day_end(online, num_steps=10_000, day=d) for d in range(3)]
+    assert ends == [100, 140, 180]  # the walk's own budget: 100 + 2 * 40
+    assert [day_end(online, num_steps=150, day=d) for d in range(3)] == [100, 140, 150]
+    assert day_end(_cfg().online, num_steps=120, day=1) == 80  # 0: steps_per_day
 
 
 def test_the_days_file_is_one_record_a_line(walked) -> None:

@@ -262,6 +262,9 @@ class OnlineConfig:
     # Training steps per day, until trainer.num_steps steps in all are done; the days
     # after are only evaluated (trainer.num_steps=steps_per_day: the frozen baseline).
     steps_per_day: int = 500
+    # Day 0's training steps, the history a walk starts from (0: steps_per_day); the
+    # frozen baseline trains them only (trainer.num_steps=first_day_steps).
+    first_day_steps: int = 0
     # Publish the serving bundle while the walk trains (trainer/online/publish.py):
     # <run_dir>/exports/v<k>/ and exports/LATEST, written in the background.
     publish: bool = False

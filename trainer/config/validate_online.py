@@ -34,6 +34,10 @@ def validate_online(cfg: Config) -> None:
     )
     positive("online.steps_per_day", o.steps_per_day)
     check(
+        o.first_day_steps >= 0,
+        f"online.first_day_steps={o.first_day_steps} must be >= 0 (0: online.steps_per_day)",
+    )
+    check(
         o.publish_every_steps >= 0,
         f"online.publish_every_steps={o.publish_every_steps} must be >= 0 (0: each day's end)",
     )

@@ -10,7 +10,8 @@ with one model, one optimizer, one plan. For day ``t``:
    oracle (the best a model of the days before can do: trainer/online/knowable.py),
    also on the samples with only seen ids and on those with new ids, one record
    in ``days.jsonl`` (trainer/online/report.py);
-3. train ``online.steps_per_day`` steps on day ``t`` with the same ``Trainer``
+3. train ``online.steps_per_day`` steps on day ``t`` (day 0:
+   ``online.first_day_steps``, when set) with the same ``Trainer``
    (trainer/loop/trainer.py; its ``num_steps`` moved to the day's last step),
    which evaluates on day ``t`` at its end and checkpoints (at least at each
    day's end: ``trainer.checkpoint_every_steps``, else ``online.steps_per_day``);
@@ -24,10 +25,13 @@ with one model, one optimizer, one plan. For day ``t``:
    and ``publish_share`` (blocked over the day's wall time). Without it,
    ``trainer.export`` exports to ``days/day_<t>/`` on the training thread.
 
-Steps are global: day ``t`` trains steps ``t * S .. (t + 1) * S`` (``S`` =
-``online.steps_per_day``) until ``trainer.num_steps`` steps are done; the days
-after are only evaluated, so ``trainer.num_steps=S`` is the frozen baseline
-(trained on day 0, evaluated on the others). The checkpoint's ``data`` entry
+Steps are global: day 0 trains steps ``0 .. F`` (``F`` =
+``online.first_day_steps``, the history the walk starts from; 0: ``S``) and day
+``t`` > 0 steps ``F + (t - 1) * S .. F + t * S`` (``S`` =
+``online.steps_per_day``), until ``trainer.num_steps`` steps are done
+(:func:`day_end`); the days after are only evaluated, so
+``trainer.num_steps=F`` is the frozen baseline (trained on day 0, evaluated on
+the others). The checkpoint's ``data`` entry
 holds the day (``DayStream``), so ``trainer.resume=auto`` after a kill goes on
 from the checkpoint's step and day: the rest of that day's training, or the
 next day. At the end: the per-day table (printed), ``days.png`` and
@@ -50,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.config.schema import Config
+from trainer.config.schema import Config, OnlineConfig
 from trainer.config.validate import open_source
 from trainer.export.step import export_step
 from trainer.loop.trainer import Trainer
@@ -66,6 +70,15 @@ log = logging.getLogger(__name__)
 _EVAL_KEYS = ("auc", "logloss", "ne", "calibration", "ctr", "num_samples")
 # A day's reference figures, also as means over days 1 .. N-1 in the summary.
 _DAY_KEYS = ("oracle_auc", "knowable_auc", "knowable_gap", "auc_seen_ids", "auc_new_ids")
+
+
+def day_end(online: OnlineConfig, *, num_steps: int, day: int) -> int:
+    """The global step after day ``day``'s training: day 0 trains
+    ``online.first_day_steps`` steps (0: ``online.steps_per_day``), each later day
+    ``online.steps_per_day``, the walk ``num_steps`` at most."""
+    first = online.first_day_steps or online.steps_per_day
+    budget = min(num_steps, first + (online.days - 1) * online.steps_per_day)
+    return min(first + day * online.steps_per_day, budget)
 
 
 def walk(cfg: Config, *, run_dir: Path) -> dict[str, Any]:
@@ -94,9 +107,6 @@ class DayWalk:
         self.built = built
         self.run_dir = run_dir
         self.is_main = trainer.env.is_main
-        steps = cfg.online.steps_per_day
-        self.per_day = steps
-        self.budget = min(cfg.trainer.num_steps, cfg.online.days * steps)
         self.records: list[dict[str, Any]] = []
         self.first_day = 0
         self.evaluated = -1  # a day whose record exists already (a resume mid-day)
@@ -116,7 +126,7 @@ class DayWalk:
 
     def day_end(self, day: int) -> int:
         """The global step after day ``day``'s training."""
-        return min((day + 1) * self.per_day, self.budget)
+        return day_end(self.cfg.online, num_steps=self.cfg.trainer.num_steps, day=day)
 
     def resumed(self) -> None:
         """After a checkpoint was loaded: go on with its day, or the next one when its

@@ -128,6 +128,19 @@ def test_incremental_beats_frozen_on_the_last_day(walked, tmp_path: Path) -> Non
     assert incremental[-1]["auc"] > frozen[-1]["auc"] + 0.01
 
 
+def test_a_dense_rate_decayed_within_day_0_makes_day_1_the_frozen_models(tmp_path: Path) -> None:
+    # optim.dense_decay_steps = the first day: the walk's dense rate is 0 after it (the
+    # tables still learn), so on day 1 it is the frozen baseline's model, bit for bit.
+    first_day = ("online.first_day_steps=60", "optim.dense_decay_steps=60", "trainer.plot=false")
+    runs = {}
+    for name, steps in (("frozen", 60), ("walk", 100)):
+        train(_cfg(*first_day, f"trainer.num_steps={steps}"), run_dir=tmp_path / name)
+        runs[name] = read_records(tmp_path / name)
+    assert [r["steps"] for r in runs["walk"]] == [60, 40, 0]
+    assert runs["walk"][1]["auc"] == runs["frozen"][1]["auc"]
+    assert runs["walk"][2]["auc"] > runs["frozen"][2]["auc"]
+
+
 def test_online_settings_name_the_key() -> None:
     with pytest.raises(ConfigError, match="data.days=3"):
         train(_cfg("online.days=4"), run_dir=Path("/nonexistent"))
@@ -135,6 +148,8 @@ def test_online_settings_name_the_key() -> None:
         train(_cfg("online.steps_per_day=0"), run_dir=Path("/nonexistent"))
     with pytest.raises(ConfigError, match="online.first_day_steps=-1"):
         train(_cfg("online.first_day_steps=-1"), run_dir=Path("/nonexistent"))
+    with pytest.raises(ConfigError, match="optim.dense_decay_steps=-1"):
+        train(_cfg("optim.dense_decay_steps=-1"), run_dir=Path("/nonexistent"))
 
 
 def test_the_first_day_can_be_longer() -> None:

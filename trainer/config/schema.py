@@ -215,6 +215,9 @@ class OptimConfig:
     # over the first dense_warmup_steps, then constant, or down to 0 at the last step.
     dense_warmup_steps: int = 0
     dense_lr_schedule: LRSchedule = LRSchedule.cosine
+    # The step a decaying rate reaches 0 at, and stays (0: trainer.num_steps); e.g. a
+    # day walk's first day: the dense layers learn from the history only.
+    dense_decay_steps: int = 0
 
 
 @dataclass

@@ -166,6 +166,10 @@ def validate(
         ("optim.dense_lr", o.dense_lr),
     ]:
         positive(key, value)
+    check(
+        o.dense_decay_steps >= 0,
+        f"optim.dense_decay_steps={o.dense_decay_steps} must be >= 0 (0: trainer.num_steps)",
+    )
     for key, sizes in [
         ("model.dense_arch_layer_sizes", m.dense_arch_layer_sizes),
         ("model.over_arch_layer_sizes", m.over_arch_layer_sizes),

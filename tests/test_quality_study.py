@@ -91,6 +91,25 @@ def test_the_table_bolds_a_missed_target() -> None:
     assert "+0.0020" in line and "**-0.0080**" in line  # ahead of LR; 0.008 behind DeepCTR
 
 
+def test_best_of_n_counts_only_the_named_settings() -> None:
+    rows = [
+        {"system": "deepctr_WDL@0.001", "auc": 0.70},
+        {"system": "deepctr_WDL@0.003", "auc": 0.72},
+        {"system": "shardrec_dlrm@default", "auc": 0.705},
+        {"system": "shardrec_dlrm@d1e-1", "auc": 0.69},
+        {"system": "shardrec_dlrm@e2e-2", "auc": 0.73},
+    ]
+    rows = [{"dataset": "d", "steps": 1, "batch_size": 2, "logloss": 0.4, **r} for r in rows]
+
+    def best_of_gap(best_of: list[str] | None) -> str:
+        line = next(s for s in markdown(rows, best_of).splitlines() if s.startswith("| d |"))
+        return line.split(" | ")[-1]
+
+    assert best_of_gap(None).startswith("-")  # 3 settings against DeepCTR's 2: not counted
+    assert best_of_gap(["default", "e2e-2"]) == "+0.0100 (n=2) |"
+    assert best_of_gap(["default", "d1e-1"]) == "**-0.0150** (n=2) |"
+
+
 def test_deepctr_runs_are_listed_only_where_it_imports() -> None:
     assert not any(s.startswith("deepctr_") for s in systems(["default"], deepctr=False))
     assert "shardrec_wide_deep@default" in systems(["default"], deepctr=False)

@@ -6,7 +6,9 @@ same order) and is scored on the same eval rows:
 
 - ``shardrec_<model>@<setting>``: ``python -m trainer``'s ``train()`` with
   ``model=dlrm|dlrm_dcnv2|deepfm|wide_deep``; ``default`` is conf/ as it is,
-  ``d1e-2``/``d1e-1`` set ``optim.dense_lr`` (the "best of a few");
+  ``d1e-2``/``d1e-1`` set ``optim.dense_lr``, ``e2e-2`` the tables' rate
+  ``optim.embedding_lr`` (the "best of a few": ``--best-of`` picks as many as
+  DeepCTR-Torch has rates);
 - ``lr_1ep@<lr>``: a logistic regression on the same hashed ids (a weight per
   table row + a linear of the dense), one Adagrad epoch in torch;
 - ``lr_fit``: scikit-learn's logistic regression fitted to convergence, best
@@ -58,6 +60,8 @@ SETTINGS: dict[str, list[str]] = {
     "default": [],
     "d1e-2": ["optim.dense_lr=0.01"],
     "d1e-1": ["optim.dense_lr=0.1"],
+    # the table rate (row-wise Adagrad, default 0.05): shardrec's other learning rate
+    "e2e-2": ["optim.embedding_lr=0.02"],
 }
 LR_RATES = (0.03, 0.1, 0.3)
 DEEPCTR_RATES = (0.001, 0.003, 0.01)
@@ -178,6 +182,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="generated data (default: OUT/data)")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--settings", default=",".join(SETTINGS), help="shardrec's settings")
+    parser.add_argument(
+        "--best-of", help="shardrec's settings for the best of n (default: all it ran)"
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated trainer seeds")
     parser.add_argument("--only", help="comma-separated system names (default: all)")
     parser.add_argument("--movielens", type=Path, help="a folder with ml-100k.inter/.user/.item")
@@ -201,8 +208,9 @@ def main() -> None:
         reuse_fits(args.out, args.fits_from, [ds.name for ds in ds_list])
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = run_study(args.out, ds_list, names, seeds)
-    (args.out / "quality.md").write_text(markdown(rows))
-    print(markdown(rows))
+    best_of = args.best_of.split(",") if args.best_of else None
+    (args.out / "quality.md").write_text(markdown(rows, best_of))
+    print(markdown(rows, best_of))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ A row is one run: ``system`` names it as ``family@setting`` (``lr_1ep@0.1``,
    default model minus the logistic regression (>= 0 wanted) and minus
    DeepCTR-Torch's (>= -0.005 wanted), compared on equal terms: default against
    default (DeepCTR's Adam at 1e-3, its ``compile("adam")``), and best of the
-   same number of settings against best of as many (shardrec's dense rates,
-   DeepCTR's Adam rates; "-" when the counts differ);
+   same number of settings against best of as many (shardrec's settings named
+   by ``best_of``, else all it ran; DeepCTR's Adam rates; "-" when the counts
+   differ);
 2. **best of a few**: each model's best AUC over its settings, the setting named.
 
 With several seeds (the ``seed`` column), each system's AUC and log loss are its
@@ -97,8 +98,9 @@ def datasets_in(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["dataset"] for r in rows if r["system"] != "lr_fit"))
 
 
-def quality_table(rows: list[dict[str, Any]]) -> str:
-    """Table 1: default settings against the baselines, and the target's two gaps."""
+def quality_table(rows: list[dict[str, Any]], best_of: list[str] | None = None) -> str:
+    """Table 1: default settings against the baselines, and the target's two gaps;
+    ``best_of``: shardrec's settings its best of n is taken over (None: all)."""
     models = ["dlrm", "dlrm_dcnv2", "deepfm", "wide_deep"]
     head = ["data set", "steps x batch", "oracle", "LR 1 epoch (lr)", "LR fit (C)"]
     head += ["DeepCTR default", "DeepCTR best", *models, "seeds", "shardrec - LR"]
@@ -115,8 +117,15 @@ def quality_table(rows: list[dict[str, Any]]) -> str:
         defaults = {m: _best(mine, f"shardrec_{m}@default") for m in models}
         found = [v for v in defaults.values() if v]
         best = max(found) if found else None
-        n = len(_settings(mine, "shardrec_"))
-        best_of = _best(mine, "shardrec_") if n == len(_settings(mine, "deepctr_")) else None
+        tried = [
+            r
+            for r in mine
+            if not r["system"].startswith("shardrec_")
+            or best_of is None
+            or r["system"].partition("@")[2] in best_of
+        ]
+        n = len(_settings(tried, "shardrec_"))
+        best_n = _best(tried, "shardrec_") if n == len(_settings(mine, "deepctr_")) else None
         oracle = mine[0].get("oracle_auc") or ""
         cells = [
             name,
@@ -134,7 +143,7 @@ def quality_table(rows: list[dict[str, Any]]) -> str:
         cells.append(_gap(best[0] - lr[0], 0.0) if best and lr else "-")
         default_gap = best and deep_default and _gap(best[0] - deep_default[0], TARGET_DEEPCTR)
         cells.append(default_gap or "-")
-        best_gap = best_of and deep and _gap(best_of[0] - deep[0], TARGET_DEEPCTR)
+        best_gap = best_n and deep and _gap(best_n[0] - deep[0], TARGET_DEEPCTR)
         cells.append(f"{best_gap} (n={n})" if best_gap else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -156,17 +165,19 @@ def best_of_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """Both tables, with a line saying how to read each (AUCs: means over seeds)."""
+def markdown(rows: list[dict[str, Any]], best_of: list[str] | None = None) -> str:
+    """Both tables, with a line saying how to read each (AUCs: means over seeds);
+    ``best_of``: shardrec's settings for the best of n (None: all it ran)."""
     rows = mean_over_seeds(rows)
+    over = f" (shardrec's n: {', '.join(best_of)})" if best_of else ""
     return (
         "AUC on each data set's eval rows after one epoch, the mean over the seeds "
         "counted; shardrec with its default settings; gaps: shardrec's best default "
         "model minus the one-epoch logistic regression (target >= 0) and minus "
         "DeepCTR-Torch's (target >= -0.005): its best model at its default rate, and "
-        "best of n settings against best of n (n rates each), missed targets in "
-        "bold.\n\n"
-        + quality_table(rows)
+        f"best of n settings against best of n (n rates each){over}, missed targets "
+        "in bold.\n\n"
+        + quality_table(rows, best_of)
         + "\nBest of a few settings: AUC (setting) / log loss.\n\n"
         + best_of_table(rows)
     )

@@ -111,7 +111,9 @@ class DenseLRSchedule:
 
     ``warmup_steps`` steps ramp it linearly up to the base rate (step ``s`` trains at
     ``(s + 1) / warmup_steps`` of it), then it stays (``constant``) or decays to zero
-    at ``total_steps`` (``cosine``, ``linear_decay``). A torch ``LambdaLR`` on the
+    at ``total_steps`` (``cosine``, ``linear_decay``), where it stays, or, with
+    ``restart_steps`` R > 0, decays again from the base rate over each R steps after
+    it (warm restarts: a day walk's days). A torch ``LambdaLR`` on the
     dense optimizer only: the tables' fused Adagrad keeps its rate. Its one piece of
     state is the step, which a checkpoint already holds (the trainer's): a resumed
     run seeks to it (:meth:`seek`) and trains at the rates of one that never stopped.
@@ -124,6 +126,7 @@ class DenseLRSchedule:
         warmup_steps: int,
         schedule: str,
         total_steps: int,
+        restart_steps: int = 0,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"optim.dense_warmup_steps={warmup_steps} must be >= 0")
@@ -132,6 +135,7 @@ class DenseLRSchedule:
         self.warmup_steps = warmup_steps
         self.schedule = schedule
         self.total_steps = total_steps
+        self.restart_steps = restart_steps
         self.scheduler = LambdaLR(optimizer, self.factor)
 
     def factor(self, step: int) -> float:
@@ -142,6 +146,8 @@ class DenseLRSchedule:
             return 1.0
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min(max((step - self.warmup_steps) / span, 0.0), 1.0)
+        if self.restart_steps > 0 and step >= self.total_steps:
+            progress = (step - self.total_steps) % self.restart_steps / self.restart_steps
         if self.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress
@@ -168,6 +174,7 @@ def dense_lr_schedule(
     warmup_steps: int,
     schedule: str,
     total_steps: int,
+    restart_steps: int = 0,
 ) -> DenseLRSchedule | None:
     """The dense optimizer's schedule (:class:`DenseLRSchedule`); None when the rate is flat.
 
@@ -177,5 +184,9 @@ def dense_lr_schedule(
         return None
     _, dense = optimizer.optimizers[-1]
     return DenseLRSchedule(
-        dense, warmup_steps=warmup_steps, schedule=schedule, total_steps=total_steps
+        dense,
+        warmup_steps=warmup_steps,
+        schedule=schedule,
+        total_steps=total_steps,
+        restart_steps=restart_steps,
     )

@@ -71,6 +71,18 @@ def test_warmup_ramps_then_holds_or_decays() -> None:
     assert cosine[-1] < 0.01
 
 
+def test_the_decay_can_end_early_and_restart() -> None:
+    # A day walk: the decay ends with the first day (6 steps), then restarts each day (4).
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    kept = DenseLRSchedule(opt, warmup_steps=0, schedule="linear_decay", total_steps=6)
+    assert _rates(kept, 8)[5:] == pytest.approx([0.1 / 6, 0.0, 0.0])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    days = DenseLRSchedule(
+        opt, warmup_steps=0, schedule="linear_decay", total_steps=6, restart_steps=4
+    )
+    assert _rates(days, 14)[6:] == pytest.approx([0.1, 0.075, 0.05, 0.025] * 2)
+
+
 def test_a_resumed_schedule_continues_where_it_stopped() -> None:
     straight = _rates(_schedule(5, "cosine"), 40)
     resumed = _schedule(5, "cosine")

@@ -161,6 +161,7 @@ def build(cfg: Config, env: DistEnv, *, source: DataSource | None = None) -> Bui
             warmup_steps=cfg.optim.dense_warmup_steps,
             schedule=cfg.optim.dense_lr_schedule,
             total_steps=cfg.optim.dense_decay_steps or cfg.trainer.num_steps,
+            restart_steps=cfg.optim.dense_restart_steps,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -218,6 +218,9 @@ class OptimConfig:
     # The step a decaying rate reaches 0 at, and stays (0: trainer.num_steps); e.g. a
     # day walk's first day: the dense layers learn from the history only.
     dense_decay_steps: int = 0
+    # > 0: after dense_decay_steps, decay again from the base rate over each this
+    # many steps (warm restarts; a day walk: online.steps_per_day, 0 at each day's end).
+    dense_restart_steps: int = 0
 
 
 @dataclass

@@ -166,10 +166,11 @@ def validate(
         ("optim.dense_lr", o.dense_lr),
     ]:
         positive(key, value)
-    check(
-        o.dense_decay_steps >= 0,
-        f"optim.dense_decay_steps={o.dense_decay_steps} must be >= 0 (0: trainer.num_steps)",
-    )
+    for key, steps in [
+        ("optim.dense_decay_steps", o.dense_decay_steps),
+        ("optim.dense_restart_steps", o.dense_restart_steps),
+    ]:
+        check(steps >= 0, f"{key}={steps} must be >= 0")
     for key, sizes in [
         ("model.dense_arch_layer_sizes", m.dense_arch_layer_sizes),
         ("model.over_arch_layer_sizes", m.over_arch_layer_sizes),

@@ -24,31 +24,17 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DenseArch, DLRMTrain, SparseArch
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DenseArch, DLRMTrain
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from trainer.models.collision import IdManagement, id_managed_collection
 from trainer.models.ctr import build_ctr
+from trainer.models.factorized import FactorizedSparseArch, factor_specs
 from trainer.models.interaction import FlatInteractionArch
+from trainer.models.sparse_arch import SparseArchAfterLookup
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
-
-
-class SparseArchAfterLookup(SparseArch):
-    """torchrec's SparseArch, which can be handed its collection's (lazy) output."""
-
-    def lookup(self, features: KeyedJaggedTensor) -> Any:
-        """The collection's (possibly in-flight) pooled output for ``features``."""
-        return self.embedding_bag_collection(features)
-
-    def forward(self, features: KeyedJaggedTensor, pooled: Any = None) -> torch.Tensor:
-        if pooled is None:
-            return super().forward(features)
-        # SparseArch.forward's own steps after its lookup (the first use waits).
-        by_name = pooled.to_dict()
-        values = [by_name[name] for name in self.sparse_feature_names]
-        return torch.cat(values, dim=1).reshape(-1, self.F, self.D)
 
 
 class ConstantWhenEmptyDenseArch(DenseArch):
@@ -152,8 +138,6 @@ def build_model(
     """
     if num_dense < 0:
         raise ValueError(f"num_dense={num_dense} must be >= 0")
-    from trainer.models.factorized import FactorizedSparseArch, factor_specs  # imports this
-
     specs = factor_specs(tables)
     factorized = any(s.factorized for s in specs)
     if arch in ("deepfm", "wide_deep"):

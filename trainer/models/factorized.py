@@ -28,7 +28,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from compression.factorized import Factorized, FactorSpec, stored_configs
-from trainer.models.dlrm import SparseArchAfterLookup
+from trainer.models.sparse_arch import SparseArchAfterLookup
 
 
 def factor_specs(tables: Sequence[Any], *, dim: int | None = None) -> list[FactorSpec]:

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from trainer.data import SyntheticCriteo, SyntheticDataConfig
+from trainer.data.planted_layout import pack_kept
 from trainer.data.rng import hash_counters, mix64, to_uniform, uniform
-from trainer.data.synthetic import pack_kept
 from trainer.data.zipf import EXACT_RANKS, ZipfTables
 
 SMALL = SyntheticDataConfig(

@@ -1,5 +1,7 @@
 """How the planted model lays out its features: which pairs interact, and the
-runs of equally hot (multi-hot) features that share one block of a batch.
+runs of equally hot (multi-hot) features that share one block of a batch, and
+how a batch keeps the first ``length`` ids of each bag without a host sync
+(``pack_kept``).
 
 Example::
 
@@ -10,6 +12,8 @@ Example::
 from __future__ import annotations
 
 import logging
+
+import torch
 
 from trainer.data.rng import hash_counters, stream_key
 from trainer.data.synthetic_config import SyntheticDataConfig
@@ -86,3 +90,14 @@ def hotness_runs(hotness: list[int]) -> list[tuple[int, int, int, int, int]]:
             runs.append((slot, slot + h, h, f, f + 1))
         slot += h
     return runs
+
+
+def pack_kept(values: torch.Tensor, keep: torch.Tensor, total: int) -> torch.Tensor:
+    """``values[keep]`` when the number kept, ``total``, is known on the host: a
+    scatter to each kept element's rank among the kept (a cumulative sum), the
+    dropped ones to one spare slot past the end. No data-dependent shape, so no
+    host sync on a GPU (a boolean mask needs one)."""
+    destination = torch.cumsum(keep, 0).sub_(1)
+    destination.masked_fill_(~keep, total)
+    packed = values.new_empty(total + 1).scatter_(0, destination, values)
+    return packed[:total]

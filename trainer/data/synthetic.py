@@ -52,6 +52,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from trainer.data.drift import apply_day, fingerprint_settings
 from trainer.data.loader import check_rank, eval_batches
 from trainer.data.planted import PlantedModel
+from trainer.data.planted_layout import pack_kept
 from trainer.data.rng import hash_counters, mix64, normal, stream_key, to_uniform, uniform
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
@@ -389,17 +390,6 @@ class SyntheticSource:
             columns, hotness = self._host_bag_constants
         u_length = uniform(stream_key(self._seed, split, "bag_length"), idx, columns)
         return 1 + torch.floor(u_length * hotness).to(torch.int64)
-
-
-def pack_kept(values: torch.Tensor, keep: torch.Tensor, total: int) -> torch.Tensor:
-    """``values[keep]`` when the number kept, ``total``, is known on the host: a
-    scatter to each kept element's rank among the kept (a cumulative sum), the
-    dropped ones to one spare slot past the end. No data-dependent shape, so no
-    host sync on a GPU (a boolean mask needs one)."""
-    destination = torch.cumsum(keep, 0).sub_(1)
-    destination.masked_fill_(~keep, total)
-    packed = values.new_empty(total + 1).scatter_(0, destination, values)
-    return packed[:total]
 
 
 # The name the tests and scripts have used since the first issue.

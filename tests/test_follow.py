@@ -16,7 +16,8 @@ checkpoint and its publish publishes it first, then day 1 mid-partition
 (``online.publish_every_steps``) and at its end (complete bundles: each
 ``version.json`` names its step, the last scores its sample.pt, ``LATEST`` on
 it, keep-K), and nothing twice. With publishing on (slow tier), the killed job above
-publishes one version per partition, none lost or repeated across the kill.
+publishes one version per partition, none lost or repeated across the kill. A
+job that stops while a writer hangs gives it ``online.publish_stop_wait_s``.
 """
 
 from __future__ import annotations
@@ -283,3 +284,30 @@ def test_follow_publishes_each_partition_once_across_a_resume(tmp_path: Path) ->
     again = train(_cfg(dataset, *PUBLISH), run_dir=run_dir)
     assert again["publish"]["count"] == 0 and versions(exports) == [2, 3]
     assert records(run_dir) == got
+
+
+T = 300  # publish_timeout_s here: what a stop would wait for without the stop wait
+
+
+def test_a_stopping_follow_job_cuts_the_writer_in_flight_short(tmp_path: Path, monkeypatch) -> None:
+    """The follow job's stop path (a raise at step 14; a preemption takes the same
+    path) gives the writer in flight ``online.publish_stop_wait_s``, not
+    ``online.publish_timeout_s``. v2's writer (day_1 at step 12) writes, then
+    hangs; it is killed and dropped, LATEST stays v1 (day_0's), nothing
+    half-written is left. Without the stop wait it takes the whole timeout."""
+    monkeypatch.setenv("SHARDREC_FAULT_PUBLISH_HANG", "2")
+    monkeypatch.setenv("SHARDREC_FAULT_RAISE_AT_STEP", "14")
+    monkeypatch.setenv("SHARDREC_FAULT_RANK", "0")
+    dataset = tmp_path / "days"
+    add_day(dataset, 0)
+    add_day(dataset, 1)
+    run_dir = tmp_path / "run"
+    cfg = _cfg(dataset, *PUBLISH, "online.publish_stop_wait_s=2", f"online.publish_timeout_s={T}")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="step 14"):
+        train(cfg, run_dir=run_dir)
+    exports = run_dir / "exports"
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
+    assert versions(exports) == [1] and latest_name(exports) == "v1"
+    assert stamp(exports, 1)["partition"] == "day_0"
+    assert time.monotonic() - started < T - 30  # the stop wait, not publish_timeout_s

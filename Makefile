@@ -37,10 +37,10 @@ prepare: $(STAMP)  ## raw data into shards once: make prepare ARGS="data=criteo 
 
 # Two pytest-xdist workers (TEST_WORKERS=0: one process): a test module stays on one
 # worker, and the tests that time processes against each other share one worker
-# (tests/conftest.py, SERIAL_MODULES).
+# (tests/conftest.py, SERIAL_MODULES). The 25 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
 test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope --durations=25 $(ARGS)
 
 test-slow: $(STAMP)  ## the slow tier: e.g. the default job reaches the oracle AUC (minutes)
 	$(BIN)/python -m pytest -m slow -s $(ARGS)

@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from trainer.data.planted_layout import hotness_runs, select_pairs
+from trainer.data.planted_layout import contiguous_ranges, hotness_runs, select_pairs
 from trainer.data.rng import normal, stream_key
 from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.zipf import ZipfTables, broadcast_take, flat_nonzero
@@ -117,12 +117,7 @@ class PlantedModel:
         self._latent_slots = is_latent.nonzero().squeeze(1)
         # The latent slots as runs of consecutive slots (bags are contiguous): slices
         # and one cat read them several times faster than an index along rows.
-        self._latent_ranges: list[tuple[int, int]] = []
-        for slot in self._latent_slots.tolist():
-            if self._latent_ranges and self._latent_ranges[-1][1] == slot:
-                self._latent_ranges[-1] = (self._latent_ranges[-1][0], slot + 1)
-            else:
-                self._latent_ranges.append((slot, slot + 1))
+        self._latent_ranges = contiguous_ranges(self._latent_slots.tolist())
         latent_slot_positions = [position[int(f)] for f in slot_features[is_latent]]
         self._latent_slot_to_feature = torch.zeros(
             len(latent_slot_positions), len(latent_features), dtype=torch.float64
@@ -130,17 +125,14 @@ class PlantedModel:
         self._latent_slot_to_feature[
             torch.arange(len(latent_slot_positions)), latent_slot_positions
         ] = 1.0
-        means, whiteners, heads = [], [], []
-        for f in latent_features:
-            mean, whitener, head = self._latent_stats(f, tables.head_probabilities(f))
-            means.append(mean)
-            whiteners.append(whitener)
-            heads.append(head)
+        stats = [self._latent_stats(f, tables.head_probabilities(f)) for f in latent_features]
+        means, whiteners, heads = ([x[k] for x in stats] for k in range(3))
         # v_f[r] of every tabulated rank of the latent features, looked up like w_f;
         # indexed by feature (rows of other features are never read).
         latent_lengths = torch.zeros(num_features, dtype=torch.int64)
-        for f, head in zip(latent_features, heads, strict=True):
-            latent_lengths[f] = head.shape[0]
+        latent_lengths[latent_features] = torch.tensor(
+            [h.shape[0] for h in heads], dtype=torch.int64
+        )
         self._latent_head_starts = latent_lengths.cumsum(0) - latent_lengths
         self._latent_head_last = latent_lengths - 1
         # From a row's place in every table's head to its place among the latent rows.

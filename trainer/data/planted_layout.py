@@ -1,12 +1,13 @@
 """How the planted model lays out its features: which pairs interact, and the
-runs of equally hot (multi-hot) features that share one block of a batch, and
-how a batch keeps the first ``length`` ids of each bag without a host sync
-(``pack_kept``).
+runs of equally hot (multi-hot) features that share one block of a batch (and
+any slots' consecutive runs, ``contiguous_ranges``), and how a batch keeps the
+first ``length`` ids of each bag without a host sync (``pack_kept``).
 
 Example::
 
     pairs = select_pairs(cfg, num_features=26)   # [(2, 5), (5, 14), ...]
     hotness_runs([1, 1, 3])   # [(0, 2, 1, 0, 2), (2, 5, 3, 2, 3)]
+    contiguous_ranges([1, 2, 3, 7, 8])   # [(1, 4), (7, 9)]
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def hotness_runs(hotness: list[int]) -> list[tuple[int, int, int, int, int]]:
             runs.append((slot, slot + h, h, f, f + 1))
         slot += h
     return runs
+
+
+def contiguous_ranges(slots: list[int]) -> list[tuple[int, int]]:
+    """Sorted slot indices as ``(start, stop)`` runs of consecutive slots:
+    ``[1, 2, 3, 7, 8]`` -> ``[(1, 4), (7, 9)]``."""
+    ranges: list[tuple[int, int]] = []
+    for slot in slots:
+        if ranges and ranges[-1][1] == slot:
+            ranges[-1] = (ranges[-1][0], slot + 1)
+        else:
+            ranges.append((slot, slot + 1))
+    return ranges
 
 
 def pack_kept(values: torch.Tensor, keep: torch.Tensor, total: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ TINY = [
     "trainer.num_steps=8",
     "trainer.eval_every_steps=4",
     "trainer.eval_batch_size=512",
+    "trainer.plot=false",
     "data.num_eval_samples=2048",
     "data.num_dense=4",
     "data.cardinalities=[40,100,7,64]",

@@ -45,6 +45,7 @@ TINY = [
     "trainer.checkpoint_every_steps=20",
     "trainer.async_checkpoint=false",
     "trainer.progress_bar=false",
+    "trainer.plot=false",
     "model.embedding_dim=8",
     "model.dense_arch_layer_sizes=[16,8]",
     "model.over_arch_layer_sizes=[16,1]",
@@ -68,7 +69,7 @@ def _cfg(*overrides: str) -> Config:
 @pytest.fixture(scope="module")
 def walked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     run_dir = tmp_path_factory.mktemp("walk")
-    return run_dir, train(_cfg(), run_dir=run_dir)
+    return run_dir, train(_cfg("trainer.plot=true"), run_dir=run_dir)  # days.png too
 
 
 def test_the_walk_evaluates_each_day_before_training_on_it(walked) -> None:

@@ -19,7 +19,9 @@ TINY = [
     "trainer.eval_every_steps=4",
     "data.num_eval_samples=2048",
     "trainer.eval_batch_size=512",
+    "trainer.plot=false",  # ~1 s of matplotlib per run; the tests here that read curves.png plot
 ]
+PLOT = "trainer.plot=true"
 SUMMARY_KEYS = {
     "auc",
     "oracle_auc",
@@ -67,7 +69,7 @@ def _check_outputs(run_dir: Path, *, world_size: int, strategy: str) -> dict:
 @pytest.mark.dist
 def test_python_m_trainer_single_process(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer", *TINY, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "trainer", *TINY, PLOT, f"hydra.run.dir={tmp_path}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -81,7 +83,7 @@ def test_python_m_trainer_single_process(tmp_path: Path) -> None:
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["row_wise"])
 def test_torchrun_two_ranks_shards_the_tables(tmp_path: Path, strategy: str) -> None:
-    torchrun_trainer(f"sharding={strategy}", *TINY, run_dir=tmp_path)
+    torchrun_trainer(f"sharding={strategy}", *TINY, PLOT, run_dir=tmp_path)
     plan = _check_outputs(tmp_path, world_size=2, strategy=strategy)
     shards = plan["plan"]["model.sparse_arch.embedding_bag_collection"]["t_cat_0"]["shards"]
     assert sorted(s["rank"] for s in shards) == [0, 1]
@@ -107,6 +109,7 @@ def test_two_torchrun_nodes_train_table_row_wise(tmp_path: Path) -> None:
                 "trainer",
                 "sharding=table_row_wise",
                 *TINY,
+                PLOT,
                 f"hydra.run.dir={tmp_path}",
             ],
             cwd=REPO,

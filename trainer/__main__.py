@@ -3,9 +3,10 @@
 Composes conf/, converts it to typed dataclasses, trains, prints the summary.
 A configuration mistake ends in one line naming the key and the fix (``shardrec:
 config error: ...``, exit status 2), not a traceback: compose mistakes (unknown
-key, wrong type, unknown choice) are caught before Hydra runs the job
-(trainer/config/compose.py); cross-field ones by trainer/config/validate.py before any process
-group exists; the few that need the device or the plan on every rank alike.
+key, wrong type, unknown choice) are explained when Hydra's compose fails (a
+sweep's before its first job; trainer/config/compose.py); cross-field ones by
+trainer/config/validate.py before any process group exists; the few that need
+the device or the plan on every rank alike.
 
 The task returns the final eval AUC: the objective of ``hydra/sweeper=optuna``
 (a search, ``+sweep=search/lr``; its trials prune themselves, trainer/search.py).
@@ -19,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -34,11 +36,15 @@ from sharding.quiet import quiet_libraries
 from trainer.config.compose import (
     CONF_DIR,
     EXIT_CONFIG_ERROR,
+    composes_up_front,
     config_error_line,
     exit_on_compose_error,
+    hydra_raises,
+    hydra_reports,
+    typed_config,
 )
 from trainer.config.run_dir import register_resolvers
-from trainer.config.schema import ConfigError, register_configs, to_config
+from trainer.config.schema import ConfigError, register_configs
 
 log = logging.getLogger("trainer")
 EXPORT_KEYS = ["auc", "logloss", "bytes", "fp32_bytes", "max_abs_logit_diff"]
@@ -73,26 +79,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
     register_resolvers()
-    exit_on_compose_error(argv)  # one line and exit 2, before Hydra's multi-line report
+    sweep = composes_up_front(argv)
+    if sweep:
+        exit_on_compose_error(argv)  # every job of the sweep, before the first starts
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # Hydra reads its arguments here
+    _started.clear()
     try:
-        _app()
+        with contextlib.nullcontext() if sweep else hydra_raises():
+            _app()
+    except Exception:
+        if sweep or _started:
+            raise  # the task's own error, reported by Hydra or by the task
+        exit_on_compose_error(argv)  # Hydra could not compose: one line and exit 2
+        raise  # not a config mistake (an unwritable run directory...): as it is
     finally:
         sys.argv = saved
+
+
+_started: list[bool] = []  # set once Hydra has composed the config and runs the task
 
 
 # An absolute path: Hydra resolves a relative one from how the module was started,
 # which differs between ``python -m trainer`` and ``main([...])`` called from Python.
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(dict_cfg: DictConfig) -> float | None:
-    from trainer.search import pruning_from_hydra
-    from trainer.train import train  # heavy imports after Hydra has parsed the CLI
-
-    quiet_libraries()
+    _started.append(True)
+    hydra_reports()  # from here on Hydra reports errors its usual way
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        cfg = to_config(dict_cfg)
+        cfg = typed_config(dict_cfg, HydraConfig.get().overrides.task)
+        from trainer.search import pruning_from_hydra
+        from trainer.train import train  # heavy imports once the config is known good
+
+        quiet_libraries()
         on_eval = pruning_from_hydra() if in_sweep else None  # an optuna trial's pruning
         summary = train(cfg, run_dir=run_dir, on_eval=on_eval)
     except ConfigError as err:

@@ -56,6 +56,8 @@ FORKSERVER_PRELOAD = [
     "torchrec.distributed.planner",
     "torchmetrics",
     "trainer.config.schema",
+    "trainer.train",  # torchmetrics, the export path (fork_trainer's ranks)
+    "trainer.__main__",
     "tests.distributed",
 ]
 
@@ -102,3 +104,17 @@ def torchrun_trainer(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _trainer_main(rank: int, argv: list[str]) -> None:
+    from trainer.__main__ import main
+
+    main(argv)
+
+
+def fork_trainer(*overrides: str, run_dir: Path, nproc: int = 2) -> None:
+    """``python -m trainer`` on ``nproc`` ranks forked by :func:`run_ranks`: the same
+    trainer as under ``torchrun`` (the same environment per rank), without the agent and
+    without each rank importing torch and torchrec again (~10 s of CPU per rank here).
+    For the tests whose subject is not the launcher; raises if a rank fails."""
+    run_ranks(_trainer_main, [*overrides, f"hydra.run.dir={run_dir}"], world_size=nproc)

@@ -1,10 +1,11 @@
 """Checkpoints: a resumed run is the run that never stopped, and a checkpoint exports.
 
-(a) Real 2-rank row-wise runs (torchrun, gloo). Run A trains 8 steps,
-checkpointing every 4, and exports at the end (``trainer.export=true``). Run B,
-new processes in a new run dir that holds A's ``step_4``, a save killed before
-its rename (``.tmp-step_6``, complete otherwise) and a ``step_7`` without DCP's
-metadata, resumes with ``trainer.resume=auto`` and trains steps 5-8. Measured:
+(a) Real 2-rank row-wise runs (gloo). Run A (ranks forked by ``fork_trainer``)
+trains 8 steps, checkpointing every 4, and exports at the end
+(``trainer.export=true``). Run B, new processes under ``torchrun`` in a new run
+dir that holds A's ``step_4``, a save killed before its rename
+(``.tmp-step_6``, complete otherwise) and a ``step_7`` without DCP's metadata,
+resumes with ``trainer.resume=auto`` and trains steps 5-8. Measured:
 B picks ``step_4``, and its ``metrics.jsonl`` (train losses, AUC, log loss)
 and every tensor of its ``step_8`` checkpoint (tables, dense layers, the fused
 row-wise Adagrad momentum, Adam's state, the step) equal A's, bit for bit.
@@ -29,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.distributed import torchrun_trainer
+from tests.distributed import fork_trainer, torchrun_trainer
 from tests.test_train_e2e import TINY
 from trainer.checkpoint.load import (
     CONFIG_FILE,
@@ -53,7 +54,7 @@ LOSS_SCALE_KEY = "compression.loss_scaling.scale_and_tracker"
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("run_a")
-    torchrun_trainer(*CHECKPOINTED, "trainer.export=true", run_dir=run_dir)
+    fork_trainer(*CHECKPOINTED, "trainer.export=true", run_dir=run_dir)
     return run_dir
 
 

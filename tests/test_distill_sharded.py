@@ -1,4 +1,4 @@
-"""A 2-rank sharded distillation run with an int4-QAT student, through torchrun.
+"""A 2-rank sharded distillation run with an int4-QAT student (torchrun in the slow tier).
 
 One plan shards the teacher's and the student's tables; every eval reports both
 heads; the export is the student alone and serves what the student's eval
@@ -19,7 +19,7 @@ import torch
 
 from compression.bundle import load_program
 from tests.conftest import REPO
-from tests.distributed import torchrun_trainer
+from tests.distributed import fork_trainer, torchrun_trainer
 
 TINY = [
     "trainer=smoke",
@@ -47,7 +47,7 @@ TINY = [
 @pytest.mark.dist
 def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    torchrun_trainer(*TINY, "trainer.checkpoint_every_steps=8", run_dir=run)
+    fork_trainer(*TINY, "trainer.checkpoint_every_steps=8", run_dir=run)
     summary = json.loads((run / "summary.json").read_text())
     for head in ("teacher", "student"):
         assert 0.0 <= summary[f"{head}.auc"] <= 1.0

@@ -28,7 +28,7 @@ from torchrec.quant.embedding_modules import (
 from compression.bundle import load_program, save_program, serving_program
 from compression.serving import fake_quantize_tables, model_bytes, quantize_for_serving
 from tests.conftest import REPO
-from tests.distributed import torchrun_trainer
+from tests.distributed import fork_trainer
 from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
@@ -140,13 +140,13 @@ def test_quantize_for_serving_names_bad_tables_and_bits() -> None:
         # range, here the sums of its fitted range (compression/row_range.py).
         pytest.param(
             ["sharding=column_wise", "sharding.column_shard_dim=8", "qat.range=mse"],
-            marks=pytest.mark.slow,  # a second torchrun export: the slow tier
+            marks=pytest.mark.slow,  # a second 2-rank export: the slow tier
         ),
     ],
     ids=["row_wise", "column_wise-mse"],
 )
-def test_torchrun_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
-    torchrun_trainer(*sharding, "qat=int4", "trainer.export=true", *TINY, run_dir=tmp_path)
+def test_two_rank_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
+    fork_trainer(*sharding, "qat=int4", "trainer.export=true", *TINY, run_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     if "sharding=column_wise" in sharding:
         plan = json.loads((tmp_path / "plan.json").read_text())["plan"]

@@ -21,7 +21,7 @@ from torchrec.quant.embedding_modules import (
 
 from compression.bundle import load_program, tbe_tables
 from compression.serving import pack_rows, quantize_for_serving
-from tests.distributed import torchrun_trainer
+from tests.distributed import fork_trainer
 from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
@@ -48,7 +48,7 @@ def test_two_rank_row_wise_export_equals_one_process_export(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    torchrun_trainer(
+    fork_trainer(
         *TINY,
         "sharding=row_wise",
         "qat=int4",

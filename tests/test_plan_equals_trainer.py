@@ -6,7 +6,8 @@ the UVM-caching kernel, the ``plan`` section of the planner's ``plan.json``
 (:func:`trainer.plan.cluster.plan_cluster`, what ``python -m trainer.plan`` runs after
 composing) equals the plan the trainer makes for the same world size:
 
-- a real 2-rank ``torchrun -m trainer`` (1 step) on CPU writes its plan.json;
+- a real 2-rank ``python -m trainer`` (1 step, ranks forked by ``fork_trainer``) on CPU
+  writes its plan.json;
 - UVM caching needs CUDA to train, so two real gloo ranks plan for a CUDA world
   (``trainer.planning.plan_model`` called as ``trainer.builder.model.build`` calls it,
   rank 0 planning and broadcasting), without building the sharded model.
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from sharding import destroy_distributed, init_distributed, save_plan
-from tests.distributed import run_ranks, torchrun_trainer
+from tests.distributed import fork_trainer, run_ranks
 from trainer.builder.compression import build_converters
 from trainer.config.schema import Config, to_config
 from trainer.config.tables import run_tables
@@ -67,7 +68,7 @@ def _check_overrides(tables: dict) -> None:
 @pytest.mark.dist
 def test_cli_plan_equals_the_plan_a_two_rank_trainer_writes(compose_cfg, tmp_path: Path) -> None:
     trained = tmp_path / "train"
-    torchrun_trainer(*OVERRIDES, *TINY, run_dir=trained)
+    fork_trainer(*OVERRIDES, *TINY, run_dir=trained)
     trainer_plan = json.loads((trained / "plan.json").read_text())
     cli_overrides = [*OVERRIDES, *TINY, "topology.compute_device=cpu"]
     cli = _cli_plan(compose_cfg, cli_overrides, tmp_path / "cli")

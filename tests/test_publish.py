@@ -8,7 +8,7 @@ while (1) a tiny day walk with ``online.publish=true`` publishes every 30 steps
 and (2) a slow writer copies a bundle file by file in small chunks; no load
 may fail or see a partial bundle. (3) keep-K pruning, numbering after a
 restart, a failing writer; (4, slow) publishing does not change what the walk
-trains; (5) a 2-rank walk under torchrun publishes the gathered model; (6) a
+trains; (5) a 2-rank walk (forked ranks) publishes the gathered model; (6) a
 stopping walk waits only ``online.publish_stop_wait_s`` for a hung writer.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed import torchrun_trainer
+from tests.distributed import fork_trainer
 from tests.test_online import TINY, _cfg
 from trainer.online.publish import (
     HANG_ENV,
@@ -319,7 +319,7 @@ def test_two_ranks_publish_the_gathered_model(tmp_path: Path) -> None:
     """The 2-rank path: every rank's table shards are packed and gathered before the
     fork, rank 0's writer publishes; the bundle scores as the trainer's model did."""
     run_dir = tmp_path / "run"
-    torchrun_trainer(*TINY, *TWO_DAYS, *PUBLISH, "sharding=row_wise", run_dir=run_dir)
+    fork_trainer(*TINY, *TWO_DAYS, *PUBLISH, "sharding=row_wise", run_dir=run_dir)
     exports = run_dir / "exports"
     assert versions(exports) == [1, 2] and latest_name(exports) == "v2"
     steps = [json.loads((exports / f"v{k}" / "version.json").read_text())["step"] for k in (1, 2)]

@@ -9,15 +9,13 @@ Slow: the whole default run reaches AUC within 0.01 of the planted oracle.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import planted_to_tsv
-from tests.conftest import REPO
+from tests.distributed import fork_trainer
 from trainer.data import SyntheticCriteo, SyntheticDataConfig
 from trainer.data.data_configs import CriteoDataConfig
 from trainer.data.shards import ShardSource
@@ -41,22 +39,8 @@ def write_and_prepare(out: Path, *, num_train: int, num_eval: int, blank: float)
 
 
 def train(out: Path, run_dir: Path, *overrides: str) -> dict:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            "data=criteo",
-            f"data.dir={out / 'shards'}",
-            f"hydra.run.dir={run_dir}",
-            *overrides,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """``python -m trainer data=criteo`` on the prepared shards, one process."""
+    fork_trainer("data=criteo", f"data.dir={out / 'shards'}", *overrides, run_dir=run_dir, nproc=1)
     return json.loads((run_dir / "summary.json").read_text())
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,7 @@ import torch
 from torchrec.modules.embedding_configs import DataType
 
 from compression.precision import resolve_precision
-from tests.conftest import REPO
-from tests.distributed import torchrun_trainer
+from tests.distributed import fork_trainer, torchrun_trainer
 from tests.test_precision import train_briefly
 from trainer.config.schema import ConfigError, to_config
 from trainer.config.validate import validate
@@ -135,14 +132,7 @@ def test_fp16_dense_with_loss_scaling_trains_on_fp32_qat_tables() -> None:
 
 
 def _run(*overrides: str, run_dir: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fork_trainer(*overrides, run_dir=run_dir, nproc=1)  # python -m trainer, one process
     return _summary(run_dir)
 
 

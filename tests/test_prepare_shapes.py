@@ -19,6 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from tests.distributed import fork_trainer
 from tests.test_prepare_criteo import criteo_lines, write_tsv
 from tests.test_prepare_table import events, hashed, read_split, table_cfg
 from trainer.data.data_configs import CriteoDataConfig
@@ -140,23 +141,10 @@ def _planted(n: int, seed: int, *, noise_column: bool) -> pa.Table:
 
 
 def _train(data_dir: Path, run_dir: Path, *overrides: str) -> dict:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainer",
-            "data=table",
-            f"data.dir={data_dir}",
-            "trainer=smoke",
-            f"hydra.run.dir={run_dir}",
-            *overrides,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    """``python -m trainer data=table`` on the prepared table, one process."""
+    fork_trainer(
+        "data=table", f"data.dir={data_dir}", "trainer=smoke", *overrides, run_dir=run_dir, nproc=1
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
 

@@ -6,7 +6,7 @@ step 6 NaN dense features (trainer/resilience/fault_injection.py), so that rank'
 - ``stop`` (default), one process: the run raises ``NonfiniteError`` naming
   step 6 and the last good checkpoint (``step_4``); no checkpoint is written
   after it (the step-8 save would have been the first from poisoned weights).
-- ``skip``, 2 torchrun ranks, NaN on rank 1 only: both ranks skip step 6
+- ``skip``, 2 ranks (``python -m trainer``, forked), NaN on rank 1 only: both ranks skip step 6
   together (one all-reduce per step), the run finishes with finite losses and
   weights, the summary counts ``nonfinite_steps_skipped: 1``.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_faults_kill import records, torchrun
+from tests.distributed import fork_trainer
+from tests.test_faults_kill import records
 from tests.test_train_e2e import TINY
 from trainer.checkpoint.load import complete_checkpoints
 from trainer.config.schema import to_config
@@ -46,16 +47,14 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(
 
 
 @pytest.mark.dist
-def test_skip_drops_the_poisoned_step_on_every_rank(tmp_path: Path) -> None:
-    proc = torchrun(
-        *RUN,
-        "trainer.on_nonfinite=skip",
-        run_dir=tmp_path,
-        nproc=2,
-        env={"SHARDREC_FAULT_NAN_AT_STEP": "6", "SHARDREC_FAULT_RANK": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 6: non-finite loss on some rank; step skipped" in proc.stdout + proc.stderr
+def test_skip_drops_the_poisoned_step_on_every_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHARDREC_FAULT_NAN_AT_STEP", "6")  # the ranks' environment
+    monkeypatch.setenv("SHARDREC_FAULT_RANK", "1")
+    fork_trainer(*RUN, "trainer.on_nonfinite=skip", run_dir=tmp_path, nproc=2)
+    log = (tmp_path / "__main__.log").read_text()  # both ranks' job log (Hydra's)
+    assert "step 6: non-finite loss on some rank; step skipped" in log
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["nonfinite_steps_skipped"] == 1 and summary["steps"] == 8
     losses = [r["train_loss"] for r in records(tmp_path) if "train_loss" in r]

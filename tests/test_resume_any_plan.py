@@ -1,6 +1,6 @@
 """Resume onto any plan: a 2-rank ``table_wise`` checkpoint continues on other plans.
 
-One checkpoint (module fixture: 2 torchrun ranks, ``table_wise``, 8 steps,
+One checkpoint (module fixture: 2 forked ranks, ``table_wise``, 8 steps,
 ``step_4`` kept) is resumed on 1 rank ``auto`` (in this process), 4 ranks
 ``row_wise`` and 4 ranks as 2 hosts ``table_row_wise``
 (``topology.local_world_size=2``), each with the same global batch (per-rank
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed import fork_trainer
 from tests.test_faults_kill import records, torchrun
 from tests.test_train_e2e import TINY
 from trainer.config.schema import ConfigError, to_config
@@ -35,8 +36,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("table_wise_2")
-    proc = torchrun(*SAVED, "sharding=table_wise", run_dir=run_dir, nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fork_trainer(*SAVED, "sharding=table_wise", run_dir=run_dir, nproc=2)
     return run_dir
 
 

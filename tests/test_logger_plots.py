@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.distributed import torchrun_trainer
+from tests.distributed import fork_trainer
 from trainer.report.logger import (
     METRICS_FILE,
     LoggerConfig,
@@ -238,11 +238,11 @@ def test_no_hydra_no_labels() -> None:
 
 @pytest.mark.dist
 def test_two_ranks_one_wandb_run(tmp_path: Path) -> None:
-    """A real 2-rank torchrun with logger=wandb: rank 0's run only, with config, plan, plots."""
+    """A real 2-rank run with logger=wandb: rank 0's run only, with config, plan, plots."""
     env_keys = ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
     assert all(k in os.environ for k in env_keys)  # the subprocess inherits the tmp homes
     run_dir = tmp_path / "run"
-    torchrun_trainer(
+    fork_trainer(
         "sharding=row_wise",
         "logger=wandb",
         "trainer=smoke",

@@ -69,6 +69,31 @@ def test_cfg_job_still_prints_the_config(capsys: pytest.CaptureFixture[str]) -> 
     assert "num_steps: 3" in out and "strategy: auto" in out
 
 
+def test_a_run_that_composes_is_composed_by_hydra_alone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The one-line check composes again only when Hydra's compose failed (a run) or
+    before the first job (a sweep); the user's HYDRA_FULL_ERROR is left as it was."""
+    import trainer.__main__ as entry
+
+    calls: list[list[str]] = []
+    check = entry.exit_on_compose_error
+    monkeypatch.setattr(entry, "exit_on_compose_error", lambda a: (calls.append(a), check(a)))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    main(["--cfg", "job", "trainer.num_steps=3"])
+    assert calls == [] and "HYDRA_FULL_ERROR" not in os.environ
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--cfg", "job", "sharding=row_wsie"])
+    assert exit_info.value.code == 2 and calls == [["--cfg", "job", "sharding=row_wsie"]]
+    assert _one_clean_line(capsys.readouterr().err)
+    assert "HYDRA_FULL_ERROR" not in os.environ
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the user's own setting survives
+    main(["--cfg", "job", "trainer.num_steps=3"])
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"
+    assert entry.composes_up_front(["-m", "trainer.seed=1,2"])
+    assert not entry.composes_up_front(["trainer.seed=1"])
+
+
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs

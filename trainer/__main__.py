@@ -109,10 +109,10 @@ def _app(dict_cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         cfg = typed_config(dict_cfg, HydraConfig.get().overrides.task)
+        quiet_libraries()  # before FBGEMM's import logs a line per kernel library
         from trainer.search import pruning_from_hydra
         from trainer.train import train  # heavy imports once the config is known good
 
-        quiet_libraries()
         on_eval = pruning_from_hydra() if in_sweep else None  # an optuna trial's pruning
         summary = train(cfg, run_dir=run_dir, on_eval=on_eval)
     except ConfigError as err:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,22 +64,34 @@ FORKSERVER_PRELOAD = [
 
 
 def run_ranks(
-    fn: Callable[..., None], *args: Any, world_size: int = 2, local_world_size: int | None = None
+    fn: Callable[..., None],
+    *args: Any,
+    world_size: int = 2,
+    local_world_size: int | None = None,
+    timeout_s: float = 900,
 ) -> None:
-    """Runs ``fn(rank, *args)`` in ``world_size`` processes; raises if any rank fails.
+    """Runs ``fn(rank, *args)`` in ``world_size`` processes; raises if any rank fails,
+    or kills them all and raises ``TimeoutError`` if they have not ended in ``timeout_s``
+    (a hung collective fails the test instead of the CI run).
 
     The ranks are forked from a fork server that has imported the heavy modules and
     done nothing else (no thread pool, no process group): fresh processes as under
     spawn, minus the import time. The caller's environment is passed along.
     """
     mp.set_forkserver_preload(FORKSERVER_PRELOAD)
-    mp.start_processes(
+    context = mp.start_processes(
         _entry,
         args=(fn, world_size, local_world_size or world_size, free_port(), args, dict(os.environ)),
         nprocs=world_size,
         start_method="forkserver",
-        join=True,
+        join=False,
     )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} ranks of {fn.__name__} still ran after {timeout_s} s")
 
 
 def torchrun_trainer(
@@ -112,9 +125,15 @@ def _trainer_main(rank: int, argv: list[str]) -> None:
     main(argv)
 
 
-def fork_trainer(*overrides: str, run_dir: Path, nproc: int = 2) -> None:
+def fork_trainer(*overrides: str, run_dir: Path, nproc: int = 2, timeout_s: float = 400) -> None:
     """``python -m trainer`` on ``nproc`` ranks forked by :func:`run_ranks`: the same
     trainer as under ``torchrun`` (the same environment per rank), without the agent and
     without each rank importing torch and torchrec again (~10 s of CPU per rank here).
-    For the tests whose subject is not the launcher; raises if a rank fails."""
-    run_ranks(_trainer_main, [*overrides, f"hydra.run.dir={run_dir}"], world_size=nproc)
+    For the tests whose subject is not the launcher; raises if a rank fails or if the
+    run outlasts ``timeout_s`` (``torchrun_trainer``'s limit)."""
+    run_ranks(
+        _trainer_main,
+        [*overrides, f"hydra.run.dir={run_dir}"],
+        world_size=nproc,
+        timeout_s=timeout_s,
+    )

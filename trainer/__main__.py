@@ -36,11 +36,10 @@ from sharding.quiet import quiet_libraries
 from trainer.config.compose import (
     CONF_DIR,
     EXIT_CONFIG_ERROR,
+    HydraRaises,
     composes_up_front,
     config_error_line,
     exit_on_compose_error,
-    hydra_raises,
-    hydra_reports,
     typed_config,
 )
 from trainer.config.run_dir import register_resolvers
@@ -79,16 +78,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
     register_resolvers()
+    global _raising
     sweep = composes_up_front(argv)
     if sweep:
         exit_on_compose_error(argv)  # every job of the sweep, before the first starts
+    _raising = None if sweep else HydraRaises()
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # Hydra reads its arguments here
-    _started.clear()
     try:
-        with contextlib.nullcontext() if sweep else hydra_raises():
+        with _raising or contextlib.nullcontext():
             _app()
     except Exception:
-        if sweep or _started:
+        if _raising is None or _raising.task_started:
             raise  # the task's own error, reported by Hydra or by the task
         exit_on_compose_error(argv)  # Hydra could not compose: one line and exit 2
         raise  # not a config mistake (an unwritable run directory...): as it is
@@ -96,15 +96,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.argv = saved
 
 
-_started: list[bool] = []  # set once Hydra has composed the config and runs the task
+_raising: HydraRaises | None = None  # a single run's, while Hydra composes it
 
 
 # An absolute path: Hydra resolves a relative one from how the module was started,
 # which differs between ``python -m trainer`` and ``main([...])`` called from Python.
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(dict_cfg: DictConfig) -> float | None:
-    _started.append(True)
-    hydra_reports()  # from here on Hydra reports errors its usual way
+    if _raising is not None:
+        _raising.task_starts()  # from here on Hydra reports errors its usual way
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:

@@ -8,7 +8,7 @@ line, ``shardrec: config error: ...`` naming the key and the allowed values,
 and exit status 2. ``python -m trainer.plan`` and a ``-m`` sweep call it before
 Hydra runs (no job of a sweep starts on a config that one of them cannot
 compose); a single ``python -m trainer`` run, each rank of a torchrun job,
-calls it only when Hydra's own compose failed (:func:`hydra_raises`), so a
+calls it only when Hydra's own compose failed (:class:`HydraRaises`), so a
 config that composes is composed once less (about a second of CPU per
 process). A config that composes goes on to Hydra unchanged, so ``-m``,
 ``--cfg job`` and ``hydra/launcher=...`` behave as before. An optuna search
@@ -25,12 +25,11 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,33 +77,35 @@ def composes_up_front(argv: Sequence[str]) -> bool:
     return bool(args.multirun) or any("hydra.mode" in o for o in args.overrides)
 
 
-@contextlib.contextmanager
-def hydra_raises() -> Iterator[None]:
-    """Hydra raises its compose errors instead of printing them (``HYDRA_FULL_ERROR``)
-    until :func:`hydra_reports` is called at the task's start: the caller turns such
-    an error into one line with :func:`exit_on_compose_error`."""
-    previous = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    _HYDRA_FULL_ERROR[:] = [previous]
-    try:
-        yield
-    finally:
-        hydra_reports()
+class HydraRaises:
+    """While Hydra composes, it raises its errors (``HYDRA_FULL_ERROR``) instead of
+    printing them, so that the caller can turn a compose mistake into one line with
+    :func:`exit_on_compose_error`; from :meth:`task_starts` on, Hydra reports the
+    task's errors its usual way again (the user's ``HYDRA_FULL_ERROR`` back)."""
 
+    def __init__(self) -> None:
+        self.task_started = False
+        self._previous: str | None = None
 
-_HYDRA_FULL_ERROR: list[str | None] = []
+    def __enter__(self) -> HydraRaises:
+        self._previous = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        return self
 
+    def task_starts(self) -> None:
+        if not self.task_started:
+            self.task_started = True
+            self._restore()
 
-def hydra_reports() -> None:
-    """Hydra reports the task's errors as it does by default (the user's
-    ``HYDRA_FULL_ERROR`` back); a no-op outside :func:`hydra_raises`."""
-    if not _HYDRA_FULL_ERROR:
-        return
-    previous = _HYDRA_FULL_ERROR.pop()
-    if previous is None:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
-    else:
-        os.environ["HYDRA_FULL_ERROR"] = previous
+    def __exit__(self, *exc: object) -> None:
+        if not self.task_started:
+            self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = self._previous
 
 
 def check_compose(argv: Sequence[str], *, config_name: str = "config") -> None:

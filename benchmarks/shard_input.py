@@ -6,12 +6,15 @@ prepares them into shards, then on the default model and batch:
 1. times building ``--batches`` training batches alone (shuffled, per-rank
    batch 1024) from the shards and from the synthetic source;
 2. trains ``--steps`` steps from each (``python -m trainer``), reading
-   ``samples_per_sec`` from the summaries;
+   ``samples_per_sec`` from the summaries; from the shards twice, with the
+   batches built inline (``trainer.prefetch=off``) and as ``auto`` does it on
+   ``--device`` (a GPU: ahead on a thread, pinned; the CPU: inline);
 3. prints the input time per batch as a share of the step time of that run.
 
 Example::
 
     python -m benchmarks.shard_input outputs/bench-shards --rows 262144 --steps 300
+    python -m benchmarks.shard_input outputs/bench-shards --device cuda   # a GPU
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=262144, help="planted train rows")
     parser.add_argument("--batches", type=int, default=200, help="batches timed alone")
     parser.add_argument("--steps", type=int, default=300, help="training steps per source")
+    parser.add_argument("--device", default="cpu", help="sharding.device of the training runs")
     args = parser.parse_args()
+    on = f"sharding.device={args.device}"
 
     import torch
 
@@ -72,11 +77,20 @@ def main() -> None:
         "shards_input_ms": input_ms(ShardSource(shards, seed=0), args.batches),
         "synthetic_input_ms": input_ms(SyntheticCriteo(SyntheticDataConfig()), args.batches),
         "shards_samples_per_s": train_samples_per_s(
-            args.out / "run-shards", args.steps, "data=criteo", f"data.dir={shards}"
+            args.out / "run-shards",
+            args.steps,
+            "data=criteo",
+            f"data.dir={shards}",
+            on,
+            "trainer.prefetch=off",
         ),
-        "synthetic_samples_per_s": train_samples_per_s(args.out / "run-synthetic", args.steps),
+        "shards_auto_samples_per_s": train_samples_per_s(
+            args.out / "run-shards-auto", args.steps, "data=criteo", f"data.dir={shards}", on
+        ),
+        "synthetic_samples_per_s": train_samples_per_s(args.out / "run-synthetic", args.steps, on),
     }
-    for name in ("shards", "synthetic"):
+    results["shards_auto_input_ms"] = results["shards_input_ms"]
+    for name in ("shards", "shards_auto", "synthetic"):
         step_ms = BATCH / results[f"{name}_samples_per_s"] * 1e3
         results[f"{name}_step_ms"] = step_ms
         results[f"{name}_input_share"] = results[f"{name}_input_ms"] / step_ms

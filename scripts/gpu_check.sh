@@ -7,7 +7,9 @@
 #   run carry [.gpu/p3]            command: bash .gpu/kit/install.sh && . .gpu/env.sh && bash scripts/gpu_check.sh
 # Runs the gpu test tier, the DLRM-DCNv2 shape (scaled to one device) through
 # python -m benchmarks.bench, and the fused embedding forward against a device-to-device
-# copy (python -m benchmarks.gpu_bandwidth). Logs go to $OUT (default outputs/gpu-check); the
+# copy (python -m benchmarks.gpu_bandwidth), and training from prepared shards with the
+# batches inline and built ahead, pinned (python -m benchmarks.shard_input). Logs go to
+# $OUT (default outputs/gpu-check); the
 # last lines printed are a short table. Each part has its own time limit, so a
 # hang in one still leaves the others' results.
 set -uo pipefail
@@ -56,10 +58,16 @@ timeout ${GPU_BW_S:-70} $PY -m benchmarks.gpu_bandwidth --batch-size 16384 --max
 bw_rc=$?
 tail -n 5 /tmp/bandwidth.log
 
-$PY - "$OUT" "$pytest_rc" "$bench_rc" "$bw_rc" <<'PYEOF'
+echo "== shard input: the default model trained from prepared shards, prefetch off / auto"
+timeout ${GPU_SHARDS_S:-100} $PY -m benchmarks.shard_input "$OUT/shards" --rows 131072 --steps 200 \
+  --batches 50 --device cuda > "$OUT/shards.log" 2>&1
+shards_rc=$?
+tail -n 14 "$OUT/shards.log"
+
+$PY - "$OUT" "$pytest_rc" "$bench_rc" "$bw_rc" "$shards_rc" <<'PYEOF'
 import json, re, statistics, sys
 from pathlib import Path
-out, pytest_rc, bench_rc, bw_rc = sys.argv[1], *sys.argv[2:]
+out, pytest_rc, bench_rc, bw_rc, shards_rc = sys.argv[1], *sys.argv[2:]
 print("\n| check | result |\n| --- | --- |")
 log = Path(out, "pytest.log").read_text() if Path(out, "pytest.log").exists() else ""
 m = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error).*?) in [\d.]+s", log, re.M)
@@ -80,4 +88,10 @@ try:
               f"{100*b[f'forward_{k}_fraction_of_copy']:.0f}% of copy |")
 except Exception as e:
     print(f"| bandwidth (rc {bw_rc}) | failed: {e} |")
+try:
+    s = json.loads(Path(out, "shards", "bench.json").read_text())
+    for k in ("shards", "shards_auto", "synthetic"):
+        print(f"| default model from {k} (batch 1024) | {s[f'{k}_samples_per_s']:,.0f} samples/s |")
+except Exception as e:
+    print(f"| shard input (rc {shards_rc}) | failed: {e} |")
 PYEOF

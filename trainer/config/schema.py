@@ -30,6 +30,7 @@ from trainer.config.compression_schema import (
     PruneConfig,
     QATConfig,
 )
+from trainer.data.prefetch import PREFETCH_MODES
 from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.errors import ConfigError
 from trainer.report.logger import LOGGER_NAMES, WANDB_MODES, LoggerConfig
@@ -45,6 +46,7 @@ CommPrecision = _choices("CommPrecision", ("fp32", "fp16", "bf16"))
 DenseOptimizer = _choices("DenseOptimizer", ("adam", "adagrad", "sgd"))
 LRSchedule = _choices("LRSchedule", ("constant", "cosine", "linear_decay"))
 PipelineName = _choices("PipelineName", ("sparse_dist", "base"))
+Prefetch = _choices("Prefetch", PREFETCH_MODES)
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 ComputeDevice = _choices("ComputeDevice", ("cuda", "cpu"))
 LoggerName = _choices("LoggerName", LOGGER_NAMES)
@@ -232,6 +234,10 @@ class TrainConfig:
     eval_batch_size: int = 4096
     seed: int = 0
     pipeline: PipelineName = PipelineName.sparse_dist
+    # Batches built ahead of the step on a thread (trainer/data/prefetch.py): auto =
+    # on a GPU fed from host memory (prepared shards), pinned for a non-blocking copy;
+    # on | off (the CPU's default under auto: a producer competes with the step).
+    prefetch: Prefetch = Prefetch.auto
     # CPU threads per process; None: OMP_NUM_THREADS if set, else half the cores per
     # local rank (OpenMP spinning on oversubscribed cores stalls kernels for ms).
     num_threads: int | None = None

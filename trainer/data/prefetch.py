@@ -19,6 +19,13 @@ Guarantees:
   producer and joins it, also when the consumer stops early; the producer never
   blocks forever on a full queue.
 
+The trainer's input (``trainer.prefetch``) goes through :func:`input_ahead`: on a
+GPU fed from host memory (prepared shards) the batches are built ``depth`` ahead
+and copied into pinned (page-locked) memory on the producer thread, so that the
+train pipeline's ``non_blocking`` host-to-device copy really runs in the
+background; everywhere else (the CPU, where the 2 cores have no room for a
+producer, and batches already on the GPU) they stay inline unless asked for.
+
 Example::
 
     batches = source.train_batches(batch_size=2048, rank=r, world_size=w,
@@ -26,14 +33,23 @@ Example::
     with Prefetcher(batches, depth=2) as prefetched:
         for batch in prefetched:
             train_step(batch)
+
+    with input_ahead(batches, mode="auto", device=torch.device("cuda")) as ahead:
+        for batch in ahead:   # pinned host batches, two ahead of the step
+            train_step(batch)
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 _POLL_S = 0.05
@@ -145,3 +161,43 @@ class Prefetcher(Generic[T]):
     def __del__(self) -> None:
         if getattr(self, "_thread", None) is not None and self._thread.is_alive():
             self._stop.set()
+
+
+PREFETCH_MODES = ("auto", "on", "off")
+
+
+def _in_host_memory(batch: Any) -> bool:
+    return batch.dense_features.device.type == "cpu"
+
+
+def _pinned(batch: Any) -> Any:
+    """``batch`` in page-locked memory (a host batch; a device batch as it is)."""
+    return batch.pin_memory() if _in_host_memory(batch) else batch
+
+
+@contextlib.contextmanager
+def input_ahead(
+    batches: Iterator[Any], *, mode: str, device: torch.device, depth: int = 2
+) -> Iterator[Iterator[Any]]:
+    """``batches`` as the train step reads them (see the module docstring).
+
+    ``mode``: ``auto`` prefetches, pinned, when ``device`` is a GPU and the batches
+    are in host memory (the first batch says; it is read here), else leaves them
+    inline; ``on`` always prefetches (pinned for a GPU); ``off`` never. The same
+    batches in the same order either way; the producer is stopped on leaving.
+    """
+    if mode not in PREFETCH_MODES:
+        raise ValueError(f"trainer.prefetch={mode!r}; use one of {PREFETCH_MODES}")
+    gpu = device.type == "cuda"
+    if mode == "auto":
+        first = next(batches, None)
+        if first is None:
+            yield iter(())
+            return
+        batches = itertools.chain([first], batches)
+        mode = "on" if gpu and _in_host_memory(first) else "off"
+    if mode == "off":
+        yield batches
+        return
+    with Prefetcher(batches, depth=depth, transform=_pinned if gpu else None) as ahead:
+        yield ahead

@@ -22,7 +22,7 @@ model, the optimizer, the data source and ``extra_states`` (the converters).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from trainer.checkpoint.load import ModelState, OptimizerState
 from trainer.checkpoint.save import Checkpointer
 from trainer.config.schema import TrainConfig
 from trainer.data.loader import eval_slices
+from trainer.data.prefetch import input_ahead
 from trainer.data.source import DataSource
 from trainer.loop.train_pipeline import drain, make_pipeline
 from trainer.report.logger import MetricsLogger
@@ -204,7 +205,13 @@ class Trainer:
             first_step=self.step,
             num_steps=num_steps,
         )
-        batches = self.faults.wrap_batches(batches, first_step=self.step)
+        # Built ahead on a thread (pinned, for a GPU fed from host memory), then the
+        # test-only faults, at the step that reads the batch.
+        with input_ahead(batches, mode=self.settings.prefetch, device=self.env.device) as ahead:
+            batches = self.faults.wrap_batches(ahead, first_step=self.step)
+            self._train_on(batches, num_steps, bar)
+
+    def _train_on(self, batches: Iterator[Any], num_steps: int, bar: tqdm) -> None:
         # Summed on device and read once per log line: .item() is a host sync point.
         loss_sum = torch.zeros((), device=self.env.device)
         loss_count = 0

@@ -215,3 +215,13 @@ def test_movielens_100k_implicit_feedback(tmp_path, movielens, compose_cfg):
         age = int(user["age"])
         assert got["ids"]["age_bucket"][k] == [1 + sum(age >= b for b in bounds)]
         np.testing.assert_allclose(got["dense"][k, 0], np.log1p(age), rtol=1e-6)
+
+
+def test_csv_with_a_utf8_byte_order_mark_finds_its_first_column(tmp_path):
+    path = tmp_path / "excel.csv"  # a spreadsheet's "CSV UTF-8" export starts with a BOM
+    path.write_text('clicked,user,title\n1,7,"a, b"\n0,8,c\n', encoding="utf-8-sig")
+    c = table_cfg(tmp_path, [path], dense=[], categorical=["user", "title"], multi_hot=[])
+    assert prepare(c, progress=False).metadata.splits["train"].num_rows == 2
+    got = read_split(tmp_path / "out", "train")
+    assert got["labels"].tolist() == [1.0, 0.0]
+    assert got["ids"]["title"] == [[hashed("a, b", 50)], [hashed("c", 50)]]

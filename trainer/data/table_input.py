@@ -109,10 +109,11 @@ def resolve_format(path: Path, fmt: TableFormat) -> TableFormat:
 
 
 def column_names(path: Path, fmt: TableFormat) -> list[str]:
-    """The file's column names (an atomic file's ``name:type`` header without the types)."""
+    """The file's column names (an atomic file's ``name:type`` header without the types;
+    a UTF-8 byte order mark before a text header is not part of the first name)."""
     if fmt == TableFormat.parquet:
         return list(pq.ParquetFile(path).schema_arrow.names)
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         header = f.readline().rstrip("\r\n")
     names = header.split("\t" if fmt != TableFormat.csv else ",")
     if fmt == TableFormat.atomic:

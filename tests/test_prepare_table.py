@@ -225,3 +225,17 @@ def test_csv_with_a_utf8_byte_order_mark_finds_its_first_column(tmp_path):
     got = read_split(tmp_path / "out", "train")
     assert got["labels"].tolist() == [1.0, 0.0]
     assert got["ids"]["title"] == [[hashed("a, b", 50)], [hashed("c", 50)]]
+
+
+def test_an_empty_text_file_is_named_or_skipped(tmp_path):
+    good, empty = tmp_path / "good.csv", tmp_path / "empty.csv"
+    good.write_text("clicked,user,item\n" + "".join(f"{i % 2},{i},x\n" for i in range(20)))
+    empty.write_bytes(b"")  # 0 bytes: not even the header
+    kw = dict(dense=[], categorical=["user", "item"], multi_hot=[])
+    with pytest.raises(PrepareError, match=r"empty.csv is empty, not even a header line"):
+        prepare(table_cfg(tmp_path, [good, empty], **kw), progress=False)
+    c = table_cfg(tmp_path, [good, empty], on_bad_row="skip", **kw)
+    meta = prepare(c, progress=False).metadata
+    assert meta.splits["train"].num_rows + meta.splits["eval"].num_rows == 20
+    with pytest.raises(PrepareError, match=r"every file is empty"):
+        prepare(table_cfg(tmp_path, [empty], on_bad_row="skip", **kw), progress=False)

@@ -126,6 +126,8 @@ def table_tasks(cfg: TableDataConfig) -> list[TableTask]:
         tasks = _tasks(cfg, spec)
     except TableInputError as err:
         raise PrepareError(str(err)) from err
+    if not tasks:
+        raise PrepareError(f"data.raw {list(cfg.raw)}: every file is empty, no rows to prepare")
     for task in tasks:
         task.skip = cfg.on_bad_row == OnBadRow.skip
     return tasks
@@ -179,6 +181,13 @@ def _tasks(cfg: TableDataConfig, spec: TableSpec) -> list[TableTask]:
     ):
         for path in check_inputs(list(files), key):
             fmt = resolve_format(path, cfg.format)
+            if fmt != TableFormat.parquet and path.stat().st_size == 0:
+                if cfg.on_bad_row == OnBadRow.skip:
+                    continue
+                raise PrepareError(
+                    f"{path} is empty, not even a header line: every file in {key} needs one "
+                    "(data.on_bad_row=skip skips empty files)"
+                )
             have = column_names(path, fmt)
             used, provided = [], set(have)
             for jpath, jfmt, on, jhave in joins:

@@ -182,3 +182,15 @@ def test_cli_parses_joins_and_table_keys() -> None:
     assert args["format"] == "csv" and args["batch_rows"] == 128
     with pytest.raises(PredictError, match="data.joins"):
         parse(["b", "data.raw=[a.csv]", "out=o.parquet", "data.joins=u.csv"])
+
+
+def test_a_compressed_input_is_one_predict_error(tmp_path) -> None:
+    import gzip
+
+    from trainer.predict.table import _labelled
+
+    gz = tmp_path / "events.csv.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("clicked,user\n1,7\n")
+    with pytest.raises(PredictError, match=r"events.csv.gz is gzip-compressed"):
+        _labelled(TableDataConfig(raw=[str(gz)], label="clicked", categorical=["user"]))

@@ -239,3 +239,18 @@ def test_an_empty_text_file_is_named_or_skipped(tmp_path):
     assert meta.splits["train"].num_rows + meta.splits["eval"].num_rows == 20
     with pytest.raises(PrepareError, match=r"every file is empty"):
         prepare(table_cfg(tmp_path, [empty], on_bad_row="skip", **kw), progress=False)
+
+
+def test_compressed_text_and_a_file_that_is_not_parquet_are_named(tmp_path):
+    import gzip
+
+    gz = tmp_path / "events.csv.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("clicked,user,item\n1,7,x\n0,8,y\n")
+    kw = dict(dense=[], categorical=["user", "item"], multi_hot=[])
+    with pytest.raises(PrepareError, match=r"events.csv.gz is gzip-compressed: decompress it"):
+        prepare(table_cfg(tmp_path, [gz], **kw), progress=False)
+    fake = tmp_path / "events.parquet"
+    fake.write_text("clicked,user,item\n1,7,x\n")
+    with pytest.raises(PrepareError, match=r"events.parquet: not a Parquet file \("):
+        prepare(table_cfg(tmp_path, [fake], **kw), progress=False)

@@ -108,11 +108,33 @@ def resolve_format(path: Path, fmt: TableFormat) -> TableFormat:
     return TableFormat.csv
 
 
+# The first bytes of compressed files, which a text table cannot be read from.
+_COMPRESSED = {
+    "gzip": b"\x1f\x8b",
+    "xz": b"\xfd7zX",
+    "zstd": b"\x28\xb5\x2f\xfd",
+    "zip": b"PK\x03\x04",
+}
+
+
 def column_names(path: Path, fmt: TableFormat) -> list[str]:
     """The file's column names (an atomic file's ``name:type`` header without the types;
     a UTF-8 byte order mark before a text header is not part of the first name)."""
     if fmt == TableFormat.parquet:
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        try:
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        except (pa.ArrowException, OSError) as err:
+            raise TableInputError(
+                f"{path}: not a Parquet file ({err}); data.format=csv or tsv reads text tables"
+            ) from None
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    for kind, start in _COMPRESSED.items():
+        if magic.startswith(start):
+            raise TableInputError(
+                f"{path} is {kind}-compressed: decompress it first (data=table reads plain "
+                "CSV / TSV text and Parquet)"
+            )
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         header = f.readline().rstrip("\r\n")
     names = header.split("\t" if fmt != TableFormat.csv else ",")

@@ -160,16 +160,19 @@ def _format(value: str) -> TableFormat:
 def _labelled(cfg: TableDataConfig) -> bool:
     """Whether every input (with its side tables) has the label column."""
     side: set[str] = set()
-    for j in cfg.joins:
-        path = Path(j.raw)
-        if path.is_file():
-            side.update(column_names(path, resolve_format(path, j.format)))
-    for p in cfg.raw:
-        path = Path(p)
-        if not path.is_file():
-            raise PredictError(f"data.raw: {path} not found; pass existing table files")
-        if cfg.label not in side and cfg.label not in column_names(
-            path, resolve_format(path, cfg.format)
-        ):
-            return False
+    try:
+        for j in cfg.joins:
+            path = Path(j.raw)
+            if path.is_file():
+                side.update(column_names(path, resolve_format(path, j.format)))
+        for p in cfg.raw:
+            path = Path(p)
+            if not path.is_file():
+                raise PredictError(f"data.raw: {path} not found; pass existing table files")
+            if cfg.label not in side and cfg.label not in column_names(
+                path, resolve_format(path, cfg.format)
+            ):
+                return False
+    except TableInputError as err:
+        raise PredictError(str(err)) from err
     return True

@@ -254,3 +254,31 @@ def test_compressed_text_and_a_file_that_is_not_parquet_are_named(tmp_path):
     fake.write_text("clicked,user,item\n1,7,x\n")
     with pytest.raises(PrepareError, match=r"events.parquet: not a Parquet file \("):
         prepare(table_cfg(tmp_path, [fake], **kw), progress=False)
+
+
+def test_parquet_columns_of_the_wrong_arrow_type_are_named(tmp_path):
+    table = pa.table(
+        {
+            "clicked": pa.array([1, 0, 1], pa.int8()),
+            "tags": pa.array([["a"], ["b", "c"], []], pa.list_(pa.string())),
+            "meta": pa.array([{"x": 1}] * 3),
+            "ts": pa.array([0, 1, 2], pa.timestamp("ms")),
+            "city": pa.array(["1.5", "x", "2"]).dictionary_encode(),  # a pandas category
+        }
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    raw = [tmp_path / "t.parquet"]
+    cases = [
+        (
+            dict(categorical=["tags"], multi_hot=[]),
+            r"'tags' is list<.*>; name it in data.multi_hot",
+        ),
+        (dict(categorical=["meta"]), r"column 'meta' is struct<x: int64>; data.categorical needs"),
+        (dict(dense=["meta"]), r"column 'meta' is struct<x: int64>; data.dense needs numbers"),
+        (dict(label="ts"), r"column 'ts' is timestamp\[ms\]; data.label needs numbers"),
+        (dict(dense=["city"]), r"t.parquet:2: column 'city' is 'x', not a finite number"),
+    ]
+    for over, match in cases:
+        kw = {"dense": [], "categorical": [], "multi_hot": ["tags"], **over}
+        with pytest.raises(PrepareError, match=match):
+            prepare(table_cfg(tmp_path, raw, **kw), progress=False)

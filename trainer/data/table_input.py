@@ -273,9 +273,54 @@ def read_batches(
         yield out
 
 
+def _check_types(path: Path, table: pa.Table, spec: TableSpec) -> None:
+    """A column whose Arrow type cannot fill its role (a list named as one id, a struct,
+    a timestamp as the label) is one error naming the file, the column and the fix."""
+    roles = [(spec.label, "data.label"), *((c, "data.dense") for c in spec.dense)]
+    roles += [(c, "data.buckets") for c in spec.buckets]
+    roles += [(c, "data.categorical") for c in spec.categorical]
+    roles += [(c, "data.multi_hot") for c in spec.multi_hot]
+    for column, key in roles:
+        if not column or column not in table.column_names:
+            continue
+        kind = table.schema.field(column).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        if key == "data.multi_hot" and is_list:
+            kind, is_list = kind.value_type, False
+        if key == "data.categorical" and is_list:
+            fix = "name it in data.multi_hot (data.categorical holds one id per row)"
+        elif pa.types.is_nested(kind) or is_list:
+            fix = f"{key} needs {'numbers' if key in _NUMERIC_ROLES else 'strings or integers'}"
+        elif key in _NUMERIC_ROLES and not _numeric_type(kind):
+            fix = f"{key} needs numbers (or text holding numbers)"
+        else:
+            continue
+        raise TableInputError(
+            f"{path}: column {column!r} is {table.schema.field(column).type}; {fix}"
+        )
+
+
+_NUMERIC_ROLES = ("data.label", "data.dense", "data.buckets")
+
+
+def _numeric_type(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_decimal(kind)
+        or pa.types.is_null(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+    )
+
+
 def _to_arrays(
     path: Path, first: int, table: pa.Table, spec: TableSpec, fmt: TableFormat, skipped: np.ndarray
 ) -> TableBatch:
+    _check_types(path, table, spec)
     n = table.num_rows
     bad: list[tuple[int, str, str]] = []
 
@@ -356,6 +401,8 @@ def _as_text(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 def _numeric(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float64 values, which cells are numbers or missing, which are missing (null, empty)."""
     column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):  # e.g. a pandas category column
+        column = column.dictionary_decode()
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         stripped = pc.utf8_trim_whitespace(column)
         empty = pc.fill_null(pc.equal(stripped, ""), True)

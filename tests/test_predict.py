@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from benchmarks import planted_to_tsv
 from trainer.config.schema import to_config
@@ -103,3 +104,14 @@ def test_predict_names_a_missing_bundle_and_bad_key(
     assert "schema.json not found" in capsys.readouterr().err
     assert main([str(tmp_path), "rows=[x.tsv]"]) == 2
     assert "'rows=[x.tsv]'" in capsys.readouterr().err
+
+
+def test_the_auc_of_rows_of_one_class_is_null_not_nan(tmp_path: Path) -> None:
+    from trainer.predict import ScoreSink
+
+    sink = ScoreSink(tmp_path / "s.parquet", labelled=True)  # one row, or all clicks
+    sink.add(torch.tensor([0.3, 0.7]), np.array([1.0, 1.0]))
+    sink.close_writer()
+    result = sink.result(skipped=0)
+    assert result["rows"] == 2 and result["auc"] is None
+    json.loads(json.dumps(result), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,11 +183,13 @@ class ScoreSink:
         pq.write_table(pa.table(empty), self.out)
 
     def result(self, *, skipped: int) -> dict[str, Any]:
-        """``{"rows", "skipped", "auc", "out"}`` (auc None without rows or labels)."""
+        """``{"rows", "skipped", "auc", "out"}`` (auc None without rows or labels, or with
+        one class only: NaN is not JSON)."""
         scores = torch.cat(self.scores) if self.scores else torch.zeros(0)
         auc = None
         if self.labelled and scores.numel():
             auc = binary_auc(scores, torch.cat(self.labels))
+            auc = auc if math.isfinite(auc) else None
         return {"rows": int(scores.numel()), "skipped": skipped, "auc": auc, "out": str(self.out)}
 
 

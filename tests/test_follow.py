@@ -211,6 +211,11 @@ def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path, publish
 def test_follow_settings_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="optim.dense_lr_schedule=constant"):
         train(_cfg(tmp_path, "optim.dense_lr_schedule=cosine"), run_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="trainer.export=true would write no bundle"):
+        train(
+            _cfg(tmp_path, "trainer.export=true", "online.idle_timeout_s=0.3"),
+            run_dir=tmp_path / "r",
+        )
     with pytest.raises(ConfigError, match="no partition in"):
         train(_cfg(tmp_path / "empty", "online.idle_timeout_s=0.3"), run_dir=tmp_path / "r")
 

@@ -37,6 +37,11 @@ def validate_follow(cfg: Config) -> None:
         "pass optim.dense_lr_schedule=constant",
     )
     check(
+        o.publish or not cfg.trainer.export,
+        "online.follow=true has no last step to export at, so trainer.export=true would write "
+        "no bundle: pass online.publish=true (a bundle after each partition, exports/LATEST)",
+    )
+    check(
         o.publish_every_steps >= 0,
         f"online.publish_every_steps={o.publish_every_steps} must be >= 0 "
         "(0: at each partition's end)",

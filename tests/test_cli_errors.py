@@ -38,6 +38,7 @@ MISTAKES = [
     (["qat.bits=3"], ["qat.bits=3", "8 or 4"]),
     (["trainer.resume=/nope"], ["trainer.resume", "/nope"]),
     (["+sharding.tables={t_nope:{strategy:row_wise}}"], ["sharding.tables.t_nope", "no such"]),
+    (["data=table", "data.buckets.age=[18,25]"], ["data.buckets.age", "+data.buckets.age=VALUE"]),
     (["sharding=row_wise"], ["sharding.strategy=row_wise", "world_size > 1", "torchrun"]),
 ]
 

@@ -258,7 +258,7 @@ def explain(err: BaseException, overrides: Sequence[str]) -> str:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
-            return _unknown_key(key, cause)
+            return _unknown_key(key, cause, overrides)
         first = str(cause).splitlines()[0]
         value = next((o.split("=", 1)[1] for o in overrides if _key_of(o) == key), None)
         return f"{key}={value}: {first}" if value is not None else f"{key}: {first}"
@@ -294,11 +294,14 @@ def _unparsable(overrides: Sequence[str]) -> str | None:
     return None
 
 
-def _unknown_key(key: str, cause: OmegaConfBaseException) -> str:
+def _unknown_key(key: str, cause: OmegaConfBaseException, overrides: Sequence[str] = ()) -> str:
     parent, _, name = key.rpartition(".")
     known = _field_names(getattr(cause, "object_type", None))
     where = f"{parent}" if parent else "the config"
     if not known:
+        added = any(o.startswith("+") and _key_of(o) in (key, parent) for o in overrides)
+        if getattr(cause, "object_type", None) is dict and not added:  # e.g. data.buckets
+            return f"{key}: no such key in {where} yet; add a key to a dict with +{key}=VALUE"
         return f"{key}: no such key in {where}"
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
@@ -227,3 +228,16 @@ def test_hours_from_arrow_timestamps_with_a_zone(tmp_path: Path) -> None:
     assert result.appended == ["2026-12-01T13", "2026-12-01T14"]
     first = read_split(tmp_path / "hours" / "partitions" / "2026-12-01T13", "train")
     assert first["ids"]["user"] == [[hashed("a", ROWS)], [hashed("c", ROWS)]]
+
+
+def test_times_in_another_unit_than_timestamp_unit_are_bad_times(tmp_path: Path) -> None:
+    """Milliseconds (or nanoseconds) read as seconds are past the year 9999: a bad time
+    named with its line, not an OverflowError or an int64 product wrapped into 1970-2100."""
+    table = days_table([0, 1], n_per_day=5)
+    for scale, name in ((1000, "ms"), (10**9, "ns")):
+        ts = pc.multiply(table["ts"], pa.scalar(scale, pa.int64()))
+        pq.write_table(table.set_column(0, "ts", ts), tmp_path / f"{name}.parquet")
+        with pytest.raises(PrepareError, match=rf"{name}.parquet:1: column 'ts' is \d+, not a"):
+            prepare(cfg(tmp_path / name, [tmp_path / f"{name}.parquet"]), progress=False)
+        right = prepare(cfg(tmp_path / name, [tmp_path / f"{name}.parquet"], timestamp_unit=name))
+        assert right.appended == ["2026-12-01", "2026-12-02"]

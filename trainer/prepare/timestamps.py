@@ -30,6 +30,9 @@ US_PER = {"s": 10**6, "ms": 10**3, "us": 1, "ns": 10**-3}  # microseconds per un
 PERIOD_US = {PartitionBy.day: 86_400 * 10**6, PartitionBy.hour: 3_600 * 10**6}
 NAME_FORMAT = {PartitionBy.day: "%Y-%m-%d", PartitionBy.hour: "%Y-%m-%dT%H"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The times a period can be named for (datetime's years 1-9999), in microseconds since 1970.
+_MIN_US = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+_MAX_US = (datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
 _INTEGER = r"^\s*[-+]?\d+\s*$"
 _ZONED = r"(Z|[-+]\d\d:?\d\d)\s*$"
 HELP = (
@@ -42,9 +45,11 @@ def period_index(
     column: pa.Array | pa.ChunkedArray, *, unit: TimestampUnit, period: PartitionBy
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per value: its period (int64: whole days or hours since 1970 UTC), and whether
-    it is a timestamp at all (null, empty and unparseable values are not)."""
+    it is a timestamp at all (null, empty and unparseable values are not, nor times
+    outside the years 1-9999: milliseconds read as data.timestamp_unit=s, say)."""
     micros, ok = epoch_us(column, unit=unit)
-    return np.floor_divide(micros, PERIOD_US[period]), ok
+    ok &= (micros >= _MIN_US) & (micros <= _MAX_US)
+    return np.floor_divide(np.where(ok, micros, 0), PERIOD_US[period]), ok
 
 
 def period_name(index: int, period: PartitionBy) -> str:
@@ -81,6 +86,7 @@ def epoch_us(
             whole = pc.fill_null(column, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
             return np.where(ok, _integer_us(whole, unit), 0), ok
         micros = np.where(ok, np.floor(np.where(ok, values, 0) * US_PER[str(unit)]), 0)
+        micros = np.clip(micros, _MIN_US - 1, _MAX_US + 1)  # past int64: no wrap-around
         return micros.astype(np.int64), ok
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return _text_us(column, unit)
@@ -107,9 +113,12 @@ def _text_us(text: pa.Array, unit: TimestampUnit) -> tuple[np.ndarray, np.ndarra
 
 
 def _integer_us(values: np.ndarray, unit: TimestampUnit) -> np.ndarray:
+    """Microseconds; a value past the years 1-9999 becomes one just past them, never an
+    int64 product that wraps around into a plausible time."""
     if str(unit) == "ns":
         return np.floor_divide(values, 1000)
-    return values * int(US_PER[str(unit)])
+    scale = int(US_PER[str(unit)])
+    return np.clip(values, _MIN_US // scale - 1, _MAX_US // scale + 1) * scale
 
 
 def _cast_each(text: pa.Array, kind: pa.DataType) -> tuple[np.ndarray, np.ndarray]:

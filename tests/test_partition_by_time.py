@@ -241,3 +241,53 @@ def test_times_in_another_unit_than_timestamp_unit_are_bad_times(tmp_path: Path)
             prepare(cfg(tmp_path / name, [tmp_path / f"{name}.parquet"]), progress=False)
         right = prepare(cfg(tmp_path / name, [tmp_path / f"{name}.parquet"], timestamp_unit=name))
         assert right.appended == ["2026-12-01", "2026-12-02"]
+
+
+def test_avazu_hours_need_a_timestamp_format_and_get_one(tmp_path: Path, capsys) -> None:
+    """Avazu's ``hour`` column (YYMMDDHH as an integer, 14102100) is a time only in
+    data.timestamp_format=%y%m%d%H; read as seconds since 1970 every row falls on one
+    day of 1970, which prepare notes with the fix."""
+    hours = [14102100, 14102101, 14102123, 14102200, 14102201]
+    table = pa.table(
+        {
+            "hour": pa.array(np.repeat(hours, 4), pa.int64()),
+            "click": pa.array(np.tile([0, 1], 10), pa.int8()),
+            "site_id": pa.array([f"s{i % 3}" for i in range(20)]),
+        }
+    )
+    pq.write_table(table, tmp_path / "avazu.parquet")
+    argv = [
+        "data=table",
+        f"data.raw=[{tmp_path / 'avazu.parquet'}]",
+        "data.label=click",
+        "data.dense=[]",
+        "data.categorical=[site_id]",
+        "data.num_workers=1",
+        "data.eval_fraction=0.0",
+        "data.partition_by=hour",
+        "data.timestamp_column=hour",
+    ]
+    assert prepare_main([*argv, f"data.dir={tmp_path / 'as_seconds'}"]) == 0
+    out = capsys.readouterr()
+    assert "appended 1 partitions (1970-06-13T" in out.out
+    assert "data.timestamp_format=%y%m%d%H" in out.err
+    dataset = tmp_path / "hours"
+    formatted = [*argv, f"data.dir={dataset}", "data.timestamp_format=%y%m%d%H"]
+    assert prepare_main(formatted) == 0
+    out = capsys.readouterr()
+    names = ["2014-10-21T00", "2014-10-21T01", "2014-10-21T23", "2014-10-22T00", "2014-10-22T01"]
+    assert f"appended 5 partitions ({', '.join(names)})" in out.out and "note" not in out.err
+    assert Manifest.read(dataset).names == names
+    assert [p.num_rows["train"] for p in Manifest.read(dataset).partitions] == [4] * 5
+    # The same hours as text (a CSV's), and a value the format cannot read: a bad time.
+    rows = table.set_column(0, "hour", pc.cast(table["hour"], pa.string())).to_pylist()
+    rows[5]["hour"] = "2014-10-21"
+    pv.write_csv(pa.Table.from_pylist(rows), tmp_path / "avazu.csv")
+    csv_argv = [a.replace("avazu.parquet", "avazu.csv") for a in formatted]
+    csv_argv = [a.replace(str(dataset), str(tmp_path / "csv_hours")) for a in csv_argv]
+    assert prepare_main(csv_argv) == 2
+    assert "avazu.csv:7: column 'hour' is '2014-10-21', not a timestamp" in capsys.readouterr().err
+    assert prepare_main([*csv_argv, "data.on_bad_row=skip"]) == 0
+    assert Manifest.read(tmp_path / "csv_hours").names == names
+    with pytest.raises(PrepareError, match="has no % directive"):
+        prepare(cfg(tmp_path / "x", [tmp_path / "avazu.parquet"], timestamp_format="YYMMDDHH"))

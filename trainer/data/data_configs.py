@@ -178,6 +178,9 @@ class TableDataConfig(PreparedDataConfig):
     # since 1970 UTC), or text: such an integer or ISO 8601 (no zone: UTC). Not a feature.
     timestamp_column: str = ""
     timestamp_unit: TimestampUnit = TimestampUnit.s
+    # A strptime format for times written as text or digits in another form than those
+    # (e.g. Avazu's hour 14102100: %y%m%d%H; 20141021: %Y%m%d); no zone: UTC. "": off.
+    timestamp_format: str = ""
 
 
 def register_data_schemas(cs: ConfigStore | None = None) -> None:

@@ -46,7 +46,7 @@ _NOT_IN_FINGERPRINT = {
     "dense_norm",
 }
 # data.partition_by's keys: in the fingerprint only when set (older fingerprints stay valid).
-_TIME_KEYS = ("partition_by", "timestamp_column", "timestamp_unit")
+_TIME_KEYS = ("partition_by", "timestamp_column", "timestamp_unit", "timestamp_format")
 
 
 @dataclass
@@ -119,6 +119,8 @@ def fingerprint_settings(cfg: PreparedDataConfig) -> dict:
     if str(settings.get("partition_by", "none")) == "none":
         for key in _TIME_KEYS:
             settings.pop(key, None)
+    if not settings.get("timestamp_format"):  # unset: the fingerprints from before it
+        settings.pop("timestamp_format", None)
     return settings
 
 

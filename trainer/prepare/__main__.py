@@ -60,6 +60,14 @@ def main(argv: list[str]) -> int:
     if result.appended:
         names = ", ".join(result.appended)
         print(f"{data.dir}: appended {len(result.appended)} partitions ({names}); the last:")
+        if all(name.startswith("1970-") for name in result.appended):
+            print(
+                "  note: every time fell in 1970, as times counted from 1970-01-01 in the wrong "
+                "unit do (or a log's own clock); if the column holds milliseconds set "
+                "data.timestamp_unit=ms, if dates written as digits (Avazu's hour 14102100) "
+                "data.timestamp_format=%y%m%d%H",
+                file=sys.stderr,
+            )
     seconds = time.perf_counter() - start
     rows = sum(s.num_rows for s in meta.splits.values())
     splits = ", ".join(f"{name} {s.num_rows:,} rows" for name, s in meta.splits.items())

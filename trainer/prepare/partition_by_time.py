@@ -70,6 +70,7 @@ class CutTask:
     timestamp_column: str
     unit: TimestampUnit
     period: PartitionBy
+    time_format: str  # data.timestamp_format ("": the column's own type says)
     newest: int | None  # the dataset's newest listed period
     listed: list[int]
     dataset: str
@@ -117,6 +118,7 @@ def prepare_by_time(cfg: TableDataConfig, *, progress: bool = True) -> PrepareRe
                     timestamp_column=cfg.timestamp_column,
                     unit=cfg.timestamp_unit,
                     period=cfg.partition_by,
+                    time_format=cfg.timestamp_format,
                     newest=max(listed, default=None),
                     listed=sorted(listed),
                     dataset=str(dataset),
@@ -147,6 +149,11 @@ def _check_settings(cfg: TableDataConfig) -> None:
         raise PrepareError(
             f"data.partition_by={cfg.partition_by} needs data.timestamp_column=NAME (the "
             "column holding each row's time)"
+        )
+    if cfg.timestamp_format and "%" not in cfg.timestamp_format:
+        raise PrepareError(
+            f"data.timestamp_format={cfg.timestamp_format!r} has no % directive: it is a "
+            "strptime format, e.g. %y%m%d%H for 14102100 or '%Y-%m-%d %H:%M' for 2014-10-21 05:00"
         )
     if cfg.eval_raw:
         raise PrepareError(
@@ -210,7 +217,9 @@ def _cut_file(task: CutTask) -> CutOutput:
         inside = rows < keep.size
         good[inside] = keep[rows[inside]]
         try:
-            index, ok = period_index(batch.column(ts), unit=task.unit, period=task.period)
+            index, ok = period_index(
+                batch.column(ts), unit=task.unit, period=task.period, time_format=task.time_format
+            )
         except TypeError as err:
             message = f"{path}: column {ts!r} is {err}; fix data.timestamp_column"
             raise PrepareError(message) from None

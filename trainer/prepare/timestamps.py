@@ -5,9 +5,11 @@ column may hold Arrow timestamps (any unit; with a zone: that instant, without:
 UTC), dates, integers or floats (``data.timestamp_unit`` since 1970-01-01 UTC),
 or text (a CSV's): such an integer, or ISO 8601 as pyarrow casts it
 (``2026-12-01``, ``2026-12-01 13:05:00``, ``2026-12-01T13:05:00Z``,
-``...+02:00``; no zone: UTC). A period is the number of whole days (hours)
-since 1970 UTC; its name is ``2026-12-01`` (``2026-12-01T13``), which sorts in
-time order.
+``...+02:00``; no zone: UTC). Times written another way, as text or digits
+(Avazu's hour ``14102100``), are read with ``data.timestamp_format``, a strptime
+format (``%y%m%d%H``; no zone: UTC), whatever the column's type. A period is the
+number of whole days (hours) since 1970 UTC; its name is ``2026-12-01``
+(``2026-12-01T13``), which sorts in time order.
 
 Example::
 
@@ -37,17 +39,22 @@ _INTEGER = r"^\s*[-+]?\d+\s*$"
 _ZONED = r"(Z|[-+]\d\d:?\d\d)\s*$"
 HELP = (
     "a timestamp is an Arrow timestamp or date, an integer (data.timestamp_unit since 1970 UTC) "
-    "or ISO 8601 text such as 2026-12-01T13:05:00Z"
+    "or ISO 8601 text such as 2026-12-01T13:05:00Z, or text or digits in "
+    "data.timestamp_format (e.g. %y%m%d%H for 14102100)"
 )
 
 
 def period_index(
-    column: pa.Array | pa.ChunkedArray, *, unit: TimestampUnit, period: PartitionBy
+    column: pa.Array | pa.ChunkedArray,
+    *,
+    unit: TimestampUnit,
+    period: PartitionBy,
+    time_format: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per value: its period (int64: whole days or hours since 1970 UTC), and whether
     it is a timestamp at all (null, empty and unparseable values are not, nor times
     outside the years 1-9999: milliseconds read as data.timestamp_unit=s, say)."""
-    micros, ok = epoch_us(column, unit=unit)
+    micros, ok = formatted_us(column, time_format) if time_format else epoch_us(column, unit=unit)
     ok &= (micros >= _MIN_US) & (micros <= _MAX_US)
     return np.floor_divide(np.where(ok, micros, 0), PERIOD_US[period]), ok
 
@@ -65,6 +72,27 @@ def parse_period_name(name: str, period: PartitionBy) -> int | None:
     except ValueError:
         return None
     return (when - _EPOCH) // timedelta(microseconds=PERIOD_US[period])
+
+
+def formatted_us(
+    column: pa.Array | pa.ChunkedArray, time_format: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Microseconds since 1970 UTC of values written in the strptime ``time_format``
+    (integers by their decimal digits; no zone in the format: UTC), and which parse."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        return epoch_us(column, unit=TimestampUnit.us)  # already times: no text to parse
+    if not (
+        pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    ):
+        raise TypeError(f"a {kind} column; data.timestamp_format reads text or integers")
+    text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
+    parsed = pc.strptime(text, format=time_format, unit="us", error_is_null=True)
+    if parsed.type.tz is not None:  # a %z in the format: that instant
+        parsed = pc.cast(parsed, pa.timestamp("us", tz="UTC"))
+    return _with_nulls(parsed.cast(pa.int64()))
 
 
 def epoch_us(

@@ -227,6 +227,25 @@ def test_csv_with_a_utf8_byte_order_mark_finds_its_first_column(tmp_path):
     assert got["ids"]["title"] == [[hashed("a, b", 50)], [hashed("c", 50)]]
 
 
+def test_a_file_without_a_header_line_is_named_with_the_fix(tmp_path):
+    """MovieLens' u.data (tab-separated, no header) and ratings.dat ('::' separators)."""
+    udata, dat = tmp_path / "u.data", tmp_path / "ratings.dat"
+    udata.write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    dat.write_text("1::1193::5::978300760\n1::661::3::978302109\n")
+    kw = dict(label="rating", dense=[], categorical=["user_id", "item_id"], multi_hot=[])
+    with pytest.raises(PrepareError, match=r"looks like a data row: add a header line naming"):
+        prepare(table_cfg(tmp_path, [udata], format="tsv", **kw), progress=False)
+    with pytest.raises(PrepareError, match=r"'::' separators .*\(data.format=tsv\)"):
+        prepare(table_cfg(tmp_path, [dat], format="tsv", **kw), progress=False)
+    named = tmp_path / "named.tsv"  # a header whose names are not numbers: no hint
+    named.write_text("user,item\n")
+    with pytest.raises(
+        PrepareError,
+        match=r"no column 'rating' \(it has user,item\); fix data\.label .* buckets$",
+    ):
+        prepare(table_cfg(tmp_path, [named], format="tsv", **kw), progress=False)
+
+
 def test_an_empty_text_file_is_named_or_skipped(tmp_path):
     good, empty = tmp_path / "good.csv", tmp_path / "empty.csv"
     good.write_text("clicked,user,item\n" + "".join(f"{i % 2},{i},x\n" for i in range(20)))

@@ -117,6 +117,29 @@ _COMPRESSED = {
 }
 
 
+def header_hint(names: list[str]) -> str:
+    """A hint for a "no column" error when the first line looks like a data row, not a
+    header (MovieLens' u.data and ratings.dat have none); "" when it looks like one."""
+    if any("::" in n for n in names):
+        return (
+            "; the first line looks like a data row with '::' separators (MovieLens "
+            "ratings.dat): write it with tabs (data.format=tsv) under a header line naming "
+            "the columns"
+        )
+    filled = [n for n in names if n.strip()]
+
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    if len(filled) >= 2 and sum(map(number, filled)) * 2 > len(filled):
+        return "; the first line looks like a data row: add a header line naming the columns"
+    return ""
+
+
 def column_names(path: Path, fmt: TableFormat) -> list[str]:
     """The file's column names (an atomic file's ``name:type`` header without the types;
     a UTF-8 byte order mark before a text header is not part of the first name)."""
@@ -174,6 +197,7 @@ def _raw_batches(
         raise TableInputError(
             f"{path}: no column {missing[0]!r} (it has {', '.join(have)}); "
             "fix the column names in data.label / dense / categorical / multi_hot / buckets / joins"
+            + header_hint(have)
         )
     first, seen = 1, ([] if malformed is None else malformed)
 

@@ -28,6 +28,7 @@ from trainer.data.table_input import (
     TableInputError,
     TableSpec,
     column_names,
+    header_hint,
     read_batches,
     read_table,
     resolve_format,
@@ -203,6 +204,7 @@ def _tasks(cfg: TableDataConfig, spec: TableSpec) -> list[TableTask]:
                     f"{path}: no column {missing[0]!r} (it has {', '.join(have)}"
                     f"{'; joins add ' + ', '.join(sorted(provided - set(have))) if joins else ''})"
                     "; fix data.label / dense / categorical / multi_hot / buckets"
+                    + header_hint(have)
                 )
             task = TableTask(str(path), fmt, split, spec, used, cfg.batch_rows)
             task.num_rows = _count_rows(path, fmt, spec.label or have[0], cfg.batch_rows)

@@ -269,7 +269,7 @@ def test_avazu_hours_need_a_timestamp_format_and_get_one(tmp_path: Path, capsys)
     ]
     assert prepare_main([*argv, f"data.dir={tmp_path / 'as_seconds'}"]) == 0
     out = capsys.readouterr()
-    assert "appended 1 partitions (1970-06-13T" in out.out
+    assert "appended 1 partition (1970-06-13T" in out.out
     assert "data.timestamp_format=%y%m%d%H" in out.err
     dataset = tmp_path / "hours"
     formatted = [*argv, f"data.dir={dataset}", "data.timestamp_format=%y%m%d%H"]

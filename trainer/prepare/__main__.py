@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
         return 0
     if result.appended:
         names = ", ".join(result.appended)
-        print(f"{data.dir}: appended {len(result.appended)} partitions ({names}); the last:")
+        count = f"{len(result.appended)} partition{'s' if len(result.appended) > 1 else ''}"
+        print(f"{data.dir}: appended {count} ({names}); the last:")
         if all(name.startswith("1970-") for name in result.appended):
             print(
                 "  note: every time fell in 1970, as times counted from 1970-01-01 in the wrong "

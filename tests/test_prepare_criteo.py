@@ -188,6 +188,13 @@ def test_empty_and_missing_files(tmp_path, lines):
     full = write_tsv(tmp_path / "day_0.tsv", lines[:30])
     meta = prepare(cfg(tmp_path, [empty, full], on_bad_row="skip"), progress=False).metadata
     assert meta.bad_rows["by_reason"] == {"empty_file": 1}
+    # Criteo's day_N.gz as downloaded: named with the fix, not "line 1: 2 fields".
+    import gzip
+
+    packed = tmp_path / "day_1.gz"
+    packed.write_bytes(gzip.compress("".join(lines[:30]).encode()))
+    with pytest.raises(PrepareError, match=r"data.raw: .*day_1.gz is gzip-compressed .*gunzip"):
+        prepare(cfg(tmp_path, [full, packed]), progress=False)
 
 
 def test_cli_prepares_and_errors_in_one_line(tmp_path, lines, capsys):

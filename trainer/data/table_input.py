@@ -117,6 +117,14 @@ _COMPRESSED = {
 }
 
 
+def compression(path: Path) -> str | None:
+    """``gzip``, ``xz``, ``zstd`` or ``zip`` when the file's first bytes say it is
+    compressed (which no text reader here decompresses), else None."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return next((kind for kind, start in _COMPRESSED.items() if magic.startswith(start)), None)
+
+
 def header_hint(names: list[str]) -> str:
     """A hint for a "no column" error when the first line looks like a data row, not a
     header (MovieLens' u.data and ratings.dat have none); "" when it looks like one."""
@@ -150,14 +158,12 @@ def column_names(path: Path, fmt: TableFormat) -> list[str]:
             raise TableInputError(
                 f"{path}: not a Parquet file ({err}); data.format=csv or tsv reads text tables"
             ) from None
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    for kind, start in _COMPRESSED.items():
-        if magic.startswith(start):
-            raise TableInputError(
-                f"{path} is {kind}-compressed: decompress it first (data=table reads plain "
-                "CSV / TSV text and Parquet)"
-            )
+    kind = compression(path)
+    if kind:
+        raise TableInputError(
+            f"{path} is {kind}-compressed: decompress it first (data=table reads plain "
+            "CSV / TSV text and Parquet)"
+        )
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         header = f.readline().rstrip("\r\n")
     names = header.split("\t" if fmt != TableFormat.csv else ",")

@@ -22,6 +22,7 @@ import numpy as np
 
 from trainer.data.criteo_tsv import CAT_NAMES, DENSE_NAMES, NUM_INT, parse_chunk
 from trainer.data.data_configs import CriteoDataConfig, Mapping, OnBadRow
+from trainer.data.table_input import compression
 from trainer.data.vocab import IdCounter, Vocabulary, map_ids
 from trainer.prepare.common import (
     BadRowLog,
@@ -69,8 +70,18 @@ def prepare_criteo(
     num_workers = default_workers(cfg.num_workers)
     skip = cfg.on_bad_row == OnBadRow.skip
     empty = BadRowLog(file="(inputs)", skip=skip)
-    tasks = _ranges(check_inputs(cfg.raw, "data.raw"), "train", cfg, empty)
-    tasks += _ranges(check_inputs(cfg.eval_raw, "data.eval_raw"), "eval", cfg, empty)
+    given = {"data.raw": list(cfg.raw), "data.eval_raw": list(cfg.eval_raw)}
+    inputs = {key: check_inputs(files, key) for key, files in given.items()}
+    for key, paths in inputs.items():
+        for path in paths:
+            kind = compression(path)
+            if kind:  # byte ranges are read in parallel: the text must be plain
+                raise PrepareError(
+                    f"{key}: {path} is {kind}-compressed (Criteo's day_N.gz are gzip): "
+                    f"decompress it first, e.g. gunzip -k {path}, and pass the plain file"
+                )
+    tasks = _ranges(inputs["data.raw"], "train", cfg, empty)
+    tasks += _ranges(inputs["data.eval_raw"], "eval", cfg, empty)
     counted = run_tasks(
         _count_lines, tasks, num_workers=num_workers, total=0, desc="", progress=False
     )

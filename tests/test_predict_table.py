@@ -6,7 +6,10 @@ joined to a side table for its country) is prepared with ``eval_fraction``
 with the same ``data.*`` settings; predict then scores exactly those raw eval
 rows through prepare's own reading, joining and mapping and reaches exactly
 the export's AUC. A bad row is one error naming file:line, or skipped with
-``on_bad_row=skip``; the side table's path can be replaced.
+``on_bad_row=skip``; the side table's path can be replaced. A run given only
+``data=table data.dir=DIR`` exports the same description from the settings
+prepare recorded in metadata.json (as do partitions, cut by time or not), and
+predict reaches that run's export AUC too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import pytest
 
 from trainer.config.schema import to_config
 from trainer.data.data_configs import JoinConfig, TableDataConfig
+from trainer.data.shard_format import ShardMetadata
+from trainer.export.bundle import table_schema
 from trainer.predict import PredictError, predict
 from trainer.predict.__main__ import main
 from trainer.prepare import prepare
@@ -168,6 +173,109 @@ def test_predict_raw_table_eval_rows_reaches_the_export_auc(
     assert got["auc"] is None and got["rows"] == 10
     unl = pq.read_table(tmp_path / "u.parquet")
     assert unl.column_names == ["score"] and unl["score"].to_pylist() == got_scores
+
+
+def test_a_run_given_only_data_dir_exports_prepares_settings(
+    tmp_path: Path, compose_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    from trainer.train import train  # in this process: a world of one
+
+    events, users, lines = _planted(tmp_path)
+    shards = tmp_path / "shards"
+    cfg = TableDataConfig(
+        raw=[str(events)],
+        dir=str(shards),
+        joins=[JoinConfig(raw=str(users), on="user")],
+        label="clicked",
+        dense=["price"],
+        dense_transform="log1p",
+        categorical=["user", "country"],
+        multi_hot=["tags"],
+        buckets={"price": [2, 6]},
+        table_rows=[64],
+        eval_fraction=NUM_EVAL / NUM_ROWS,
+        num_workers=1,
+    )
+    prepare(cfg, progress=False)
+    overrides = [
+        "data=table",
+        f"data.dir={shards}",  # nothing else of data: prepare's metadata.json has it
+        "trainer=smoke",
+        "trainer.num_steps=8",
+        "trainer.eval_every_steps=8",
+        "trainer.eval_batch_size=256",
+        "trainer.export=true",
+        "trainer.progress_bar=false",
+        "trainer.plot=false",
+    ]
+    export = train(to_config(compose_cfg(overrides)), run_dir=tmp_path / "run")["export"]
+    bundle = tmp_path / "run" / export["path"]
+    table = json.loads((bundle / "schema.json").read_text())["table"]
+    assert table is not None
+    assert (table["settings_from"], table["matches_prepare"]) == ("prepare", True)
+    assert table["feature_order"] == ["user", "country", "tags", "price_bucket"]
+    assert table["dense"][0]["transform"] == "log1p" and table["joins"][0]["on"] == "user"
+
+    eval_csv = tmp_path / "eval_rows.csv"
+    eval_csv.write_text("\n".join([lines[0], *lines[-NUM_EVAL:]]) + "\n")
+    capsys.readouterr()
+    out = tmp_path / "scores.parquet"
+    code = main([str(bundle), f"data.raw=[{eval_csv}]", f"out={out}", "progress=false"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["rows"] == NUM_EVAL and result["auc"] == export["auc"]
+
+    # metadata.json written before prepare recorded its settings: null, and why; the
+    # same prepare again records them (the shards stay up to date).
+    meta = ShardMetadata.read(shards)
+    meta.settings = {}
+    meta.write(shards)
+    run_data = to_config(compose_cfg(overrides)).data
+    stats = {"norm": "standardize"}
+    old = table_schema(run_data, ShardMetadata.read(shards), stats)
+    assert old["table"] is None and "run the same prepare again" in old["table_error"]
+    assert prepare(cfg, progress=False).up_to_date
+    again = table_schema(run_data, ShardMetadata.read(shards), stats)["table"]
+    assert (again["settings_from"], again["matches_prepare"]) == ("prepare", True)
+
+
+def test_partitions_record_the_settings_their_bundles_describe(tmp_path: Path) -> None:
+    """Follow mode's config names only the dataset: each partition's metadata.json
+    describes its raw rows (a period of data.partition_by: the table as given)."""
+    day = 86_400
+    rows = [f"{1_796_083_200 + (i % 2) * day + i},{i % 2},{i % 5},{i}" for i in range(12)]
+    events = tmp_path / "events.csv"
+    events.write_text("ts,clicked,user,price\n" + "\n".join(rows) + "\n")
+    common = dict(label="clicked", dense=["price"], categorical=["user"], table_rows=[8])
+    follow = TableDataConfig(dir=str(tmp_path / "by_day"))  # data=table data.dir=DATASET
+    by_day = TableDataConfig(
+        raw=[str(events)],
+        dir=follow.dir,
+        format="csv",
+        partition_by="day",
+        timestamp_column="ts",
+        eval_fraction=0.0,
+        num_workers=1,
+        **common,
+    )
+    named = TableDataConfig(
+        raw=[str(events)], dir=str(tmp_path / "named"), partition="p0", num_workers=1, **common
+    )
+    days = prepare(by_day, progress=False).appended
+    prepare(named, progress=False)
+    assert days == ["2026-12-01", "2026-12-02"]
+    for directory in [tmp_path / "by_day" / "partitions" / d for d in days] + [
+        tmp_path / "named" / "partitions" / "p0"
+    ]:
+        meta = ShardMetadata.read(directory)
+        table = table_schema(follow, meta, {"norm": "standardize"})["table"]
+        assert table is not None, directory
+        assert (table["settings_from"], table["matches_prepare"]) == ("prepare", True)
+        assert table["columns"] == ["clicked", "price", "user"]
+    assert meta.settings["partition"] == "p0"
+    first = ShardMetadata.read(tmp_path / "by_day" / "partitions" / days[0])
+    assert (first.settings["format"], first.settings["raw"]) == ("csv", [str(events)])
 
 
 def test_cli_parses_joins_and_table_keys() -> None:

@@ -25,7 +25,9 @@ exactly torchrec's feature-major ``KeyedJaggedTensor`` layout.
 features (name, table rows, mean and max ids per sample), the mapping used
 (hash or vocabulary, ``min_count``), the prepare settings' fingerprint, the
 inputs (path, size, mtime), the bad-row counts, the train split's per-column
-dense mean and std, and a checksum of every array.
+dense mean and std, a checksum of every array, and the data.* settings prepare
+ran with (label, columns, transforms, joins, format ...: how raw rows become
+these arrays).
 
 Example::
 
@@ -90,6 +92,10 @@ class ShardMetadata:
     # (not missing) values of the train split only (float64 sums, population std);
     # the reader standardizes with them.
     dense_stats: dict[str, Any] = field(default_factory=dict)
+    # The data.* settings prepare ran with (trainer.prepare.recorded_settings: those in
+    # the fingerprint), so an export describes the raw rows when the run's data config
+    # does not repeat them; {} in metadata written before they were recorded.
+    settings: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
 

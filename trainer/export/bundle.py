@@ -20,7 +20,9 @@ inputs' and output's layout, the versions, and the eval metrics. Table data
 (``source: table``) adds ``table`` (see :func:`table_schema`): the format, the
 columns, label and threshold, each dense column's transform and mean/std, the
 categorical and multi-hot columns (separator), buckets, joins (side tables:
-key and columns) and the feature order; a bucket feature's mapping is
+key and columns) and the feature order, from the run's ``data`` config or, when
+it does not describe the prepared features (``data=table data.dir=DIR`` alone),
+from the settings prepare recorded in metadata.json; a bucket feature's mapping is
 ``bucket`` (row ``1 +`` its bucket, 0 missing). A hashed or managed-collision
 model's program takes the raw ids and remaps them itself; each feature then
 has ``id_management`` (compression/bundle_remap.py: ``TableRemap.describe``):
@@ -196,27 +198,43 @@ def data_schema(source: DataSource, directory: Path, *, data_config: Any = None)
 def table_schema(data_config: Any, meta: Any, dense: dict[str, Any]) -> dict[str, Any]:
     """schema.json's ``table`` entry: how ``python -m trainer.predict`` reads raw table rows
     (the columns, label, dense transform and stats, id columns, joins, feature order), from
-    the run's ``data`` config; ``table`` is null and ``table_error`` says why when that
-    config does not describe the prepared features (train with prepare's data settings)."""
+    the run's ``data`` config when it describes the prepared features, else from the
+    settings prepare recorded in metadata.json (``settings_from``: ``run`` / ``prepare``);
+    ``table`` is null and ``table_error`` says why when neither does."""
     from omegaconf import DictConfig, OmegaConf
 
-    from trainer.data.data_configs import TableDataConfig
+    from trainer.data.data_configs import PreparedDataConfig, TableDataConfig
     from trainer.data.table_input import TableSpec, column_names, resolve_format
-    from trainer.prepare import settings_fingerprint
+    from trainer.prepare import inputs_fingerprint, prepared_config
 
-    cfg = OmegaConf.to_object(data_config) if isinstance(data_config, DictConfig) else data_config
+    run = OmegaConf.to_object(data_config) if isinstance(data_config, DictConfig) else data_config
     names = [f.name for f in meta.features]
-    if not isinstance(cfg, TableDataConfig):
-        why = f"the run's data config is {type(cfg).__name__}, not a data=table config"
-        return {"table": None, "table_error": why}
-    spec = TableSpec.from_config(cfg)
-    if spec.feature_names != names or spec.dense != list(meta.dense_names) or not spec.label:
+
+    def describes(cfg: Any) -> bool:
+        if not isinstance(cfg, TableDataConfig):
+            return False
+        spec = TableSpec.from_config(cfg)
+        return bool(spec.label) and spec.feature_names == names and spec.dense == meta.dense_names
+
+    cfg, settings_from = run, "run"
+    if not describes(run):
+        reader = run if isinstance(run, PreparedDataConfig) else None
+        cfg, settings_from = prepared_config(meta.settings, reader=reader), "prepare"
+    if not describes(cfg):
+        if isinstance(run, TableDataConfig):
+            spec = TableSpec.from_config(run)
+            ran = f"label {spec.label!r}, features {spec.feature_names}, dense {spec.dense}"
+        else:
+            ran = f"{type(run).__name__}, not a data=table config"
+        recorded = "others" if meta.settings else "none (written before prepare recorded them)"
         why = (
-            f"the run's data config (label {spec.label!r}, features {spec.feature_names}, dense "
-            f"{spec.dense}) is not the prepared data's (features {names}, dense "
-            f"{list(meta.dense_names)}): train with the data.* settings prepare ran with"
+            f"the run's data config ({ran}) is not the prepared data's (features {names}, "
+            f"dense {list(meta.dense_names)}) and of prepare's settings its metadata.json "
+            f"records {recorded}: run the same prepare again (it records them, the shards "
+            "stay), or train with the data.* settings prepare ran with"
         )
         return {"table": None, "table_error": why}
+    spec = TableSpec.from_config(cfg)
     joins = []
     for j in cfg.joins:
         path = Path(j.raw)
@@ -245,8 +263,9 @@ def table_schema(data_config: Any, meta: Any, dense: dict[str, Any]) -> dict[str
         "feature_order": names,
         "on_bad_row": str(cfg.on_bad_row),
         "batch_rows": cfg.batch_rows,
-        # The run's data settings and prepare's inputs give prepare's fingerprint.
-        "matches_prepare": settings_fingerprint(cfg, meta.inputs) == meta.fingerprint,
+        "settings_from": settings_from,
+        # These data settings and prepare's inputs give prepare's fingerprint.
+        "matches_prepare": inputs_fingerprint(cfg, meta.inputs) == meta.fingerprint,
     }
     return {"table": table}
 

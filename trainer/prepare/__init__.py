@@ -17,19 +17,36 @@ Example::
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from trainer.data.data_configs import CriteoDataConfig, PreparedDataConfig, TableDataConfig
+from trainer.data.data_configs import (
+    CriteoDataConfig,
+    JoinConfig,
+    PreparedDataConfig,
+    TableDataConfig,
+    TableFormat,
+)
 from trainer.data.shard_format import METADATA_FILE, PartInfo, ShardMetadata, SplitInfo
 from trainer.prepare.common import PrepareError, check_inputs
 from trainer.prepare.output import VOCAB_DIR, PipelineOutput
 
-__all__ = ["PrepareError", "PrepareResult", "prepare", "settings_fingerprint"]
+__all__ = [
+    "PrepareError",
+    "PrepareResult",
+    "inputs_fingerprint",
+    "prepare",
+    "prepared_config",
+    "recorded_settings",
+    "settings_fingerprint",
+]
 
 # Bump when the same settings and inputs would give different arrays or metadata
 # (2: metadata.json has the train split's dense_stats).
@@ -81,6 +98,7 @@ def prepare(cfg: PreparedDataConfig, *, progress: bool = True) -> PrepareResult:
         except (ValueError, TypeError, KeyError):
             existing = None
         if existing is not None and existing.fingerprint == fingerprint:
+            record_settings(directory, existing, cfg)
             return PrepareResult(directory, existing, up_to_date=True)
     if directory.exists() and not _replaceable(directory):
         raise PrepareError(
@@ -113,6 +131,18 @@ def settings_fingerprint(cfg: PreparedDataConfig, inputs: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def inputs_fingerprint(cfg: PreparedDataConfig, inputs: list[dict]) -> str:
+    """The fingerprint prepare gives ``cfg`` over metadata.json's ``inputs``: a period of
+    ``data.partition_by`` has its own (the dataset's settings, its name and rows)."""
+    if inputs and "period" in inputs[0]:
+        from trainer.prepare.partition_by_time import period_fingerprint
+        from trainer.prepare.partitions import shared_settings
+
+        period = inputs[0]
+        return period_fingerprint(shared_settings(cfg), period["period"], period["content"])
+    return settings_fingerprint(cfg, inputs)
+
+
 def fingerprint_settings(cfg: PreparedDataConfig) -> dict:
     """The settings that shape the arrays (the fingerprint's), as in ``asdict(cfg)``."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
@@ -122,6 +152,45 @@ def fingerprint_settings(cfg: PreparedDataConfig) -> dict:
     if not settings.get("timestamp_format"):  # unset: the fingerprints from before it
         settings.pop("timestamp_format", None)
     return settings
+
+
+def recorded_settings(cfg: PreparedDataConfig) -> dict[str, Any]:
+    """metadata.json's ``settings``: the data.* settings prepare ran with (the fingerprint's,
+    as JSON values), so that an export can describe the raw rows without the run repeating
+    them (:func:`prepared_config`)."""
+    return json.loads(json.dumps(fingerprint_settings(cfg), default=str))
+
+
+def prepared_config(
+    settings: dict[str, Any], *, reader: PreparedDataConfig | None = None
+) -> PreparedDataConfig | None:
+    """The data config prepare ran with, from metadata.json's ``settings`` (None when the
+    metadata predates them, or names no known source); the reader's own settings (dir,
+    batch_rows, seed, ...: not in the fingerprint) are ``reader``'s, else the defaults."""
+    schema = {"criteo": CriteoDataConfig, "table": TableDataConfig}.get(settings.get("name", ""))
+    if schema is None:
+        return None
+    known = {f.name for f in fields(schema)}
+    values = {k: v for k, v in settings.items() if k in known}  # as recorded: the same JSON
+    if reader is not None:
+        values.update({k: getattr(reader, k) for k in _NOT_IN_FINGERPRINT & known})
+    for key, hint in typing.get_type_hints(schema).items():
+        if key in values and isinstance(hint, type) and issubclass(hint, enum.Enum):
+            values[key] = hint(values[key])
+    if "joins" in values:
+        values["joins"] = [
+            JoinConfig(raw=j["raw"], on=j["on"], format=TableFormat(j["format"]))
+            for j in values["joins"]
+        ]
+    return schema(**values)
+
+
+def record_settings(directory: Path, meta: ShardMetadata, cfg: PreparedDataConfig) -> None:
+    """An up-to-date metadata.json written before prepare recorded its settings gets them
+    (replaced atomically; the arrays and the fingerprint stay)."""
+    if not meta.settings:
+        meta.settings = recorded_settings(cfg)
+        meta.write(directory)
 
 
 def _check_settings(cfg: PreparedDataConfig) -> None:
@@ -172,8 +241,10 @@ def _finish(
     *,
     fingerprint: str,
     inputs: list[dict],
+    settings: dict[str, Any] | None = None,
 ) -> ShardMetadata:
-    """Numbers the parts, drops the scratch, writes metadata.json (last)."""
+    """Numbers the parts, drops the scratch, writes metadata.json (last); ``settings``:
+    those it records (default: ``cfg``'s, :func:`recorded_settings`)."""
     if not output.parts.get("train"):
         raise PrepareError(
             f"data.raw {list(cfg.raw)}: no train rows left "
@@ -206,6 +277,7 @@ def _finish(
         bad_rows=output.bad_rows,
         dense_names=output.dense_names,
         dense_stats=output.dense_stats,
+        settings=recorded_settings(cfg) if settings is None else settings,
     )
     meta.write(work)
     return meta

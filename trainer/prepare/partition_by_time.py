@@ -53,7 +53,7 @@ from trainer.data.data_configs import PartitionBy, TableDataConfig, TableFormat,
 from trainer.data.partitions import PARTITIONS_DIR, Manifest
 from trainer.data.shard_format import ShardMetadata
 from trainer.data.table_input import _raw_batches, column_names
-from trainer.prepare import PREPARE_VERSION, PrepareError, PrepareResult
+from trainer.prepare import PREPARE_VERSION, PrepareError, PrepareResult, recorded_settings
 from trainer.prepare.common import BadRowLog, merge_bad_rows
 from trainer.prepare.parallel import default_workers, report_progress, run_tasks
 from trainer.prepare.partitions import append_partition, open_dataset, shared_settings
@@ -284,7 +284,7 @@ def _append_periods(
         sources = [(raw, out.periods[k]) for raw, out in zip(cfg.raw, outputs) if k in out.periods]
         num_rows = sum(rows.num_rows for _, rows in sources)
         content = hashlib.sha256("\n".join(r.digest for _, r in sources).encode()).hexdigest()
-        fingerprint = _fingerprint(settings, name, content)
+        fingerprint = period_fingerprint(settings, name, content)
         if k in listed:
             if fingerprint != listed[k]:
                 logs.append(_other_rows(cfg, dataset, manifest, name, sources))
@@ -312,6 +312,8 @@ def _append_periods(
             fingerprint=fingerprint,
             progress=progress,
             bad_rows=None if appended else logs,  # the call's skipped rows: with its first
+            # The settings as given (the raw files, their format), not the period's scratch.
+            settings=recorded_settings(replace(cfg, partition=name)),
         )
         appended.append(name)
     skipped = merge_bad_rows(logs)
@@ -353,7 +355,7 @@ def _other_rows(
     return log
 
 
-def _fingerprint(settings: dict, name: str, content: str) -> str:
+def period_fingerprint(settings: dict, name: str, content: str) -> str:
     """A period's: the dataset's settings, its name and its rows (not which files held them)."""
     blob = json.dumps(
         {"version": PREPARE_VERSION, "settings": settings, "partition": name, "content": content},

@@ -55,6 +55,7 @@ from trainer.prepare import (
     _inputs,
     _run_pipeline,
     fingerprint_settings,
+    record_settings,
     settings_fingerprint,
 )
 from trainer.prepare.common import BadRowLog, merge_bad_rows
@@ -87,7 +88,9 @@ def prepare_partition(cfg: PreparedDataConfig, *, progress: bool = True) -> Prep
                     "pick a new data.partition"
                 )
             target = dataset / listed.path
-            return PrepareResult(target, ShardMetadata.read(target), up_to_date=True)
+            meta = ShardMetadata.read(target)
+            record_settings(target, meta, cfg)
+            return PrepareResult(target, meta, up_to_date=True)
         return append_partition(
             cfg, dataset, manifest, inputs=inputs, fingerprint=fingerprint, progress=progress
         )
@@ -119,10 +122,12 @@ def append_partition(
     fingerprint: str,
     progress: bool,
     bad_rows: list[BadRowLog] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> PrepareResult:
     """Prepares ``cfg.raw`` as partition ``cfg.partition`` (not listed yet) and lists it
     last in ``manifest`` (written); call inside :func:`open_dataset`. ``bad_rows``: rows
-    skipped before the pipeline, merged into the partition's ``metadata.json``."""
+    skipped before the pipeline, merged into the partition's ``metadata.json``;
+    ``settings``: the data.* settings it records there (default: ``cfg``'s)."""
     name = cfg.partition
     parts = dataset / PARTITIONS_DIR
     vocab = str(cfg.mapping) == "vocab"
@@ -137,7 +142,7 @@ def append_partition(
         if bad_rows:
             pipeline = BadRowLog(file="", skip=True, **_log_fields(output.bad_rows))
             output.bad_rows = merge_bad_rows([*bad_rows, pipeline])
-        meta = _finish(cfg, work, output, fingerprint=fingerprint, inputs=inputs)
+        meta = _finish(cfg, work, output, fingerprint=fingerprint, inputs=inputs, settings=settings)
         version = len(manifest.partitions) if vocab else None
         if vocab:
             meta.mapping["vocab_version"] = version

@@ -70,15 +70,23 @@ RUN = [
 ]
 
 
-def add_day(dataset: Path, day: int, *, table_rows: int = 48) -> None:
+def add_day(
+    dataset: Path,
+    day: int,
+    *,
+    table_rows: int = 48,
+    rows: int = 300,
+    name: str = "",
+) -> None:
+    name = name or f"day_{day}"
     raw = write_tsv(
-        dataset.parent / f"day_{day}", day_lines(300, low=10 * day, high=10 * day + 30, seed=day)
+        dataset.parent / name, day_lines(rows, low=10 * day, high=10 * day + 30, seed=day)
     )
     prepare(
         CriteoDataConfig(
             raw=[str(raw)],
             dir=str(dataset),
-            partition=f"day_{day}",
+            partition=name,
             mapping="vocab",
             min_count=1,
             table_rows=[table_rows],
@@ -206,6 +214,85 @@ def test_follow_resumes_after_a_kill_as_if_never_stopped(tmp_path: Path, publish
     again = train(_cfg(dataset, "online.idle_timeout_s=0.5"), run_dir=unbroken_dir)
     assert again["steps"] == 3 * STEPS and again["partitions"] == unbroken["partitions"]
     assert records(unbroken_dir) == want
+
+
+def test_quiet_partitions_are_trained_or_evaluated_and_the_job_goes_on(tmp_path: Path) -> None:
+    """A quiet hour: 4 rows give 0 eval rows (eval_fraction 0.1), 6 rows one eval row
+    (one class). A real job trains both, records null figures and why, and exits 0;
+    resumed on a new day it ends as an unbroken job does."""
+    dataset = tmp_path / "days"
+    add_day(dataset, 0)
+    add_day(dataset, 1, rows=4, name="quiet")
+    add_day(dataset, 1, rows=6, name="lone")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            *RUN,
+            f"data.dir={dataset}",
+            "online.idle_timeout_s=0.5",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "partition quiet: auc null before 8 steps on it (no eval rows" in proc.stdout
+    assert "partition lone: auc null before 8 steps on it (one class" in proc.stdout
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert first["partitions"] == ["day_0", "quiet", "lone"]
+    assert first["auc"] is None and first["last_partition_auc"] is None  # no NaN in JSON
+    add_day(dataset, 2)
+    resumed = train(_cfg(dataset, "online.idle_timeout_s=0.5"), run_dir=run_dir)
+    unbroken_dir = tmp_path / "unbroken"
+    unbroken = train(_cfg(dataset, "online.idle_timeout_s=0.5"), run_dir=unbroken_dir)
+    got = records(run_dir)
+    assert got == records(unbroken_dir)
+    assert [(r["partition"], r["step"], r["steps"]) for r in got] == [
+        ("day_0", 0, STEPS),
+        ("quiet", STEPS, STEPS),
+        ("lone", 2 * STEPS, STEPS),
+        ("day_2", 3 * STEPS, STEPS),
+    ]
+    quiet, lone = got[1], got[2]
+    assert quiet["num_samples"] == 0 and quiet["auc"] is None and quiet["logloss"] is None
+    assert quiet["note"] == "no eval rows: its next-partition figures are null"
+    assert lone["num_samples"] == 1 and lone["auc"] is None and lone["logloss"] is not None
+    assert "note" not in got[3]
+    assert resumed["auc"] == got[3]["auc"]  # the mean of partitions 1.. skips the nulls
+    for key in ("auc", "logloss", "last_partition_auc", "final_train_loss", "partitions"):
+        assert resumed[key] == unbroken[key], key
+    final = f"step_{4 * STEPS}"
+    a = tensors(run_dir / "checkpoints" / final, tmp_path / "a.pt")
+    b = tensors(unbroken_dir / "checkpoints" / final, tmp_path / "b.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a) and len(a) == len(b) > 0
+
+
+def test_a_partition_with_no_train_rows_is_evaluated_only(tmp_path: Path) -> None:
+    """One row, no eval split, data.eval_fraction=0.9: its row is held out. It is evaluated
+    (no steps, no checkpoint); a job stopped after it, resumed, records it once."""
+    dataset = tmp_path / "days"
+    add_day(dataset, 0)
+    add_day(dataset, 1, rows=1, name="one")
+    run_dir = tmp_path / "run"
+    held_out = ["data.eval_fraction=0.9", "online.idle_timeout_s=0.3"]
+    first = train(_cfg(dataset, *held_out), run_dir=run_dir)
+    assert first["partitions"] == ["day_0", "one"] and first["steps"] == STEPS
+    add_day(dataset, 2)
+    again = train(_cfg(dataset, *held_out), run_dir=run_dir)
+    assert again["partitions"] == ["day_0", "one", "day_2"] and again["steps"] == 2 * STEPS
+    got = records(run_dir)
+    assert [(r["partition"], r["step"], r["steps"]) for r in got] == [
+        ("day_0", 0, STEPS),
+        ("one", STEPS, 0),
+        ("day_2", STEPS, STEPS),
+    ]
+    assert got[1]["num_samples"] == 1 and "no train rows: evaluated only" in got[1]["note"]
 
 
 def test_follow_settings_name_the_key(tmp_path: Path) -> None:

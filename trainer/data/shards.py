@@ -77,6 +77,8 @@ class ShardSource:
     column into ``(x - mean) / std`` with the train split's statistics from
     ``metadata.json`` (train and eval batches alike; a constant column, std
     below ``MIN_DENSE_STD``, is only centred); ``"none"`` gives the stored values.
+    Both splits need a row, except with ``allow_empty_split`` (follow mode's
+    partitions: a quiet hour may have no eval row, or no train row).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class ShardSource:
         eval_fraction: float = 0.05,
         check_ids: bool = True,
         dense_norm: str = "standardize",
+        allow_empty_split: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.meta = ShardMetadata.read(self.directory)
@@ -117,7 +120,7 @@ class ShardSource:
             self._eval, self._eval_offset = train, int(self._train_rows)
         self._train_rows = int(self._train_rows)
         self.num_eval_samples: int = int(self._eval.starts[-1]) - self._eval_offset
-        if self._train_rows < 1 or self.num_eval_samples < 1:
+        if not allow_empty_split and (self._train_rows < 1 or self.num_eval_samples < 1):
             raise ValueError(
                 f"{self.directory}: {self._train_rows} train and {self.num_eval_samples} eval "
                 "rows; both splits need at least one row (more data or another eval_fraction)"

@@ -21,6 +21,7 @@ model, the optimizer, the data source and ``extra_states`` (the converters).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,6 +50,8 @@ from trainer.resilience.nonfinite import NonfiniteGuard, check_finite_state
 from trainer.resilience.preempt import Preemption
 
 LOG_EVERY_STEPS = 25
+# What evaluate() reports besides num_samples (EvalMetrics.compute's figures).
+_EVAL_FIGURES = ("auc", "logloss", "ne", "calibration", "ctr")
 
 
 class Trainer:
@@ -248,7 +251,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """AUC, log loss, NE and calibration over the whole eval set, all ranks."""
+        """AUC, log loss, NE and calibration over the whole eval set, all ranks (NaN
+        where undefined: one class, or no eval rows at all)."""
         replica_sync = getattr(self.optimizer, "replica_sync", None)
         if replica_sync is not None:  # synced every N > 1 steps: evaluate (and export) the mean
             replica_sync.flush()
@@ -260,6 +264,8 @@ class Trainer:
             rank=self.env.rank,
             world_size=self.env.world_size,
         )
+        if not slices:  # no eval rows (follow mode's quiet partition): every figure undefined
+            return {**dict.fromkeys(_EVAL_FIGURES, math.nan), "num_samples": 0.0}
 
         # One EvalMetrics per head: a model whose logits are a dict of named heads
         # (a distillation pair: student, teacher) reports each, the first also plain.

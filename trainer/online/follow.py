@@ -20,6 +20,11 @@ each partition in the manifest's order:
    ``publish_blocked_s``, ``publish_s``, ``partition_wall_s`` and
    ``publish_share``, the summary ``publish`` and ``export``.
 
+A quiet partition does not stop the job: with no eval rows it is trained and its
+record's figures are null; with no train rows it is evaluated only (0 steps); a
+figure that is undefined (a one-class eval's AUC and NE) is null, never NaN, and
+the record's ``note`` says why; the summary's means skip nulls.
+
 With nothing new it looks again every ``online.poll_s`` seconds and stops
 cleanly after ``online.idle_timeout_s`` (exit 0; 0: never). A SIGTERM/SIGUSR1
 while it waits also stops it with exit 0 (the last partition's end is already
@@ -44,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -156,7 +162,7 @@ class Follow:
         summary.update(
             {
                 **{k: _mean(later, k) for k in _EVAL_KEYS[:4]},
-                "last_partition_auc": last_fit.get("auc"),
+                "last_partition_auc": _figure(last_fit.get("auc")),
                 "partitions": self.stream.consumed(t.step),
                 "stopped": stopped,
                 "steps": t.step,
@@ -211,26 +217,33 @@ class Follow:
             self.stream.open(index)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from err
-        steps = self.cfg.online.follow_steps or max(
-            1, self.stream.num_train_samples // (t.settings.batch_size * t.env.world_size)
-        )
+        num_train = self.stream.num_train_samples
+        steps = 0  # no train rows: evaluated only
+        if num_train:
+            global_batch = t.settings.batch_size * t.env.world_size
+            steps = self.cfg.online.follow_steps or max(1, num_train // global_batch)
         metrics = t.evaluate()
         record = {
             "partition": self.stream.name,
             "index": index,
             "step": t.step,
             "steps": steps,
-            **{key: metrics[key] for key in _EVAL_KEYS},
+            **{key: _figure(metrics[key]) for key in _EVAL_KEYS},
         }
+        note = _quiet(metrics, num_train=num_train)
+        if note:
+            record["note"] = note
         self.records.append(record)
         if self.is_main:
             with (self.run_dir / FOLLOW_FILE).open("a") as out:
                 out.write(json.dumps(record) + "\n")
+            auc = "null" if record["auc"] is None else f"{record['auc']:.4f}"
             log.info(
-                "partition %s: auc %.4f before %d steps on it",
+                "partition %s: auc %s before %d steps on it%s",
                 record["partition"],
-                metrics["auc"],
+                auc,
                 steps,
+                f" ({note})" if note else "",
             )
         self.stream.begin(start_step=t.step, end_step=t.step + steps)
 
@@ -275,6 +288,25 @@ class Follow:
         return bool(any_rank(flag.to(self.trainer.env.device)).item())
 
 
-def _mean(records: list[dict[str, Any]], key: str) -> float:
-    values = [r[key] for r in records]
-    return sum(values) / len(values) if values else float("nan")
+def _mean(records: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of the records' defined figures (None: none is)."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _figure(value: float | None) -> float | None:
+    """A figure as follow.jsonl and summary.json hold it: null where undefined (NaN is
+    not JSON): no eval rows, or one class (AUC, NE)."""
+    return None if value is None or not math.isfinite(value) else value
+
+
+def _quiet(metrics: dict[str, float], *, num_train: int) -> str:
+    """Why a partition's record lacks figures or training ('' if it does not)."""
+    notes = []
+    if not metrics["num_samples"]:
+        notes.append("no eval rows: its next-partition figures are null")
+    elif metrics["ctr"] in (0.0, 1.0):
+        notes.append("one class in its eval rows: auc and ne are null")
+    if not num_train:
+        notes.append("no train rows: evaluated only")
+    return "; ".join(notes)

@@ -95,7 +95,19 @@ class FollowPublishing:
 
     def publish(self, *, step: int, record: dict[str, Any]) -> None:
         """Collective: waits for the publish in flight, snapshots (both on this thread:
-        the blocked time), starts writing in the background; counts into ``record``."""
+        the blocked time), starts writing in the background; counts into ``record``.
+        A partition with no eval rows publishes nothing (the bundle's sample and metrics
+        are its eval rows'): the next partition's publish carries this model."""
+        if not self.stream.source.num_eval_samples:  # the same partition on every rank
+            record["publish_skipped"] = "no eval rows to score the bundle with"
+            if self.is_main:
+                log.warning(
+                    "partition %s, step %d: not published (no eval rows); the next "
+                    "partition's publish has this model",
+                    self.stream.name,
+                    step,
+                )
+            return
         start = time.perf_counter()
         waited = self.publisher.wait()
         stream = self.stream

@@ -93,6 +93,7 @@ class PartitionStream:
             eval_fraction=d.eval_fraction,
             check_ids=d.check_ids,
             dense_norm=str(d.dense_norm),
+            allow_empty_split=True,  # a quiet partition: trained or evaluated only (follow.py)
         )
         if self._features is None:
             self._features, self._num_dense = list(source.features), source.num_dense

@@ -144,7 +144,7 @@ def plot_days(
         )
     ax.plot(
         days,
-        [r["auc"] for r in records],
+        [math.nan if r["auc"] is None else r["auc"] for r in records],  # null: a gap
         marker="o",
         color="tab:orange",
         label="AUC of the model trained on the days before",
@@ -186,7 +186,7 @@ def plot_partitions(records: list[dict[str, Any]], out_path: Path, *, title: str
     at = list(range(len(records)))
     ax.plot(
         at,
-        [r["auc"] for r in records],
+        [math.nan if r["auc"] is None else r["auc"] for r in records],  # null: a gap
         marker="o",
         color="tab:orange",
         label="AUC of the model trained on the partitions before",

@@ -236,13 +236,9 @@ def test_host_batches_reach_a_gpu_step_pinned_and_train_the_same(compose_cfg, tm
     """``trainer.prefetch=auto`` on a GPU fed from prepared shards: the batches are
     built ahead and pinned (so the pipeline's non-blocking copy is asynchronous), and
     training is the inline run's up to the GPU's summation order."""
-    from tests.test_prepare_shapes import _write
-    from tests.test_prepare_table import events, table_cfg
-    from trainer.config.schema import to_config
+    from tests.test_prefetch import train_from_shards
     from trainer.data import SyntheticCriteo, SyntheticDataConfig
     from trainer.data.prefetch import input_ahead
-    from trainer.prepare import prepare
-    from trainer.train import train
 
     host = SyntheticCriteo(SyntheticDataConfig(cardinalities=[7, 50], hotness=[1, 3]))
     batches = iter([host.batch("train", 0, 64), host.batch("train", 64, 64)])
@@ -251,16 +247,7 @@ def test_host_batches_reach_a_gpu_step_pinned_and_train_the_same(compose_cfg, tm
             assert batch.dense_features.is_pinned() and batch.labels.is_pinned()
             assert batch.sparse_features.values().is_pinned()
 
-    c = table_cfg(tmp_path, [_write(events(600), tmp_path / "a.parquet")], eval_fraction=0.2)
-    prepare(c, progress=False)
-    runs = {}
-    for mode in ("off", "auto"):
-        cfg = compose_cfg(
-            ["data=table", f"data.dir={c.dir}", "trainer=smoke", f"trainer.prefetch={mode}"]
-            + ["sharding.device=cuda", "trainer.batch_size=32", "trainer.num_steps=40"]
-            + ["trainer.eval_every_steps=20", "trainer.plot=false", "trainer.progress_bar=false"]
-        )
-        runs[mode] = train(to_config(cfg), run_dir=tmp_path / mode)
+    runs = train_from_shards(compose_cfg, tmp_path, ("off", "auto"), "sharding.device=cuda")
     assert runs["auto"]["device"].startswith("cuda")
     assert abs(runs["auto"]["auc"] - runs["off"]["auc"]) < 1e-4, runs
     assert abs(runs["auto"]["logloss"] - runs["off"]["logloss"]) < 1e-5, runs

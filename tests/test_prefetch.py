@@ -131,12 +131,10 @@ def test_input_ahead_auto_is_inline_on_the_cpu_and_pinned_ahead_for_a_gpu() -> N
             pass
 
 
-def test_training_from_shards_is_the_same_with_the_batches_built_ahead(
-    compose_cfg, tmp_path: Path
-) -> None:
-    """The shard-input determinism check: trained from prepared shards (multi-hot,
-    a per-epoch shuffle), the losses and evals with the producer ahead are the
-    inline run's, bit for bit."""
+def train_from_shards(compose_cfg, tmp_path: Path, modes: tuple[str, ...], *overrides: str) -> dict:
+    """Prepares a small table (multi-hot, a per-epoch shuffle) once, then trains 40 steps
+    from its shards with each ``trainer.prefetch`` mode, in this process: the summaries
+    by mode; each run's directory is ``tmp_path / mode``."""
     from tests.test_prepare_shapes import _write
     from tests.test_prepare_table import events, table_cfg
     from trainer.config.schema import to_config
@@ -145,14 +143,25 @@ def test_training_from_shards_is_the_same_with_the_batches_built_ahead(
 
     c = table_cfg(tmp_path, [_write(events(600), tmp_path / "a.parquet")], eval_fraction=0.2)
     prepare(c, progress=False)
-    records = {}
-    for mode in ("off", "on"):
+    runs = {}
+    for mode in modes:
         cfg = compose_cfg(
             ["data=table", f"data.dir={c.dir}", "trainer=smoke", f"trainer.prefetch={mode}"]
             + ["trainer.batch_size=32", "trainer.num_steps=40", "trainer.eval_every_steps=20"]
-            + ["trainer.plot=false", "trainer.progress_bar=false"]
+            + ["trainer.plot=false", "trainer.progress_bar=false", *overrides]
         )
-        train(to_config(cfg), run_dir=tmp_path / mode)
+        runs[mode] = train(to_config(cfg), run_dir=tmp_path / mode)
+    return runs
+
+
+def test_training_from_shards_is_the_same_with_the_batches_built_ahead(
+    compose_cfg, tmp_path: Path
+) -> None:
+    """The shard-input determinism check: trained from prepared shards (multi-hot,
+    a per-epoch shuffle), the losses and evals with the producer ahead are the
+    inline run's, bit for bit."""
+    records = {}
+    for mode in train_from_shards(compose_cfg, tmp_path, ("off", "on")):
         lines = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
         keep = ("step", "train_loss", "auc", "logloss", "calibration")
         records[mode] = [{k: r[k] for k in keep if k in r} for r in map(json.loads, lines)]

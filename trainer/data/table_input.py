@@ -29,12 +29,9 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
 from trainer.data.data_configs import DenseTransform, TableDataConfig, TableFormat
+from trainer.data.table_checks import TableInputError, check_types, compression, header_hint
 from trainer.data.table_lines import file_lines, malformed_bad, malformed_lines
 from trainer.data.vocab import fnv1a64
-
-
-class TableInputError(ValueError):
-    """A table that cannot be read as configured; names the file and column."""
 
 
 @dataclass
@@ -106,46 +103,6 @@ def resolve_format(path: Path, fmt: TableFormat) -> TableFormat:
     if suffix in (".inter", ".user", ".item"):
         return TableFormat.atomic
     return TableFormat.csv
-
-
-# The first bytes of compressed files, which a text table cannot be read from.
-_COMPRESSED = {
-    "gzip": b"\x1f\x8b",
-    "xz": b"\xfd7zX",
-    "zstd": b"\x28\xb5\x2f\xfd",
-    "zip": b"PK\x03\x04",
-}
-
-
-def compression(path: Path) -> str | None:
-    """``gzip``, ``xz``, ``zstd`` or ``zip`` when the file's first bytes say it is
-    compressed (which no text reader here decompresses), else None."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    return next((kind for kind, start in _COMPRESSED.items() if magic.startswith(start)), None)
-
-
-def header_hint(names: list[str]) -> str:
-    """A hint for a "no column" error when the first line looks like a data row, not a
-    header (MovieLens' u.data and ratings.dat have none); "" when it looks like one."""
-    if any("::" in n for n in names):
-        return (
-            "; the first line looks like a data row with '::' separators (MovieLens "
-            "ratings.dat): write it with tabs (data.format=tsv) under a header line naming "
-            "the columns"
-        )
-    filled = [n for n in names if n.strip()]
-
-    def number(text: str) -> bool:
-        try:
-            float(text)
-        except ValueError:
-            return False
-        return True
-
-    if len(filled) >= 2 and sum(map(number, filled)) * 2 > len(filled):
-        return "; the first line looks like a data row: add a header line naming the columns"
-    return ""
 
 
 def column_names(path: Path, fmt: TableFormat) -> list[str]:
@@ -303,54 +260,10 @@ def read_batches(
         yield out
 
 
-def _check_types(path: Path, table: pa.Table, spec: TableSpec) -> None:
-    """A column whose Arrow type cannot fill its role (a list named as one id, a struct,
-    a timestamp as the label) is one error naming the file, the column and the fix."""
-    roles = [(spec.label, "data.label"), *((c, "data.dense") for c in spec.dense)]
-    roles += [(c, "data.buckets") for c in spec.buckets]
-    roles += [(c, "data.categorical") for c in spec.categorical]
-    roles += [(c, "data.multi_hot") for c in spec.multi_hot]
-    for column, key in roles:
-        if not column or column not in table.column_names:
-            continue
-        kind = table.schema.field(column).type
-        if pa.types.is_dictionary(kind):
-            kind = kind.value_type
-        is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
-        if key == "data.multi_hot" and is_list:
-            kind, is_list = kind.value_type, False
-        if key == "data.categorical" and is_list:
-            fix = "name it in data.multi_hot (data.categorical holds one id per row)"
-        elif pa.types.is_nested(kind) or is_list:
-            fix = f"{key} needs {'numbers' if key in _NUMERIC_ROLES else 'strings or integers'}"
-        elif key in _NUMERIC_ROLES and not _numeric_type(kind):
-            fix = f"{key} needs numbers (or text holding numbers)"
-        else:
-            continue
-        raise TableInputError(
-            f"{path}: column {column!r} is {table.schema.field(column).type}; {fix}"
-        )
-
-
-_NUMERIC_ROLES = ("data.label", "data.dense", "data.buckets")
-
-
-def _numeric_type(kind: pa.DataType) -> bool:
-    return (
-        pa.types.is_integer(kind)
-        or pa.types.is_floating(kind)
-        or pa.types.is_boolean(kind)
-        or pa.types.is_decimal(kind)
-        or pa.types.is_null(kind)
-        or pa.types.is_string(kind)
-        or pa.types.is_large_string(kind)
-    )
-
-
 def _to_arrays(
     path: Path, first: int, table: pa.Table, spec: TableSpec, fmt: TableFormat, skipped: np.ndarray
 ) -> TableBatch:
-    _check_types(path, table, spec)
+    check_types(path, table, spec)
     n = table.num_rows
     bad: list[tuple[int, str, str]] = []
 

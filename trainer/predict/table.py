@@ -34,7 +34,8 @@ from trainer.data.data_configs import (
     TableFormat,
 )
 from trainer.data.shard_rows import Arrays
-from trainer.data.table_input import TableInputError, TableSpec, column_names, resolve_format
+from trainer.data.table_checks import TableInputError
+from trainer.data.table_input import TableSpec, column_names, resolve_format
 from trainer.predict import PredictError, ScoreSink, _mapping, score_arrays
 from trainer.prepare.common import BadRowLog, PrepareError
 from trainer.prepare.table import _batches, _record, _tasks, map_features

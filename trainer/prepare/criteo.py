@@ -22,7 +22,7 @@ import numpy as np
 
 from trainer.data.criteo_tsv import CAT_NAMES, DENSE_NAMES, NUM_INT, parse_chunk
 from trainer.data.data_configs import CriteoDataConfig, Mapping, OnBadRow
-from trainer.data.table_input import compression
+from trainer.data.table_checks import compression
 from trainer.data.vocab import IdCounter, Vocabulary, map_ids
 from trainer.prepare.common import (
     BadRowLog,

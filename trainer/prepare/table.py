@@ -22,13 +22,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from trainer.data.data_configs import Mapping, OnBadRow, TableDataConfig, TableFormat
+from trainer.data.table_checks import TableInputError, header_hint
 from trainer.data.table_input import (
     Join,
     TableBatch,
-    TableInputError,
     TableSpec,
     column_names,
-    header_hint,
     read_batches,
     read_table,
     resolve_format,

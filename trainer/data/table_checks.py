@@ -11,18 +11,14 @@
 Example::
 
     kind = compression(path)       # "gzip" or None
-    check_types(path, batch_table, spec)   # raises TableInputError naming the fix
+    check_types(path, batch_table, spec.roles)   # raises TableInputError naming the fix
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
-
-if TYPE_CHECKING:
-    from trainer.data.table_input import TableSpec
 
 
 class TableInputError(ValueError):
@@ -69,13 +65,10 @@ def header_hint(names: list[str]) -> str:
     return ""
 
 
-def check_types(path: Path, table: pa.Table, spec: TableSpec) -> None:
+def check_types(path: Path, table: pa.Table, roles: list[tuple[str, str]]) -> None:
     """A column whose Arrow type cannot fill its role (a list named as one id, a struct,
-    a timestamp as the label) is one error naming the file, the column and the fix."""
-    roles = [(spec.label, "data.label"), *((c, "data.dense") for c in spec.dense)]
-    roles += [(c, "data.buckets") for c in spec.buckets]
-    roles += [(c, "data.categorical") for c in spec.categorical]
-    roles += [(c, "data.multi_hot") for c in spec.multi_hot]
+    a timestamp as the label) is one error naming the file, the column and the fix;
+    ``roles``: (column, the data.* key naming it), ``TableSpec.roles``."""
     for column, key in roles:
         if not column or column not in table.column_names:
             continue

@@ -91,6 +91,14 @@ class TableSpec:
         cols = [self.label, *self.dense, *self.categorical, *self.multi_hot, *self.buckets]
         return [c for c in dict.fromkeys(cols) if c]  # no label: predict's unlabelled rows
 
+    @property
+    def roles(self) -> list[tuple[str, str]]:
+        """(column, the data.* key naming it) for every column read."""
+        roles = [(self.label, "data.label"), *((c, "data.dense") for c in self.dense)]
+        roles += [(c, "data.buckets") for c in self.buckets]
+        roles += [(c, "data.categorical") for c in self.categorical]
+        return roles + [(c, "data.multi_hot") for c in self.multi_hot]
+
 
 def resolve_format(path: Path, fmt: TableFormat) -> TableFormat:
     if fmt != TableFormat.auto:
@@ -263,7 +271,7 @@ def read_batches(
 def _to_arrays(
     path: Path, first: int, table: pa.Table, spec: TableSpec, fmt: TableFormat, skipped: np.ndarray
 ) -> TableBatch:
-    check_types(path, table, spec)
+    check_types(path, table, spec.roles)
     n = table.num_rows
     bad: list[tuple[int, str, str]] = []
 

@@ -38,9 +38,14 @@ prepare: $(STAMP)  ## raw data into shards once: make prepare ARGS="data=criteo 
 # Two pytest-xdist workers (TEST_WORKERS=0: one process): a test module stays on one
 # worker, and the tests that time processes against each other share one worker
 # (tests/conftest.py, SERIAL_MODULES). The 25 slowest tests are listed at the end.
+# The slowest test takes ~100 s: one still running after 300 s has every thread's
+# stack printed (faulthandler), and after 600 s it fails by name (pytest-timeout),
+# so a hang costs minutes and says where, not the whole CI budget.
 TEST_WORKERS ?= 2
+TEST_TIMEOUT ?= 600
 test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope --durations=25 \
+	  -o faulthandler_timeout=300 --timeout=$(TEST_TIMEOUT) $(ARGS)
 
 test-slow: $(STAMP)  ## the slow tier: e.g. the default job reaches the oracle AUC (minutes)
 	$(BIN)/python -m pytest -m slow -s $(ARGS)

@@ -366,6 +366,30 @@ def test_follow_publishes_each_partition_once_across_a_resume(tmp_path: Path) ->
     assert records(run_dir) == got
 
 
+def test_a_partition_with_no_eval_rows_is_not_published_and_the_next_one_is(
+    tmp_path: Path,
+) -> None:
+    """A quiet hour (4 rows: no eval rows to score a bundle with) is trained, not
+    published (neither at step 12 nor at its end, 16); the next partition publishes the model
+    that has learnt from both, and LATEST never names a bundle without a sample."""
+    dataset = tmp_path / "days"
+    add_day(dataset, 0)
+    add_day(dataset, 1, rows=4, name="quiet")
+    add_day(dataset, 2)
+    run_dir = tmp_path / "run"
+    summary = train(_cfg(dataset, *PUBLISH), run_dir=run_dir)
+    got = records(run_dir)
+    assert [r["partition"] for r in got] == ["day_0", "quiet", "day_2"]
+    assert [r.get("publish_version") for r in got] == ["v1", None, "v2"]  # steps 8, -, 24
+    assert got[1]["publish_skipped"] == "no eval rows to score the bundle with"
+    assert "publish_count" not in got[1]
+    exports = run_dir / "exports"
+    assert latest_name(exports) == "v2" and versions(exports) == [1, 2]
+    assert stamp(exports, 2)["partition"] == "day_2" and stamp(exports, 2)["step"] == 3 * STEPS
+    assert scores_its_sample(exports / "v2") < 1e-5
+    assert summary["publish"]["count"] == 2 and summary["publish"]["errors"] == []
+
+
 T = 300  # publish_timeout_s here: what a stop would wait for without the stop wait
 
 

@@ -39,8 +39,10 @@ prepare: $(STAMP)  ## raw data into shards once: make prepare ARGS="data=criteo 
 # worker, and the tests that time processes against each other share one worker
 # (tests/conftest.py, SERIAL_MODULES). The 25 slowest tests are listed at the end.
 # The slowest test takes ~100 s: one still running after 300 s has every thread's
-# stack printed (faulthandler), and after 600 s it fails by name (pytest-timeout),
-# so a hang costs minutes and says where, not the whole CI budget.
+# stack printed (faulthandler, also for a wait inside C++), and one blocked in Python
+# after 600 s fails by name (pytest-timeout's signal method: the worker and its
+# module's other tests go on; its thread method would end the worker, and xdist
+# would run the hung test again on each replacement), so a hang says where.
 TEST_WORKERS ?= 2
 TEST_TIMEOUT ?= 600
 test: $(STAMP)  ## unit + multi-process (gloo) tests (everything not marked slow)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from tests.processes import run
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -99,7 +101,7 @@ def torchrun_trainer(
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone -m trainer`` with overrides; asserts it exited 0."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
+    proc = run(
         [
             str(torchrun),
             "--standalone",
@@ -111,8 +113,6 @@ def torchrun_trainer(
             f"hydra.run.dir={run_dir}",
         ],
         cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
         timeout=timeout_s,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

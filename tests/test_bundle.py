@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.processes import run
 from tests.test_train_e2e import TINY
 from trainer.config.schema import to_config
 from trainer.data import SyntheticCriteo, SyntheticDataConfig, eval_batches
@@ -71,12 +71,10 @@ def load_in_fresh_interpreter(bundle: Path, batches: list, work: Path) -> dict:
     work.mkdir(exist_ok=True)
     torch.save(batches, work / "eval.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-c", LOADER, str(bundle), str(work / "eval.pt"), str(work / "out.pt")],
         cwd=work,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

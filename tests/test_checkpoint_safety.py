@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from tests.processes import run
 from trainer.checkpoint.load import check_checkpoint
 from trainer.checkpoint.safe_reader import (
     _ADMITTED,
@@ -78,11 +79,9 @@ def _payload(kind: str, marker: Path) -> bytes:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run(
         [sys.executable, *args],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

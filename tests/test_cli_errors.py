@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.distributed import free_port
+from tests.processes import run
 from trainer.__main__ import main
 
 # (overrides, words the one line must contain: the key and the allowed values or fix)
@@ -96,9 +97,7 @@ def test_a_run_that_composes_is_composed_by_hydra_alone(
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs
-    )
+    return run([sys.executable, *args], cwd=REPO, timeout=300, **kwargs)
 
 
 def test_python_m_trainer_and_trainer_plan(tmp_path: Path) -> None:

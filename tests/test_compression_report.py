@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO
+from tests.processes import run
 
 EXPORT = {
     "auc": 0.70,
@@ -31,11 +32,9 @@ def _job(sweep: Path, num: int, experiment: str, summary: dict | None, log: str 
 
 
 def _report(sweep: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run(
         [sys.executable, "-m", "trainer.report.compression", str(sweep)],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
 

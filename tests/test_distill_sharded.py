@@ -10,7 +10,6 @@ serves the same student, byte for byte.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from compression.bundle import load_program
 from tests.conftest import REPO
 from tests.distributed import fork_trainer, torchrun_trainer
+from tests.processes import run
 
 TINY = [
     "trainer=smoke",
@@ -77,7 +77,7 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
 
     # Offline, from the checkpoint (both models in it): the same student, the same numbers.
     offline_path = tmp_path / "offline"
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -87,8 +87,6 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
             str(offline_path),
         ],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,11 +117,9 @@ def test_distillation_resumes_where_it_left_off(tmp_path: Path) -> None:
 
 
 def _trainer(*overrides: str, run_dir: Path) -> dict:
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-m", "trainer", *overrides, f"hydra.run.dir={run_dir}"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,6 @@ scores the eval set as the sharded QAT model did.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from compression.bundle import load_program, save_program, serving_program
 from compression.serving import fake_quantize_tables, model_bytes, quantize_for_serving
 from tests.conftest import REPO
 from tests.distributed import fork_trainer
+from tests.processes import run
 from tests.reference import unsharded_model
 from tests.test_sharding_equivalence import tiny_config
 from tests.test_train_e2e import TINY
@@ -184,7 +184,7 @@ def test_two_rank_qat_int4_export(tmp_path: Path, sharding: list[str]) -> None:
 @pytest.mark.dist
 def test_python_m_trainer_ptq_export_shows_the_quantization_error(tmp_path: Path) -> None:
     """Without QAT, ``trainer.export_bits`` quantizes every table after training."""
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -195,8 +195,6 @@ def test_python_m_trainer_ptq_export_shows_the_quantization_error(tmp_path: Path
             f"hydra.run.dir={tmp_path}",
         ],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

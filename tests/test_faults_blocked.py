@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.processes import run
 
 BLOCKED_EXIT_S = 1.0
 RANK = textwrap.dedent(
@@ -128,7 +129,5 @@ def test_a_responsive_rank_is_never_taken_for_a_stuck_one() -> None:
     still busy with the USR1 before it looked unhandled and exited a healthy
     process (it ended `make test` once, 5 s after test_slurm_preempt).
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", FLOOD], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    proc = run([sys.executable, "-c", FLOOD], cwd=REPO, timeout=120)
     assert proc.returncode == 0 and "alive" in proc.stdout, proc.stderr[-2000:]

@@ -38,6 +38,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.distributed import fork_trainer, free_port
+from tests.processes import run
 from tests.test_train_e2e import TINY
 
 CHECKPOINT_EVERY = 4
@@ -66,7 +67,7 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone -m trainer`` with overrides and extra environment."""
     launcher = Path(sys.executable).with_name("torchrun")
-    return subprocess.run(
+    return run(
         [
             str(launcher),
             "--standalone",
@@ -80,8 +81,6 @@ def torchrun(
         ],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        capture_output=True,
-        text=True,
         timeout=timeout_s,
     )
 

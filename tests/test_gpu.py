@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.processes import run
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -181,14 +183,13 @@ def test_fp16_with_loss_scaling_tracks_fp32(tmp_path: Path) -> None:
 
 
 def test_qat_export_parity_on_cuda(tmp_path: Path) -> None:
-    import subprocess
     import sys
 
     from tests.distributed import free_port
     from tests.test_train_e2e import TINY
 
     # python -m torch.distributed.run: the GPU image need not have a torchrun script.
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -205,8 +206,6 @@ def test_qat_export_parity_on_cuda(tmp_path: Path) -> None:
             f"hydra.run.dir={tmp_path}",
         ],
         cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.processes import run
 from tests.test_criteo_tsv import reference_row
 from tests.test_prepare_criteo import read_split, write_tsv
 from trainer.data.criteo_tsv import CAT_NAMES, NUM_CAT, NUM_INT
@@ -45,11 +46,9 @@ def day_lines(n: int, *, low: int, high: int, seed: int) -> list[str]:
 
 
 def prepare_cli(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run(
         [sys.executable, "-m", "trainer.prepare", "data=criteo", *overrides],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
 

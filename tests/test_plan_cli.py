@@ -17,6 +17,7 @@ import pytest
 from sharding.fit import explain_no_fit, table_bytes
 from sharding.report import format_ranks
 from tests.conftest import REPO
+from tests.processes import run
 from trainer.config.schema import ConfigError, to_config
 from trainer.config.tables import run_tables
 from trainer.plan.cluster import plan_cluster
@@ -25,11 +26,9 @@ EBC = "model.sparse_arch.embedding_bag_collection"
 
 
 def _plan_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return run(
         [sys.executable, "-m", "trainer.plan", *overrides, f"hydra.run.dir={tmp_path}"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=180,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

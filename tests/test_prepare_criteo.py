@@ -7,13 +7,13 @@ ranges, chunks and parts (and two worker processes) are really exercised.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.processes import run
 from tests.test_criteo_tsv import reference_row
 from trainer.data.criteo_tsv import CAT_NAMES, NUM_CAT, NUM_INT
 from trainer.data.data_configs import CriteoDataConfig
@@ -202,7 +202,7 @@ def test_cli_prepares_and_errors_in_one_line(tmp_path, lines, capsys):
     out = tmp_path / "shards"
     args = [sys.executable, "-m", "trainer.prepare", "data=criteo", f"data.raw=[{raw}]"]
     args += [f"data.dir={out}", "data.num_workers=1", "data.table_rows=[100]"]
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run(args, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "train 285 rows, eval 15 rows" in done.stdout
     assert ShardMetadata.read(out).features[0].num_embeddings == 100

@@ -9,7 +9,6 @@ was hidden behind a second traceback from the pool's clean-up.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.distributed import fork_trainer
+from tests.processes import run
 from tests.test_prepare_criteo import criteo_lines, write_tsv
 from tests.test_prepare_table import events, hashed, read_split, table_cfg
 from trainer.data.data_configs import CriteoDataConfig
@@ -208,7 +208,7 @@ def test_worker_error_is_one_line_with_several_workers(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "trainer.prepare", "data=table"]
     args += [f"data.raw=[{','.join(map(str, files))}]", f"data.dir={tmp_path / 'out'}"]
     args += ["data.label=clicked", "data.categorical=[user,item]", "data.num_workers=4"]
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run(args, cwd=REPO, timeout=300)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "NoneType" not in done.stderr, done.stderr
     err = _error_lines(done.stderr)

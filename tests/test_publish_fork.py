@@ -12,11 +12,11 @@ child hangs (checked) and the test times out.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import REPO
+from tests.processes import run
 
 SCRIPT = """
 import gc, json, sys
@@ -44,7 +44,7 @@ def write(directory: Path) -> dict:
     return {"ok": True}
 
 
-publisher = Publisher(Path(sys.argv[1]), keep=2)
+publisher = Publisher(Path(sys.argv[1]), keep=2, timeout_s=60)  # within the test's 120 s
 publisher.start(write, info={})
 publisher.wait()
 print(json.dumps(publisher.finished()))
@@ -53,11 +53,9 @@ print(json.dumps(publisher.finished()))
 
 def test_garbage_gloo_group_in_the_parent_does_not_hang_the_writer(tmp_path: Path) -> None:
     exports = tmp_path / "exports"
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-c", SCRIPT, str(exports)],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,  # hangs without the fix; a few seconds with it
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,7 @@ from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_override
 from omegaconf import DictConfig
 
 from tests.conftest import REPO
+from tests.processes import run
 from trainer import search
 from trainer.config.compose import CONF_DIR, _sweep_jobs
 from trainer.config.run_dir import register_resolvers
@@ -43,7 +44,7 @@ TINY = [
 
 def _search(sweep: Path, trials: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -58,8 +59,6 @@ def _search(sweep: Path, trials: int, *extra: str) -> subprocess.CompletedProces
         ],
         cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

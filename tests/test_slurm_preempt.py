@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_ranks
+from tests.processes import run
 from trainer.resilience.preempt import PREEMPTED_EXIT_CODE, Preempted, Preemption
 
 
@@ -88,7 +89,7 @@ def test_a_stop_at_an_interval_end_evaluates_and_checkpoints_first(tmp_path: Pat
     assert "stopped at step 10 (SIGUSR1)" in log.read_text()
     evals = [r["step"] for r in records(run_dir) if "auc" in r]
     assert evals == [10], "the step-10 eval ran before the stop"
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    again = run(cmd, cwd=REPO, env=env, timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr + again.stdout
     evals = [r["step"] for r in records(run_dir) if "auc" in r]

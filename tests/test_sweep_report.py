@@ -12,7 +12,6 @@ import csv
 import itertools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.conftest import CONF_DIR, REPO
+from tests.processes import run
 from tests.test_logger_plots import read_wandb_run
 from trainer.config.run_dir import register_resolvers
 from trainer.config.schema import register_configs, to_config
@@ -148,11 +148,9 @@ def test_pareto_front() -> None:
 
 
 def test_report_of_an_empty_directory_says_how_to_sweep(tmp_path: Path) -> None:
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-m", "trainer.report", str(tmp_path)],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode != 0 and "+sweep=lr_batch" in proc.stderr
@@ -167,7 +165,7 @@ def test_a_real_sweep_with_a_failed_job(tmp_path: Path) -> None:
     env.pop("WANDB_API_KEY", None)
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         env[var] = str(tmp_path / ".wandb-home" / var.lower())
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -185,8 +183,6 @@ def test_a_real_sweep_with_a_failed_job(tmp_path: Path) -> None:
         ],
         cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     # Hydra runs every job, then re-raises the first failure.
@@ -205,11 +201,9 @@ def test_a_real_sweep_with_a_failed_job(tmp_path: Path) -> None:
     assert jobs[0].error == "config error: trainer.num_steps=0 must be positive"
     assert jobs[1].summary["steps"] == 3 and 0 < jobs[1].summary["auc"] < 1
 
-    report = subprocess.run(
+    report = run(
         [sys.executable, "-m", "trainer.report", str(sweep)],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert report.returncode == 0, report.stderr
@@ -220,11 +214,11 @@ def test_a_real_sweep_with_a_failed_job(tmp_path: Path) -> None:
 
     # wandb: one offline run per finished job, grouped by the sweep, named by what varies.
     for job in (jobs[1], jobs[3]):
-        run = read_wandb_run(job.path)
-        assert run["run"].run_group == str(sweep)
+        wandb_run = read_wandb_run(job.path)
+        assert wandb_run["run"].run_group == str(sweep)
         lr = job.overrides["optim.embedding_lr"]
-        assert f"optim.embedding_lr={lr}" in run["run"].display_name
-        assert "sweep=" not in run["run"].display_name
-        assert run["config"]["optim"]["embedding_lr"] == float(lr)
-        assert any("sharding_plan" in h for h in run["history"])
+        assert f"optim.embedding_lr={lr}" in wandb_run["run"].display_name
+        assert "sweep=" not in wandb_run["run"].display_name
+        assert wandb_run["config"]["optim"]["embedding_lr"] == float(lr)
+        assert any("sharding_plan" in h for h in wandb_run["history"])
     assert not list(jobs[0].path.glob("wandb/offline-run-*"))

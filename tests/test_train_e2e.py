@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.distributed import free_port, torchrun_trainer
+from tests.processes import run
 
 TINY = [
     "trainer=smoke",
@@ -68,11 +69,9 @@ def _check_outputs(run_dir: Path, *, world_size: int, strategy: str) -> dict:
 
 @pytest.mark.dist
 def test_python_m_trainer_single_process(tmp_path: Path) -> None:
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-m", "trainer", *TINY, PLOT, f"hydra.run.dir={tmp_path}"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,9 +46,9 @@ TINY = [
 
 @pytest.mark.dist
 def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    fork_trainer(*TINY, "trainer.checkpoint_every_steps=8", run_dir=run)
-    summary = json.loads((run / "summary.json").read_text())
+    run_dir = tmp_path / "run"
+    fork_trainer(*TINY, "trainer.checkpoint_every_steps=8", run_dir=run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     for head in ("teacher", "student"):
         assert 0.0 <= summary[f"{head}.auc"] <= 1.0
     assert summary["auc"] == summary["student.auc"]
@@ -56,7 +56,7 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
     # The pair's step time (benchmarks/studies/distill.py sets it against teacher-alone runs).
     assert summary["step_time_s"] == pytest.approx(summary["train_time_s"] / 8)
 
-    plan = json.loads((run / "plan.json").read_text())["plan"]
+    plan = json.loads((run_dir / "plan.json").read_text())["plan"]
     teacher = plan["teacher.sparse_arch.embedding_bag_collection"]
     student = plan["student.sparse_arch.embedding_bag_collection"]
     assert sorted(student) == [f"s_t_cat_{i}" for i in range(4)] and len(teacher) == 4
@@ -66,12 +66,12 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
     assert export["bits"] == {f"s_t_cat_{i}": 4 for i in range(4)}
     assert export["max_abs_logit_diff"] <= 1e-3
     # The served model is the student alone: its tables, at dim 4.
-    assert (run / export["path"] / "model.pt2").is_file()  # the serving bundle
-    served = load_program(run / export["path"] / "model.pt2")
+    assert (run_dir / export["path"] / "model.pt2").is_file()  # the serving bundle
+    served = load_program(run_dir / export["path"] / "model.pt2")
     dims = served.tables.D_offsets.diff()
     assert len(dims) == 4 and set(dims.tolist()) == {4}
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "teacher.auc" in r]
     assert [r["step"] for r in evals] == [4, 8]
 
@@ -82,7 +82,7 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
             sys.executable,
             "-m",
             "trainer.export",
-            str(run / "checkpoints" / "step_8"),
+            str(run_dir / "checkpoints" / "step_8"),
             "--out",
             str(offline_path),
         ],
@@ -104,11 +104,11 @@ def test_two_rank_distillation_with_qat_student_exports_the_student(tmp_path: Pa
 @pytest.mark.slow
 def test_distillation_resumes_where_it_left_off(tmp_path: Path) -> None:
     """Resume from step 4: both models and the warm-up counter come back."""
-    run = tmp_path / "run"
-    torchrun_trainer(*TINY, "trainer.checkpoint_every_steps=4", run_dir=run)
-    summary = json.loads((run / "summary.json").read_text())
+    run_dir = tmp_path / "run"
+    torchrun_trainer(*TINY, "trainer.checkpoint_every_steps=4", run_dir=run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     resumed = tmp_path / "resumed"
-    step_4 = run / "checkpoints" / "step_4"
+    step_4 = run_dir / "checkpoints" / "step_4"
     torchrun_trainer(*TINY, f"trainer.resume={step_4}", run_dir=resumed)
     again = json.loads((resumed / "summary.json").read_text())
     for key in ("student.auc", "teacher.auc", "student.logloss", "teacher.logloss"):

@@ -31,8 +31,9 @@ _STACKS_S = 5.0  # how long a process gets to print its stacks
 
 
 def session_members(sid: int) -> list[int]:
-    """The live processes of session ``sid``."""
-    pids = []
+    """The live processes of session ``sid`` and their descendants (torchrun starts its
+    ranks in sessions of their own), parents first."""
+    parent, session = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -41,9 +42,15 @@ def session_members(sid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+        if fields[0] != "Z":
+            parent[int(entry.name)], session[int(entry.name)] = int(fields[1]), int(fields[3])
+    members = [pid for pid in sorted(parent) if session[pid] == sid]
+    found = set(members)
+    for pid in members:  # grows while it is walked: breadth first
+        for child in sorted(p for p, pp in parent.items() if pp == pid and p not in found):
+            found.add(child)
+            members.append(child)
+    return members
 
 
 def _gone(pid: int) -> bool:

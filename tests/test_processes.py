@@ -11,11 +11,13 @@ from tests.processes import run, session_members
 
 # A parent and a forked child that keeps the parent's stdout and stderr: what
 # subprocess.run(capture_output=True, timeout=...) waits on for ever once it has
-# killed the parent (torchrun's ranks, a bundle writer, prepare's workers).
+# killed the parent (torchrun's ranks, a bundle writer, prepare's workers). The child
+# leaves the session, as torchrun's ranks do.
 HANG = """
 import os, sys, time
 print("started", flush=True)
 if os.fork() == 0:
+    os.setsid()
     def writer_waits():
         time.sleep(1000)
     writer_waits()

@@ -235,8 +235,17 @@ def test_a_file_without_a_header_line_is_named_with_the_fix(tmp_path):
     kw = dict(label="rating", dense=[], categorical=["user_id", "item_id"], multi_hot=[])
     with pytest.raises(PrepareError, match=r"looks like a data row: add a header line naming"):
         prepare(table_cfg(tmp_path, [udata], format="tsv", **kw), progress=False)
-    with pytest.raises(PrepareError, match=r"'::' separators .*\(data.format=tsv\)"):
+    with pytest.raises(PrepareError, match=r"'::' separators .*\(data.format=tsv\)") as err:
         prepare(table_cfg(tmp_path, [dat], format="tsv", **kw), progress=False)
+    # The command the hint gives writes a file that prepares under the names it gave.
+    command = str(err.value).split("e.g. `", 1)[1].split("`", 1)[0]
+    subprocess.run(["bash", "-c", command], check=True, timeout=60)
+    named = tmp_path / "ratings.named.tsv"
+    assert named.read_text().splitlines()[:2] == ["col1\tcol2\tcol3\tcol4", "1\t1193\t5\t978300760"]
+    cols = dict(label="col3", dense=[], categorical=["col1", "col2"], multi_hot=[])
+    out = tmp_path / "from_hint"
+    prepare(table_cfg(out, [named], label_threshold=3.5, eval_fraction=0.0, **cols), progress=False)
+    assert read_split(out / "out", "train")["labels"].tolist() == [1.0, 0.0]  # 5 and 3 stars
     named = tmp_path / "named.tsv"  # a header whose names are not numbers: no hint
     named.write_text("user,item\n")
     with pytest.raises(

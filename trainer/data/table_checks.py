@@ -42,14 +42,17 @@ def compression(path: Path) -> str | None:
     return next((kind for kind, start in _COMPRESSED.items() if magic.startswith(start)), None)
 
 
-def header_hint(names: list[str]) -> str:
+def header_hint(names: list[str], path: Path | None = None) -> str:
     """A hint for a "no column" error when the first line looks like a data row, not a
-    header (MovieLens' u.data and ratings.dat have none); "" when it looks like one."""
+    header (MovieLens' u.data and ratings.dat have none), with a command that writes the
+    file (``path``) again under a header line; "" when the line looks like a header."""
     if any("::" in n for n in names):
+        count = len(names[0].split("::"))
+        example = _with_header(path, count, "\\t", f"sed 's/::/\\t/g' {path}", ".tsv")
         return (
             "; the first line looks like a data row with '::' separators (MovieLens "
             "ratings.dat): write it with tabs (data.format=tsv) under a header line naming "
-            "the columns"
+            f"the columns{example}"
         )
     filled = [n for n in names if n.strip()]
 
@@ -61,8 +64,33 @@ def header_hint(names: list[str]) -> str:
         return True
 
     if len(filled) >= 2 and sum(map(number, filled)) * 2 > len(filled):
-        return "; the first line looks like a data row: add a header line naming the columns"
+        tabs = path is not None and "\t" in _first_line(path)
+        sep, suffix = ("\\t", ".tsv") if tabs else (",", ".csv")
+        example = _with_header(path, len(names), sep, f"cat {path}", suffix)
+        return (
+            f"; the first line looks like a data row: add a header line naming the columns{example}"
+        )
     return ""
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline()
+    except OSError:
+        return ""
+
+
+def _with_header(path: Path | None, count: int, sep: str, body: str, suffix: str) -> str:
+    """The hint's example: a command that writes ``path`` again under a header line,
+    ``{ printf 'col1<sep>col2\\n'; <body>; } > <path>.named<suffix>`` ("" without a path)."""
+    if path is None:
+        return ""
+    header = sep.join(f"col{k}" for k in range(1, count + 1))
+    return (
+        f", e.g. `{{ printf '{header}\\n'; {body}; }} > {path.with_suffix('')}.named{suffix}` "
+        "(then use those names, or better ones, in data.*)"
+    )
 
 
 def check_types(path: Path, table: pa.Table, roles: list[tuple[str, str]]) -> None:

@@ -233,8 +233,11 @@ def test_a_file_without_a_header_line_is_named_with_the_fix(tmp_path):
     udata.write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
     dat.write_text("1::1193::5::978300760\n1::661::3::978302109\n")
     kw = dict(label="rating", dense=[], categorical=["user_id", "item_id"], multi_hot=[])
-    with pytest.raises(PrepareError, match=r"looks like a data row: add a header line naming"):
+    with pytest.raises(
+        PrepareError, match=r"looks like a data row: add a header line naming"
+    ) as err:
         prepare(table_cfg(tmp_path, [udata], format="tsv", **kw), progress=False)
+    assert f"printf 'col1\\tcol2\\tcol3\\tcol4\\n'; cat {udata}; }} > " in str(err.value)
     with pytest.raises(PrepareError, match=r"'::' separators .*\(data.format=tsv\)") as err:
         prepare(table_cfg(tmp_path, [dat], format="tsv", **kw), progress=False)
     # The command the hint gives writes a file that prepares under the names it gave.

@@ -42,10 +42,11 @@ def compression(path: Path) -> str | None:
     return next((kind for kind, start in _COMPRESSED.items() if magic.startswith(start)), None)
 
 
-def header_hint(names: list[str], path: Path | None = None) -> str:
+def header_hint(names: list[str], path: Path | None = None, *, tabs: bool = False) -> str:
     """A hint for a "no column" error when the first line looks like a data row, not a
     header (MovieLens' u.data and ratings.dat have none), with a command that writes the
-    file (``path``) again under a header line; "" when the line looks like a header."""
+    file (``path``) again under a header line; "" when the line looks like a header.
+    ``tabs``: ``names`` were split on tabs (a TSV), not commas."""
     if any("::" in n for n in names):
         count = len(names[0].split("::"))
         example = _with_header(path, count, "\\t", f"sed 's/::/\\t/g' {path}", ".tsv")
@@ -64,21 +65,12 @@ def header_hint(names: list[str], path: Path | None = None) -> str:
         return True
 
     if len(filled) >= 2 and sum(map(number, filled)) * 2 > len(filled):
-        tabs = path is not None and "\t" in _first_line(path)
         sep, suffix = ("\\t", ".tsv") if tabs else (",", ".csv")
         example = _with_header(path, len(names), sep, f"cat {path}", suffix)
         return (
             f"; the first line looks like a data row: add a header line naming the columns{example}"
         )
     return ""
-
-
-def _first_line(path: Path) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.readline()
-    except OSError:
-        return ""
 
 
 def _with_header(path: Path | None, count: int, sep: str, body: str, suffix: str) -> str:

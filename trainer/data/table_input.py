@@ -168,7 +168,7 @@ def _raw_batches(
         raise TableInputError(
             f"{path}: no column {missing[0]!r} (it has {', '.join(have)}); "
             "fix the column names in data.label / dense / categorical / multi_hot / buckets / joins"
-            + header_hint(have, path)
+            + header_hint(have, path, tabs=fmt != TableFormat.csv)
         )
     first, seen = 1, ([] if malformed is None else malformed)
 

@@ -203,7 +203,7 @@ def _tasks(cfg: TableDataConfig, spec: TableSpec) -> list[TableTask]:
                     f"{path}: no column {missing[0]!r} (it has {', '.join(have)}"
                     f"{'; joins add ' + ', '.join(sorted(provided - set(have))) if joins else ''})"
                     "; fix data.label / dense / categorical / multi_hot / buckets"
-                    + header_hint(have, path)
+                    + header_hint(have, path, tabs=fmt != TableFormat.csv)
                 )
             task = TableTask(str(path), fmt, split, spec, used, cfg.batch_rows)
             task.num_rows = _count_rows(path, fmt, spec.label or have[0], cfg.batch_rows)

@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from trainer.data.data_configs import Mapping, OnBadRow, TableDataConfig, TableFormat
+from trainer.data.table_arrays import TableBatch
 from trainer.data.table_checks import TableInputError, header_hint
 from trainer.data.table_input import (
     Join,
-    TableBatch,
     TableSpec,
     column_names,
     read_batches,

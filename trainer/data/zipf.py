@@ -30,7 +30,9 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from trainer.data.rng import mix64_int, stream_key
@@ -40,6 +42,26 @@ EXACT_RANKS = 1 << 16
 _NO_TAIL = torch.zeros(0, dtype=torch.int64)
 # Rank at which the guess of ``ZipfTables._search`` is fitted to the exact CDF.
 ANCHOR_RANK = 1024
+
+
+class SearchConstants(NamedTuple):
+    """What a compiled rank search needs (``trainer.data.slot_draw``), as numpy
+    views of the CPU tables: ``padded_cdf`` and the per-table starts, last head
+    offsets and head lengths, the continuous guess's float64 affine step and
+    power (``integer_power``: that power when it is an integer, else 0), and
+    the uniform above which a table's draw falls in its tail."""
+
+    padded_cdf: np.ndarray
+    starts: np.ndarray
+    head_last: np.ndarray
+    head_lengths: np.ndarray
+    guess_offsets: np.ndarray
+    guess_masses: np.ndarray
+    log_guess: bool
+    inverse_power: float
+    integer_power: int
+    tail_fractions: np.ndarray
+    any_tail: bool
 
 
 class ZipfTables:
@@ -168,6 +190,32 @@ class ZipfTables:
             tail = self._tail_ranks(u.reshape(-1)[at], broadcast_take(tables, u.shape, at))
             ranks.view(-1).index_copy_(0, at, tail)
         return ranks, head, at
+
+    def search_constants(self) -> SearchConstants:
+        """The CPU tables and the guess's constants for a compiled ``_search``
+        (the guess in float64: any guess gives the same, checked answer)."""
+        s = self.exponent
+        fold = 1.0 if s == 1.0 else 1.0 - s
+        inverse = 0.0 if s == 1.0 else 1.0 / (1.0 - s)
+        integer = round(inverse) if abs(inverse) <= 64 else 0  # e.g. -5 for exponent 1.2
+        return SearchConstants(
+            padded_cdf=self._padded_cdf.numpy(),
+            starts=self._starts.numpy(),
+            head_last=self._head_last.numpy(),
+            head_lengths=self._head_lengths.to(torch.float64).numpy(),
+            guess_offsets=(-self._guess_offsets * fold).numpy(),
+            guess_masses=(self._total_masses * fold).numpy(),
+            log_guess=s == 1.0,
+            inverse_power=inverse,
+            integer_power=integer if integer != 0 and abs(inverse - integer) < 1e-9 else 0,
+            tail_fractions=self._tail_fractions.numpy(),
+            any_tail=self._any_tail,
+        )
+
+    def tail_ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Ranks past the tabulated head of the uniforms ``u`` (each above its
+        table's head fraction) of tables ``tables`` (same shape)."""
+        return self._tail_ranks(u, tables)
 
     def _search(self, u: torch.Tensor, shifted: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """``torch.searchsorted`` of ``shifted`` in the concatenated CDFs, exactly, in

@@ -1,0 +1,107 @@
+"""The synthetic sample's bag slots, hashed and Zipf-searched in one compiled pass (CPU).
+
+``SyntheticSource`` draws every slot's rank in stages, each a whole-tensor pass:
+three splitmix64 hashes (sample, feature, position in the bag; 13 passes each
+on int64), the uniform, the continuous law's guess of the rank and its two CDF
+checks (``ZipfTables._search``), then the head positions and the tail mask. On
+a CPU those passes are most of a batch's cost (a multi-hot batch of 2,048
+samples: 364k slots through ~60 passes). Here numba compiles the whole chain
+into one loop over the slots, each slot's numbers kept in registers.
+
+The answer is the staged one, bit for bit (``tests/test_slot_draw.py``): the
+hashes are the same uint64 arithmetic, the uniforms the same 53 bits, and a
+rank is confirmed by the same two comparisons with the CDF (the binary search's
+answer; a guess only changes how often the search runs). Tail ranks of huge
+tables (past ``zipf.EXACT_RANKS``) are left to ``ZipfTables``, which computes
+them in torch on the few slots that need them, so their float64 ``pow`` is the
+staged one too.
+
+Without numba (``import numba`` fails) ``draw_slots`` returns ``None`` and the
+caller draws in stages. numba compiles once per machine (about 2 s) and keeps
+the machine code in ``__pycache__`` (``cache=True``).
+
+Example::
+
+    out = draw_slots(tables, key, torch.arange(2048), slot_features, slot_positions)
+    if out is not None:
+        ranks, head, tail_at = out   # as ZipfTables.draw: [n, S], [n, S], flat indices
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from trainer.data.zipf import ZipfTables
+
+# SHARDREC_FUSED_DRAW=0 draws in stages (torch ops) even where numba is installed.
+ENABLED = os.environ.get("SHARDREC_FUSED_DRAW", "1") != "0"
+# Below this many slots the staged draw is as fast, and a process spares importing numba.
+MIN_SLOTS = 1 << 14
+
+_kernel = None  # the compiled loop, once imported (False: numba is missing)
+
+
+def draw_slots(
+    tables: ZipfTables,
+    key: int,
+    indices: torch.Tensor,
+    slot_features: torch.Tensor,
+    slot_positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Ranks, head positions and tail indices (``[n, S]``, ``[n, S]``, flat) of the
+    samples ``indices`` (int64 ``[n]``, CPU), as ``ZipfTables.draw`` gives them
+    for ``to_uniform(mix64(mix64(mix64(indices ^ key) ^ feature) ^ position))``;
+    ``None`` where the fused loop is off, unavailable or not worth it."""
+    n, num_slots = indices.numel(), slot_features.numel()
+    if not ENABLED or indices.device.type != "cpu" or n * num_slots < MIN_SLOTS:
+        return None
+    kernel = _load()
+    if kernel is None:
+        return None
+    c = tables.search_constants()
+    ranks = np.empty((n, num_slots), dtype=np.int64)
+    head = np.empty((n, num_slots), dtype=np.int64)
+    tail_at = np.empty(n * num_slots if c.any_tail else 0, dtype=np.int64)
+    tail_u = np.empty_like(tail_at, dtype=np.float64)
+    count = kernel(
+        np.uint64(key & ((1 << 64) - 1)),
+        indices.to(torch.int64).contiguous().numpy(),
+        slot_features.numpy(),
+        slot_positions.numpy(),
+        c.padded_cdf,
+        c.starts,
+        c.head_last,
+        c.guess_offsets,
+        c.guess_masses,
+        c.head_lengths,
+        c.tail_fractions,
+        c.log_guess,
+        c.inverse_power,
+        c.integer_power,
+        ranks,
+        head,
+        tail_at,
+        tail_u,
+    )
+    ranks_t, at = torch.from_numpy(ranks), torch.from_numpy(tail_at[:count])
+    if count:  # past a huge table's tabulated head: torch's float64 pow, as staged
+        tables_at = slot_features.index_select(0, at % num_slots)
+        ranks_t.view(-1).index_copy_(
+            0, at, tables.tail_ranks(torch.from_numpy(tail_u[:count]), tables_at)
+        )
+    return ranks_t, torch.from_numpy(head), at
+
+
+def _load():  # noqa: ANN202 - a numba dispatcher, or None
+    global _kernel
+    if _kernel is None:
+        try:
+            from trainer.data.slot_draw_kernel import draw_kernel
+        except ImportError:
+            _kernel = False
+        else:
+            _kernel = draw_kernel
+    return _kernel or None

@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds")
     p.add_argument("--breakdown-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="per rank; default: the shape's")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=8,
+        help="batches drawn up front for the contenders that cycle them (torchrec's loop, "
+        "plain PyTorch, the dense floor, shardrec_pregen)",
+    )
     p.add_argument("--max-rows", type=int, default=4_000_000, help="dcnv2 shape: rows cap")
     p.add_argument(
         "--shardrec-overrides",
@@ -92,6 +99,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         f"--steps={args.steps}",
         f"--repeats={args.repeats}",
         f"--breakdown-steps={args.breakdown_steps}",
+        f"--pool={args.pool}",
         f"--device={args.device}",
         f"--max-rows={args.max_rows}",
         f"--out={out}",
@@ -182,11 +190,13 @@ def versions() -> str:
     import importlib.metadata as md
 
     parts = [f"Python {platform.python_version()}"]
-    for dist in ("torch", "fbgemm-gpu", "fbgemm-gpu-cpu", "torchrec"):
+    for dist in ("torch", "fbgemm-gpu", "fbgemm-gpu-cpu", "torchrec", "numba"):
         try:
             parts.append(f"{dist} {md.version(dist)}")
         except md.PackageNotFoundError:
             pass
+    if os.environ.get("SHARDREC_FUSED_DRAW") == "0":  # trainer/data/slot_draw.py
+        parts.append("synthetic slots drawn in stages (SHARDREC_FUSED_DRAW=0)")
     return ", ".join(parts)
 
 

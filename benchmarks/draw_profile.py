@@ -10,6 +10,7 @@ rounds of ``--steps`` batches, ms per batch.
 Example::
 
     OMP_NUM_THREADS=1 python -m benchmarks.draw_profile --shapes small,multihot
+    SHARDREC_FUSED_DRAW=0 OMP_NUM_THREADS=1 python -m benchmarks.draw_profile  # staged
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from benchmarks.models import SHAPES, compose_config, shardrec_overrides
 from trainer.config.validate import open_source
 from trainer.data.rng import stream_key, uniform
+from trainer.data.slot_draw import fused_available
 
 
 def _ms(fn: Callable[[], object], *, repeats: int, per: int) -> float:
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    # SHARDREC_FUSED_DRAW=0: the staged torch draw instead (trainer/data/slot_draw.py).
+    print(f"slot draw: {'fused (numba)' if fused_available() else 'staged (torch)'}")
     for name in args.shapes.split(","):
         row = profile_shape(
             name, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats

@@ -129,6 +129,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--breakdown-steps", type=int, default=10)
+    p.add_argument("--pool", type=int, default=8, help="batches drawn up front, cycled")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-rows", type=int, default=4_000_000, help="dcnv2: rows cap per table")
@@ -168,6 +169,7 @@ def main() -> None:
             "steps": args.steps,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "pool": args.pool,
             "contenders": {},
         }
         contenders: list[Contender] = []
@@ -188,7 +190,7 @@ def main() -> None:
                     if source is None:
                         source = make_source(shape, env=env, device=args.device)
                     batches = draw_batches(
-                        source, shape, rank=env.rank, world_size=env.world_size, num=8
+                        source, shape, rank=env.rank, world_size=env.world_size, num=args.pool
                     )
                 if name == "shardrec_pregen":
                     c = make_shardrec(

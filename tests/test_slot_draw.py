@@ -132,3 +132,23 @@ def test_search_near_is_the_binary_search() -> None:
         want = int(np.searchsorted(cdf_np, x)) - 1
         for guess in {0, max(want - 3, 0), want + 1, min(want + 40, 500), 500}:
             assert _search_near(cdf_np, guess, x) == want, (x, guess)
+
+
+def test_without_numba_the_draw_is_staged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without numba draws in stages: the same batch, no error."""
+    import sys
+
+    data = SyntheticCriteo(BASE)
+    fused = data.batch("train", 0, 4096)
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.delitem(sys.modules, "trainer.data.slot_draw_kernel")
+    monkeypatch.setattr(slot_draw, "_kernel", None)
+    assert (
+        slot_draw.draw_slots(
+            data._tables, 5, torch.arange(4096), data._slot_features, data._slot_positions
+        )
+        is None
+    )
+    staged = data.batch("train", 0, 4096)
+    assert torch.equal(staged.sparse_features.values(), fused.sparse_features.values())
+    assert torch.equal(staged.labels, fused.labels)

@@ -95,6 +95,11 @@ def draw_slots(
     return ranks_t, torch.from_numpy(head), at
 
 
+def fused_available() -> bool:
+    """Whether large CPU draws take the compiled loop (numba installed, not turned off)."""
+    return ENABLED and _load() is not None
+
+
 def _load():  # noqa: ANN202 - a numba dispatcher, or None
     global _kernel
     if _kernel is None:

@@ -6,7 +6,9 @@ them up, and times them in interleaved rounds; see ``benchmarks.models``
 for what each contender is. Printed per shape: samples/s (median and min-max
 over the rounds), the RSS each contender added, the ratios shardrec/pytorch,
 shardrec/torchrec and shardrec/dense (a: shardrec, a': with the prefetcher,
-p: on batches drawn up front), and where shardrec's step goes.
+p: on batches drawn up front; s: drawing the synthetic slots in stages, without
+the compiled loop of ``trainer.data.slot_draw``, only when asked for with
+``--contenders``), and where shardrec's step goes.
 ``benchmarks.op_profile`` compares shardrec's step with torchrec's op by op. The last
 line carries the ratios of every shape. JSON and a Markdown table land in
 ``--out``.
@@ -136,13 +138,21 @@ def summarise(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
     out = {}
-    for a, prefix in (("shardrec", "a"), ("shardrec_prefetch", "a'"), ("shardrec_pregen", "p")):
+    mine = (
+        ("shardrec", "a"),
+        ("shardrec_prefetch", "a'"),
+        ("shardrec_pregen", "p"),
+        ("shardrec_staged", "s"),
+    )
+    for a, prefix in mine:
         if a not in rows:
             continue
         for other, label in RATIOS:
             if other in rows:
                 key = label.replace("a/", f"{prefix}/")
                 out[key] = rows[a]["median"] / rows[other]["median"]
+    if "shardrec" in rows and "shardrec_staged" in rows:  # the compiled slot draw's gain
+        out["a/s"] = rows["shardrec"]["median"] / rows["shardrec_staged"]["median"]
     return out
 
 
@@ -166,7 +176,7 @@ def format_shape(result: dict[str, Any]) -> str:
         "ratios: "
         + ", ".join(f"{k} {v:.2f}" for k, v in ratios(rows).items())
         + "  (a shardrec, a' shardrec+prefetch, p shardrec on batches drawn up front,"
-        " b pytorch, c torchrec loop, d dense floor)"
+        " s shardrec drawing its slots in stages, b pytorch, c torchrec loop, d dense floor)"
     )
     b = result.get("breakdown")
     if b:

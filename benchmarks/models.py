@@ -211,12 +211,16 @@ def make_shardrec(
     env: Any,
     device: str,
     prefetch: bool = False,
+    staged: bool = False,
     source: Any = None,
     batches: list | None = None,
 ) -> Contender:
-    """The trainer; ``prefetch``: its batches drawn on a thread; ``batches``: drawn up front."""
+    """The trainer; ``prefetch``: its batches drawn on a thread; ``batches``: drawn up
+    front; ``staged``: its synthetic slots drawn in stages (torch ops), not by the
+    compiled loop (``trainer.data.slot_draw``), for an A/B in the same processes."""
     from tqdm import tqdm
 
+    from trainer.data import slot_draw
     from trainer.loop.trainer import Trainer
     from trainer.report.logger import make_logger
     from trainer.session import build
@@ -243,9 +247,21 @@ def make_shardrec(
     )
     bar = tqdm(disable=True)
     name = "shardrec_prefetch" if prefetch else "shardrec_pregen" if batches else "shardrec"
+
+    def step(n: int) -> None:
+        if not staged:
+            trainer.train_steps(n, bar)
+            return
+        # The draw happens inside the steps (the pipeline pulls its batches there).
+        before, slot_draw.ENABLED = slot_draw.ENABLED, False
+        try:
+            trainer.train_steps(n, bar)
+        finally:
+            slot_draw.ENABLED = before
+
     return Contender(
-        name,
-        lambda n: trainer.train_steps(n, bar),
+        "shardrec_staged" if staged else name,
+        step,
         trainer=trainer,
         source=source,
         model=built.model,

@@ -38,7 +38,15 @@ from benchmarks.models import (
     make_source,
 )
 
-CONTENDERS = ("shardrec", "shardrec_prefetch", "shardrec_pregen", "pytorch", "torchrec", "dense")
+CONTENDERS = (
+    "shardrec",
+    "shardrec_prefetch",
+    "shardrec_pregen",
+    "shardrec_staged",
+    "pytorch",
+    "torchrec",
+    "dense",
+)
 
 
 def rss_mb() -> float:
@@ -176,12 +184,13 @@ def main() -> None:
         source = batches = None
         for name in names:
             rss_before = rss_mb()
-            if name in ("shardrec", "shardrec_prefetch"):
+            if name in ("shardrec", "shardrec_prefetch", "shardrec_staged"):
                 c = make_shardrec(
                     shape,
                     env=env,
                     device=args.device,
                     prefetch=name == "shardrec_prefetch",
+                    staged=name == "shardrec_staged",
                     source=source,
                 )
                 source = c.source

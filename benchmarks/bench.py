@@ -136,6 +136,22 @@ def summarise(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     return rows
 
 
+def paired_ratios(result: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """a/c, p/c and a/s round by round (the contenders of a round run back to back,
+    so a slow spell of the machine hits both sides of a ratio alike): median, min, max."""
+    runs = {n: c["samples_per_sec"] for n, c in result["contenders"].items()}
+    out = {}
+    for key, (a, c) in {
+        "a/c": ("shardrec", "torchrec"),
+        "p/c": ("shardrec_pregen", "torchrec"),
+        "a/s": ("shardrec", "shardrec_staged"),
+    }.items():
+        if a in runs and c in runs:
+            per_round = [x / y for x, y in zip(runs[a], runs[c], strict=True)]
+            out[key] = (statistics.median(per_round), min(per_round), max(per_round))
+    return out
+
+
 def ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
     out = {}
     mine = (
@@ -178,6 +194,12 @@ def format_shape(result: dict[str, Any]) -> str:
         + "  (a shardrec, a' shardrec+prefetch, p shardrec on batches drawn up front,"
         " s shardrec drawing its slots in stages, b pytorch, c torchrec loop, d dense floor)"
     )
+    paired = paired_ratios(result)
+    if paired:
+        lines.append(
+            "ratios round by round (median [min - max]): "
+            + ", ".join(f"{k} {m:.2f} [{lo:.2f} - {hi:.2f}]" for k, (m, lo, hi) in paired.items())
+        )
     b = result.get("breakdown")
     if b:
         labels = dict(b["labels_ms"])

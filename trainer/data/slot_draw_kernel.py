@@ -5,9 +5,9 @@ then feature once per bag, then position), the 53-bit uniform, the Zipf law's
 guess of the rank (with no exp/log where the law's inverse is an integer power,
 as for exponent 1.2), its two CDF checks (a step or two to the neighbour, or a
 binary search, when they fail: the staged ``ZipfTables._search``'s answer, bit
-for bit) and the clamp into the
-table's tabulated head. Tail slots (uniform above the table's head fraction)
-are listed with their uniforms for ``ZipfTables.tail_ranks``.
+for bit) and the clamp into the table's tabulated head. Tail slots (uniform
+above the table's head fraction) are listed with their uniforms for
+``ZipfTables.tail_ranks``.
 """
 
 from __future__ import annotations

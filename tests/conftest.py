@@ -3,7 +3,15 @@ grouping of tests over ``make test``'s pytest-xdist workers."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# MKL's GEMMs on AVX-512 CPUs round differently with the memory alignment of their
+# operands, so a resumed run's dense gradients can differ from the run that never
+# stopped in the last bit. The bit-for-bit resume tests run MKL in its strict
+# reproducible mode (docs/checkpoints.md); set before any GEMM, inherited by every
+# process a test starts. A value already set is kept.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -253,6 +253,8 @@ def make_shardrec(
             trainer.train_steps(n, bar)
             return
         # The draw happens inside the steps (the pipeline pulls its batches there).
+        # The switch is process-wide: a shardrec_prefetch producer drawing ahead
+        # meanwhile draws in stages too, so compare the two without it.
         before, slot_draw.ENABLED = slot_draw.ENABLED, False
         try:
             trainer.train_steps(n, bar)

@@ -162,3 +162,31 @@ def test_without_numba_the_draw_is_staged(monkeypatch: pytest.MonkeyPatch) -> No
     staged = data.batch("train", 0, 4096)
     assert torch.equal(staged.sparse_features.values(), fused.sparse_features.values())
     assert torch.equal(staged.labels, fused.labels)
+
+
+def test_a_numba_that_cannot_compile_leaves_the_draw_staged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """numba raises at import where it has no writable cache directory: the draw
+    goes on in stages, with a warning that says how to turn the loop back on."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def failing(name: str, *args: object, **kwargs: object) -> object:
+        if name == "trainer.data.slot_draw_kernel":
+            raise RuntimeError("cannot cache function 'draw_kernel': no locator available")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "trainer.data.slot_draw_kernel")
+    monkeypatch.setattr(builtins, "__import__", failing)
+    monkeypatch.setattr(slot_draw, "_kernel", None)
+    data = SyntheticCriteo(BASE)
+    with caplog.at_level("WARNING", logger="trainer.data.slot_draw"):
+        assert not slot_draw.fused_available()
+        batch = data.batch("train", 0, 4096)
+    assert "NUMBA_CACHE_DIR" in caplog.text and "no locator" in caplog.text
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setattr(slot_draw, "ENABLED", False)
+    assert torch.equal(batch.labels, data.batch("train", 0, 4096).labels)

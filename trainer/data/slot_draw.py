@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -37,6 +38,7 @@ import torch
 
 from trainer.data.zipf import ZipfTables
 
+log = logging.getLogger(__name__)
 # SHARDREC_FUSED_DRAW=0 draws in stages (torch ops) even where numba is installed.
 ENABLED = os.environ.get("SHARDREC_FUSED_DRAW", "1") != "0"
 # Below this many slots the staged draw is as fast, and a process spares importing numba.
@@ -106,7 +108,15 @@ def _load():  # noqa: ANN202 - a numba dispatcher, or None
     if _kernel is None:
         try:
             from trainer.data.slot_draw_kernel import draw_kernel
-        except ImportError:
+        except ImportError:  # numba is not installed
+            _kernel = False
+        except Exception as err:  # noqa: BLE001 - e.g. no writable cache dir for numba
+            log.warning(
+                "the compiled slot draw is off, the synthetic data is drawn in stages "
+                "(the same batches, slower): %s. Where numba cannot write next to the "
+                "code, set NUMBA_CACHE_DIR to a writable directory",
+                err,
+            )
             _kernel = False
         else:
             _kernel = draw_kernel

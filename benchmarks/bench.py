@@ -10,8 +10,8 @@ p: on batches drawn up front; s: drawing the synthetic slots in stages, without
 the compiled loop of ``trainer.data.slot_draw``, only when asked for with
 ``--contenders``), and where shardrec's step goes.
 ``benchmarks.op_profile`` compares shardrec's step with torchrec's op by op. The last
-line carries the ratios of every shape. JSON and a Markdown table land in
-``--out``.
+line carries the ratios of every shape. JSON, a Markdown table and a plot
+(``bench.png``: ``benchmarks.bench_plot``) land in ``--out``.
 
 Example::
 
@@ -33,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from benchmarks.bench_plot import plot_bench
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = (("pytorch", "a/b"), ("torchrec", "a/c"), ("dense", "a/d"))
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_bench(results, args.out / "bench.png")
     last = "; ".join(
         f"{r['shape']}: " + " ".join(f"{k}={v:.2f}" for k, v in ratios(summarise(r)).items())
         for r in results

@@ -182,12 +182,12 @@ class ZipfTables:
         if u.device.type != "cpu":
             # No host sync, no data-dependent shapes: compute the tail everywhere.
             in_tail = self._has_tail[tables] & (u > self._head_fractions[tables])
-            tail = self._tail_ranks(u, tables.expand_as(ranks))
+            tail = self.tail_ranks(u, tables.expand_as(ranks))
             return torch.where(in_tail, tail, ranks), head, None
         # Tables without a tail have a fraction above any uniform: one comparison.
         at = flat_nonzero(u > self._tail_fractions[tables])
         if at.numel():
-            tail = self._tail_ranks(u.reshape(-1)[at], broadcast_take(tables, u.shape, at))
+            tail = self.tail_ranks(u.reshape(-1)[at], broadcast_take(tables, u.shape, at))
             ranks.view(-1).index_copy_(0, at, tail)
         return ranks, head, at
 
@@ -211,11 +211,6 @@ class ZipfTables:
             tail_fractions=self._tail_fractions.numpy(),
             any_tail=self._any_tail,
         )
-
-    def tail_ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        """Ranks past the tabulated head of the uniforms ``u`` (each above its
-        table's head fraction) of tables ``tables`` (same shape)."""
-        return self._tail_ranks(u, tables)
 
     def _search(self, u: torch.Tensor, shifted: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """``torch.searchsorted`` of ``shifted`` in the concatenated CDFs, exactly, in
@@ -257,7 +252,9 @@ class ZipfTables:
             flat.index_copy_(0, at, found)
         return positions
 
-    def _tail_ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    def tail_ranks(self, u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Ranks past the tabulated head of the uniforms ``u`` (each above its
+        table's head fraction) of tables ``tables`` (same shape)."""
         s, lo = self.exponent, self._head_lengths[tables].to(torch.float64) + 0.5
         mass = (u - self._head_fractions[tables]) * self._total_masses[tables]
         if s == 1.0:

@@ -83,7 +83,7 @@ def test_fused_draw_is_the_staged_draw(name: str, monkeypatch: pytest.MonkeyPatc
         return out
 
     real = slot_draw.draw_slots
-    monkeypatch.setattr("trainer.data.synthetic.draw_slots", spy)
+    monkeypatch.setattr(slot_draw, "draw_slots", spy)
     staged, fused = _both_ways(monkeypatch, lambda: data._draw_with_head("train", indices))
     assert drew == [False, True]  # the second call really drew fused
     _assert_equal(staged, fused)

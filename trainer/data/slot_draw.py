@@ -16,26 +16,29 @@ tables (past ``zipf.EXACT_RANKS``) are left to ``ZipfTables``, which computes
 them in torch on the few slots that need them, so their float64 ``pow`` is the
 staged one too.
 
-Without numba (``import numba`` fails) ``draw_slots`` returns ``None`` and the
-caller draws in stages. numba compiles once per machine (about 1 s) and keeps
+Without numba (``import numba`` fails) ``draw_slots`` returns ``None`` and
+``slot_ranks`` draws in stages. numba compiles once per machine (about 1 s) and keeps
 the machine code in ``__pycache__`` (``cache=True``); a process that draws
 large batches imports numba (0.17 s, about 100 MB of RSS for llvmlite).
 
 Example::
 
-    out = draw_slots(tables, key, torch.arange(2048), slot_features, slot_positions)
-    if out is not None:
-        ranks, head, tail_at = out   # as ZipfTables.draw: [n, S], [n, S], flat indices
+    ranks, head, tail_at = slot_ranks(      # as ZipfTables.draw: [n, S], [n, S], flat
+        tables, key, torch.arange(2048), slot_features, slot_positions,
+        torch.arange(num_features), planted.per_slot,
+    )
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from trainer.data.rng import hash_counters, mix64, to_uniform
 from trainer.data.zipf import ZipfTables
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,30 @@ ENABLED = os.environ.get("SHARDREC_FUSED_DRAW", "1") != "0"
 MIN_SLOTS = 1 << 14
 
 _kernel = None  # the compiled loop, once imported (False: numba is missing)
+
+
+def slot_ranks(
+    tables: ZipfTables,
+    key: int,
+    indices: torch.Tensor,
+    slot_features: torch.Tensor,
+    slot_positions: torch.Tensor,
+    feature_columns: torch.Tensor,
+    per_slot: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``ZipfTables.draw``'s ranks, head positions and tail indices of the slots of
+    the samples ``indices``: by the compiled loop where it runs (``draw_slots``),
+    else in stages, the same bits. ``feature_columns``: ``arange(F)`` on the
+    samples' device; ``per_slot``: spreads ``[n, F]`` over the ``[n, S]`` slots
+    (``PlantedModel.per_slot``; ``None`` when every bag holds one id)."""
+    fused = draw_slots(tables, key, indices, slot_features, slot_positions)
+    if fused is not None:
+        return fused
+    # The hash is the chain (sample, feature, position); its per-feature stage runs
+    # on [n, F] and is then repeated over the bag, the same bits as hashing every slot.
+    per_feature = mix64(hash_counters(key, indices.unsqueeze(1)) ^ feature_columns)
+    spread = per_feature if per_slot is None else per_slot(per_feature)
+    return tables.draw(to_uniform(mix64(spread ^ slot_positions)), slot_features)
 
 
 def draw_slots(

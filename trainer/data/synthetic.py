@@ -53,8 +53,8 @@ from trainer.data.drift import apply_day, fingerprint_settings
 from trainer.data.loader import check_rank, eval_batches
 from trainer.data.planted import PlantedModel
 from trainer.data.planted_layout import pack_kept
-from trainer.data.rng import hash_counters, mix64, normal, stream_key, to_uniform, uniform
-from trainer.data.slot_draw import draw_slots
+from trainer.data.rng import normal, stream_key, uniform
+from trainer.data.slot_draw import slot_ranks
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.zipf import ZipfTables
@@ -367,25 +367,16 @@ class SyntheticSource:
         idx = indices.unsqueeze(1)
         dense = normal(stream_key(seed, split, "dense"), idx, self._dense_columns)
         # A slot's id depends on (sample, feature, position in the bag) only: not on
-        # the hotness of other features, nor on the bag's length. The hash is the
-        # chain (sample, feature, position); its per-feature stage runs on [n, F]
-        # and is then repeated over the bag, the same bits as hashing every slot.
-        ids_key = stream_key(seed, split, "ids")
-        # On a CPU, one compiled pass over the slots (slot_draw.py; the same bits).
-        fused = draw_slots(
-            self._tables, ids_key, indices, self._slot_features, self._slot_positions
+        # the hotness of other features, nor on the bag's length (slot_draw.py).
+        ranks, head, tail_at = slot_ranks(
+            self._tables,
+            stream_key(seed, split, "ids"),
+            indices,
+            self._slot_features,
+            self._slot_positions,
+            self._feature_columns,
+            None if self._single_hot else self._planted.per_slot,
         )
-        if fused is not None:
-            ranks, head, tail_at = fused
-        else:
-            per_sample = hash_counters(ids_key, idx)
-            per_feature = mix64(per_sample ^ self._feature_columns)
-            if self._single_hot:
-                per_slot = per_feature  # slot f is feature f, position 0
-            else:
-                per_slot = self._planted.per_slot(per_feature)  # per run, not a row gather
-            u = to_uniform(mix64(per_slot ^ self._slot_positions))
-            ranks, head, tail_at = self._tables.draw(u, self._slot_features)
         if not self.cfg.variable_hotness:
             return dense, ranks, None, head, tail_at
         return dense, ranks, self._bag_lengths(split, idx, self.device), head, tail_at

@@ -31,6 +31,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from sharding.dist import DistEnv
+from sharding.tbe_cpu import use_compiled_backward
 
 _DENSE_OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -53,7 +54,8 @@ def shard_model(
     env: DistEnv,
     sharders: list[ModuleSharder[nn.Module]],
 ) -> DistributedModelParallel:
-    """Shards the tables by ``plan``, materialises meta tensors, wraps the rest in DDP."""
+    """Shards the tables by ``plan``, materialises meta tensors, wraps the rest in DDP;
+    on a CPU the shards' fused updates run compiled (``sharding/tbe_cpu.py``)."""
     dmp = DistributedModelParallel(
         module=model,
         device=env.device,
@@ -62,6 +64,7 @@ def shard_model(
         sharders=sharders,
     )
     fix_dense_bucket_layout(dmp)
+    use_compiled_backward(dmp)
     return dmp
 
 

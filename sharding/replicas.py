@@ -67,6 +67,7 @@ from torchrec.optim.keyed import KeyedOptimizer, OptimizerWrapper
 from sharding.collectives import all_sum, broadcast_tensor
 from sharding.dist import DistEnv
 from sharding.dmp import fix_dense_bucket_layout
+from sharding.tbe_cpu import use_compiled_backward
 
 
 def parse_replicas(value: Any, world_size: int | None = None) -> int | None:
@@ -216,6 +217,7 @@ def shard_model_in_group(
         sharders=sharders,
     )
     fix_dense_bucket_layout(dmp)
+    use_compiled_backward(dmp)
     return dmp
 
 

@@ -1,0 +1,205 @@
+"""Sharded tables on a CPU train with a compiled backward, FBGEMM's update bit for bit.
+
+torchrec runs each shard's lookups through FBGEMM's table-batched embedding
+(``SplitTableBatchedEmbeddingBagsCodegen``), whose backward applies the fused
+row-wise Adagrad. On a CPU that backward is most of a multi-hot step: about
+450 ns per row it updates, whatever the row's width (``benchmarks/tbe_backward.py``;
+50 of 94 ms of the multi-hot bench step). :func:`use_compiled_backward` gives
+the CPU kernels of a sharded model :class:`CompiledBackwardTBE`, whose forward
+is FBGEMM's lookup op and whose backward is ``tbe_cpu_kernel``'s loop: the same
+weights and accumulators, bit for bit, 3-6x faster.
+
+Where a kernel's case is not that loop's (a GPU, fp16 weights, per-id weights,
+mean pooling, variable batch sizes, tables shared by features, weight decay or
+gradient clipping), its forward is FBGEMM's own, unchanged. Nothing else
+changes: the kernel's weights, accumulators, state dict and fused optimizer
+are the same objects. ``SHARDREC_COMPILED_BACKWARD=0`` leaves every kernel to
+FBGEMM; without numba they stay FBGEMM's, with a warning.
+
+Example::
+
+    dmp = DistributedModelParallel(model, plan=plan, ...)
+    use_compiled_backward(dmp)      # on a CPU: the number of kernels switched
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+    OptimType,
+    SplitTableBatchedEmbeddingBagsCodegen,
+)
+from torch import Tensor, nn
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+
+log = logging.getLogger(__name__)
+
+# SHARDREC_COMPILED_BACKWARD=0 keeps FBGEMM's CPU backward everywhere.
+ENABLED = os.environ.get("SHARDREC_COMPILED_BACKWARD", "1") != "0"
+
+_kernel = None  # the compiled backward once imported (False: numba unusable)
+
+
+class _Lookup(torch.autograd.Function):
+    """FBGEMM's pooled CPU lookup forward; backward: the compiled fused update."""
+
+    @staticmethod
+    def forward(  # noqa: ANN205 - autograd's signature
+        ctx: Any,
+        placeholder: Tensor,
+        tbe: CompiledBackwardTBE,
+        indices: Tensor,
+        offsets: Tensor,
+    ):
+        ctx.tbe = tbe
+        ctx.save_for_backward(indices, offsets)
+        return torch.ops.fbgemm.split_embedding_codegen_forward_cpu(
+            tbe.weights_host,
+            tbe.weights_offsets,
+            tbe.D_offsets,
+            tbe.total_D,
+            tbe.hash_size_cumsum,
+            indices,
+            offsets,
+            tbe.pooling_mode,
+            None,
+            tbe.output_dtype,
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor):  # noqa: ANN205
+        indices, offsets = ctx.saved_tensors
+        ctx.tbe.apply_update(grad_output, indices, offsets)
+        return None, None, None, None
+
+
+class CompiledBackwardTBE(SplitTableBatchedEmbeddingBagsCodegen):
+    """FBGEMM's table-batched embedding whose CPU backward is ``tbe_cpu_kernel``'s.
+
+    Not built directly: :func:`use_compiled_backward` gives existing kernels
+    this class (``__class__``), so their tensors, buffers and hooks stay theirs.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        indices: Tensor,
+        offsets: Tensor,
+        per_sample_weights: Tensor | None = None,
+        feature_requires_grad: Tensor | None = None,
+        batch_size_per_feature_per_rank: list[list[int]] | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        if (
+            per_sample_weights is not None
+            or batch_size_per_feature_per_rank is not None
+            or any(v is not None for v in kwargs.values())
+        ):
+            return super().forward(
+                indices,
+                offsets,
+                per_sample_weights,
+                feature_requires_grad,
+                batch_size_per_feature_per_rank,
+                **kwargs,
+            )
+        indices, offsets, _, _ = self.prepare_inputs(
+            indices, offsets, None, None, force_cast_input_types=True
+        )
+        self._indices, self._offsets = indices, offsets
+        self.step += 1
+        return _Lookup.apply(self.placeholder_autograd_tensor, self, indices, offsets)
+
+    @torch.no_grad()
+    def apply_update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor) -> None:
+        """Row-wise Adagrad on the rows ``indices`` looked up, from the pooled output's gradient."""
+        num_tables = len(self.feature_table_map)
+        batch_size = (offsets.numel() - 1) // num_tables
+        failed = _kernel(
+            grad_output.detach().to(torch.float32).contiguous().view(-1).numpy(),
+            indices.numpy(),
+            offsets.numpy(),
+            batch_size,
+            self.D_offsets.numpy(),
+            self.weights_offsets.numpy(),
+            self.momentum1_offsets.numpy(),
+            np.diff(self.hash_size_cumsum.numpy()),
+            self.weights_host.detach().numpy(),
+            self.momentum1_host.detach().numpy(),
+            np.float32(-self.get_learning_rate()),
+            np.float32(self.optimizer_args.eps),
+        )
+        if failed >= 0:
+            raise IndexError(
+                f"embedding table {failed} of this kernel was looked up outside its "
+                f"{int(self.rows_per_table[failed])} rows; the ids come from the input "
+                "(check data.features / the table sizes)"
+            )
+
+
+def compiled_case(tbe: nn.Module) -> bool:
+    """Whether ``tbe``'s backward can be the compiled one (see the module docstring)."""
+    if type(tbe) is not SplitTableBatchedEmbeddingBagsCodegen:
+        return False
+    args = tbe.optimizer_args
+    return (
+        tbe.use_cpu
+        and tbe.optimizer == OptimType.EXACT_ROWWISE_ADAGRAD
+        and tbe.weights_precision == SparseType.FP32
+        and tbe.output_dtype == SparseType.FP32.as_int()
+        and tbe.pooling_mode == PoolingMode.SUM
+        and list(tbe.feature_table_map) == list(range(len(tbe.feature_table_map)))
+        and args.weight_decay == 0.0
+        and not args.gradient_clipping
+        and args.max_norm == 0.0
+        and not tbe.use_writeback_bwd_prehook
+        and tbe.tbe_input_multiplexer is None
+        and tbe._report_input_params is None
+        and tbe.momentum1_host.dtype == torch.float32
+    )
+
+
+def use_compiled_backward(model: nn.Module) -> int:
+    """Switches ``model``'s CPU table-batched kernels to the compiled backward where
+    their case allows; returns how many. Off with ``SHARDREC_COMPILED_BACKWARD=0``."""
+    # The lookups sit in a plain list (ShardedEmbeddingBagCollection._lookups), which
+    # model.modules() does not reach; torchrec walks the same list.
+    kernels = [
+        tbe
+        for sebc in model.modules()
+        if isinstance(sebc, ShardedEmbeddingBagCollection)
+        for lookup in sebc._lookups
+        for tbe in lookup.modules()
+        if compiled_case(tbe)
+    ]
+    if not kernels or not ENABLED or _load() is None:
+        return 0
+    for tbe in kernels:
+        tbe.__class__ = CompiledBackwardTBE
+    return len(kernels)
+
+
+def _load():  # noqa: ANN202 - a numba dispatcher, or None
+    global _kernel
+    if _kernel is None:
+        try:
+            from sharding.tbe_cpu_kernel import backward_rowwise_adagrad
+        except ImportError:  # numba is not installed
+            _kernel = False
+        except Exception as err:  # noqa: BLE001 - e.g. no writable cache dir for numba
+            log.warning(
+                "the compiled embedding backward is off, FBGEMM's runs (the same "
+                "updates, slower): %s. Where numba cannot write next to the code, set "
+                "NUMBA_CACHE_DIR to a writable directory",
+                err,
+            )
+            _kernel = False
+        else:
+            _kernel = backward_rowwise_adagrad
+    return _kernel or None

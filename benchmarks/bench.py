@@ -6,9 +6,10 @@ them up, and times them in interleaved rounds; see ``benchmarks.models``
 for what each contender is. Printed per shape: samples/s (median and min-max
 over the rounds), the RSS each contender added, the ratios shardrec/pytorch,
 shardrec/torchrec and shardrec/dense (a: shardrec, a': with the prefetcher,
-p: on batches drawn up front; s: drawing the synthetic slots in stages, without
-the compiled loop of ``trainer.data.slot_draw``, only when asked for with
-``--contenders``), and where shardrec's step goes.
+p: on batches drawn up front; f: its CPU tables updated by FBGEMM's backward,
+not the compiled one of ``sharding.tbe_cpu``; s: drawing the synthetic slots
+in stages, without the compiled loop of ``trainer.data.slot_draw``, only when
+asked for with ``--contenders``), and where shardrec's step goes.
 ``benchmarks.op_profile`` compares shardrec's step with torchrec's op by op. The last
 line carries the ratios of every shape. JSON, a Markdown table and a plot
 (``bench.png``: ``benchmarks.bench_plot``) land in ``--out``.
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shape only, few short rounds")
     p.add_argument("--shapes", default=None, help="comma list: small,mlperf_mlp,multihot,dcnv2")
     p.add_argument(
-        "--contenders", default="shardrec,shardrec_prefetch,shardrec_pregen,pytorch,torchrec,dense"
+        "--contenders",
+        default="shardrec,shardrec_prefetch,shardrec_pregen,shardrec_fbgemm,pytorch,torchrec,dense",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--world-size", type=int, default=None, help="default: 2 on CPU, 1 on CUDA")
@@ -139,7 +141,7 @@ def summarise(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def paired_ratios(result: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
-    """a/c, p/c and a/s round by round (the contenders of a round run back to back,
+    """a/c, p/c, a/s and a/f round by round (the contenders of a round run back to back,
     so a slow spell of the machine hits both sides of a ratio alike): median, min, max."""
     runs = {n: c["samples_per_sec"] for n, c in result["contenders"].items()}
     out = {}
@@ -147,6 +149,7 @@ def paired_ratios(result: dict[str, Any]) -> dict[str, tuple[float, float, float
         "a/c": ("shardrec", "torchrec"),
         "p/c": ("shardrec_pregen", "torchrec"),
         "a/s": ("shardrec", "shardrec_staged"),
+        "a/f": ("shardrec", "shardrec_fbgemm"),
     }.items():
         if a in runs and c in runs:
             per_round = [x / y for x, y in zip(runs[a], runs[c], strict=True)]
@@ -161,6 +164,7 @@ def ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
         ("shardrec_prefetch", "a'"),
         ("shardrec_pregen", "p"),
         ("shardrec_staged", "s"),
+        ("shardrec_fbgemm", "f"),
     )
     for a, prefix in mine:
         if a not in rows:
@@ -171,6 +175,8 @@ def ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
                 out[key] = rows[a]["median"] / rows[other]["median"]
     if "shardrec" in rows and "shardrec_staged" in rows:  # the compiled slot draw's gain
         out["a/s"] = rows["shardrec"]["median"] / rows["shardrec_staged"]["median"]
+    if "shardrec" in rows and "shardrec_fbgemm" in rows:  # the compiled table backward's gain
+        out["a/f"] = rows["shardrec"]["median"] / rows["shardrec_fbgemm"]["median"]
     return out
 
 
@@ -194,7 +200,8 @@ def format_shape(result: dict[str, Any]) -> str:
         "ratios: "
         + ", ".join(f"{k} {v:.2f}" for k, v in ratios(rows).items())
         + "  (a shardrec, a' shardrec+prefetch, p shardrec on batches drawn up front,"
-        " s shardrec drawing its slots in stages, b pytorch, c torchrec loop, d dense floor)"
+        " s shardrec drawing its slots in stages, f shardrec with FBGEMM's CPU backward,"
+        " b pytorch, c torchrec loop, d dense floor)"
     )
     paired = paired_ratios(result)
     if paired:
@@ -231,6 +238,8 @@ def versions() -> str:
             pass
     if os.environ.get("SHARDREC_FUSED_DRAW") == "0":  # trainer/data/slot_draw.py
         parts.append("synthetic slots drawn in stages (SHARDREC_FUSED_DRAW=0)")
+    if os.environ.get("SHARDREC_COMPILED_BACKWARD") == "0":  # sharding/tbe_cpu.py
+        parts.append("FBGEMM's CPU table backward (SHARDREC_COMPILED_BACKWARD=0)")
     return ", ".join(parts)
 
 

@@ -212,14 +212,18 @@ def make_shardrec(
     device: str,
     prefetch: bool = False,
     staged: bool = False,
+    fbgemm_backward: bool = False,
     source: Any = None,
     batches: list | None = None,
 ) -> Contender:
     """The trainer; ``prefetch``: its batches drawn on a thread; ``batches``: drawn up
     front; ``staged``: its synthetic slots drawn in stages (torch ops), not by the
-    compiled loop (``trainer.data.slot_draw``), for an A/B in the same processes."""
+    compiled loop (``trainer.data.slot_draw``); ``fbgemm_backward``: its CPU tables
+    updated by FBGEMM's backward, not the compiled one (``sharding.tbe_cpu``); the
+    last two for an A/B in the same processes."""
     from tqdm import tqdm
 
+    from sharding import tbe_cpu
     from trainer.data import slot_draw
     from trainer.loop.trainer import Trainer
     from trainer.report.logger import make_logger
@@ -227,7 +231,11 @@ def make_shardrec(
 
     cfg = compose_config(shardrec_overrides(shape, device=device))
     source = source or make_source(shape, env=env, device=device)
-    built = build(cfg, env, source=source)
+    compiled, tbe_cpu.ENABLED = tbe_cpu.ENABLED, tbe_cpu.ENABLED and not fbgemm_backward
+    try:  # read when the model is sharded
+        built = build(cfg, env, source=source)
+    finally:
+        tbe_cpu.ENABLED = compiled
     run_dir = Path(tempfile.mkdtemp(prefix="shardrec-bench-"))
     logger = make_logger(cfg.logger, run_dir=run_dir, rank=env.rank, config={})
     used = source
@@ -261,6 +269,8 @@ def make_shardrec(
         finally:
             slot_draw.ENABLED = before
 
+    if fbgemm_backward:
+        name = "shardrec_fbgemm"
     return Contender(
         "shardrec_staged" if staged else name,
         step,

@@ -7,8 +7,11 @@ of ``--tables`` tables (``--rows`` x ``--dim``, the bench shapes' sizes) on one
 batch whose bags follow ``--hotness``, with the same lookups laid out four
 ways: Zipf-like ids (a heavy tail, as the synthetic data), uniform ids, the
 Zipf ids sorted (the whole index array: not a real batch, it shows what the
-backward's CSR-to-CSC sort costs), and one id per table. Medians of
-``--repeats`` forward and backward passes, ms.
+backward's CSR-to-CSC sort costs), and one id per table. Each layout runs on
+two kernels that start from the same weights: FBGEMM's backward, and the
+compiled one shardrec uses on a CPU (``sharding.tbe_cpu``), whose weights and
+accumulators must come out equal, bit for bit, after every pass (printed).
+Medians of ``--repeats`` forward and backward passes, ms.
 
 Example::
 
@@ -28,11 +31,12 @@ import torch
 def _times(tbe: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor, repeats: int):
     """Median forward and backward ms of ``tbe`` on one batch (after 2 warm-up passes)."""
     forward, backward = [], []
+    gen = torch.Generator().manual_seed(0)
     for i in range(repeats + 2):
         t0 = time.perf_counter()
         out = tbe(indices, offsets)
         t1 = time.perf_counter()
-        out.backward(torch.ones_like(out))
+        out.backward(torch.randn(out.shape, generator=gen))
         t2 = time.perf_counter()
         if i >= 2:
             forward.append((t1 - t0) * 1e3)
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         SplitTableBatchedEmbeddingBagsCodegen,
     )
 
+    from sharding import tbe_cpu
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.tbe_backward", description=__doc__)
     p.add_argument("--tables", type=int, default=26)
     p.add_argument("--rows", type=int, default=100_000)
@@ -75,12 +81,20 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     hotness = parse_hotness(args.hotness, args.tables)
-    tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(args.rows, args.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * args.tables,
-        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
-        learning_rate=0.05,
-        pooling_mode=PoolingMode.SUM,
-    )
+
+    def kernel() -> SplitTableBatchedEmbeddingBagsCodegen:
+        torch.manual_seed(0)
+        return SplitTableBatchedEmbeddingBagsCodegen(
+            [(args.rows, args.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * args.tables,
+            optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
+            learning_rate=0.05,
+            pooling_mode=PoolingMode.SUM,
+        )
+
+    fbgemm, compiled = kernel(), kernel()
+    if not tbe_cpu.compiled_case(compiled) or tbe_cpu._load() is None:
+        raise SystemExit("the compiled backward does not run here (numba missing?)")
+    compiled.__class__ = tbe_cpu.CompiledBackwardTBE
     gen = torch.Generator().manual_seed(0)
     n = args.batch_size * sum(hotness)
     u = torch.rand(n, generator=gen, dtype=torch.float64)
@@ -97,9 +111,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.tables} tables of {args.rows:,} x {args.dim}, batch {args.batch_size}, "
         f"{n:,} lookups, row-wise Adagrad, one thread (medians of {args.repeats})"
     )
+    print("| ids | forward ms | FBGEMM backward ms | compiled backward ms | updates equal |")
+    print("| --- | --- | --- | --- | --- |")
     for name, indices in layouts.items():
-        fw, bw = _times(tbe, indices, offsets, args.repeats)
-        print(f"{name:18s} forward {fw:7.1f} ms   backward {bw:7.1f} ms", flush=True)
+        fw, bw = _times(fbgemm, indices, offsets, args.repeats)
+        _, cbw = _times(compiled, indices, offsets, args.repeats)
+        same = torch.equal(fbgemm.weights_host, compiled.weights_host) and torch.equal(
+            fbgemm.momentum1_host, compiled.momentum1_host
+        )
+        print(f"| {name} | {fw:.1f} | {bw:.1f} | {cbw:.1f} | {same} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ CONTENDERS = (
     "shardrec_prefetch",
     "shardrec_pregen",
     "shardrec_staged",
+    "shardrec_fbgemm",
     "pytorch",
     "torchrec",
     "dense",
@@ -184,13 +185,14 @@ def main() -> None:
         source = batches = None
         for name in names:
             rss_before = rss_mb()
-            if name in ("shardrec", "shardrec_prefetch", "shardrec_staged"):
+            if name in ("shardrec", "shardrec_prefetch", "shardrec_staged", "shardrec_fbgemm"):
                 c = make_shardrec(
                     shape,
                     env=env,
                     device=args.device,
                     prefetch=name == "shardrec_prefetch",
                     staged=name == "shardrec_staged",
+                    fbgemm_backward=name == "shardrec_fbgemm",
                     source=source,
                 )
                 source = c.source

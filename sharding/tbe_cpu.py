@@ -114,6 +114,12 @@ class CompiledBackwardTBE(SplitTableBatchedEmbeddingBagsCodegen):
         )
         self._indices, self._offsets = indices, offsets
         self.step += 1
+        # FBGEMM's iteration counters, as its forward counts them (checkpoints keep ``iter``).
+        self.iter_cpu = self.iter_cpu.cpu()
+        if self.iter_cpu.item() == 0:
+            self.iter_cpu.fill_(self.iter.cpu().item())
+        self.iter_cpu.add_(1)
+        self.iter.add_(1)
         return _Lookup.apply(self.placeholder_autograd_tensor, self, indices, offsets)
 
     @torch.no_grad()
@@ -151,6 +157,8 @@ def compiled_case(tbe: nn.Module) -> bool:
     return (
         tbe.use_cpu
         and tbe.optimizer == OptimType.EXACT_ROWWISE_ADAGRAD
+        and not tbe._used_rowwise_adagrad_with_counter
+        and not tbe._used_rowwise_adagrad_with_global_weight_decay
         and tbe.weights_precision == SparseType.FP32
         and tbe.output_dtype == SparseType.FP32.as_int()
         and tbe.pooling_mode == PoolingMode.SUM

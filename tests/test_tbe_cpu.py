@@ -75,6 +75,8 @@ def _batch(gen: torch.Generator, kind: str, tables: list[tuple[int, int]]):
 def _assert_same(fbgemm, compiled) -> None:
     assert torch.equal(compiled.weights_host, fbgemm.weights_host)
     assert torch.equal(compiled.momentum1_host, fbgemm.momentum1_host)
+    assert int(compiled.iter) == int(fbgemm.iter) > 0  # kept by checkpoints
+    assert compiled.step == fbgemm.step
 
 
 def test_updates_equal_fbgemms_bit_for_bit() -> None:

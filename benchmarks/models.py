@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -231,11 +232,16 @@ def make_shardrec(
 
     cfg = compose_config(shardrec_overrides(shape, device=device))
     source = source or make_source(shape, env=env, device=device)
-    compiled, tbe_cpu.ENABLED = tbe_cpu.ENABLED, tbe_cpu.ENABLED and not fbgemm_backward
-    try:  # read when the model is sharded
+    switch = os.environ.get(tbe_cpu.SWITCH)
+    if fbgemm_backward:  # read when the model is sharded
+        os.environ[tbe_cpu.SWITCH] = "0"
+    try:
         built = build(cfg, env, source=source)
     finally:
-        tbe_cpu.ENABLED = compiled
+        if switch is None:
+            os.environ.pop(tbe_cpu.SWITCH, None)
+        else:
+            os.environ[tbe_cpu.SWITCH] = switch
     run_dir = Path(tempfile.mkdtemp(prefix="shardrec-bench-"))
     logger = make_logger(cfg.logger, run_dir=run_dir, rank=env.rank, config={})
     used = source

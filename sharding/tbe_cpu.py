@@ -41,8 +41,9 @@ from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
 log = logging.getLogger(__name__)
 
-# SHARDREC_COMPILED_BACKWARD=0 keeps FBGEMM's CPU backward everywhere.
-ENABLED = os.environ.get("SHARDREC_COMPILED_BACKWARD", "1") != "0"
+# SHARDREC_COMPILED_BACKWARD=0 keeps FBGEMM's CPU backward everywhere (read when a model
+# is sharded, so a process may shard one model each way).
+SWITCH = "SHARDREC_COMPILED_BACKWARD"
 
 _kernel = None  # the compiled backward once imported (False: numba unusable)
 
@@ -186,10 +187,16 @@ def use_compiled_backward(model: nn.Module) -> int:
         for tbe in lookup.modules()
         if compiled_case(tbe)
     ]
-    if not kernels or not ENABLED or _load() is None:
+    if not kernels or os.environ.get(SWITCH, "1") == "0" or _load() is None:
         return 0
     for tbe in kernels:
         tbe.__class__ = CompiledBackwardTBE
+    log.info(
+        "the sharded tables' fused update runs compiled on this CPU (%d kernels; "
+        "%s=0 keeps FBGEMM's)",
+        len(kernels),
+        SWITCH,
+    )
     return len(kernels)
 
 

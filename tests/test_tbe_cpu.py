@@ -26,6 +26,9 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 )
 
 from sharding import tbe_cpu
+from tests.distributed import fork_trainer
+from tests.test_checkpoint import _records, _tensors
+from tests.test_train_e2e import TINY
 
 pytest.importorskip("numba")
 
@@ -138,7 +141,7 @@ def test_an_id_past_the_table_is_an_error_naming_it() -> None:
 
 
 def test_off_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tbe_cpu, "ENABLED", False)
+    monkeypatch.setenv(tbe_cpu.SWITCH, "0")
     assert tbe_cpu.use_compiled_backward(torch.nn.Linear(2, 2)) == 0
 
 
@@ -160,7 +163,7 @@ def test_the_trainer_trains_the_same_with_it_and_uses_it(
     monkeypatch.setattr(tbe_cpu.CompiledBackwardTBE, "apply_update", counted)
     records = {}
     for enabled in (False, True):
-        monkeypatch.setattr(tbe_cpu, "ENABLED", enabled)
+        monkeypatch.setenv(tbe_cpu.SWITCH, str(int(enabled)))
         calls.clear()
         cfg = compose_cfg(
             ["trainer=smoke", "data.hotness=[3]", "trainer.num_steps=12"]
@@ -174,3 +177,35 @@ def test_the_trainer_trains_the_same_with_it_and_uses_it(
         assert (len(calls) >= 12) == enabled, f"compiled backward calls: {len(calls)}"
     assert sum("auc" in r for r in records[False]) == 2
     assert records[True] == records[False]
+
+
+@pytest.mark.dist
+def test_two_ranks_train_the_same_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 gloo ranks, multi-hot bags, tables row-wise, column-wise, table-wise and as
+    the planner likes: the metrics and every tensor of the final checkpoint (tables,
+    row-wise Adagrad accumulators, dense layers and Adam) are FBGEMM's, bit for bit,
+    and the compiled update says it ran."""
+    plan = (
+        "+sharding.tables={t_cat_0:{strategy:row_wise},t_cat_2:{strategy:column_wise},"
+        "t_cat_3:{strategy:table_wise,ranks:[1]}}"
+    )
+    args = [*TINY, "data.hotness=[3]", plan, "trainer.checkpoint_every_steps=8"]
+    runs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(tbe_cpu.SWITCH, switch)
+        run_dir = tmp_path / switch
+        fork_trainer(*args, run_dir=run_dir)
+        log = (run_dir / "__main__.log").read_text()
+        assert ("fused update runs compiled" in log) == (switch == "1")
+        runs[switch] = (_records(run_dir), _tensors(run_dir / "checkpoints" / "step_8", tmp_path))
+    (fbgemm_records, fbgemm_tensors), (records, tensors) = runs["0"], runs["1"]
+    keep = ("step", "train_loss", "auc", "logloss")
+    assert [{k: r[k] for k in keep if k in r} for r in records] == [
+        {k: r[k] for k in keep if k in r} for r in fbgemm_records
+    ]
+    assert sum("auc" in r for r in records) == 2
+    assert tensors.keys() == fbgemm_tensors.keys()
+    assert any("momentum1" in k or "sum" in k for k in tensors), sorted(tensors)[:20]
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, fbgemm_tensors[key]), key

@@ -36,11 +36,13 @@ def _times(tbe: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor, r
         t0 = time.perf_counter()
         out = tbe(indices, offsets)
         t1 = time.perf_counter()
-        out.backward(torch.randn(out.shape, generator=gen))
+        grad = torch.randn(out.shape, generator=gen)
+        t1b = time.perf_counter()
+        out.backward(grad)
         t2 = time.perf_counter()
         if i >= 2:
             forward.append((t1 - t0) * 1e3)
-            backward.append((t2 - t1) * 1e3)
+            backward.append((t2 - t1b) * 1e3)
     return statistics.median(forward), statistics.median(backward)
 
 

@@ -2,19 +2,20 @@
 
 torchrec runs each shard's lookups through FBGEMM's table-batched embedding
 (``SplitTableBatchedEmbeddingBagsCodegen``), whose backward applies the fused
-row-wise Adagrad. On a CPU that backward is most of a multi-hot step: about
-450 ns per row it updates, whatever the row's width (``benchmarks/tbe_backward.py``;
+row-wise Adagrad. On a CPU that backward is half of a multi-hot step: about
+500 ns per row it updates, whatever the row's width (``benchmarks/tbe_backward.py``;
 50 of 94 ms of the multi-hot bench step). :func:`use_compiled_backward` gives
 the CPU kernels of a sharded model :class:`CompiledBackwardTBE`, whose forward
 is FBGEMM's lookup op and whose backward is ``tbe_cpu_kernel``'s loop: the same
-weights and accumulators, bit for bit, 3-6x faster.
+weights and accumulators, bit for bit, 3.5-6x faster.
 
 Where a kernel's case is not that loop's (a GPU, fp16 weights, per-id weights,
 mean pooling, variable batch sizes, tables shared by features, weight decay or
 gradient clipping), its forward is FBGEMM's own, unchanged. Nothing else
 changes: the kernel's weights, accumulators, state dict and fused optimizer
 are the same objects. ``SHARDREC_COMPILED_BACKWARD=0`` leaves every kernel to
-FBGEMM; without numba they stay FBGEMM's, with a warning.
+FBGEMM; so does a machine without numba (one whose numba fails to load says
+so in a warning).
 
 Example::
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 BASELINE = "torchrec"
 
@@ -41,6 +42,7 @@ def plot_bench(results: list[dict[str, Any]], out_path: Path) -> Figure:
             f"ranks ({result['device']})",
             xlabel="samples/s",
         )
+        ax_rate.xaxis.set_major_formatter(EngFormatter(sep=""))  # 100k, not 100000
         base = contenders.get(BASELINE, {}).get("samples_per_sec")
         if base is None:
             ax_ratio.set_axis_off()

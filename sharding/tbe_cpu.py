@@ -7,7 +7,8 @@ row-wise Adagrad. On a CPU that backward is half of a multi-hot step: about
 50 of 94 ms of the multi-hot bench step). :func:`use_compiled_backward` gives
 the CPU kernels of a sharded model :class:`CompiledBackwardTBE`, whose forward
 is FBGEMM's lookup op and whose backward is ``tbe_cpu_kernel``'s loop: the same
-weights and accumulators, bit for bit, 3.5-6x faster.
+weights and accumulators, bit for bit, 3.5-6x faster. With several torch
+threads the tables are updated in as many groups at once (:func:`table_groups`).
 
 Where a kernel's case is not that loop's (a GPU, fp16 weights, per-id weights,
 mean pooling, variable batch sizes, tables shared by features, weight decay or
@@ -25,8 +26,10 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -126,10 +129,11 @@ class CompiledBackwardTBE(SplitTableBatchedEmbeddingBagsCodegen):
 
     @torch.no_grad()
     def apply_update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor) -> None:
-        """Row-wise Adagrad on the rows ``indices`` looked up, from the pooled output's gradient."""
+        """Row-wise Adagrad on the rows ``indices`` looked up, from the pooled output's
+        gradient; the tables in up to ``torch.get_num_threads()`` groups at once."""
         num_tables = len(self.feature_table_map)
         batch_size = (offsets.numel() - 1) // num_tables
-        failed = _kernel(
+        args = (
             grad_output.detach().to(torch.float32).contiguous().view(-1).numpy(),
             indices.numpy(),
             offsets.numpy(),
@@ -143,12 +147,58 @@ class CompiledBackwardTBE(SplitTableBatchedEmbeddingBagsCodegen):
             np.float32(-self.get_learning_rate()),
             np.float32(self.optimizer_args.eps),
         )
+        bounds = table_groups(offsets[::batch_size].numpy(), torch.get_num_threads())
+        if len(bounds) == 2:
+            failures = [_kernel(*args, bounds[0], bounds[1])]
+        else:  # the kernel releases the GIL: the groups run on as many cores
+            futures = [
+                _threads(len(bounds) - 1).submit(_kernel, *args, first, last)
+                for first, last in itertools.pairwise(bounds)
+            ]
+            failures = [f.result() for f in futures]
+        failed = next((f for f in failures if f >= 0), -1)
         if failed >= 0:
             raise IndexError(
                 f"embedding table {failed} of this kernel was looked up outside its "
                 f"{int(self.rows_per_table[failed])} rows; the ids come from the input "
                 "(check data.features / the table sizes)"
             )
+
+
+def table_groups(table_offsets: np.ndarray, threads: int) -> list[int]:
+    """Bounds ``[0, ..., T]`` cutting the tables into at most ``threads`` runs of
+    about equal lookups (``table_offsets``: the first lookup of each table, then the
+    end); ``[0, T]`` for one thread or one table."""
+    num_tables = len(table_offsets) - 1
+    total = int(table_offsets[-1] - table_offsets[0])
+    groups = min(threads, num_tables)
+    if groups <= 1 or total == 0:
+        return [0, num_tables]
+    targets = table_offsets[0] + total * np.arange(1, groups) / groups
+    cuts = np.searchsorted(table_offsets[1:-1], targets, side="left") + 1
+    return sorted({0, num_tables, *cuts.tolist()})
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads(n: int) -> ThreadPoolExecutor:
+    """A pool of at least ``n`` threads, made anew in a forked child (threads do not
+    survive a fork)."""
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardrec-tbe")
+    return _pool
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def compiled_case(tbe: nn.Module) -> bool:

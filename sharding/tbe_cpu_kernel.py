@@ -65,13 +65,16 @@ def backward_rowwise_adagrad(  # noqa: ANN201, PLR0913 - numba signature, arrays
     momentum,  # float32, one accumulator per row (updated in place)
     neg_lr,  # float32, -learning rate
     eps,  # float32
+    first,  # the tables first .. last - 1 are updated
+    last,
 ):
-    """Updates ``weights`` and ``momentum``; returns -1, or the first table with an
-    id outside its rows (nothing of that table or later ones is updated)."""
-    num_tables = rows.shape[0]
+    """Updates ``weights`` and ``momentum`` for the tables ``first .. last - 1``;
+    returns -1, or the first of them with an id outside its rows (nothing of that
+    table or later ones is updated). Tables share nothing: ranges of them may be
+    updated by several threads at once."""
     stride = grad.shape[0] // batch_size
     counts = np.empty(_DIGITS, np.int64)
-    for t in range(num_tables):
+    for t in range(first, last):
         lo = offsets[t * batch_size]
         n = offsets[(t + 1) * batch_size] - lo
         if n == 0:

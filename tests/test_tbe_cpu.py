@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
@@ -82,7 +83,18 @@ def _assert_same(fbgemm, compiled) -> None:
     assert compiled.step == fbgemm.step
 
 
-def test_updates_equal_fbgemms_bit_for_bit() -> None:
+@pytest.fixture
+def threads(request: pytest.FixtureRequest):
+    """torch's intra-op threads for the test: the compiled update runs that many
+    table groups at once (one group: the kernel called inline)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+def test_updates_equal_fbgemms_bit_for_bit(threads: int) -> None:
     fbgemm, compiled = _pair(TABLES)
     gen = torch.Generator().manual_seed(1)
     before = compiled.weights_host.detach().clone()
@@ -131,7 +143,16 @@ def test_cases_left_to_fbgemm() -> None:
     _assert_same(fbgemm, compiled)
 
 
-def test_an_id_past_the_table_is_an_error_naming_it() -> None:
+def test_table_groups_split_the_lookups_evenly() -> None:
+    assert tbe_cpu.table_groups(np.array([0, 10, 20, 30, 40]), 2) == [0, 2, 4]
+    assert tbe_cpu.table_groups(np.array([0, 100, 101, 102, 103, 104]), 2) == [0, 1, 5]
+    assert tbe_cpu.table_groups(np.array([0, 10, 20, 30, 40]), 8) == [0, 1, 2, 3, 4]
+    assert tbe_cpu.table_groups(np.array([0, 10, 20]), 1) == [0, 2]
+    assert tbe_cpu.table_groups(np.array([0, 0, 0]), 2) == [0, 2]
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_an_id_past_the_table_is_an_error_naming_it(threads: int) -> None:
     # FBGEMM's forward refuses such an id first; the update checks again before
     # writing, so a bad id can never write outside its table.
     _, compiled = _pair([(10, 8), (5, 8)])

@@ -2,7 +2,7 @@
 
 The multi-hot bench shape spends about half its step in FBGEMM's CPU backward
 with the fused row-wise Adagrad (``benchmarks.op_profile``). This times that
-kernel alone, one process, one thread: a ``SplitTableBatchedEmbeddingBagsCodegen``
+kernel alone, one process, one thread (``--threads``): a ``SplitTableBatchedEmbeddingBagsCodegen``
 of ``--tables`` tables (``--rows`` x ``--dim``, the bench shapes' sizes) on one
 batch whose bags follow ``--hotness``, with the same lookups laid out four
 ways: Zipf-like ids (a heavy tail, as the synthetic data), uniform ids, the
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--tail", type=float, default=0.2, help="Zipf-like tail exponent of the ids")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     hotness = parse_hotness(args.hotness, args.tables)
 
     def kernel() -> SplitTableBatchedEmbeddingBagsCodegen:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(
         f"{args.tables} tables of {args.rows:,} x {args.dim}, batch {args.batch_size}, "
-        f"{n:,} lookups, row-wise Adagrad, one thread (medians of {args.repeats})"
+        f"{n:,} lookups, row-wise Adagrad, {args.threads} thread(s) (medians of {args.repeats})"
     )
     print("| ids | forward ms | FBGEMM backward ms | compiled backward ms | updates equal |")
     print("| --- | --- | --- | --- | --- |")

@@ -160,8 +160,8 @@ class CompiledBackwardTBE(SplitTableBatchedEmbeddingBagsCodegen):
         if failed >= 0:
             raise IndexError(
                 f"embedding table {failed} of this kernel was looked up outside its "
-                f"{int(self.rows_per_table[failed])} rows; the ids come from the input "
-                "(check data.features / the table sizes)"
+                f"{int(self.rows_per_table[failed])} rows (no row was written outside "
+                "the table); its ids passed FBGEMM's forward, so its bounds check is off"
             )
 
 
@@ -179,18 +179,18 @@ def table_groups(table_offsets: np.ndarray, threads: int) -> list[int]:
     return sorted({0, num_tables, *cuts.tolist()})
 
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # the pool and its size
 
 
 def _threads(n: int) -> ThreadPoolExecutor:
     """A pool of at least ``n`` threads, made anew in a forked child (threads do not
     survive a fork)."""
     global _pool
-    if _pool is None or _pool._max_workers < n:
+    if _pool is None or _pool[1] < n:
         if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardrec-tbe")
-    return _pool
+            _pool[0].shutdown(wait=False)
+        _pool = (ThreadPoolExecutor(max_workers=n, thread_name_prefix="shardrec-tbe"), n)
+    return _pool[0]
 
 
 def _forget_pool() -> None:

@@ -16,7 +16,10 @@ One call does, table by table, what FBGEMM's
    and sums rounded separately (no fused multiply-add).
 
 The weights and the accumulator come out bit for bit as FBGEMM's
-(``tests/test_tbe_cpu.py``). On the multi-hot bench's lookups it is 3.5x
+(``tests/test_tbe_cpu.py``) on x86 CPUs with AVX2, where FBGEMM runs that AVX2
+kernel (on AVX-512 CPUs too; widths are multiples of 4, so the last vector is
+whole or half). Elsewhere FBGEMM takes a reference loop, and the sum of squares
+may round differently in the last bit. On the multi-hot bench's lookups it is 3.5x
 faster, on uniform ids 6x (``python -m benchmarks.tbe_backward``). With uniform
 ids FBGEMM's kernel spends about 510 ns on each row it updates, this loop about
 85, sort included.

@@ -13,6 +13,7 @@ and off, and the compiled one really used.
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,38 @@ def _batch(gen: torch.Generator, kind: str, tables: list[tuple[int, int]]):
     return torch.cat(ids), offsets
 
 
+def _fbgemm_runs_its_avx2_kernel() -> bool:
+    """FBGEMM's row-wise Adagrad is its AVX2 kernel on x86 CPUs with AVX2 (AVX-512
+    ones too); elsewhere it runs a reference loop that may sum in another order."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return platform.machine() in ("x86_64", "AMD64") and " avx2" in flags
+
+
+EXACT = _fbgemm_runs_its_avx2_kernel()
+
+
 def _assert_same(fbgemm, compiled) -> None:
-    assert torch.equal(compiled.weights_host, fbgemm.weights_host)
-    assert torch.equal(compiled.momentum1_host, fbgemm.momentum1_host)
+    if EXACT:  # bit for bit
+        assert torch.equal(compiled.weights_host, fbgemm.weights_host)
+        assert torch.equal(compiled.momentum1_host, fbgemm.momentum1_host)
+    else:
+        torch.testing.assert_close(compiled.weights_host, fbgemm.weights_host)
+        torch.testing.assert_close(compiled.momentum1_host, fbgemm.momentum1_host)
     assert int(compiled.iter) == int(fbgemm.iter) > 0  # kept by checkpoints
     assert compiled.step == fbgemm.step
+
+
+def _assert_same_records(records: list[dict], fbgemm_records: list[dict]) -> None:
+    """Metrics records equal (to 1e-4 where FBGEMM may round otherwise, see EXACT)."""
+    if EXACT:
+        assert records == fbgemm_records
+        return
+    assert [r.keys() for r in records] == [r.keys() for r in fbgemm_records]
+    for r, f in zip(records, fbgemm_records, strict=True):
+        assert r == {k: pytest.approx(v, rel=1e-4) for k, v in f.items()}
 
 
 @pytest.fixture
@@ -197,7 +225,7 @@ def test_the_trainer_trains_the_same_with_it_and_uses_it(
         records[enabled] = [{k: r[k] for k in keep if k in r} for r in map(json.loads, lines)]
         assert (len(calls) >= 12) == enabled, f"compiled backward calls: {len(calls)}"
     assert sum("auc" in r for r in records[False]) == 2
-    assert records[True] == records[False]
+    _assert_same_records(records[True], records[False])
 
 
 @pytest.mark.dist
@@ -221,12 +249,14 @@ def test_two_ranks_train_the_same_with_it(tmp_path: Path, monkeypatch: pytest.Mo
         runs[switch] = (_records(run_dir), _tensors(run_dir / "checkpoints" / "step_8", tmp_path))
     (fbgemm_records, fbgemm_tensors), (records, tensors) = runs["0"], runs["1"]
     keep = ("step", "train_loss", "auc", "logloss")
-    assert [{k: r[k] for k in keep if k in r} for r in records] == [
-        {k: r[k] for k in keep if k in r} for r in fbgemm_records
-    ]
+    picked = [[{k: r[k] for k in keep if k in r} for r in rs] for rs in (records, fbgemm_records)]
+    _assert_same_records(*picked)
     assert sum("auc" in r for r in records) == 2
     assert tensors.keys() == fbgemm_tensors.keys()
     assert any("momentum1" in k or "sum" in k for k in tensors), sorted(tensors)[:20]
     for key, value in tensors.items():
         if isinstance(value, torch.Tensor):
-            assert torch.equal(value, fbgemm_tensors[key]), key
+            if EXACT:
+                assert torch.equal(value, fbgemm_tensors[key]), key
+            else:
+                torch.testing.assert_close(value, fbgemm_tensors[key], msg=key)

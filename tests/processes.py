@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 _STACKS_S = 5.0  # how long a process gets to print its stacks
+_KILL_S = 5.0  # how long a SIGKILLed process gets to die
 
 
 def session_members(sid: int) -> list[int]:
@@ -74,11 +75,17 @@ def end_session(sid: int, *, stacks: bool = True) -> None:
             deadline = time.monotonic() + _STACKS_S
             while not _gone(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-    for pid in session_members(sid):
+    killed = session_members(sid)
+    for pid in killed:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # SIGKILL is delivered, not done: on a loaded machine a killed process can still
+    # be running for a moment, so wait (a little) until each is dead or a zombie.
+    deadline = time.monotonic() + _KILL_S
+    while not all(_gone(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def run(

@@ -190,3 +190,35 @@ def test_a_numba_that_cannot_compile_leaves_the_draw_staged(
     monkeypatch.setattr(builtins, "__import__", real_import)
     monkeypatch.setattr(slot_draw, "ENABLED", False)
     assert torch.equal(batch.labels, data.batch("train", 0, 4096).labels)
+
+
+def test_dense_normals_are_rngs_normals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense features: hashes and uniforms by the compiled loop, Box-Muller in
+    torch, ``rng.normal``'s bits (far-off sample indices and keys of either sign)."""
+    from trainer.data.rng import normal, stream_key
+
+    kernels = slot_draw._load()
+    calls = []
+
+    def counted(*args: object) -> None:
+        calls.append(1)
+        kernels.normal_uniforms(*args)
+
+    spied = type(kernels)(draw=kernels.draw, normal_uniforms=counted)
+    monkeypatch.setattr(slot_draw, "_load", lambda: spied)
+    indices = torch.cat(
+        [torch.arange(3000), torch.arange(2**40, 2**40 + 2000), torch.tensor([2**63 - 1])]
+    )
+    columns = torch.arange(13)
+    for key in (stream_key(0, "train", "dense"), -5, 2**62 + 7):
+        expected = normal(key, indices.unsqueeze(1), columns)
+        got = slot_draw.dense_normals(key, indices, columns)
+        assert got.dtype == torch.float64 and got.shape == (indices.numel(), 13)
+        assert torch.equal(got, expected)
+    assert len(calls) == 3
+    # A handful of samples stays in torch (below the size worth a call).
+    assert torch.equal(
+        slot_draw.dense_normals(3, torch.arange(4), columns),
+        normal(3, torch.arange(4).unsqueeze(1), columns),
+    )
+    assert len(calls) == 3

@@ -118,4 +118,9 @@ def normal(key: int, *counters: torch.Tensor | int) -> torch.Tensor:
     h = hash_counters(key, *counters)
     u1 = (_shr(h, 32).to(torch.float64) + 0.5) * 2.0**-32
     u2 = ((h & 0xFFFFFFFF).to(torch.float64) + 0.5) * 2.0**-32
+    return box_muller(u1, u2)
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """``normal``'s normals from its two uniforms (a compiled hash may supply them)."""
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)

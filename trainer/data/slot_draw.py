@@ -16,6 +16,10 @@ tables (past ``zipf.EXACT_RANKS``) are left to ``ZipfTables``, which computes
 them in torch on the few slots that need them, so their float64 ``pow`` is the
 staged one too.
 
+The dense features go the same way (:func:`dense_normals`): the loop hashes and
+makes the two uniforms of each normal, torch's ``log``, ``sqrt`` and ``cos``
+finish them as ``rng.normal`` does.
+
 Without numba (``import numba`` fails) ``draw_slots`` returns ``None`` and
 ``slot_ranks`` draws in stages. numba compiles once per machine (about 1 s) and keeps
 the machine code in ``__pycache__`` (``cache=True``); a process that draws
@@ -34,11 +38,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from trainer.data.rng import hash_counters, mix64, to_uniform
+from trainer.data.rng import box_muller, hash_counters, mix64, normal, to_uniform
 from trainer.data.zipf import ZipfTables
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ ENABLED = os.environ.get("SHARDREC_FUSED_DRAW", "1") != "0"
 # Below this many slots the staged draw is as fast, and a process spares importing numba.
 MIN_SLOTS = 1 << 14
 
-_kernel = None  # the compiled loop, once imported (False: numba is missing)
+_kernel = None  # the compiled loops, once imported (False: numba is missing)
 
 
 def slot_ranks(
@@ -96,7 +101,7 @@ def draw_slots(
     head = np.empty((n, num_slots), dtype=np.int64)
     tail_at = np.empty(n * num_slots if c.any_tail else 0, dtype=np.int64)
     tail_u = np.empty_like(tail_at, dtype=np.float64)
-    count = kernel(
+    count = kernel.draw(
         np.uint64(key & ((1 << 64) - 1)),
         indices.to(torch.int64).contiguous().numpy(),
         slot_features.numpy(),
@@ -125,16 +130,35 @@ def draw_slots(
     return ranks_t, torch.from_numpy(head), at
 
 
+def dense_normals(key: int, indices: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``normal(key, indices[:, None], columns)`` ``[n, C]``, its hashes and uniforms by
+    the compiled loop where it runs (the torch passes otherwise), its Box-Muller in
+    torch either way: the same bits."""
+    kernel = _load() if ENABLED and indices.device.type == "cpu" else None
+    if kernel is None or indices.numel() * columns.numel() < MIN_SLOTS // 4:
+        return normal(key, indices.unsqueeze(1), columns)
+    u1 = np.empty((indices.numel(), columns.numel()), dtype=np.float64)
+    u2 = np.empty_like(u1)
+    kernel.normal_uniforms(
+        np.uint64(key & ((1 << 64) - 1)),
+        indices.to(torch.int64).contiguous().numpy(),
+        columns.to(torch.int64).contiguous().numpy(),
+        u1,
+        u2,
+    )
+    return box_muller(torch.from_numpy(u1), torch.from_numpy(u2))
+
+
 def fused_available() -> bool:
     """Whether large CPU draws take the compiled loop (numba installed, not turned off)."""
     return ENABLED and _load() is not None
 
 
-def _load():  # noqa: ANN202 - a numba dispatcher, or None
+def _load():  # noqa: ANN202 - the numba dispatchers (draw, normal_uniforms), or None
     global _kernel
     if _kernel is None:
         try:
-            from trainer.data.slot_draw_kernel import draw_kernel
+            from trainer.data.slot_draw_kernel import draw_kernel, normal_uniforms_kernel
         except ImportError:  # numba is not installed
             _kernel = False
         except Exception as err:  # noqa: BLE001 - e.g. no writable cache dir for numba
@@ -146,5 +170,5 @@ def _load():  # noqa: ANN202 - a numba dispatcher, or None
             )
             _kernel = False
         else:
-            _kernel = draw_kernel
+            _kernel = SimpleNamespace(draw=draw_kernel, normal_uniforms=normal_uniforms_kernel)
     return _kernel or None

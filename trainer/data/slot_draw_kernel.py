@@ -7,7 +7,8 @@ as for exponent 1.2), its two CDF checks (a step or two to the neighbour, or a
 binary search, when they fail: the staged ``ZipfTables._search``'s answer, bit
 for bit) and the clamp into the table's tabulated head. Tail slots (uniform
 above the table's head fraction) are listed with their uniforms for
-``ZipfTables.tail_ranks``.
+``ZipfTables.tail_ranks``. A second loop gives the dense features' hashes and
+Box-Muller uniforms (``rng.normal``'s, whose log and cos stay in torch).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
 _S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
+_S32, _LOW32 = np.uint64(32), np.uint64(0xFFFFFFFF)
 _INV53 = 2.0**-53
+_INV32 = 2.0**-32
 # Steps to a neighbour of the guess before a binary search (a miss is nearly always 1 off).
 _MAX_STEPS = 16
 
@@ -135,3 +138,15 @@ def draw_kernel(  # noqa: ANN201, PLR0913 - numba signature, arrays in and out
                 tail_u[count] = u
                 count += 1
     return count
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def normal_uniforms_kernel(key, indices, columns, u1, u2):  # noqa: ANN001, ANN201
+    """``rng.normal(key, indices[:, None], columns)``'s two uniforms ``[n, C]``: the
+    hash chain (sample, then column) and the halves of each hash, as torch makes them."""
+    for i in range(indices.shape[0]):
+        per_sample = _mix(np.uint64(indices[i]) ^ key)
+        for j in range(columns.shape[0]):
+            h = _mix(per_sample ^ np.uint64(columns[j]))
+            u1[i, j] = (np.float64(h >> _S32) + 0.5) * _INV32
+            u2[i, j] = (np.float64(h & _LOW32) + 0.5) * _INV32

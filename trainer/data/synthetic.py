@@ -53,8 +53,8 @@ from trainer.data.drift import apply_day, fingerprint_settings
 from trainer.data.loader import check_rank, eval_batches
 from trainer.data.planted import PlantedModel
 from trainer.data.planted_layout import pack_kept
-from trainer.data.rng import normal, stream_key, uniform
-from trainer.data.slot_draw import slot_ranks
+from trainer.data.rng import stream_key, uniform
+from trainer.data.slot_draw import dense_normals, slot_ranks
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.zipf import ZipfTables
@@ -365,7 +365,7 @@ class SyntheticSource:
         positions and tail indices (``ZipfTables.draw``) for the planted model."""
         seed = self._seed
         idx = indices.unsqueeze(1)
-        dense = normal(stream_key(seed, split, "dense"), idx, self._dense_columns)
+        dense = dense_normals(stream_key(seed, split, "dense"), indices, self._dense_columns)
         # A slot's id depends on (sample, feature, position in the bag) only: not on
         # the hotness of other features, nor on the bag's length (slot_draw.py).
         ranks, head, tail_at = slot_ranks(

@@ -222,3 +222,27 @@ def test_dense_normals_are_rngs_normals(monkeypatch: pytest.MonkeyPatch) -> None
         normal(3, torch.arange(4).unsqueeze(1), columns),
     )
     assert len(calls) == 3
+
+
+def test_slot_ids_are_the_tables_bijections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks to ids by the compiled loop: ``ZipfTables.ids``'s integers, on tables up
+    to 40M rows (products near 2**51), and really by the loop."""
+    data = SyntheticCriteo(CONFIGS["tails, uneven bags"])
+    tables, features = data._tables, data._slot_features
+    kernels = slot_draw._load()
+    calls = []
+
+    def counted(*args: object) -> None:
+        calls.append(1)
+        kernels.ids(*args)
+
+    spied = type(kernels)(draw=kernels.draw, normal_uniforms=kernels.normal_uniforms, ids=counted)
+    monkeypatch.setattr(slot_draw, "_load", lambda: spied)
+    cards = torch.tensor(CONFIGS["tails, uneven bags"].cardinalities)[features]
+    gen = torch.Generator().manual_seed(0)
+    ranks = (torch.rand(3000, len(features), generator=gen, dtype=torch.float64) * cards).long()
+    ranks[0] = cards - 1  # the last rank of every table
+    got = slot_draw.slot_ids(tables, ranks, features)
+    assert torch.equal(got, tables.ids(ranks, features))
+    assert calls == [1]
+    assert bool((got < cards).all()) and bool((got >= 0).all())

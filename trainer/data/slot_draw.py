@@ -18,7 +18,7 @@ staged one too.
 
 The dense features go the same way (:func:`dense_normals`): the loop hashes and
 makes the two uniforms of each normal, torch's ``log``, ``sqrt`` and ``cos``
-finish them as ``rng.normal`` does.
+finish them as ``rng.normal`` does. So do the ids of the ranks (:func:`slot_ids`).
 
 Without numba (``import numba`` fails) ``draw_slots`` returns ``None`` and
 ``slot_ranks`` draws in stages. numba compiles once per machine (about 1 s) and keeps
@@ -149,16 +149,34 @@ def dense_normals(key: int, indices: torch.Tensor, columns: torch.Tensor) -> tor
     return box_muller(torch.from_numpy(u1), torch.from_numpy(u2))
 
 
+def slot_ids(tables: ZipfTables, ranks: torch.Tensor, slot_features: torch.Tensor) -> torch.Tensor:
+    """``tables.ids(ranks, slot_features)`` (``[n, S]``), by the compiled loop on a
+    large CPU draw: the same integers."""
+    kernel = _load() if ENABLED and ranks.device.type == "cpu" else None
+    if kernel is None or ranks.numel() < MIN_SLOTS:
+        return tables.ids(ranks, slot_features)
+    ids = np.empty(tuple(ranks.shape), dtype=np.int64)
+    multipliers, offsets, cardinalities = (t.numpy() for t in tables.bijections())
+    kernel.ids(
+        ranks.contiguous().numpy(), slot_features.numpy(), multipliers, offsets, cardinalities, ids
+    )
+    return torch.from_numpy(ids)
+
+
 def fused_available() -> bool:
     """Whether large CPU draws take the compiled loop (numba installed, not turned off)."""
     return ENABLED and _load() is not None
 
 
-def _load():  # noqa: ANN202 - the numba dispatchers (draw, normal_uniforms), or None
+def _load():  # noqa: ANN202 - the numba dispatchers (draw, normal_uniforms, ids), or None
     global _kernel
     if _kernel is None:
         try:
-            from trainer.data.slot_draw_kernel import draw_kernel, normal_uniforms_kernel
+            from trainer.data.slot_draw_kernel import (
+                draw_kernel,
+                ids_kernel,
+                normal_uniforms_kernel,
+            )
         except ImportError:  # numba is not installed
             _kernel = False
         except Exception as err:  # noqa: BLE001 - e.g. no writable cache dir for numba
@@ -170,5 +188,7 @@ def _load():  # noqa: ANN202 - the numba dispatchers (draw, normal_uniforms), or
             )
             _kernel = False
         else:
-            _kernel = SimpleNamespace(draw=draw_kernel, normal_uniforms=normal_uniforms_kernel)
+            _kernel = SimpleNamespace(
+                draw=draw_kernel, normal_uniforms=normal_uniforms_kernel, ids=ids_kernel
+            )
     return _kernel or None

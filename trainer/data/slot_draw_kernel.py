@@ -8,7 +8,8 @@ binary search, when they fail: the staged ``ZipfTables._search``'s answer, bit
 for bit) and the clamp into the table's tabulated head. Tail slots (uniform
 above the table's head fraction) are listed with their uniforms for
 ``ZipfTables.tail_ranks``. A second loop gives the dense features' hashes and
-Box-Muller uniforms (``rng.normal``'s, whose log and cos stay in torch).
+Box-Muller uniforms (``rng.normal``'s, whose log and cos stay in torch), a
+third the ids of the ranks (``ZipfTables.ids``).
 """
 
 from __future__ import annotations
@@ -150,3 +151,13 @@ def normal_uniforms_kernel(key, indices, columns, u1, u2):  # noqa: ANN001, ANN2
             h = _mix(per_sample ^ np.uint64(columns[j]))
             u1[i, j] = (np.float64(h >> _S32) + 0.5) * _INV32
             u2[i, j] = (np.float64(h & _LOW32) + 0.5) * _INV32
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def ids_kernel(ranks, slot_features, multipliers, offsets, cardinalities, ids):  # noqa: ANN001, ANN201
+    """``ZipfTables.ids``: ``(rank * multiplier + offset) % cardinality`` per slot
+    ``[n, S]`` (no int64 overflow: rank and multiplier are below the cardinality)."""
+    for i in range(ranks.shape[0]):
+        for j in range(ranks.shape[1]):
+            f = slot_features[j]
+            ids[i, j] = (ranks[i, j] * multipliers[f] + offsets[f]) % cardinalities[f]

@@ -54,7 +54,7 @@ from trainer.data.loader import check_rank, eval_batches
 from trainer.data.planted import PlantedModel
 from trainer.data.planted_layout import pack_kept
 from trainer.data.rng import stream_key, uniform
-from trainer.data.slot_draw import dense_normals, slot_ranks
+from trainer.data.slot_draw import dense_normals, slot_ids, slot_ranks
 from trainer.data.source import FeatureSpec
 from trainer.data.synthetic_config import SyntheticDataConfig
 from trainer.data.zipf import ZipfTables
@@ -226,7 +226,7 @@ class SyntheticSource:
         labels = (u_label < probs).to(torch.float32)
         dense = dense.to(torch.float32)
         if self._day_rows is None:
-            ids = self._tables.ids(ranks, self._slot_features)
+            ids = slot_ids(self._tables, ranks, self._slot_features)
         else:  # a later day's catalogue: its row at each rank (head position)
             ids = self._day_rows.index_select(0, head.reshape(-1)).view(head.shape)
         totals = None

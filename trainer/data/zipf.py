@@ -266,6 +266,10 @@ class ZipfTables:
         one_based = torch.maximum(one_based, self._head_lengths[tables] + 1)
         return torch.minimum(one_based, self._cardinalities[tables]) - 1
 
+    def bijections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each table's ``(multiplier, offset, cardinality)`` of :meth:`ids` (int64)."""
+        return self._multipliers, self._offsets, self._cardinalities
+
     def ids(self, ranks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Scatters ranks over ``[0, cardinality)`` with each table's fixed bijection."""
         ids = ranks * self._multipliers[tables]  # then in place: no fresh temporaries

@@ -2,16 +2,17 @@
 
 The multi-hot bench shape spends about half its step in FBGEMM's CPU backward
 with the fused row-wise Adagrad (``benchmarks.op_profile``). This times that
-kernel alone, one process, one thread (``--threads``): a ``SplitTableBatchedEmbeddingBagsCodegen``
-of ``--tables`` tables (``--rows`` x ``--dim``, the bench shapes' sizes) on one
-batch whose bags follow ``--hotness``, with the same lookups laid out four
-ways: Zipf-like ids (a heavy tail, as the synthetic data), uniform ids, the
-Zipf ids sorted (the whole index array: not a real batch, it shows what the
-backward's CSR-to-CSC sort costs), and one id per table. Each layout runs on
-two kernels that start from the same weights: FBGEMM's backward, and the
-compiled one shardrec uses on a CPU (``sharding.tbe_cpu``), whose weights and
-accumulators must come out equal, bit for bit, after every pass (printed).
-Medians of ``--repeats`` forward and backward passes, ms.
+kernel alone, one process, one thread (``--threads``): a
+``SplitTableBatchedEmbeddingBagsCodegen`` of ``--tables`` tables (``--rows`` x
+``--dim``, the bench shapes' sizes) on one batch whose bags follow
+``--hotness``, with the same lookups laid out four ways: Zipf-like ids (a heavy
+tail, as the synthetic data), uniform ids, the Zipf ids sorted (the whole index
+array: not a real batch, it shows what the backward's CSR-to-CSC sort costs),
+and one id per table. Each layout runs on two kernels that start from the same
+weights: FBGEMM's backward, and the compiled one shardrec uses on a CPU
+(``sharding.tbe_cpu``), whose weights and accumulators must come out equal, bit
+for bit, after every pass (printed). Medians of ``--repeats`` forward and
+backward passes, ms.
 
 Example::
 

@@ -5,9 +5,12 @@ the other gets the compiled one. After every step the pooled outputs, the weight
 and the row-wise Adagrad accumulators must be equal bit for bit: widths that fill
 FBGEMM's eight float lanes and widths that leave a remainder (4, 12, 24), tables of
 7 rows to 2**22 + 3 (one to three radix passes), heavy-tailed, uniform and repeated
-ids, empty bags, and a learning rate changed in flight. Then the cases left to
-FBGEMM, a bad id, and the trainer: the same metrics with the compiled backward on
-and off, and the compiled one really used.
+ids, empty bags, and a learning rate changed in flight; with one thread and with
+the tables in three groups at once. Then the cases left to FBGEMM, a bad id, and
+the trainer: in one process, the same metrics with the compiled backward on and
+off, and the compiled one really used; on 2 gloo ranks, the same metrics and
+checkpoint tensors. Bit for bit where FBGEMM runs its AVX2 Adagrad kernel (x86
+CPUs with AVX2); elsewhere to 1e-4 (``EXACT``).
 """
 
 from __future__ import annotations

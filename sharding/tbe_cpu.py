@@ -43,6 +43,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 from torch import Tensor, nn
 from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
+from sharding.compiled import load_compiled
+
 log = logging.getLogger(__name__)
 
 # SHARDREC_COMPILED_BACKWARD=0 keeps FBGEMM's CPU backward everywhere (read when a model
@@ -254,18 +256,19 @@ def use_compiled_backward(model: nn.Module) -> int:
 def _load():  # noqa: ANN202 - a numba dispatcher, or None
     global _kernel
     if _kernel is None:
-        try:
-            from sharding.tbe_cpu_kernel import backward_rowwise_adagrad
-        except ImportError:  # numba is not installed
-            _kernel = False
-        except Exception as err:  # noqa: BLE001 - e.g. no writable cache dir for numba
-            log.warning(
-                "the compiled embedding backward is off, FBGEMM's runs (the same "
-                "updates, slower): %s. Where numba cannot write next to the code, set "
-                "NUMBA_CACHE_DIR to a writable directory",
-                err,
+        _kernel = (
+            load_compiled(
+                _import_kernel,
+                log=log,
+                what="the compiled embedding backward",
+                fallback="FBGEMM's runs (the same updates, slower)",
             )
-            _kernel = False
-        else:
-            _kernel = backward_rowwise_adagrad
+            or False
+        )
     return _kernel or None
+
+
+def _import_kernel():  # noqa: ANN202
+    from sharding.tbe_cpu_kernel import backward_rowwise_adagrad
+
+    return backward_rowwise_adagrad

@@ -43,6 +43,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from sharding.compiled import load_compiled
 from trainer.data.rng import box_muller, hash_counters, mix64, normal, to_uniform
 from trainer.data.zipf import ZipfTables
 
@@ -171,24 +172,19 @@ def fused_available() -> bool:
 def _load():  # noqa: ANN202 - the numba dispatchers (draw, normal_uniforms, ids), or None
     global _kernel
     if _kernel is None:
-        try:
-            from trainer.data.slot_draw_kernel import (
-                draw_kernel,
-                ids_kernel,
-                normal_uniforms_kernel,
+        _kernel = (
+            load_compiled(
+                _import_kernels,
+                log=log,
+                what="the compiled slot draw",
+                fallback="the synthetic data is drawn in stages (the same batches, slower)",
             )
-        except ImportError:  # numba is not installed
-            _kernel = False
-        except Exception as err:  # noqa: BLE001 - e.g. no writable cache dir for numba
-            log.warning(
-                "the compiled slot draw is off, the synthetic data is drawn in stages "
-                "(the same batches, slower): %s. Where numba cannot write next to the "
-                "code, set NUMBA_CACHE_DIR to a writable directory",
-                err,
-            )
-            _kernel = False
-        else:
-            _kernel = SimpleNamespace(
-                draw=draw_kernel, normal_uniforms=normal_uniforms_kernel, ids=ids_kernel
-            )
+            or False
+        )
     return _kernel or None
+
+
+def _import_kernels() -> SimpleNamespace:
+    from trainer.data.slot_draw_kernel import draw_kernel, ids_kernel, normal_uniforms_kernel
+
+    return SimpleNamespace(draw=draw_kernel, normal_uniforms=normal_uniforms_kernel, ids=ids_kernel)

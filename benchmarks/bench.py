@@ -39,6 +39,11 @@ from benchmarks.bench_plot import plot_bench
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = (("pytorch", "a/b"), ("torchrec", "a/c"), ("dense", "a/d"))
+# shardrec against itself with one compiled part turned off: that part's gain.
+AB_RATIOS = {
+    "a/s": ("shardrec", "shardrec_staged"),  # the compiled slot draw
+    "a/f": ("shardrec", "shardrec_fbgemm"),  # the compiled table backward
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,8 +153,7 @@ def paired_ratios(result: dict[str, Any]) -> dict[str, tuple[float, float, float
     for key, (a, c) in {
         "a/c": ("shardrec", "torchrec"),
         "p/c": ("shardrec_pregen", "torchrec"),
-        "a/s": ("shardrec", "shardrec_staged"),
-        "a/f": ("shardrec", "shardrec_fbgemm"),
+        **AB_RATIOS,
     }.items():
         if a in runs and c in runs:
             per_round = [x / y for x, y in zip(runs[a], runs[c], strict=True)]
@@ -173,10 +177,9 @@ def ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
             if other in rows:
                 key = label.replace("a/", f"{prefix}/")
                 out[key] = rows[a]["median"] / rows[other]["median"]
-    if "shardrec" in rows and "shardrec_staged" in rows:  # the compiled slot draw's gain
-        out["a/s"] = rows["shardrec"]["median"] / rows["shardrec_staged"]["median"]
-    if "shardrec" in rows and "shardrec_fbgemm" in rows:  # the compiled table backward's gain
-        out["a/f"] = rows["shardrec"]["median"] / rows["shardrec_fbgemm"]["median"]
+    for key, (a, b) in AB_RATIOS.items():
+        if a in rows and b in rows:
+            out[key] = rows[a]["median"] / rows[b]["median"]
     return out
 
 
